@@ -1,0 +1,355 @@
+"""Typed configuration: model, data and training sections, presets, overrides.
+
+A config is built from a preset (a dict of values over the dataclass defaults), then a YAML
+file, then ``--set section.key=value`` overrides, and only then turned into dataclasses.
+Derived values (``ffn_hidden``, ``num_image_tokens`` ...) are computed in ``__post_init__``
+after all of that, so an override of ``decoder.width`` also moves everything derived from it.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from moevlm.errors import ConfigError
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+@dataclass
+class VisionConfig:
+    image_size: int = 32
+    channels: int = 3
+    patch_size: int = 4
+    width: int = 128
+    depth: int = 3
+    heads: int = 4
+    mlp_ratio: float = 4.0
+    dropout: float = 0.0
+    # Which encoder outputs become image tokens: "cls" (the seed's single token), "patches"
+    # (every patch) or "pooled" (patch grid average-pooled to `pooled_tokens` tokens).
+    image_tokens: str = "patches"
+    pooled_tokens: int = 4
+    num_patches: int = field(init=False)
+    num_image_tokens: int = field(init=False)
+
+    def __post_init__(self):
+        _check(self.image_size % self.patch_size == 0,
+               f"vision.image_size {self.image_size} is not a multiple of vision.patch_size {self.patch_size}")
+        _check(self.width % self.heads == 0,
+               f"vision.width {self.width} is not divisible by vision.heads {self.heads}")
+        _check(self.image_tokens in ("cls", "patches", "pooled"),
+               f"vision.image_tokens must be cls, patches or pooled, not {self.image_tokens!r}")
+        self.num_patches = (self.image_size // self.patch_size) ** 2
+        if self.image_tokens == "pooled":
+            side = round(self.pooled_tokens ** 0.5)
+            grid = self.image_size // self.patch_size
+            _check(side * side == self.pooled_tokens and grid % side == 0,
+                   f"vision.pooled_tokens {self.pooled_tokens} must be a square whose side divides "
+                   f"the patch grid side {grid}")
+        self.num_image_tokens = {"cls": 1, "patches": self.num_patches,
+                                 "pooled": self.pooled_tokens}[self.image_tokens]
+
+
+@dataclass
+class ProjectorConfig:
+    kind: str = "mlp"  # "mlp" (two layers, GELU, as in LLaVA-1.5) or "linear"
+
+    def __post_init__(self):
+        _check(self.kind in ("mlp", "linear"), f"projector.kind must be mlp or linear, not {self.kind!r}")
+
+
+@dataclass
+class MoEConfig:
+    num_experts: int = 4
+    top_k: int = 2
+    # "all", "every-other" (1, 3, 5 ...), "none" or a list of layer indices.
+    layers: Any = "all"
+    shared_expert: bool = False
+    # None: dropless. Otherwise each expert takes at most ceil(factor * tokens * k / experts).
+    capacity_factor: float | None = None
+    router_noise: bool = True
+    aux_loss_coef: float = 0.01
+    z_loss_coef: float = 0.001
+
+    def __post_init__(self):
+        _check(1 <= self.top_k <= self.num_experts,
+               f"moe.top_k {self.top_k} must be between 1 and moe.num_experts {self.num_experts}")
+        _check(self.capacity_factor is None or self.capacity_factor > 0,
+               "moe.capacity_factor must be positive or null (dropless)")
+        _check(isinstance(self.layers, list) or self.layers in ("all", "every-other", "none"),
+               f"moe.layers must be all, every-other, none or a list of layer indices, not {self.layers!r}")
+
+    def layer_indices(self, depth: int) -> list[int]:
+        if self.layers == "all":
+            return list(range(depth))
+        if self.layers == "every-other":
+            return list(range(1, depth, 2))
+        if self.layers == "none":
+            return []
+        bad = [i for i in self.layers if not (isinstance(i, int) and 0 <= i < depth)]
+        _check(not bad, f"moe.layers names layers {bad} outside 0..{depth - 1}")
+        return sorted(set(self.layers))
+
+
+@dataclass
+class DecoderConfig:
+    width: int = 128
+    depth: int = 4
+    heads: int = 4
+    ffn_hidden: int | None = None  # None: 4 * width
+    max_text_len: int = 48  # text tokens per sample, <bos> and <eos> included
+    dropout: float = 0.0
+    tie_embeddings: bool = True
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    moe_layer_indices: list = field(init=False)
+
+    def __post_init__(self):
+        _check(self.width % self.heads == 0,
+               f"decoder.width {self.width} is not divisible by decoder.heads {self.heads}")
+        _check(self.max_text_len >= 3, "decoder.max_text_len must be at least 3 (<bos>, a token, <eos>)")
+        if self.ffn_hidden is None:
+            self.ffn_hidden = 4 * self.width
+        self.moe_layer_indices = self.moe.layer_indices(self.depth)
+
+
+@dataclass
+class TokenizerConfig:
+    kind: str = "char"  # "char" (one token per character, as the seed) or "bpe"
+    vocab_size: int = 512  # bpe only: target vocabulary size
+
+    def __post_init__(self):
+        _check(self.kind in ("char", "bpe"), f"tokenizer.kind must be char or bpe, not {self.kind!r}")
+
+
+@dataclass
+class ModelConfig:
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    projector: ProjectorConfig = field(default_factory=ProjectorConfig)
+    decoder: DecoderConfig = field(default_factory=DecoderConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+
+
+@dataclass
+class DataConfig:
+    val_fraction: float = 0.1  # of unique rows, when --val-data is not given
+    on_bad_row: str = "error"  # "error" stops with file and row; "skip" skips and counts
+    num_workers: int = 0
+    augment: bool = False  # small random shifts; never applied to validation
+    max_rows: int | None = None  # read at most this many rows (None: all)
+
+    def __post_init__(self):
+        _check(0 <= self.val_fraction < 1, "data.val_fraction must be in [0, 1)")
+        _check(self.on_bad_row in ("error", "skip"), f"data.on_bad_row must be error or skip, not {self.on_bad_row!r}")
+        _check(self.num_workers >= 0, "data.num_workers must be >= 0")
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 32
+    grad_accum: int = 1
+    max_steps: int = 1000
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 50
+    weight_decay: float = 0.05
+    beta1: float = 0.9
+    beta2: float = 0.98
+    grad_clip: float = 1.0
+    precision: str = "auto"  # "auto" (bf16 autocast on a GPU that has it, else fp32), "fp32", "bf16"
+    eval_every: int = 200
+    checkpoint_every: int = 500
+    log_every: int = 10
+    seed: int = 0
+    device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1" ...
+    compile: bool = False
+
+    def __post_init__(self):
+        for name in ("batch_size", "grad_accum", "max_steps", "eval_every", "checkpoint_every", "log_every"):
+            _check(getattr(self, name) >= 1, f"train.{name} must be >= 1")
+        _check(self.lr > 0, "train.lr must be positive")
+        _check(self.precision in ("auto", "fp32", "bf16"), f"train.precision must be auto, fp32 or bf16")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict:
+        return _input_fields(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "Config":
+        return _build(cls, values, "")
+
+
+def _input_fields(obj) -> dict:
+    """The user-settable fields of a (nested) config dataclass; derived ones are left out."""
+    out = {}
+    for f in dataclasses.fields(obj):
+        if not f.init:
+            continue
+        value = getattr(obj, f.name)
+        out[f.name] = _input_fields(value) if dataclasses.is_dataclass(value) else copy.deepcopy(value)
+    return out
+
+
+def _build(cls, values: dict, prefix: str):
+    if not isinstance(values, dict):
+        raise ConfigError(f"config section {prefix.rstrip('.') or '(top)'} must be a mapping")
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise ConfigError(f"unknown config key {prefix}{unknown[0]} (known: {', '.join(sorted(fields))})")
+    kwargs = {}
+    for name, value in values.items():
+        sub = _nested_type(cls, name)
+        kwargs[name] = (_build(sub, value, f"{prefix}{name}.") if sub
+                        else _coerce(fields[name].type, value, f"{prefix}{name}"))
+    try:
+        return cls(**kwargs)
+    except TypeError as err:
+        raise ConfigError(f"bad value in config section {prefix.rstrip('.')}: {err}") from None
+
+
+def _coerce(annotation: str, value, key: str):
+    """Turn YAML's loose scalars into the field's type ("3e-4" is a string to YAML 1.1)."""
+    kinds = [part.strip() for part in str(annotation).split("|")]
+    if value is None and "None" in kinds:
+        return None
+    if "bool" in kinds:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"config key {key} must be true or false, not {value!r}")
+    if "int" not in kinds and "float" not in kinds:
+        return value
+    try:
+        number = None if isinstance(value, bool) else float(value)
+    except (TypeError, ValueError):
+        number = None
+    if number is not None and "int" in kinds and number.is_integer() and not (
+            "float" in kinds and isinstance(value, float)):
+        return int(number)
+    if number is not None and "float" in kinds:
+        return number
+    raise ConfigError(f"config key {key} must be {' or '.join(kinds)}, not {value!r}")
+
+
+_NESTED = {
+    (Config, "model"): ModelConfig, (Config, "data"): DataConfig, (Config, "train"): TrainConfig,
+    (ModelConfig, "vision"): VisionConfig, (ModelConfig, "projector"): ProjectorConfig,
+    (ModelConfig, "decoder"): DecoderConfig, (ModelConfig, "tokenizer"): TokenizerConfig,
+    (DecoderConfig, "moe"): MoEConfig,
+}
+
+
+def _nested_type(cls, name):
+    return _NESTED.get((cls, name))
+
+
+# Shorter spellings for --set: "vision.width" means "model.vision.width".
+_ALIASES = {"vision": "model.vision", "projector": "model.projector", "decoder": "model.decoder",
+            "tokenizer": "model.tokenizer", "moe": "model.decoder.moe"}
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _nest(dotted_key: str, value) -> dict:
+    head = dotted_key.split(".", 1)[0]
+    if head in _ALIASES:
+        dotted_key = _ALIASES[head] + dotted_key[len(head):]
+    out: dict = {}
+    node = out
+    parts = dotted_key.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+    return out
+
+
+def parse_override(text: str) -> dict:
+    """``"train.lr=3e-4"`` -> ``{"train": {"lr": 0.0003}}`` (values parsed as YAML)."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected key=value, e.g. train.lr=3e-4")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"--set {text!r}: bad key {key!r}")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return _nest(key, value)
+
+
+PRESETS: dict[str, dict] = {
+    # Sizes of the original notebook: 96 px, patch 16, ViT 512 x 3 blocks x 8 heads, decoder
+    # 128 x 8 layers x 8 heads, 8 experts top-2, one CLS image token, character tokenizer.
+    "seed": {
+        "model": {
+            "vision": {"image_size": 96, "patch_size": 16, "width": 512, "depth": 3, "heads": 8,
+                       "image_tokens": "cls"},
+            "decoder": {"width": 128, "depth": 8, "heads": 8, "max_text_len": 40,
+                        "moe": {"num_experts": 8, "top_k": 2}},
+            "tokenizer": {"kind": "char"},
+        },
+        "train": {"batch_size": 16, "max_steps": 300, "lr": 1e-3, "warmup_steps": 20,
+                  "eval_every": 100, "checkpoint_every": 300},
+    },
+    # Seconds per run: for tests and quick checks.
+    "tiny": {
+        "model": {
+            "vision": {"image_size": 16, "patch_size": 8, "width": 32, "depth": 1, "heads": 2,
+                       "image_tokens": "pooled", "pooled_tokens": 1},
+            "decoder": {"width": 32, "depth": 2, "heads": 2, "max_text_len": 24,
+                        "moe": {"num_experts": 4, "top_k": 2}},
+        },
+        "train": {"batch_size": 8, "max_steps": 20, "warmup_steps": 2, "eval_every": 10,
+                  "checkpoint_every": 10, "log_every": 5},
+    },
+    # Learns well on small datasets of small images (a few thousand, up to 32 px).
+    "default": {},
+}
+
+
+def load_config(preset: str = "default", config_file: str | Path | None = None,
+                overrides: list[str] = ()) -> Config:
+    if preset not in PRESETS:
+        raise ConfigError(f"unknown preset {preset!r} (choose from {', '.join(PRESETS)})")
+    values = copy.deepcopy(PRESETS[preset])
+    if config_file is not None:
+        path = Path(config_file)
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except OSError as err:
+            raise ConfigError(f"{path}: cannot read config file: {err.strerror}") from None
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML: {str(err).splitlines()[0]}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: a config file must hold a mapping of sections")
+        values = _merge(values, loaded)
+    for text in overrides:
+        values = _merge(values, parse_override(text))
+    return Config.from_dict(values)
