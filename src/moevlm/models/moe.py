@@ -1,0 +1,131 @@
+"""Sparse Mixture-of-Experts feed-forward layer with noisy top-k routing.
+
+References: noisy top-k gating (Shazeer et al. 2017, as in the seed notebook); Switch
+Transformer / GShard load-balancing loss (Fedus et al. 2021); router z-loss (ST-MoE, Zoph et
+al. 2022); stacked expert weights with sort-based dispatch (transformers v5 MoE, torchtitan).
+
+Tensor names carry their shapes (torchtitan style):
+    N  tokens in the batch (B * T, flattened)      D  model width
+    E  experts                                     H  expert hidden width
+    K  experts per token (top-k)                   A  assignments, N * K (or fewer if dropped)
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moevlm.config import MoEConfig
+from moevlm.models.mlp import FeedForward
+
+# token_kind values: which tokens the load statistics and aux losses count.
+PAD, IMAGE, TEXT = 0, 1, 2
+
+
+class MoE(nn.Module):
+    def __init__(self, width: int, hidden: int, cfg: MoEConfig, dropout: float = 0.0):
+        super().__init__()
+        self.cfg = cfg
+        E = cfg.num_experts
+        self.gate = nn.Linear(width, E, bias=False)
+        # Noisy top-k: a learned per-expert noise scale, used only while training.
+        self.noise = nn.Linear(width, E, bias=False) if cfg.router_noise else None
+        self.w1_EDH = nn.Parameter(torch.empty(E, width, hidden))
+        self.b1_EH = nn.Parameter(torch.zeros(E, hidden))
+        self.w2_EHD = nn.Parameter(torch.empty(E, hidden, width))
+        self.b2_ED = nn.Parameter(torch.zeros(E, width))
+        self.shared = FeedForward(width, hidden) if cfg.shared_expert else None
+        self.dropout = nn.Dropout(dropout)
+        # Filled by every forward: aux losses (scalars with grad) and routed token counts.
+        self.aux: dict[str, torch.Tensor] = {}
+        self.last_load = torch.zeros(2, E, dtype=torch.long)  # [image, text] x experts
+
+    def route(self, x_ND: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Returns clean router logits (N, E), chosen experts (N, K) and their weights (N, K)."""
+        logits_NE = self.gate(x_ND)
+        scores_NE = logits_NE
+        if self.training and self.noise is not None:
+            scores_NE = logits_NE + torch.randn_like(logits_NE) * F.softplus(self.noise(x_ND))
+        top_scores_NK, experts_NK = scores_NE.topk(self.cfg.top_k, dim=-1)
+        weights_NK = top_scores_NK.float().softmax(dim=-1).to(x_ND.dtype)
+        return logits_NE, experts_NK, weights_NK
+
+    def forward(self, x: torch.Tensor, token_kind: torch.Tensor | None = None) -> torch.Tensor:
+        """x: (B, T, D); token_kind: (B, T) with PAD / IMAGE / TEXT (None: all text)."""
+        B, T, D = x.shape
+        x_ND = x.reshape(-1, D)
+        kind_N = (torch.full((B * T,), TEXT, device=x.device) if token_kind is None
+                  else token_kind.reshape(-1))
+        logits_NE, experts_NK, weights_NK = self.route(x_ND)
+        self._record_stats(logits_NE, experts_NK, kind_N)
+        y_ND = self.experts_sorted(x_ND, experts_NK, weights_NK)
+        if self.shared is not None:
+            y_ND = y_ND + self.shared(x_ND)
+        return self.dropout(y_ND.view(B, T, D))
+
+    def _expert_mlp(self, x_AD: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        """Runs each expert on its contiguous slice of sorted assignments."""
+        outs, start = [], 0
+        for e, count in enumerate(counts):
+            x_CD = x_AD[start:start + count]
+            start += count
+            h_CH = F.gelu(torch.addmm(self.b1_EH[e], x_CD, self.w1_EDH[e]))
+            outs.append(torch.addmm(self.b2_ED[e], h_CH, self.w2_EHD[e]))
+        return torch.cat(outs)
+
+    def experts_sorted(self, x_ND: torch.Tensor, experts_NK: torch.Tensor,
+                       weights_NK: torch.Tensor) -> torch.Tensor:
+        """Dropless (or capacity-limited) dispatch: sort assignments by expert, one pass per
+        expert over a contiguous slice, weighted scatter-add back to the tokens."""
+        N, D = x_ND.shape
+        E, K = self.cfg.num_experts, self.cfg.top_k
+        experts_A = experts_NK.reshape(-1)
+        order_A = experts_A.argsort(stable=True)
+        token_A = order_A // K
+        weight_A = weights_NK.reshape(-1)[order_A]
+        counts_E = torch.bincount(experts_A, minlength=E)
+        if self.cfg.capacity_factor is not None:
+            capacity = math.ceil(self.cfg.capacity_factor * N * K / E)
+            starts_E = counts_E.cumsum(0) - counts_E
+            rank_A = torch.arange(order_A.numel(), device=x_ND.device) - starts_E[experts_A[order_A]]
+            kept_A = (rank_A < capacity).nonzero().squeeze(1)
+            token_A, weight_A = token_A[kept_A], weight_A[kept_A]
+            counts_E = counts_E.clamp(max=capacity)
+        counts = counts_E.tolist()  # the one host sync of the layer, not one per expert
+        out_AD = self._expert_mlp(x_ND[token_A], counts)
+        y_ND = torch.zeros_like(x_ND)
+        return y_ND.index_add_(0, token_A, out_AD * weight_A.unsqueeze(1))
+
+    def experts_reference(self, x_ND: torch.Tensor, experts_NK: torch.Tensor,
+                          weights_NK: torch.Tensor) -> torch.Tensor:
+        """Plain per-token loop (slow): what ``experts_sorted`` must equal when dropless."""
+        rows = []
+        for n in range(x_ND.size(0)):
+            y_D = torch.zeros_like(x_ND[n])
+            for k in range(experts_NK.size(1)):
+                e = int(experts_NK[n, k])
+                h_H = F.gelu(x_ND[n] @ self.w1_EDH[e] + self.b1_EH[e])
+                y_D = y_D + weights_NK[n, k] * (h_H @ self.w2_EHD[e] + self.b2_ED[e])
+            rows.append(y_D)
+        return torch.stack(rows)
+
+    def _record_stats(self, logits_NE: torch.Tensor, experts_NK: torch.Tensor, kind_N: torch.Tensor) -> None:
+        """Aux losses over the real (non-pad) tokens, and routed counts split image / text."""
+        E, K = self.cfg.num_experts, self.cfg.top_k
+        real_N = (kind_N != PAD).to(logits_NE.dtype)
+        num_real = real_N.sum().clamp(min=1)
+        probs_NE = logits_NE.float().softmax(dim=-1)
+        # Switch/GShard balance: E * sum_e f_e * P_e, with f_e the fraction of assignments and
+        # P_e the mean router probability of expert e; equals 1 when routing is uniform.
+        assigned_NE = torch.zeros_like(probs_NE).scatter_(1, experts_NK, 1.0)
+        f_E = (assigned_NE * real_N[:, None]).sum(0) / (num_real * K)
+        P_E = (probs_NE * real_N[:, None]).sum(0) / num_real
+        balance = E * (f_E * P_E).sum()
+        z = ((torch.logsumexp(logits_NE.float(), dim=-1) ** 2) * real_N).sum() / num_real
+        self.aux = {"balance": balance, "z": z}
+        kind_A = kind_N.repeat_interleave(K)
+        counts = torch.bincount(kind_A * E + experts_NK.reshape(-1), minlength=3 * E)
+        self.last_load = counts.view(3, E)[1:].detach()

@@ -1,0 +1,129 @@
+"""The vision-language model: ViT -> projector -> image tokens, prepended to the text tokens
+of an MoE decoder. ``forward`` is the training/eval path; ``prefill`` and ``step`` are the two
+pieces ``moevlm.generate`` needs.
+
+Sequence layout (S = image tokens + text tokens):
+    [img_1 .. img_n][<bos> prompt <sep> answer <eos>][<pad> ...]     training (right padding)
+    [img_1 .. img_n][<pad> ...][<bos> prompt <sep>]                   generation (pads before text)
+Position ids count real tokens only, so both layouts give the text the same positions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moevlm.config import ModelConfig
+from moevlm.models.attention import KVCache
+from moevlm.models.decoder import Decoder
+from moevlm.models.moe import IMAGE, PAD, TEXT
+from moevlm.models.projector import build_projector
+from moevlm.models.vit import ViT
+
+
+@dataclass
+class VLMOutput:
+    logits: torch.Tensor  # (B, T, V) at the text positions
+    loss: torch.Tensor | None = None  # lm_loss + weighted aux losses
+    lm_loss: torch.Tensor | None = None
+    aux: dict[str, torch.Tensor] = field(default_factory=dict)  # balance, z (means over MoE layers)
+
+
+def attention_mask_for(key_mask: torch.Tensor, num_queries: int) -> torch.Tensor:
+    """Causal mask over the last ``num_queries`` of S positions, hiding padded keys.
+
+    key_mask: bool (B, S), True on real tokens. Returns bool (B, 1, Q, S). Every query may see
+    itself, so a padded query never has an all-masked row (which SDPA turns into NaN).
+    """
+    B, S = key_mask.shape
+    q_pos = torch.arange(S - num_queries, S, device=key_mask.device)
+    k_pos = torch.arange(S, device=key_mask.device)
+    causal = k_pos[None, :] <= q_pos[:, None]  # (Q, S)
+    mask = causal[None] & key_mask[:, None, :]
+    mask |= k_pos[None, None, :] == q_pos[None, :, None]
+    return mask.unsqueeze(1)
+
+
+class VLM(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        assert cfg.decoder.vocab_size > 0, "set decoder.vocab_size from the tokenizer first"
+        self.cfg = cfg
+        vocab_size = cfg.decoder.vocab_size
+        self.num_image_tokens = cfg.vision.num_image_tokens
+        self.vision = ViT(cfg.vision)
+        self.projector = build_projector(cfg.projector, cfg.vision.width, cfg.decoder.width)
+        self.decoder = Decoder(cfg.decoder, vocab_size, self.num_image_tokens + cfg.decoder.max_text_len)
+
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, C, S, S) in [-1, 1] -> image tokens in the decoder's space (B, n_img, D)."""
+        return self.projector(self.vision(images))
+
+    def _embed(self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None):
+        B, T = input_ids.shape
+        n = self.num_image_tokens
+        embeds = torch.cat([self.encode_images(images), self.decoder.tok_emb(input_ids)], dim=1)
+        text_mask = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+        key_mask = torch.cat([text_mask.new_ones(B, n), text_mask], dim=1)  # (B, n + T)
+        kind = torch.cat([torch.full((B, n), IMAGE, device=input_ids.device),
+                          torch.where(text_mask, TEXT, PAD)], dim=1)
+        return embeds, key_mask, kind
+
+    def forward(self, images: torch.Tensor, input_ids: torch.Tensor,
+                attention_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None) -> VLMOutput:
+        """images (B, C, S, S); input_ids, attention_mask, labels (B, T). labels are next-token
+        targets aligned with input_ids (-100 = no loss), as built by ``moevlm.data.dataset``."""
+        embeds, key_mask, kind = self._embed(images, input_ids, attention_mask)
+        # Training batches are right-padded: a causal mask alone already keeps every real
+        # token from seeing padding, so the faster is_causal path gives identical results.
+        right_padded = bool((key_mask[:, :-1] | ~key_mask[:, 1:]).all())
+        attn_mask = None if right_padded else attention_mask_for(key_mask, key_mask.size(1))
+        positions = (key_mask.cumsum(1) - 1).clamp(min=0)
+        hidden = self.decoder(embeds, positions, attn_mask, kind)
+        logits = self.decoder.lm_head(hidden[:, self.num_image_tokens:])
+        out = VLMOutput(logits=logits, aux=self._aux())
+        if labels is not None:
+            out.lm_loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), labels.reshape(-1),
+                                          ignore_index=-100)
+            out.loss = out.lm_loss
+            moe = self.cfg.decoder.moe
+            if out.aux:
+                out.loss = out.loss + moe.aux_loss_coef * out.aux["balance"] + moe.z_loss_coef * out.aux["z"]
+        return out
+
+    def _aux(self) -> dict[str, torch.Tensor]:
+        layers = self.decoder.moe_layers
+        if not layers:
+            return {}
+        return {name: torch.stack([layer.aux[name] for layer in layers]).mean() for name in ("balance", "z")}
+
+    def expert_load(self) -> torch.Tensor:
+        """Routed token counts of the last forward: (MoE layers, 2 [image, text], experts)."""
+        layers = self.decoder.moe_layers
+        if not layers:
+            return torch.zeros(0, 2, 0, dtype=torch.long)
+        return torch.stack([layer.last_load.cpu() for layer in layers])
+
+    def new_cache(self, batch: int, max_len: int) -> KVCache:
+        d = self.cfg.decoder
+        p = self.decoder.tok_emb.weight
+        return KVCache(d.depth, batch, d.heads, max_len, d.width // d.heads, device=p.device, dtype=p.dtype)
+
+    def prefill(self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                cache: KVCache | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Runs image + prompt tokens; returns next-token logits (B, V) and the key mask (B, S)."""
+        embeds, key_mask, kind = self._embed(images, input_ids, attention_mask)
+        positions = (key_mask.cumsum(1) - 1).clamp(min=0)
+        hidden = self.decoder(embeds, positions, attention_mask_for(key_mask, key_mask.size(1)), kind, cache)
+        return self.decoder.lm_head(hidden[:, -1]), key_mask
+
+    def step(self, token_ids: torch.Tensor, key_mask: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """One cached decoding step. token_ids (B,); key_mask (B, S) includes the new token."""
+        positions = (key_mask.sum(1, keepdim=True) - 1)  # (B, 1)
+        kind = torch.full_like(positions, TEXT)
+        embeds = self.decoder.tok_emb(token_ids[:, None])
+        hidden = self.decoder(embeds, positions, attention_mask_for(key_mask, 1), kind, cache)
+        return self.decoder.lm_head(hidden[:, -1])

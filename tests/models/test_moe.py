@@ -1,0 +1,104 @@
+import math
+
+import pytest
+import torch
+
+from moevlm.config import MoEConfig
+from moevlm.models.moe import IMAGE, PAD, TEXT, MoE
+
+
+def make_moe(width=8, hidden=16, **kw):
+    cfg = MoEConfig(**{"num_experts": 4, "top_k": 2, **kw})
+    moe = MoE(width, hidden, cfg)
+    for p in (moe.w1_EDH, moe.w2_EHD, moe.b1_EH, moe.b2_ED):
+        torch.nn.init.normal_(p, std=0.3)
+    return moe
+
+
+@pytest.mark.parametrize("top_k", [1, 2, 3])
+def test_sorted_dispatch_equals_naive_per_token_loop(top_k):
+    moe = make_moe(top_k=top_k).eval()
+    x_ND = torch.randn(37, 8)
+    _, experts_NK, weights_NK = moe.route(x_ND)
+    fast = moe.experts_sorted(x_ND, experts_NK, weights_NK)
+    torch.testing.assert_close(fast, moe.experts_reference(x_ND, experts_NK, weights_NK))
+
+
+def test_dispatch_handles_experts_that_get_no_tokens():
+    moe = make_moe().eval()
+    x_ND = torch.randn(5, 8)
+    experts_NK = torch.tensor([[0, 1]] * 5)
+    weights_NK = torch.full((5, 2), 0.5)
+    torch.testing.assert_close(moe.experts_sorted(x_ND, experts_NK, weights_NK),
+                               moe.experts_reference(x_ND, experts_NK, weights_NK))
+
+
+def test_each_token_goes_to_exactly_k_distinct_experts_with_weights_summing_to_one():
+    moe = make_moe(num_experts=8, top_k=3).train()
+    _, experts_NK, weights_NK = moe.route(torch.randn(50, 8))
+    assert experts_NK.shape == (50, 3)
+    assert all(len(set(row)) == 3 for row in experts_NK.tolist())
+    torch.testing.assert_close(weights_NK.sum(-1), torch.ones(50))
+    moe(torch.randn(2, 25, 8))
+    assert int(moe.last_load.sum()) == 50 * 3
+
+
+def test_router_noise_only_while_training():
+    moe = make_moe()
+    torch.nn.init.normal_(moe.noise.weight, std=1.0)
+    x = torch.randn(1, 64, 8)
+    moe.eval()
+    torch.testing.assert_close(moe(x), moe(x))
+    moe.train()
+    assert not torch.equal(moe(x), moe(x))
+
+
+def test_capacity_factor_drops_overflow_and_keeps_the_rest_exact():
+    moe = make_moe(num_experts=2, top_k=1, capacity_factor=0.5).eval()
+    x_ND = torch.randn(8, 8)
+    experts_NK = torch.zeros(8, 1, dtype=torch.long)  # all to expert 0; capacity = ceil(0.5*8/2) = 2
+    weights_NK = torch.ones(8, 1)
+    out = moe.experts_sorted(x_ND, experts_NK, weights_NK)
+    ref = moe.experts_reference(x_ND, experts_NK, weights_NK)
+    torch.testing.assert_close(out[:2], ref[:2])  # stable sort: the first two tokens are kept
+    assert torch.count_nonzero(out[2:]) == 0
+
+
+def hand_moe():
+    moe = MoE(2, 4, MoEConfig(num_experts=2, top_k=1, router_noise=False)).eval()
+    with torch.no_grad():
+        moe.gate.weight.copy_(torch.eye(2))  # router logits equal the input
+    return moe
+
+
+def test_aux_losses_on_hand_computed_balanced_case():
+    moe = hand_moe()
+    moe(torch.tensor([[[1.0, 0.0], [0.0, 1.0]]]))
+    # f = (1/2, 1/2), P = (1/2, 1/2) -> E * sum f P = 1; z = logsumexp(1, 0)^2 for both tokens
+    assert moe.aux["balance"].item() == pytest.approx(1.0)
+    assert moe.aux["z"].item() == pytest.approx(math.log(math.e + 1) ** 2)
+
+
+def test_aux_losses_on_hand_computed_unbalanced_case_ignore_padding():
+    moe = hand_moe()
+    x = torch.tensor([[[1.0, 0.0], [1.0, 0.0], [0.0, 5.0]]])
+    moe(x, token_kind=torch.tensor([[IMAGE, TEXT, PAD]]))
+    p0 = math.e / (math.e + 1)
+    # both real tokens pick expert 0: f = (1, 0), P = (p0, 1 - p0) -> 2 * p0
+    assert moe.aux["balance"].item() == pytest.approx(2 * p0)
+    assert moe.aux["z"].item() == pytest.approx(math.log(math.e + 1) ** 2)
+    assert moe.last_load.tolist() == [[1, 0], [1, 0]]  # image row, text row; pad not counted
+
+
+def test_shared_expert_adds_dense_path():
+    moe = make_moe(shared_expert=True).eval()
+    x = torch.randn(1, 6, 8)
+    _, experts_NK, weights_NK = moe.route(x.reshape(-1, 8))
+    routed = moe.experts_sorted(x.reshape(-1, 8), experts_NK, weights_NK)
+    torch.testing.assert_close(moe(x).reshape(-1, 8), routed + moe.shared(x.reshape(-1, 8)))
+
+
+def test_moe_backward_reaches_every_routed_expert():
+    moe = make_moe(num_experts=4, top_k=4).train()
+    moe(torch.randn(2, 5, 8)).sum().backward()
+    assert (moe.w1_EDH.grad.abs().sum(dim=(1, 2)) > 0).all()
