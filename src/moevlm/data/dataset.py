@@ -1,0 +1,220 @@
+"""Splitting, tokenizing, the in-memory dataset, collation and the resumable batch sampler.
+
+The seed re-decoded base64 images on every batch, duplicated rows before splitting (so
+validation saw training rows) and trained on padding. Here images are decoded once, the
+split is made on unique rows, and labels are -100 everywhere except answer tokens.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, Sampler
+
+from moevlm.data.images import image_to_tensor, normalize, open_image
+from moevlm.data.records import Sample, clean_prompt
+from moevlm.data.tokenizer import Tokenizer
+from moevlm.errors import DataError
+
+IGNORE_INDEX = -100  # F.cross_entropy's default ignore_index
+
+
+def unique_samples(samples: list[Sample]) -> list[Sample]:
+    """Drop rows whose image reference and turns repeat an earlier row (first one kept)."""
+    seen: set[tuple[str, tuple[tuple[str, str], ...]]] = set()
+    out = []
+    for sample in samples:
+        key = (sample.image, tuple(sample.turns))
+        if key not in seen:
+            seen.add(key)
+            out.append(sample)
+    return out
+
+
+def split_samples(samples: list[Sample], val_fraction: float,
+                  seed: int) -> tuple[list[Sample], list[Sample]]:
+    """Deterministic (train, val) split of the unique rows; val gets floor(n * fraction)."""
+    unique = unique_samples(samples)
+    # The epsilon keeps 0.3 * 10 = 3.0000000000000004 and 0.29 * 100 = 28.999999999999996
+    # at the counts a person would expect.
+    num_val = math.floor(len(unique) * val_fraction + 1e-9)
+    order = torch.randperm(len(unique), generator=torch.Generator().manual_seed(seed)).tolist()
+    val_rows = set(order[:num_val])
+    train = [s for i, s in enumerate(unique) if i not in val_rows]
+    val = [s for i, s in enumerate(unique) if i in val_rows]
+    return train, val
+
+
+def encode_turns(tokenizer: Tokenizer, turns: list[tuple[str, str]],
+                 max_text_len: int) -> tuple[list[int], list[int]]:
+    """Token ids and next-token labels for a conversation.
+
+    ``input_ids = [bos] + per turn: (prompt + [sep] if prompt) + answer + [eos]``;
+    ``labels[t] = input_ids[t + 1]`` when that token is part of an answer (its closing
+    ``<eos>`` included), else -100: prompts and padding are never targets, and the first
+    answer token is predicted from ``<bos>`` or ``<sep>``.
+    """
+    input_ids = [tokenizer.bos_id]
+    is_target = [False]
+    for prompt, answer in turns:
+        if prompt:
+            context = tokenizer.encode(prompt) + [tokenizer.sep_id]
+            input_ids += context
+            is_target += [False] * len(context)
+        reply = tokenizer.encode(answer) + [tokenizer.eos_id]
+        input_ids += reply
+        is_target += [True] * len(reply)
+    if len(input_ids) > max_text_len:
+        raise ValueError(f"text is {len(input_ids)} tokens, longer than decoder.max_text_len {max_text_len}")
+    labels = [tok if target else IGNORE_INDEX for tok, target in zip(input_ids[1:], is_target[1:])]
+    return input_ids, labels + [IGNORE_INDEX]
+
+
+def prompt_ids(tokenizer: Tokenizer, prompt: str) -> list[int]:
+    """What generation starts from: the same prefix encode_turns gives a training turn."""
+    prompt = clean_prompt(prompt)  # as the readers clean training prompts
+    return [tokenizer.bos_id] + (tokenizer.encode(prompt) + [tokenizer.sep_id] if prompt else [])
+
+
+class ImageTextDataset(Dataset):
+    """All images decoded and resized once into ``self.images`` (N, C, S, S) uint8."""
+
+    def __init__(self, samples: list[Sample], tokenizer: Tokenizer, image_size: int, channels: int,
+                 max_text_len: int, on_bad_row: str = "error", augment: bool = False, seed: int = 0):
+        if on_bad_row not in ("error", "skip"):
+            raise ValueError(f"on_bad_row must be error or skip, not {on_bad_row!r}")
+        if channels not in (1, 3):  # checked up front, or every row would fail on it
+            raise ValueError(f"channels must be 1 or 3, not {channels}")
+        self.augment, self.seed, self.epoch = augment, seed, 0
+        self.samples: list[Sample] = []
+        self.skipped = 0
+        self._input_ids: list[torch.Tensor] = []
+        self._labels: list[torch.Tensor] = []
+        images: list[torch.Tensor] = []
+        # Rows often share an image (several captions or questions per picture); a failed
+        # decode is remembered too, so every row with that image is reported the same way.
+        decoded: dict[str, torch.Tensor | str] = {}
+        for sample in samples:
+            try:
+                ids, labels = encode_turns(tokenizer, sample.turns, max_text_len)
+            except ValueError as err:
+                self._bad(sample, str(err), on_bad_row)
+                continue
+            if sample.image not in decoded:
+                try:
+                    decoded[sample.image] = image_to_tensor(open_image(sample.image), image_size, channels)
+                except ValueError as err:
+                    decoded[sample.image] = str(err)
+            image = decoded[sample.image]
+            if isinstance(image, str):
+                self._bad(sample, image, on_bad_row)
+                continue
+            self.samples.append(sample)
+            images.append(image)
+            self._input_ids.append(torch.tensor(ids, dtype=torch.long))
+            self._labels.append(torch.tensor(labels, dtype=torch.long))
+        if not self.samples:
+            sources = ", ".join(sorted({s.source for s in samples})) or "data"
+            raise DataError(sources, None, f"no usable rows ({self.skipped} bad rows skipped)")
+        self.images = torch.stack(images)
+
+    def _bad(self, sample: Sample, problem: str, on_bad_row: str) -> None:
+        if on_bad_row == "error":
+            raise DataError(sample.source, sample.row, problem)
+        self.skipped += 1
+
+    def set_epoch(self, epoch: int) -> None:
+        """Choose the augmentation of this epoch.
+
+        DataLoader workers hold copies of the dataset taken when an iterator starts, so call
+        this before iterating (and do not use persistent_workers with augmentation).
+        """
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> dict:
+        image = self.images[index]
+        if self.augment:
+            image = self._shift(image, index)
+        return {"image": image, "input_ids": self._input_ids[index],
+                "labels": self._labels[index], "index": index}
+
+    def _shift(self, image: torch.Tensor, index: int) -> torch.Tensor:
+        """Translate by up to 1/8 of the size, repeating the border pixels into the gap.
+
+        The shift depends on (seed, epoch, index) only, so it is the same whichever worker
+        process loads the item and however the batches are ordered.
+        """
+        _, height, width = image.shape
+        reach = max(height, width) // 8
+        rng = np.random.default_rng([self.seed, self.epoch, index])
+        dy, dx = (int(v) for v in rng.integers(-reach, reach + 1, size=2))
+        rows = (torch.arange(height) - dy).clamp_(0, height - 1)
+        cols = (torch.arange(width) - dx).clamp_(0, width - 1)
+        return image[:, rows][:, :, cols]
+
+
+def collate(batch: list[dict], pad_id: int) -> dict:
+    """Stack items into a batch: images normalized to [-1, 1], text right-padded."""
+    lengths = [len(item["input_ids"]) for item in batch]
+    size = (len(batch), max(lengths))
+    input_ids = torch.full(size, pad_id, dtype=torch.long)
+    labels = torch.full(size, IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros(size, dtype=torch.bool)
+    for row, (item, length) in enumerate(zip(batch, lengths)):
+        input_ids[row, :length] = item["input_ids"]
+        labels[row, :length] = item["labels"]
+        attention_mask[row, :length] = True
+    return {"images": normalize(torch.stack([item["image"] for item in batch])),
+            "input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
+            "index": torch.tensor([item["index"] for item in batch], dtype=torch.long)}
+
+
+class EpochBatchSampler(Sampler):
+    """Batches of indices, shuffled per epoch by seed + epoch, resumable at any batch.
+
+    ``epoch`` and ``batch`` name the next batch this sampler will yield. Each ``__iter__``
+    runs the rest of the current epoch (possibly nothing, after ``set_position(e, len(self))``)
+    and leaves the position at the next epoch's start.
+    A DataLoader with workers draws batches ahead of the training loop, so for resuming,
+    record the position of the batches actually trained on (see ``__len__``), not these
+    attributes at checkpoint time.
+    """
+
+    def __init__(self, num_samples: int, batch_size: int, seed: int, drop_last: bool = False):
+        if num_samples < 1 or batch_size < 1:
+            raise ValueError(f"need num_samples and batch_size >= 1, got {num_samples}, {batch_size}")
+        self.num_samples, self.batch_size, self.seed = num_samples, batch_size, seed
+        # Dropping the only (short) batch would leave epochs with nothing in them.
+        self.drop_last = drop_last and num_samples >= batch_size
+        self.epoch = 0
+        self.batch = 0
+
+    def __len__(self) -> int:
+        """Batches in a whole epoch."""
+        if self.drop_last:
+            return self.num_samples // self.batch_size
+        return math.ceil(self.num_samples / self.batch_size)
+
+    def set_position(self, epoch: int, batch: int) -> None:
+        if not (epoch >= 0 and 0 <= batch <= len(self)):
+            raise ValueError(f"position epoch {epoch} batch {batch} is outside 0..{len(self)} batches")
+        self.epoch, self.batch = epoch, batch
+
+    def __iter__(self) -> Iterator[list[int]]:
+        epoch, start = self.epoch, self.batch
+        generator = torch.Generator().manual_seed(self.seed + epoch)
+        order = torch.randperm(self.num_samples, generator=generator).tolist()
+        last = len(self) - 1
+        for b in range(start, len(self)):
+            # Move the position before yielding, so it already names the next batch while
+            # the caller works on this one.
+            self.epoch, self.batch = (epoch + 1, 0) if b == last else (epoch, b + 1)
+            yield order[b * self.batch_size:(b + 1) * self.batch_size]
+        if start > last:  # resumed at the very end of an epoch: nothing left but to move on
+            self.epoch, self.batch = epoch + 1, 0

@@ -1,0 +1,230 @@
+"""Readers for the data files accepted by ``--data``: CSV, JSONL and LLaVA-style JSON.
+
+Every reader turns a file into ``Sample`` rows without decoding any image: decoding is
+expensive and happens once, in the dataset. Bad rows either stop the run with a
+``DataError`` naming the file and row, or are skipped and counted, never dropped silently.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from functools import partial
+from typing import Any, Callable, Iterator
+
+from moevlm.data.images import looks_like_base64
+from moevlm.errors import DataError
+
+# The seed's base64 cells are far over the csv module's default 128 KiB field limit; the
+# C long behind the limit is 32-bit on some platforms, hence the cap.
+csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
+
+_IMAGE_PLACEHOLDER = re.compile(r"\s*<image>\s*")
+
+
+@dataclass
+class Sample:
+    image: str  # absolute path, base64 string or data: URL (not decoded yet)
+    turns: list[tuple[str, str]]  # (prompt, answer); caption data gives [("", caption)]
+    source: str  # the data file, for messages
+    row: int  # 1-based: CSV record after the header, JSONL line, JSON list item
+
+
+class _BadRow(Exception):
+    """A row that cannot be used; the reader decides whether to stop or skip."""
+
+
+def clean_prompt(text: str) -> str:
+    """Drop LLaVA's ``<image>`` placeholder: the image goes in as tokens, not text."""
+    return _IMAGE_PLACEHOLDER.sub(" ", text).strip()
+
+
+def read_samples(path: str | Path, on_bad_row: str = "error",
+                 max_rows: int | None = None) -> tuple[list[Sample], int]:
+    """Read a data file into samples; returns ``(samples, skipped_rows)``.
+
+    ``max_rows`` caps the number of samples kept (bad rows skipped on the way don't count).
+    """
+    if on_bad_row not in ("error", "skip"):
+        raise ValueError(f"on_bad_row must be error or skip, not {on_bad_row!r}")
+    path = Path(path)
+    readers = {".csv": _csv_rows, ".jsonl": _jsonl_rows, ".json": _json_rows}
+    reader = readers.get(path.suffix.lower())
+    if reader is None:
+        raise DataError(path, None, f"unknown data format {path.suffix or '(no extension)'!r} "
+                                    "(use .csv, .jsonl or .json)")
+    folder = os.path.abspath(path.parent)
+    samples: list[Sample] = []
+    skipped = 0
+    try:
+        for row, parse in reader(path):
+            if max_rows is not None and len(samples) >= max_rows:
+                break
+            try:
+                image, turns = parse(folder)
+            except _BadRow as bad:
+                if on_bad_row == "error":
+                    raise DataError(path, row, str(bad)) from None
+                skipped += 1
+                continue
+            samples.append(Sample(image=image, turns=turns, source=str(path), row=row))
+    except OSError as err:
+        raise DataError(path, None, f"cannot read data file: {err.strerror or err}") from None
+    if not samples:
+        problem = "no usable rows" + (f" ({skipped} bad rows skipped)" if skipped else "")
+        raise DataError(path, None, problem)
+    return samples, skipped
+
+
+# Each reader yields (row, parse): parse(folder) -> (image, turns) or raises _BadRow, so
+# the row-level decision to stop or skip lives in one place.
+RowParser = Callable[[str], tuple[str, list[tuple[str, str]]]]
+
+
+def _csv_rows(path: Path) -> Iterator[tuple[int, RowParser]]:
+    # surrogateescape keeps reading past bytes that are not UTF-8, so the bad row can be
+    # named (and skipped) instead of failing the whole file at an unknown position.
+    with open(path, newline="", encoding="utf-8-sig", errors="surrogateescape") as f:
+        reader = csv.reader(f)
+        try:
+            header = [name.strip() for name in next(reader, [])]
+            if not header:
+                return  # an empty file: reported as having no usable rows
+            image_column = next((c for c in ("image", "b64string_images") if c in header), None)
+            have = ", ".join(header) or "none"
+            if image_column is None:
+                raise DataError(path, None, f"missing column 'image' or 'b64string_images' (have: {have})")
+            if "caption" not in header:
+                raise DataError(path, None, f"missing column 'caption' (have: {have})")
+            image_at, caption_at = header.index(image_column), header.index("caption")
+            is_b64 = image_column == "b64string_images"
+            for row, cells in enumerate(reader, start=1):
+                if not cells:
+                    continue  # an empty line (often the last one) holds no row
+                image = cells[image_at] if image_at < len(cells) else None
+                caption = cells[caption_at] if caption_at < len(cells) else None
+                yield row, partial(_csv_row, image, caption, is_b64)
+        except csv.Error as err:
+            raise DataError(path, reader.line_num - 1, f"malformed CSV: {err}") from None
+
+
+def _csv_row(image: str | None, caption: str | None, is_b64: bool,
+             folder: str) -> tuple[str, list[tuple[str, str]]]:
+    for text in (image, caption):
+        if text is not None and _has_bad_bytes(text):
+            raise _BadRow("text is not valid UTF-8")
+    if is_b64:
+        if not image or not image.strip():
+            raise _BadRow("missing image")
+        return "".join(image.split()), [("", _answer(caption, "caption"))]
+    return _image_ref(image, folder), [("", _answer(caption, "caption"))]
+
+
+def _jsonl_rows(path: Path) -> Iterator[tuple[int, RowParser]]:
+    with open(path, "rb") as f:
+        for row, raw in enumerate(f, start=1):
+            if raw.strip():
+                yield row, partial(_jsonl_row, raw)
+
+
+def _jsonl_row(raw: bytes, folder: str) -> tuple[str, list[tuple[str, str]]]:
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise _BadRow("text is not valid UTF-8") from None
+    try:
+        item = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise _BadRow(f"not valid JSON: {err.msg} at column {err.colno}") from None
+    return _object(item, folder)
+
+
+def _json_rows(path: Path) -> Iterator[tuple[int, RowParser]]:
+    raw = path.read_bytes()
+    try:
+        items = json.loads(raw.decode("utf-8-sig"))
+    except UnicodeDecodeError as err:
+        raise DataError(path, None, f"not valid UTF-8 (byte {err.start})") from None
+    except json.JSONDecodeError as err:
+        raise DataError(path, None, f"not valid JSON: {err.msg} at line {err.lineno} "
+                                    f"column {err.colno}") from None
+    if not isinstance(items, list):
+        raise DataError(path, None, "expected a JSON list of objects")
+    for row, item in enumerate(items, start=1):
+        yield row, partial(_object, item)
+
+
+def _object(item: Any, folder: str) -> tuple[str, list[tuple[str, str]]]:
+    """One JSON object: ``image`` plus ``conversations`` (LLaVA) or ``caption``."""
+    if not isinstance(item, dict):
+        raise _BadRow(f"expected a JSON object, got {type(item).__name__}")
+    image = item.get("image")
+    if image is not None and not isinstance(image, str):
+        raise _BadRow("image is not a string")
+    if "conversations" in item:
+        turns = _conversation(item["conversations"])
+    else:
+        turns = [("", _answer(item.get("caption"), "caption"))]
+    return _image_ref(image, folder), turns
+
+
+def _conversation(messages: Any) -> list[tuple[str, str]]:
+    """Pair each human message with the gpt message that follows it."""
+    if not isinstance(messages, list) or not messages:
+        raise _BadRow("conversations must be a non-empty list")
+    if len(messages) % 2:
+        raise _BadRow(f"conversation has {len(messages)} messages; expected human/gpt pairs")
+    turns = []
+    for i in range(0, len(messages), 2):
+        pair = messages[i:i + 2]
+        if not all(isinstance(m, dict) for m in pair):
+            raise _BadRow(f"conversation message {i + 1} is not an object")
+        speakers = [m.get("from") for m in pair]
+        if speakers != ["human", "gpt"]:
+            raise _BadRow(f"conversation not alternating human/gpt at message {i + 1} "
+                          f"(got {speakers[0]!r}, {speakers[1]!r})")
+        prompt = pair[0].get("value")
+        if not isinstance(prompt, str):
+            raise _BadRow(f"conversation message {i + 1} has no text value")
+        turns.append((clean_prompt(prompt), _answer(pair[1].get("value"), f"answer {i // 2 + 1}")))
+    return turns
+
+
+def _answer(text: Any, what: str) -> str:
+    if text is None:
+        raise _BadRow(f"missing {what}")
+    if not isinstance(text, str):
+        raise _BadRow(f"{what} is not text")
+    if not text.strip():
+        raise _BadRow(f"empty {what}")
+    return text.strip()
+
+
+def _image_ref(image: str | None, folder: str) -> str:
+    """A data: URL or base64 string as is; a path made absolute inside the data folder."""
+    if image is None or not image.strip():
+        raise _BadRow("missing image")
+    image = image.strip()
+    if image.startswith("data:"):
+        return image
+    candidate = os.path.join(folder, image)
+    if looks_like_base64(image) and not os.path.isfile(candidate):
+        return "".join(image.split())
+    if os.path.isabs(image):
+        return os.path.normpath(image)
+    # Judged on the written path, not on symlink targets: linking a dataset in is normal,
+    # writing "../" to reach files beside the data folder is what is refused.
+    resolved = os.path.normpath(candidate)
+    if os.path.commonpath([resolved, folder]) != folder:
+        raise _BadRow(f"image path {image!r} points outside the data folder")
+    return resolved
+
+
+def _has_bad_bytes(text: str) -> bool:
+    # Bytes that were not UTF-8 come back from surrogateescape as lone surrogates.
+    return any("\udc80" <= ch <= "\udcff" for ch in text)

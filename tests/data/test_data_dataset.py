@@ -1,0 +1,227 @@
+import base64
+
+import pytest
+import torch
+from PIL import Image
+
+from moevlm.data import dataset as dataset_module
+from moevlm.data.dataset import (EpochBatchSampler, ImageTextDataset, collate, encode_turns,
+                                 prompt_ids, split_samples, unique_samples)
+from moevlm.data.records import Sample
+from moevlm.data.tokenizer import Tokenizer
+from moevlm.errors import DataError
+
+X = -100
+
+
+@pytest.fixture(scope="module")
+def tok():
+    tok = Tokenizer.train(["ab", "xy"])
+    assert [tok.encode(c)[0] for c in "abxy"] == [5, 6, 7, 8]  # the ids worked out below
+    return tok
+
+
+@pytest.mark.parametrize("turns,ids,labels", [
+    # <bos> a b <eos>: every position predicts the next caption token, the last nothing.
+    ([("", "ab")], [1, 5, 6, 2], [5, 6, 2, X]),
+    # Prompt tokens and <sep> are context: the first target is predicted from <sep>.
+    ([("x", "ab"), ("", "y")], [1, 7, 4, 5, 6, 2, 8, 2], [X, X, 5, 6, 2, 8, 2, X]),
+    ([("x", "a"), ("y", "b")], [1, 7, 4, 5, 2, 8, 4, 6, 2], [X, X, 5, 2, X, X, 6, 2, X]),
+])
+def test_encode_turns_labels_are_next_answer_tokens(tok, turns, ids, labels):
+    assert encode_turns(tok, turns, max_text_len=20) == (ids, labels)
+
+
+def test_encode_turns_refuses_long_text(tok):
+    assert len(encode_turns(tok, [("", "abab")], max_text_len=6)[0]) == 6
+    with pytest.raises(ValueError, match=r"^text is 7 tokens, longer than decoder.max_text_len 6$"):
+        encode_turns(tok, [("", "ababa")], max_text_len=6)
+
+
+def test_prompt_ids_match_the_training_prefix(tok):
+    assert prompt_ids(tok, "") == [1]
+    assert prompt_ids(tok, "x") == [1, 7, 4]
+    assert prompt_ids(tok, "<image>\nx ") == [1, 7, 4]
+    ids, _ = encode_turns(tok, [("x", "ab")], 20)
+    assert ids[:3] == prompt_ids(tok, "x")
+
+
+def sample(i, caption="ab", image=None):
+    return Sample(image=image or f"/img/{i}.png", turns=[("", caption)], source="d.csv", row=i + 1)
+
+
+def test_unique_samples_keeps_first_of_exact_duplicates():
+    rows = [sample(0), sample(1), sample(0), sample(0, caption="xy"), sample(1)]
+    rows[2].row = 99
+    kept = unique_samples(rows)
+    assert [(s.image, s.turns[0][1], s.row) for s in kept] == [
+        ("/img/0.png", "ab", 1), ("/img/1.png", "ab", 2), ("/img/0.png", "xy", 1)]
+
+
+def test_split_is_deterministic_and_never_leaks_duplicates():
+    rows = [sample(i % 37) for i in range(200)]  # 37 unique rows, each repeated
+    train, val = split_samples(rows, val_fraction=0.3, seed=5)
+    assert len(val) == 11 and len(train) == 26  # floor(37 * 0.3)
+    key = lambda s: (s.image, tuple(s.turns))  # noqa: E731
+    assert not {key(s) for s in train} & {key(s) for s in val}
+    assert {key(s) for s in train + val} == {key(s) for s in rows}
+    again = split_samples(list(rows), val_fraction=0.3, seed=5)
+    assert again == (train, val)
+    other_seed = split_samples(rows, val_fraction=0.3, seed=6)[1]
+    assert [key(s) for s in other_seed] != [key(s) for s in val]
+    assert len(split_samples(rows[:10], val_fraction=0.3, seed=0)[1]) == 3  # 10 * 0.3 is 3.0000000000000004
+
+
+def test_collate_pads_right_and_masks(tok):
+    image = torch.full((3, 2, 2), 255, dtype=torch.uint8)
+    batch = [{"image": image, "input_ids": torch.tensor([1, 5, 2]), "labels": torch.tensor([5, 2, X]), "index": 7},
+             {"image": torch.zeros_like(image), "input_ids": torch.tensor([1, 7, 4, 5, 2]),
+              "labels": torch.tensor([X, X, 5, 2, X]), "index": 3}]
+    out = collate(batch, pad_id=tok.pad_id)
+    assert out["input_ids"].tolist() == [[1, 5, 2, 0, 0], [1, 7, 4, 5, 2]]
+    assert out["labels"].tolist() == [[5, 2, X, X, X], [X, X, 5, 2, X]]
+    assert out["attention_mask"].tolist() == [[True] * 3 + [False] * 2, [True] * 5]
+    assert out["attention_mask"].dtype == torch.bool
+    assert out["images"].dtype == torch.float32 and out["images"].shape == (2, 3, 2, 2)
+    assert out["images"][0].unique().tolist() == [1.0] and out["images"][1].unique().tolist() == [-1.0]
+    assert out["index"].tolist() == [7, 3]
+
+
+def run_epochs(sampler, epochs):
+    return [batch for _ in range(epochs) for batch in sampler]
+
+
+def test_batch_sampler_epochs_are_seeded_permutations():
+    batches = run_epochs(EpochBatchSampler(10, 4, seed=3), 2)
+    assert [len(b) for b in batches] == [4, 4, 2] * 2
+    first, second = sum(batches[:3], []), sum(batches[3:], [])
+    assert sorted(first) == sorted(second) == list(range(10))
+    assert first != second
+    assert run_epochs(EpochBatchSampler(10, 4, seed=3), 2) == batches
+    assert run_epochs(EpochBatchSampler(10, 4, seed=4), 2) != batches
+
+
+def test_batch_sampler_resumes_exactly_at_any_position():
+    reference = EpochBatchSampler(10, 4, seed=1)
+    expected, positions = [], []
+    for _ in range(3):
+        for batch in reference:
+            expected.append(batch)
+            positions.append((reference.epoch, reference.batch))  # position of the next batch
+    assert positions[:4] == [(0, 1), (0, 2), (1, 0), (1, 1)]
+    for done in range(len(expected)):
+        resumed = EpochBatchSampler(10, 4, seed=1)
+        if done:
+            resumed.set_position(*positions[done - 1])
+        rest = []
+        while len(rest) < len(expected) - done:
+            rest += list(resumed)
+        assert rest == expected[done:], done
+
+
+def test_batch_sampler_resumes_from_a_consumer_counted_position():
+    # A training loop that counts batches itself saves (epoch, len) after an epoch's last
+    # batch; resuming there must continue with the next epoch, not repeat or skip one.
+    reference = EpochBatchSampler(10, 4, seed=2)
+    expected = run_epochs(reference, 3)
+    resumed = EpochBatchSampler(10, 4, seed=2)
+    resumed.set_position(0, len(resumed))
+    assert list(resumed) == [] and (resumed.epoch, resumed.batch) == (1, 0)
+    assert run_epochs(resumed, 2) == expected[3:]
+
+
+def test_batch_sampler_small_data_and_drop_last():
+    assert list(EpochBatchSampler(3, 8, seed=0, drop_last=True)) != []
+    assert [len(b) for b in EpochBatchSampler(3, 8, seed=0)] == [3]
+    assert [len(b) for b in EpochBatchSampler(10, 4, seed=0, drop_last=True)] == [4, 4]
+    with pytest.raises(ValueError):
+        EpochBatchSampler(10, 4, seed=0).set_position(0, 4)  # 3 batches: 0..3 are positions
+
+
+def png_ref(image_bytes, color):
+    return base64.b64encode(image_bytes(color)).decode()
+
+
+def test_dataset_decodes_each_image_once(tok, image_bytes, monkeypatch):
+    calls = []
+    real = dataset_module.open_image
+    monkeypatch.setattr(dataset_module, "open_image", lambda ref: calls.append(ref) or real(ref))
+    red, blue = png_ref(image_bytes, (255, 0, 0)), png_ref(image_bytes, (0, 0, 255))
+    rows = [sample(0, "ab", red), sample(1, "xy", blue), sample(2, "ba", red), sample(3, "yx", red)]
+    ds = ImageTextDataset(rows, tok, image_size=4, channels=3, max_text_len=8)
+    assert sorted(calls) == sorted([red, blue])
+    assert ds.images.shape == (4, 3, 4, 4) and ds.images.dtype == torch.uint8
+    item = ds[1]
+    assert item["image"][:, 0, 0].tolist() == [0, 0, 255]
+    assert item["input_ids"].tolist() == [1, 7, 8, 2] and item["labels"].tolist() == [7, 8, 2, X]
+    assert item["index"] == 1
+    for i in range(len(ds)):
+        ds[i]
+    assert len(calls) == 2  # nothing decoded again when items are read
+
+
+def test_dataset_bad_rows_name_file_and_row(tok, image_bytes, tmp_path):
+    (tmp_path / "empty.png").write_bytes(b"")
+    (tmp_path / "cut.png").write_bytes(image_bytes(size=(64, 64))[:70])
+    good = png_ref(image_bytes, (0, 255, 0))
+    bad = [Sample("QUJD" * 20, [("", "ab")], "seed.csv", 2),  # base64 of text, no image
+           Sample("data:image/png;base64,%%%", [("", "ab")], "seed.csv", 3),
+           Sample(str(tmp_path / "cut.png"), [("", "ab")], "d.jsonl", 4),
+           Sample(str(tmp_path / "empty.png"), [("", "ab")], "d.jsonl", 5),
+           Sample(good, [("", "ab" * 10)], "d.json", 6)]
+    problems = ["cannot decode image", "not valid base64", "cannot decode image", "empty file",
+                "text is 22 tokens, longer than decoder.max_text_len 8"]
+    for row, problem in zip(bad, problems):
+        with pytest.raises(DataError) as info:
+            ImageTextDataset([sample(0, "ab", good), row], tok, 4, 3, 8)
+        assert str(info.value).startswith(f"{row.source}: row {row.row}: "), str(info.value)
+        assert problem in str(info.value)
+    ds = ImageTextDataset([sample(0, "ab", good)] + bad + [bad[2]], tok, 4, 3, 8, on_bad_row="skip")
+    assert ds.skipped == 6 and len(ds) == 1 and ds.samples[0].row == 1
+    with pytest.raises(DataError, match="no usable rows"):
+        ImageTextDataset(bad, tok, 4, 3, 8, on_bad_row="skip")
+
+
+def gradient_rows(tmp_path, n=4):
+    rows = []
+    for i in range(n):
+        img = Image.new("RGB", (16, 16))
+        img.putdata([(x * 16, y * 16, i * 40) for y in range(16) for x in range(16)])
+        img.save(tmp_path / f"{i}.png")
+        rows.append(Sample(str(tmp_path / f"{i}.png"), [("", "ab")], "d.csv", i + 1))
+    return rows
+
+
+def test_augmentation_depends_only_on_seed_epoch_index(tok, tmp_path):
+    rows = gradient_rows(tmp_path)
+    a = ImageTextDataset(rows, tok, 16, 3, 8, augment=True, seed=7)
+    b = ImageTextDataset(rows, tok, 16, 3, 8, augment=True, seed=7)
+    b_items = [b[i]["image"] for i in reversed(range(4))][::-1]  # read in another order
+    assert all(torch.equal(a[i]["image"], b_items[i]) for i in range(4))
+    assert any(not torch.equal(a[i]["image"], a.images[i]) for i in range(4))
+    first = [a[i]["image"] for i in range(4)]
+    a.set_epoch(1)
+    assert any(not torch.equal(a[i]["image"], first[i]) for i in range(4))
+    a.set_epoch(0)
+    assert all(torch.equal(a[i]["image"], first[i]) for i in range(4))
+    c = ImageTextDataset(rows, tok, 16, 3, 8, augment=True, seed=8)
+    assert any(not torch.equal(c[i]["image"], first[i]) for i in range(4))
+
+
+def test_augmentation_is_a_small_translation(tok, tmp_path):
+    rows = gradient_rows(tmp_path, n=1)
+    ds = ImageTextDataset(rows, tok, 16, 3, 8, augment=True, seed=0)
+    original = ds.images[0]
+    for epoch in range(20):
+        ds.set_epoch(epoch)
+        shifted = ds[0]["image"]
+        found = [(dy, dx) for dy in range(-2, 3) for dx in range(-2, 3)
+                 if torch.equal(shifted[:, 4:12, 4:12], original[:, 4 - dy:12 - dy, 4 - dx:12 - dx])]
+        assert found, epoch  # the centre moved by at most 16 / 8 = 2 pixels
+
+
+def test_no_augmentation_when_off(tok, tmp_path):
+    ds = ImageTextDataset(gradient_rows(tmp_path), tok, 16, 3, 8, augment=False)
+    for epoch in range(3):
+        ds.set_epoch(epoch)
+        assert all(torch.equal(ds[i]["image"], ds.images[i]) for i in range(4))

@@ -1,0 +1,88 @@
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from sklearn.datasets import load_digits
+
+from moevlm.data import digits
+from moevlm.data.digits import DIGIT_WORDS, digit_pools, write_digit_captions, write_digit_scenes
+from moevlm.data.records import read_samples
+
+
+def test_digit_captions_cover_every_scan(tmp_path):
+    path = write_digit_captions(tmp_path)
+    samples, _ = read_samples(path)
+    assert len(samples) == 1797
+    words = sorted(s.turns[0][1] for s in samples)
+    expected = sorted(DIGIT_WORDS[t] for t in load_digits().target)
+    assert words == expected
+    img = Image.open(samples[0].image)
+    assert img.size == (32, 32)
+
+
+def test_pools_are_disjoint_and_cover_all_scans():
+    train, val = digit_pools(1797, seed=0)
+    assert not set(train) & set(val)
+    assert sorted([*train, *val]) == list(range(1797))
+    assert len(val) == 359
+    assert np.array_equal(digit_pools(1797, seed=0)[1], val)
+    assert not np.array_equal(digit_pools(1797, seed=1)[1], val)
+
+
+def numbered_scans(count=1797):
+    """Fake 8x8 scans that carry their own index in two pixels, on a dark background."""
+    scans = np.zeros((count, 8, 8), dtype=np.uint8)
+    scans[:, 0, 0] = np.arange(count) % 200 + 10
+    scans[:, 0, 1] = np.arange(count) // 200 + 10
+    return scans, np.arange(count) % 10
+
+
+def scans_in_scene(path):
+    """Indices of the fake scans pasted into a scene, left to right."""
+    scene = np.asarray(Image.open(path))
+    inked_cols = np.flatnonzero((scene != 255).any(axis=0))
+    found = []
+    for x in inked_cols[::8]:  # cells are 8 wide, side by side or apart
+        y = np.flatnonzero(scene[:, x] != 255)[0]
+        found.append(int(scene[y, x]) - 10 + 200 * (int(scene[y, x + 1]) - 10))
+    return found
+
+
+def test_scenes_use_only_their_own_pool_and_name_digits_left_to_right(tmp_path, monkeypatch):
+    monkeypatch.setattr(digits, "_scans", numbered_scans)
+    train_csv, val_csv = write_digit_scenes(tmp_path, num_train=200, num_val=100, seed=3)
+    train_pool, val_pool = (set(p.tolist()) for p in digit_pools(1797, seed=3))
+    for csv_path, pool in ((train_csv, train_pool), (val_csv, val_pool)):
+        samples, _ = read_samples(csv_path)
+        assert len(samples) == (200 if pool is train_pool else 100)
+        for s in samples:
+            used = scans_in_scene(s.image)
+            assert 2 <= len(used) <= 3
+            assert set(used) <= pool
+            assert s.turns[0][1] == " ".join(DIGIT_WORDS[i % 10] for i in used)
+
+
+def test_scenes_are_real_digits_and_deterministic(tmp_path):
+    first = write_digit_scenes(tmp_path / "a", num_train=30, num_val=10, seed=1)
+    again = write_digit_scenes(tmp_path / "b", num_train=30, num_val=10, seed=1)
+    more = write_digit_scenes(tmp_path / "c", num_train=50, num_val=10, seed=1)
+    for a, b in zip(first, again):
+        assert a.read_text() == b.read_text()
+    scene = Path("train") / "000007.png"
+    assert (tmp_path / "a" / scene).read_bytes() == (tmp_path / "b" / scene).read_bytes()
+    assert first[1].read_text() == more[1].read_text()  # more training scenes, same validation
+    samples, _ = read_samples(first[0])
+    for s in samples:
+        words = s.turns[0][1].split()
+        assert 2 <= len(words) <= 3 and set(words) <= set(DIGIT_WORDS)
+        img = Image.open(s.image)
+        assert img.size == (32, 32)
+        assert np.asarray(img).min() < 128  # some ink on the white page
+    captions = {s.turns[0][1] for s in samples}
+    assert len(captions) > 20
+
+
+def test_scenes_refuse_sizes_too_small():
+    with pytest.raises(ValueError):
+        write_digit_scenes("unused", 1, 1, size=12, max_digits=3)

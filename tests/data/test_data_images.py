@@ -1,0 +1,129 @@
+import base64
+import io
+import urllib.parse
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from moevlm.data.images import image_to_tensor, normalize, open_image
+
+
+def save(img: Image.Image, fmt="PNG", **kwargs) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kwargs)
+    return buf.getvalue()
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def two_pixels(mode, first, second):
+    img = Image.new(mode, (2, 1))
+    img.putpixel((0, 0), first)
+    img.putpixel((1, 0), second)
+    return img
+
+
+def palette_image(transparent: bool) -> Image.Image:
+    img = Image.new("P", (2, 1))
+    img.putpalette([255, 0, 0, 0, 0, 255] + [0] * 762)
+    img.putpixel((0, 0), 0)
+    img.putpixel((1, 0), 1)
+    if transparent:
+        img.info["transparency"] = 1
+    return img
+
+
+@pytest.mark.parametrize("name,img,fmt,expected", [
+    ("L", two_pixels("L", 100, 0), "PNG", [(100, 100, 100), (0, 0, 0)]),
+    ("LA", two_pixels("LA", (0, 0), (0, 255)), "PNG", [(255, 255, 255), (0, 0, 0)]),
+    ("P", palette_image(False), "PNG", [(255, 0, 0), (0, 0, 255)]),
+    ("P transparent", palette_image(True), "PNG", [(255, 0, 0), (255, 255, 255)]),
+    ("RGBA", two_pixels("RGBA", (255, 0, 0, 0), (0, 0, 255, 255)), "PNG", [(255, 255, 255), (0, 0, 255)]),
+    ("CMYK", two_pixels("CMYK", (0, 255, 255, 0), (0, 0, 0, 255)), "TIFF", [(255, 0, 0), (0, 0, 0)]),
+    # Pillow's own I;16 -> RGB clips to 255; a mid grey must stay mid grey.
+    ("I;16", two_pixels("I;16", 65535, 32896), "PNG", [(255, 255, 255), (128, 128, 128)]),
+])
+def test_pillow_modes_become_rgb(name, img, fmt, expected):
+    data = save(img, fmt)
+    assert Image.open(io.BytesIO(data)).mode == img.mode  # the file really holds that mode
+    decoded = open_image(b64(data))
+    assert decoded.mode == "RGB"
+    assert [decoded.getpixel((x, 0)) for x in range(2)] == expected
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    # Stored 20 wide, 10 high: left half red, right half blue. Orientation 6 means "rotate
+    # 90 degrees clockwise to display", which puts the red half on top.
+    img = Image.new("RGB", (20, 10), (0, 0, 255))
+    img.paste((255, 0, 0), (0, 0, 10, 10))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    path = tmp_path / "rotated.jpg"
+    path.write_bytes(save(img, "JPEG", exif=exif, quality=95))
+    decoded = open_image(str(path))
+    assert decoded.size == (10, 20)
+    top, bottom = decoded.getpixel((5, 2)), decoded.getpixel((5, 17))
+    assert top[0] > 200 and top[2] < 60
+    assert bottom[2] > 200 and bottom[0] < 60
+
+
+def test_data_urls_paths_and_jpeg_base64(tmp_path, image_bytes):
+    png = image_bytes((0, 255, 0))
+    assert open_image("data:image/png;base64," + b64(png)).getpixel((0, 0)) == (0, 255, 0)
+    assert open_image("data:image/png," + urllib.parse.quote_from_bytes(png)).getpixel((0, 0)) == (0, 255, 0)
+    jpeg = b64(image_bytes((0, 0, 0), fmt="JPEG"))
+    assert jpeg.startswith("/9j/")  # reads like an absolute path, must still be base64
+    assert open_image(jpeg).size == (8, 8)
+    (tmp_path / "x.png").write_bytes(png)
+    assert open_image(str(tmp_path / "x.png")).getpixel((0, 0)) == (0, 255, 0)
+
+
+def test_undecodable_inputs_raise_value_error_with_a_reason(tmp_path, image_bytes):
+    (tmp_path / "empty.png").write_bytes(b"")
+    (tmp_path / "cut.png").write_bytes(image_bytes(size=(64, 64))[:60])
+    noise = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    (tmp_path / "cut2.png").write_bytes(save(Image.fromarray(noise))[:-200])
+    cases = {
+        str(tmp_path / "empty.png"): "empty file",
+        str(tmp_path / "cut.png"): "cannot decode image: ",
+        str(tmp_path / "cut2.png"): "truncated",
+        str(tmp_path / "missing.png"): "cannot read",
+        "Zm9v" * 20 + "!": "cannot decode image: ",  # a base64 look-alike, not an image
+        b64(b"this is not an image at all, only some text " * 3): "cannot identify image file",
+        "data:image/png;base64,@@@": "not valid base64",
+    }
+    for ref, reason in cases.items():
+        with pytest.raises(ValueError) as info:
+            open_image(ref)
+        assert str(info.value).startswith("cannot decode image: "), ref
+        assert reason in str(info.value), (ref, str(info.value))
+        assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("side", [12, 20])  # 144 px: Pillow only warns; 400 px: Pillow raises
+def test_decompression_bomb_is_refused(monkeypatch, image_bytes, side):
+    data = image_bytes(size=(side, side))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
+    with pytest.raises(ValueError, match="cannot decode image: more than 100 pixels"):
+        open_image(b64(data))
+
+
+def test_image_to_tensor_resizes_to_uint8_square():
+    img = Image.new("RGB", (40, 20), (255, 0, 0))
+    img.paste((0, 0, 255), (20, 0, 40, 20))
+    tensor = image_to_tensor(img, 8)
+    assert tensor.shape == (3, 8, 8) and tensor.dtype == torch.uint8
+    assert tensor[:, 4, 0].tolist() == [255, 0, 0] and tensor[:, 4, 7].tolist() == [0, 0, 255]
+    grey = image_to_tensor(Image.new("RGB", (8, 8), (255, 255, 255)), 4, channels=1)
+    assert grey.shape == (1, 4, 4) and grey.unique().tolist() == [255]
+
+
+def test_normalize_maps_uint8_to_minus_one_one():
+    x = torch.tensor([0, 255, 128], dtype=torch.uint8).view(1, 3, 1, 1)
+    y = normalize(x)
+    assert y.dtype == torch.float32
+    assert y.flatten().tolist() == pytest.approx([-1.0, 1.0, 128 / 127.5 - 1], abs=1e-6)
