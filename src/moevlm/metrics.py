@@ -1,0 +1,69 @@
+"""Evaluation metrics: answer accuracy, caption BLEU and how evenly MoE layers use their experts."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import sacrebleu
+
+
+def _check_lengths(predictions: list[str], references: list[str]) -> None:
+    if len(predictions) != len(references):
+        raise ValueError(f"{len(predictions)} predictions but {len(references)} references")
+
+
+def exact_match(predictions: list[str], references: list[str]) -> float:
+    """Fraction of predictions equal to their reference, ignoring surrounding whitespace."""
+    _check_lengths(predictions, references)
+    if not predictions:
+        return 0.0
+    hits = sum(p.strip() == r.strip() for p, r in zip(predictions, references))
+    return hits / len(predictions)
+
+
+def bleu4(predictions: list[str], references: list[str]) -> float:
+    """Corpus BLEU-4 in [0, 1] with sacrebleu's defaults (13a tokenizer, exp smoothing).
+
+    As in any corpus BLEU-4, a corpus whose texts are all under four words has no 4-grams
+    and scores 0; use ``exact_match`` for short answers.
+    """
+    _check_lengths(predictions, references)
+    if not predictions:
+        return 0.0
+    score = sacrebleu.corpus_bleu(predictions, [references]).score / 100.0
+    # sacrebleu's float arithmetic can land a hair above 100 for identical corpora.
+    return min(score, 1.0)
+
+
+def load_array(load: Any) -> np.ndarray:
+    """An expert-load tensor or array as float numpy of shape (layers, 2, experts)."""
+    if hasattr(load, "detach"):  # a torch tensor, possibly on a GPU; avoids importing torch
+        load = load.detach().cpu().numpy()
+    array = np.asarray(load, dtype=np.float64)
+    if array.ndim != 3 or array.shape[1] != 2:
+        raise ValueError(f"expert load must have shape (layers, 2, experts), not {array.shape}")
+    return array
+
+
+def expert_balance(load: Any) -> float:
+    """Mean over MoE layers of the normalized entropy of the expert-usage distribution.
+
+    ``load`` holds token counts of shape (layers, 2, experts) (image tokens, text tokens);
+    both modalities are pooled. 1.0 means every expert got the same share, 0.0 that one
+    expert got every token. Layers without tokens are ignored; NaN if no layer has any.
+    """
+    counts = load_array(load).sum(axis=1)
+    counts = counts[counts.sum(axis=1) > 0]
+    if len(counts) == 0:
+        return math.nan
+    experts = counts.shape[1]
+    if experts == 1:
+        return 1.0
+    fractions = counts / counts.sum(axis=1, keepdims=True)
+    # 0 * log(0) is 0 in an entropy; np.where keeps log(0) from warning.
+    logs = np.log(np.where(fractions > 0, fractions, 1.0))
+    entropy = -(fractions * logs).sum(axis=1)
+    # Rounded so float noise does not report a perfectly even router as 0.9999999999999997.
+    return round(float(np.mean(entropy / math.log(experts))), 12)
