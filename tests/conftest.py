@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from moevlm.config import load_config
+from shapes import write_shapes_csv
 
 
 @pytest.fixture
@@ -15,3 +16,8 @@ def tiny_config():
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def shapes_csv(tmp_path):
+    return write_shapes_csv(tmp_path / "shapes.csv")

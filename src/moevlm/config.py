@@ -108,6 +108,7 @@ class DecoderConfig:
     heads: int = 4
     ffn_hidden: int | None = None  # None: 4 * width
     max_text_len: int = 48  # text tokens per sample, <bos> and <eos> included
+    vocab_size: int = 0  # set from the tokenizer when a model is built
     dropout: float = 0.0
     tie_embeddings: bool = True
     moe: MoEConfig = field(default_factory=MoEConfig)
@@ -171,7 +172,7 @@ class TrainConfig:
     log_every: int = 10
     seed: int = 0
     device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1" ...
-    compile: bool = False
+    val_generate: int = 64  # validation rows captioned for exact match at each evaluation
 
     def __post_init__(self):
         for name in ("batch_size", "grad_accum", "max_steps", "eval_every", "checkpoint_every", "log_every"):

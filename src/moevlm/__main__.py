@@ -1,0 +1,5 @@
+import sys
+
+from moevlm.cli import main
+
+sys.exit(main())

@@ -1,0 +1,161 @@
+"""Command line: ``moevlm train | caption | eval | demo`` (design.md §2).
+
+User mistakes end with one line on stderr and exit code 2; no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from moevlm.config import PRESETS
+
+EXIT_USER_ERROR = 2
+
+
+def _add_sampling_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--max-new-tokens", type=int, default=64, help="most tokens to generate (default 64)")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy decoding")
+    parser.add_argument("--top-k", type=int, default=None, help="sample only from the k likeliest tokens")
+    parser.add_argument("--top-p", type=float, default=None, help="nucleus sampling: smallest set with mass p")
+    parser.add_argument("--seed", type=int, default=None, help="random seed for sampling")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="moevlm", description="Mixture-of-Experts vision-language models.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    train = sub.add_parser("train", help="train a model on image-text data",
+                           description="Train a model. Data: CSV (b64string_images/caption or image/caption), "
+                                       "JSONL or LLaVA-style JSON.")
+    train.add_argument("--data", required=True, type=Path, help="training data file (.csv, .jsonl, .json)")
+    train.add_argument("--val-data", type=Path, help="validation data (default: split off data.val_fraction)")
+    train.add_argument("--preset", default="default", choices=sorted(PRESETS), help="starting config (default)")
+    train.add_argument("--config", type=Path, help="YAML file of config values over the preset")
+    train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a config value, e.g. --set train.lr=3e-4 (repeatable)")
+    train.add_argument("--out", type=Path, default=Path("runs/latest"), help="output/checkpoint folder")
+    train.add_argument("--max-steps", type=int, help="shorthand for --set train.max_steps=N")
+    train.add_argument("--resume", action="store_true", help="continue the checkpoint in --out")
+    tracking = train.add_mutually_exclusive_group()
+    tracking.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite store inside --out)")
+    tracking.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
+
+    caption = sub.add_parser("caption", help="caption images with a trained model")
+    caption.add_argument("--model", required=True, type=Path, help="checkpoint folder")
+    caption.add_argument("images", nargs="+", type=Path, metavar="IMAGE")
+    caption.add_argument("--prompt", default="", help="text prompt (default: none, plain captioning)")
+    _add_sampling_flags(caption)
+    caption.add_argument("--json", action="store_true", help='one {"image", "text"} JSON object per line')
+
+    evaluate = sub.add_parser("eval", help="evaluate a model on a data set")
+    evaluate.add_argument("--model", required=True, type=Path, help="checkpoint folder")
+    evaluate.add_argument("--data", required=True, type=Path, help="data file with reference captions")
+    evaluate.add_argument("--json", action="store_true", help="print one JSON object")
+
+    demo = sub.add_parser("demo", help="build a handwritten-digit scene task and train on it (a few minutes)")
+    demo.add_argument("--out", type=Path, default=Path("runs/demo"), help="where data, checkpoint and plots go")
+    demo.add_argument("--max-steps", type=int, help="fewer steps for a quick look")
+    demo.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
+    return parser
+
+
+def _cmd_train(args) -> int:
+    from moevlm.config import load_config
+    from moevlm.errors import ConfigError
+    from moevlm.train.run import run_training
+
+    if args.resume and (args.overrides or args.config or args.preset != "default"):
+        raise ConfigError("--resume continues with the checkpoint's own config: drop --preset/--config/--set "
+                          "(--max-steps N may extend the run)")
+    config = load_config(args.preset, args.config, args.overrides)
+    trainer, result = run_training(config, args.data, args.out, val_data=args.val_data, resume=args.resume,
+                                   max_steps=args.max_steps, tracking_uri=args.tracking_uri,
+                                   tracking=not args.no_tracking, progress=sys.stderr.isatty())
+    rows = "validation" if trainer.val_set else "training"
+    print(f"trained to step {trainer.step}: {rows} loss {result['loss']:.4f} on {result['num_samples']} rows, "
+          f"exact match {result['exact_match']:.3f} on {len(result['predictions'])} of them")
+    print(f"checkpoint: {args.out}")
+    if trainer.tracker.enabled:
+        print(f"MLflow run {trainer.tracker.run_id}: {trainer.tracker.ui_command()}")
+    return 0
+
+
+def _cmd_caption(args) -> int:
+    from moevlm.data.images import open_image
+    from moevlm.errors import DataError
+    from moevlm.generate import caption
+    from moevlm.train.checkpoint import load_model
+
+    model, tokenizer, _ = load_model(args.model)
+    images = []
+    for path in args.images:
+        try:
+            images.append(open_image(str(path)) if path.is_file() else None)
+        except ValueError as err:
+            raise DataError(path, None, str(err)) from None
+        if images[-1] is None:
+            raise DataError(path, None, "no such image file")
+    texts = caption(model, tokenizer, images, prompt=args.prompt, max_new_tokens=args.max_new_tokens,
+                    temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    for path, text in zip(args.images, texts):
+        print(json.dumps({"image": str(path), "text": text}) if args.json else f"{path}: {text}")
+    return 0
+
+
+def _public_result(result: dict) -> dict:
+    return {k: v for k, v in result.items() if k not in ("predictions", "expert_load_counts")}
+
+
+def _cmd_eval(args) -> int:
+    from moevlm.data.records import read_samples
+    from moevlm.evaluate import evaluate
+    from moevlm.train.checkpoint import load_model
+    from moevlm.train.run import dataset_for
+
+    model, tokenizer, config = load_model(args.model)
+    samples, _ = read_samples(args.data, config.data.on_bad_row)
+    result = evaluate(model, dataset_for(samples, tokenizer, config, augment=False), tokenizer,
+                      batch_size=config.train.batch_size)
+    if args.json:
+        print(json.dumps(_public_result(result)))
+        return 0
+    for key in ("num_samples", "exact_match", "bleu4", "loss", "perplexity", "expert_balance"):
+        if key in result:
+            value = result[key]
+            print(f"{key:>15}: {value:.4f}" if isinstance(value, float) else f"{key:>15}: {value}")
+    return 0
+
+
+def _cmd_demo(args) -> int:
+    from moevlm.demo import run_demo
+
+    run_demo(args.out, max_steps=args.max_steps, tracking=not args.no_tracking)
+    return 0
+
+
+COMMANDS = {"train": _cmd_train, "caption": _cmd_caption, "eval": _cmd_eval, "demo": _cmd_demo}
+
+
+def main(argv: list[str] | None = None) -> int:
+    from moevlm.errors import MoevlmError
+
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="moevlm: %(message)s")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        return COMMANDS[args.command](args)
+    except MoevlmError as err:
+        print(f"moevlm: error: {err}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("moevlm: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,75 @@
+"""Evaluation on a data set: token loss and perplexity, greedy captions scored by exact match
+and BLEU-4, and per-layer expert load split into image and text tokens."""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+
+import torch
+from torch.utils.data import DataLoader
+
+from moevlm.data.dataset import ImageTextDataset, collate, prompt_ids
+from moevlm.data.images import normalize
+from moevlm.data.tokenizer import Tokenizer
+from moevlm.generate import generate
+from moevlm.metrics import bleu4, exact_match, expert_balance
+from moevlm.models.vlm import VLM
+
+
+@torch.no_grad()
+def evaluate(model: VLM, dataset: ImageTextDataset, tokenizer: Tokenizer, *, batch_size: int = 64,
+             max_generate: int | None = None, amp_dtype: torch.dtype | None = None) -> dict:
+    """Returns exact_match, bleu4, loss, perplexity, num_samples, expert_load (per layer),
+    expert_balance, plus expert_load_counts (tensor) and predictions [(reference, prediction)].
+
+    ``max_generate`` limits how many rows are captioned (None: all); the loss uses every row.
+    """
+    model.eval()
+    device = next(model.parameters()).device
+    autocast = partial(torch.autocast, device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None)
+    loss_sum, token_count = 0.0, 0
+    load = None
+    # Its own generator, so evaluating never moves the global RNG that training uses.
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, generator=torch.Generator(),
+                        collate_fn=partial(collate, pad_id=tokenizer.pad_id))
+    for batch in loader:
+        batch = {k: v.to(device) for k, v in batch.items()}
+        with autocast():
+            out = model(batch["images"], batch["input_ids"], batch["attention_mask"])
+        labels = batch["labels"]
+        loss_sum += torch.nn.functional.cross_entropy(
+            out.logits.float().reshape(-1, out.logits.size(-1)), labels.reshape(-1),
+            ignore_index=-100, reduction="sum").item()
+        token_count += int((labels != -100).sum())
+        batch_load = model.expert_load()
+        load = batch_load if load is None else load + batch_load
+
+    count = len(dataset) if max_generate is None else min(max_generate, len(dataset))
+    references, predictions = [], []
+    for start in range(0, count, batch_size):
+        rows = range(start, min(count, start + batch_size))
+        images = normalize(dataset.images[list(rows)]).to(device)
+        turns = [dataset.samples[i].turns[0] for i in rows]
+        with autocast():
+            outputs = generate(model, images, [prompt_ids(tokenizer, prompt) for prompt, _ in turns],
+                               eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
+                               max_new_tokens=model.cfg.decoder.max_text_len)
+        predictions += [tokenizer.decode(ids) for ids in outputs]
+        references += [answer for _, answer in turns]
+
+    loss = loss_sum / max(1, token_count)
+    result = {
+        "exact_match": exact_match(predictions, references),
+        "bleu4": bleu4(predictions, references) if predictions else 0.0,
+        "loss": loss,
+        "perplexity": math.exp(min(loss, 50.0)),
+        "num_samples": len(dataset),
+        "predictions": list(zip(references, predictions)),
+    }
+    if load is not None and load.numel():
+        result["expert_load"] = {f"layer_{i}": {"image": row[0].tolist(), "text": row[1].tolist()}
+                                 for i, row in zip(model.cfg.decoder.moe_layer_indices, load)}
+        result["expert_balance"] = expert_balance(load)
+        result["expert_load_counts"] = load
+    return result

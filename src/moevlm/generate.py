@@ -1,0 +1,113 @@
+"""Autoregressive generation conditioned on images: greedy, temperature, top-k, top-p.
+
+Batched over images with prompts of different lengths (left-padded text, see models/vlm.py),
+with a KV cache; ``use_cache=False`` recomputes the whole sequence every step and is the plain
+reference the cached path is tested against.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+
+from moevlm.data.dataset import prompt_ids
+from moevlm.data.images import image_to_tensor, normalize
+from moevlm.models.vlm import VLM
+
+
+def _left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long, device=device)
+    mask = torch.zeros((len(prompts), width), dtype=torch.bool, device=device)
+    for row, prompt in enumerate(prompts):
+        ids[row, width - len(prompt):] = torch.tensor(prompt, dtype=torch.long)
+        mask[row, width - len(prompt):] = True
+    return ids, mask
+
+
+def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None,
+                top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """logits (B, V) -> token ids (B,). temperature 0 is greedy."""
+    if temperature <= 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k > 0:
+        kth = logits.topk(min(top_k, logits.size(-1)), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and 0 < top_p < 1:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        # Drop a token once the tokens before it already hold top_p of the mass.
+        drop_sorted = (cumulative - sorted_logits.softmax(dim=-1)) >= top_p
+        logits = logits.masked_fill(drop_sorted.scatter(1, order, drop_sorted), float("-inf"))
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+
+
+@torch.no_grad()
+def generate_stream(model: VLM, images: torch.Tensor, prompts: list[list[int]], *, eos_id: int, pad_id: int,
+                    max_new_tokens: int = 32, temperature: float = 0.0, top_k: int | None = None,
+                    top_p: float | None = None, seed: int | None = None,
+                    use_cache: bool = True) -> Iterator[torch.Tensor]:
+    """Yields the next token of every sequence (B,) each step until all reached <eos>.
+
+    images: normalized (B, C, S, S); prompts: token ids per image, starting with <bos>.
+    A finished sequence keeps yielding ``pad_id``.
+    """
+    model.eval()
+    device = images.device
+    limit = model.cfg.decoder.max_text_len - max(len(p) for p in prompts)
+    max_new_tokens = max(0, min(max_new_tokens, limit))
+    generator = None
+    if seed is not None:
+        generator = torch.Generator(device=device).manual_seed(seed)
+    ids, text_mask = _left_pad(prompts, pad_id, device)
+    cache = model.new_cache(len(prompts), model.num_image_tokens + ids.size(1) + max_new_tokens) if use_cache else None
+    done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
+    logits, key_mask = model.prefill(images, ids, text_mask, cache)
+    for _ in range(max_new_tokens):
+        token = sample_next(logits, temperature, top_k, top_p, generator)
+        token = torch.where(done, torch.full_like(token, pad_id), token)
+        yield token
+        done |= token == eos_id
+        if bool(done.all()):
+            return
+        ids = torch.cat([ids, token[:, None]], dim=1)
+        text_mask = torch.cat([text_mask, torch.ones_like(text_mask[:, :1])], dim=1)
+        if cache is not None:
+            key_mask = torch.cat([key_mask, torch.ones_like(key_mask[:, :1])], dim=1)
+            logits = model.step(token, key_mask, cache)
+        else:
+            logits, key_mask = model.prefill(images, ids, text_mask)
+
+
+def generate(model: VLM, images: torch.Tensor, prompts: list[list[int]], *, eos_id: int, pad_id: int,
+             **options) -> list[list[int]]:
+    """The generated token ids of each sequence, without the prompt and without <eos>."""
+    out: list[list[int]] = [[] for _ in prompts]
+    finished = [False] * len(prompts)
+    for token in generate_stream(model, images, prompts, eos_id=eos_id, pad_id=pad_id, **options):
+        for row, value in enumerate(token.tolist()):
+            if finished[row]:
+                continue
+            if value == eos_id:
+                finished[row] = True
+            else:
+                out[row].append(value)
+    return out
+
+
+def caption(model: VLM, tokenizer, images: list, prompt: str = "", batch_size: int = 32, **options) -> list[str]:
+    """Captions PIL images (any size or mode; resized like the training data)."""
+    vision = model.cfg.vision
+    device = next(model.parameters()).device
+    prompt_tokens = prompt_ids(tokenizer, prompt)
+    texts = []
+    for start in range(0, len(images), batch_size):
+        chunk = images[start:start + batch_size]
+        pixels = normalize(torch.stack([image_to_tensor(img, vision.image_size, vision.channels) for img in chunk]))
+        outputs = generate(model, pixels.to(device), [prompt_tokens] * len(chunk), eos_id=tokenizer.eos_id,
+                           pad_id=tokenizer.pad_id, **options)
+        texts += [tokenizer.decode(ids) for ids in outputs]
+    return texts

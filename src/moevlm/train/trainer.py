@@ -1,0 +1,203 @@
+"""The training loop: AdamW, warmup + cosine, gradient accumulation and clipping, optional bf16
+autocast, periodic validation and checkpoints, exact resume, MLflow metrics and plots."""
+
+from __future__ import annotations
+
+import base64
+import logging
+import math
+import time
+from functools import partial
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from moevlm.config import Config
+from moevlm.data.dataset import EpochBatchSampler, ImageTextDataset, collate
+from moevlm.data.tokenizer import Tokenizer
+from moevlm.evaluate import evaluate
+from moevlm.metrics import expert_balance
+from moevlm.models.vlm import VLM
+from moevlm.train import plots
+from moevlm.train.checkpoint import save_checkpoint
+from moevlm.train.tracking import Tracker
+
+log = logging.getLogger(__name__)
+
+
+def lr_factor(step: int, warmup_steps: int, max_steps: int, min_ratio: float) -> float:
+    """Linear warmup to 1, then cosine decay to ``min_ratio`` at ``max_steps``."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def build_optimizer(model: torch.nn.Module, cfg) -> torch.optim.AdamW:
+    # Weight decay on matrices (and stacked expert weights) only, not on biases and norms.
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    if precision == "bf16":
+        return torch.bfloat16
+    if precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return None
+
+
+def _rng_state(device: torch.device) -> dict:
+    state = {"torch": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode()}
+    if device.type == "cuda":
+        state["cuda"] = base64.b64encode(torch.cuda.get_rng_state(device).numpy().tobytes()).decode()
+    return state
+
+
+def _set_rng_state(state: dict, device: torch.device) -> None:
+    torch.set_rng_state(torch.frombuffer(bytearray(base64.b64decode(state["torch"])), dtype=torch.uint8))
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(torch.frombuffer(bytearray(base64.b64decode(state["cuda"])), dtype=torch.uint8),
+                                 device)
+
+
+class Trainer:
+    def __init__(self, config: Config, model: VLM, tokenizer: Tokenizer, train_set: ImageTextDataset,
+                 val_set: ImageTextDataset | None, out_dir: Path, tracker: Tracker,
+                 state: dict | None = None, optimizer_state: dict | None = None, progress: bool = True):
+        self.config, self.tokenizer = config, tokenizer
+        self.train_set, self.val_set = train_set, val_set
+        self.out_dir, self.tracker, self.progress = Path(out_dir), tracker, progress
+        tc = config.train
+        self.device = resolve_device(tc.device)
+        self.amp_dtype = autocast_dtype(tc.precision, self.device)
+        self.model = model.to(self.device)
+        self.optimizer = build_optimizer(self.model, tc)
+        if optimizer_state is not None:
+            self.optimizer.load_state_dict(optimizer_state)
+        self.sampler = EpochBatchSampler(len(train_set), tc.batch_size, seed=tc.seed)
+        # Its own generator: a DataLoader draws a seed per iterator, which must not come from
+        # the global RNG that router noise and dropout use, or resuming would shift them.
+        self.loader = DataLoader(train_set, batch_sampler=self.sampler, num_workers=config.data.num_workers,
+                                 collate_fn=partial(collate, pad_id=tokenizer.pad_id),
+                                 generator=torch.Generator().manual_seed(tc.seed))
+        state = state or {}
+        self.step = state.get("step", 0)
+        self.epoch, self.batch_in_epoch = state.get("epoch", 0), state.get("batch_in_epoch", 0)
+        self.history: dict[str, list] = {k: [tuple(p) for p in v] for k, v in state.get("history", {}).items()}
+        if "rng" in state:
+            _set_rng_state(state["rng"], self.device)
+
+    def _batches(self):
+        """Endless batches; (epoch, batch_in_epoch) always names the next batch, for resume."""
+        while True:
+            self.sampler.set_position(self.epoch, self.batch_in_epoch)
+            self.train_set.set_epoch(self.epoch)
+            for batch in self.loader:
+                self.batch_in_epoch += 1
+                if self.batch_in_epoch == len(self.sampler):
+                    self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+                yield batch
+
+    def _record(self, metrics: dict[str, float]) -> None:
+        for name, value in metrics.items():
+            self.history.setdefault(name, []).append((self.step, value))
+        self.tracker.log_metrics(metrics, self.step)
+
+    def _state(self) -> dict:
+        return {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
+                "rng": _rng_state(self.device), "history": self.history,
+                "mlflow_run_id": self.tracker.run_id}
+
+    def save(self) -> None:
+        save_checkpoint(self.out_dir, self.model, self.tokenizer, self.config, self._state(), self.optimizer)
+
+    def train_step(self, batches) -> dict[str, float]:
+        tc = self.config.train
+        self.model.train()
+        totals = {"loss": 0.0, "lm_loss": 0.0, "balance_loss": 0.0, "z_loss": 0.0}
+        tokens = 0
+        for _ in range(tc.grad_accum):
+            batch = {k: v.to(self.device, non_blocking=True) for k, v in next(batches).items()}
+            with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
+                                enabled=self.amp_dtype is not None):
+                out = self.model(batch["images"], batch["input_ids"], batch["attention_mask"], batch["labels"])
+            (out.loss / tc.grad_accum).backward()
+            totals["loss"] += out.loss.item() / tc.grad_accum
+            totals["lm_loss"] += out.lm_loss.item() / tc.grad_accum
+            for name, value in out.aux.items():
+                totals[f"{name}_loss"] += value.item() / tc.grad_accum
+            tokens += int(batch["attention_mask"].sum()) + batch["images"].size(0) * self.model.num_image_tokens
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), tc.grad_clip)
+        lr = tc.lr * lr_factor(self.step, tc.warmup_steps, tc.max_steps, tc.min_lr_ratio)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        totals.update(lr=lr, grad_norm=float(grad_norm), tokens=tokens)
+        if self.model.decoder.moe_layers:
+            totals["expert_balance"] = expert_balance(self.model.expert_load())
+        return totals
+
+    def validate(self) -> dict | None:
+        if self.val_set is None or len(self.val_set) == 0:
+            return None
+        result = evaluate(self.model, self.val_set, self.tokenizer, batch_size=self.config.train.batch_size,
+                          max_generate=self.config.train.val_generate, amp_dtype=self.amp_dtype)
+        self._record({"val/loss": result["loss"], "val/exact_match": result["exact_match"],
+                      "val/bleu4": result["bleu4"]})
+        return result
+
+    def fit(self) -> dict:
+        tc = self.config.train
+        batches = self._batches()
+        bar = tqdm(total=tc.max_steps, initial=self.step, disable=not self.progress, unit="step",
+                   dynamic_ncols=True)
+        window_tokens, window_start = 0, time.perf_counter()
+        last_val = None
+        while self.step < tc.max_steps:
+            metrics = self.train_step(batches)
+            window_tokens += metrics.pop("tokens")
+            if self.step % tc.log_every == 0 or self.step == tc.max_steps:
+                tokens_per_s = window_tokens / max(1e-9, time.perf_counter() - window_start)
+                window_tokens, window_start = 0, time.perf_counter()
+                self._record({f"train/{k}": v for k, v in metrics.items()} | {"train/tokens_per_s": tokens_per_s})
+                bar.set_postfix(loss=f"{metrics['loss']:.3f}", lr=f"{metrics['lr']:.1e}",
+                                tok_s=f"{tokens_per_s:,.0f}")
+            bar.update(1)
+            if self.step % tc.eval_every == 0 or self.step == tc.max_steps:
+                last_val = self.validate()
+                if last_val is not None:
+                    bar.write(f"step {self.step}: val loss {last_val['loss']:.4f}, exact match "
+                              f"{last_val['exact_match']:.3f} on {len(last_val['predictions'])} rows")
+            if self.step % tc.checkpoint_every == 0 or self.step == tc.max_steps:
+                self.save()
+        bar.close()
+        return self.finish(last_val)
+
+    def finish(self, last_val: dict | None) -> dict:
+        """Plots and sample captions into the run folder and MLflow."""
+        if last_val is None:
+            last_val = evaluate(self.model, self.train_set, self.tokenizer, batch_size=self.config.train.batch_size,
+                                max_generate=self.config.train.val_generate, amp_dtype=self.amp_dtype)
+        loss_png = plots.plot_loss_curves(self.history, self.out_dir / "loss.png")
+        artifacts = [loss_png]
+        if self.model.decoder.moe_layers:
+            artifacts.append(plots.plot_expert_load(last_val["expert_load_counts"], self.out_dir / "expert_load.png"))
+        samples = "\n".join(f"true: {ref}\npred: {pred}\n" for ref, pred in last_val["predictions"][:50])
+        (self.out_dir / "samples.txt").write_text(samples)
+        artifacts.append(self.out_dir / "samples.txt")
+        for path in artifacts + [self.out_dir / "config.json"]:
+            self.tracker.log_artifact(path)
+        return last_val

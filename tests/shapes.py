@@ -1,0 +1,27 @@
+"""Small image-caption data sets written on the fly for tests."""
+
+import base64
+import csv
+import io
+
+from PIL import Image, ImageDraw
+
+COLORS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220), "yellow": (230, 220, 30),
+          "black": (0, 0, 0), "white": (255, 255, 255)}
+
+
+def write_shapes_csv(path, rows=12):
+    """A seed-format CSV (base64 PNG + caption): coloured squares or bars, captioned by both."""
+    names = list(COLORS)
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["b64string_images", "caption"])
+        for i in range(rows):
+            color, shape = names[i % len(names)], ("square", "bar")[(i // len(names)) % 2]
+            image = Image.new("RGB", (24, 24), (128, 128, 128))
+            box = (4, 4, 20, 20) if shape == "square" else (2, 9, 22, 15)
+            ImageDraw.Draw(image).rectangle(box, fill=COLORS[color])
+            buf = io.BytesIO()
+            image.save(buf, format="PNG")
+            writer.writerow([base64.b64encode(buf.getvalue()).decode(), f"a {color} {shape}"])
+    return path

@@ -1,0 +1,95 @@
+import json
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+
+from moevlm.cli import main
+
+
+def run_cli(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    from shapes import write_shapes_csv
+
+    root = tmp_path_factory.mktemp("cli")
+    data = write_shapes_csv(root / "shapes.csv")
+    assert main(["train", "--data", str(data), "--preset", "tiny", "--out", str(root / "run"),
+                 "--set", "train.max_steps=6", "--set", "data.val_fraction=0.25"]) == 0
+    return root
+
+
+def test_train_logs_to_an_mlflow_store_inside_the_run(trained):
+    from mlflow import MlflowClient
+
+    state = json.loads((trained / "run" / "trainer_state.json").read_text())
+    client = MlflowClient(tracking_uri=f"sqlite:///{trained / 'run' / 'mlflow.db'}")
+    run = client.get_run(state["mlflow_run_id"])
+    assert run.data.params["train.max_steps"] == "6"
+    assert "train/loss" in run.data.metrics and "val/exact_match" in run.data.metrics
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"loss.png", "expert_load.png", "config.json", "samples.txt"} <= artifacts
+
+
+def test_caption_json_prints_one_object_per_image(trained, tmp_path, capsys):
+    for name in ("a.png", "b.jpg"):
+        Image.new("RGB", (30, 20), (200, 10, 10)).save(tmp_path / name)
+    code, out, _ = run_cli(capsys, "caption", "--model", trained / "run", tmp_path / "a.png", tmp_path / "b.jpg",
+                           "--json", "--temperature", "0.8", "--top-k", "5", "--seed", "1", "--max-new-tokens", "5")
+    assert code == 0
+    lines = [json.loads(line) for line in out.splitlines()]
+    assert [line["image"] for line in lines] == [str(tmp_path / "a.png"), str(tmp_path / "b.jpg")]
+    assert all(isinstance(line["text"], str) and len(line["text"]) <= 5 for line in lines)
+
+
+def test_eval_json_has_the_contract_keys(trained, capsys):
+    code, out, _ = run_cli(capsys, "eval", "--model", trained / "run", "--data", trained / "shapes.csv", "--json")
+    assert code == 0
+    result = json.loads(out)
+    assert {"exact_match", "bleu4", "loss", "perplexity", "num_samples", "expert_load"} <= set(result)
+    assert result["num_samples"] == 12
+    assert set(result["expert_load"]) == {"layer_0", "layer_1"}
+    assert len(result["expert_load"]["layer_0"]["image"]) == 4
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["caption", "--model", "{run}", "{tmp}/missing.png"], "missing.png: no such image file"),
+    (["caption", "--model", "{tmp}/nowhere", "x.png"], "nowhere: no such checkpoint folder"),
+    (["eval", "--model", "{run}", "--data", "{tmp}/data.txt"], "data.txt"),
+    (["train", "--data", "{data}", "--out", "{tmp}/o", "--set", "train.lr=fast"], "train.lr must be float"),
+    (["train", "--data", "{data}", "--out", "{tmp}/o", "--set", "train.nope=1"], "unknown config key train.nope"),
+    (["train", "--data", "{data}", "--out", "{run}"], "already holds a checkpoint"),
+    (["train", "--data", "{data}", "--out", "{run}", "--resume", "--set", "train.lr=1"], "--resume continues"),
+])
+def test_user_mistakes_give_one_line_and_exit_2(trained, tmp_path, capsys, argv, message):
+    (tmp_path / "data.txt").write_text("hello")
+    argv = [a.format(run=trained / "run", tmp=tmp_path, data=trained / "shapes.csv") for a in argv]
+    code, _, err = run_cli(capsys, *argv)
+    assert code == 2
+    assert err.count("\n") == 1 and message in err and "Traceback" not in err
+
+
+def test_corrupt_image_for_caption(trained, tmp_path, capsys):
+    (tmp_path / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    code, _, err = run_cli(capsys, "caption", "--model", trained / "run", tmp_path / "bad.png")
+    assert code == 2 and "bad.png" in err and "cannot decode image" in err
+
+
+def test_python_dash_m_entry_point_shows_help():
+    result = subprocess.run([sys.executable, "-m", "moevlm", "--help"], capture_output=True, text=True)
+    assert result.returncode == 0
+    assert all(cmd in result.stdout for cmd in ("train", "caption", "eval", "demo"))
+
+
+def test_demo_end_to_end_with_few_steps(tmp_path, capsys):
+    code, out, _ = run_cli(capsys, "demo", "--out", tmp_path / "demo", "--max-steps", "2", "--no-tracking")
+    assert code == 0
+    assert "held-out exact match" in out
+    assert (tmp_path / "demo" / "model" / "model.safetensors").is_file()
+    assert (tmp_path / "demo" / "data" / "train.csv").is_file()
