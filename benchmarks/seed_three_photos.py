@@ -23,10 +23,11 @@ from pathlib import Path
 from PIL import Image
 from sklearn.datasets import load_sample_images
 
+# At most 32 characters, as the seed's captions (its text context was 40 tokens).
 CAPTIONS = [
-    "A temple roof between green trees under a pale sky.",
+    "A temple among green trees.",
     "A pink flower in close-up.",
-    "Dark green leaves over a tiled roof.",
+    "Leaves over a tiled roof.",
 ]
 
 

@@ -75,3 +75,9 @@ def test_expert_balance_without_tokens_is_nan_and_bad_shape_raises():
     assert math.isnan(expert_balance(np.zeros((2, 2, 4))))
     with pytest.raises(ValueError):
         expert_balance(np.ones((2, 4)))
+
+
+def test_bleu4_scores_captions_shorter_than_four_words():
+    references = ["zero two seven", "one zero", "nine seven four"]
+    assert bleu4(references, references) == 1.0
+    assert 0.3 < bleu4(["zero two seven", "one zero", "nine seven five"], references) < 0.9

@@ -134,7 +134,7 @@ def _cmd_eval(args) -> int:
 def _cmd_demo(args) -> int:
     from moevlm.demo import run_demo
 
-    run_demo(args.out, max_steps=args.max_steps, tracking=not args.no_tracking)
+    run_demo(args.out, max_steps=args.max_steps, tracking=not args.no_tracking, progress=sys.stderr.isatty())
     return 0
 
 

@@ -6,7 +6,7 @@ import math
 from typing import Any
 
 import numpy as np
-import sacrebleu
+from sacrebleu.metrics import BLEU
 
 
 def _check_lengths(predictions: list[str], references: list[str]) -> None:
@@ -24,15 +24,15 @@ def exact_match(predictions: list[str], references: list[str]) -> float:
 
 
 def bleu4(predictions: list[str], references: list[str]) -> float:
-    """Corpus BLEU-4 in [0, 1] with sacrebleu's defaults (13a tokenizer, exp smoothing).
+    """Corpus BLEU-4 in [0, 1] from sacrebleu (13a tokenizer, exp smoothing).
 
-    As in any corpus BLEU-4, a corpus whose texts are all under four words has no 4-grams
-    and scores 0; use ``exact_match`` for short answers.
+    With sacrebleu's effective order, n-gram orders that no reference is long enough to have
+    are left out, so a corpus of two- and three-word captions gets a real score instead of 0.
     """
     _check_lengths(predictions, references)
     if not predictions:
         return 0.0
-    score = sacrebleu.corpus_bleu(predictions, [references]).score / 100.0
+    score = BLEU(effective_order=True).corpus_score(predictions, [references]).score / 100.0
     # sacrebleu's float arithmetic can land a hair above 100 for identical corpora.
     return min(score, 1.0)
 

@@ -1,3 +1,4 @@
+import csv
 from pathlib import Path
 
 import numpy as np
@@ -86,3 +87,13 @@ def test_scenes_are_real_digits_and_deterministic(tmp_path):
 def test_scenes_refuse_sizes_too_small():
     with pytest.raises(ValueError):
         write_digit_scenes("unused", 1, 1, size=12, max_digits=3)
+
+
+def test_snapped_scenes_put_every_digit_on_the_grid(tmp_path):
+    train_csv, _ = write_digit_scenes(tmp_path, num_train=40, num_val=2, snap=8)
+    for row in list(csv.DictReader(open(train_csv)))[:40]:
+        ink = np.asarray(Image.open(tmp_path / row["image"]).convert("L")) < 255
+        cells = ink.reshape(4, 8, 4, 8).any(axis=(1, 3))  # which 8x8 grid cells hold ink
+        columns = cells.any(axis=0)
+        assert columns.sum() == len(row["caption"].split())  # one digit per column, none split
+        assert (cells.sum(axis=0) <= 1).all()

@@ -1,0 +1,57 @@
+import pytest
+
+from moevlm.config import Config, load_config
+from moevlm.errors import ConfigError
+
+
+def test_seed_preset_has_the_original_sizes():
+    c = load_config("seed").model
+    assert (c.vision.image_size, c.vision.patch_size, c.vision.width, c.vision.depth, c.vision.heads) == (96, 16, 512, 3, 8)
+    assert (c.decoder.width, c.decoder.depth, c.decoder.heads) == (128, 8, 8)
+    assert (c.decoder.moe.num_experts, c.decoder.moe.top_k, c.vision.num_image_tokens) == (8, 2, 1)
+    assert c.tokenizer.kind == "char"
+
+
+def test_derived_values_follow_overrides():
+    c = load_config("default", overrides=["decoder.width=64", "vision.patch_size=8", "moe.layers=every-other"])
+    assert c.model.decoder.ffn_hidden == 256
+    assert c.model.vision.num_patches == 16
+    assert c.model.decoder.moe_layer_indices == [1, 3]
+
+
+def test_yaml_file_then_set_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  lr: 3e-4\n  batch_size: 4\nmodel:\n  decoder:\n    moe:\n      top_k: 1\n")
+    c = load_config("tiny", path, ["train.batch_size=2"])
+    assert (c.train.lr, c.train.batch_size, c.model.decoder.moe.top_k) == (3e-4, 2, 1)
+
+
+def test_round_trip_through_dict_keeps_every_value():
+    c = load_config("seed", overrides=["moe.capacity_factor=1.25", "moe.layers=[0, 3]"])
+    again = Config.from_dict(c.to_dict())
+    assert again == c
+
+
+@pytest.mark.parametrize("override,message", [
+    ("train.lr=fast", "train.lr must be float"),
+    ("train.batch_size=2.5", "train.batch_size must be int"),
+    ("train.batch_size=0", "train.batch_size must be >= 1"),
+    ("moe.top_k=9", "moe.top_k 9 must be between 1 and moe.num_experts"),
+    ("vision.patch_size=5", "not a multiple of vision.patch_size"),
+    ("decoder.heads=3", "not divisible by decoder.heads"),
+    ("data.on_bad_row=ignore", "data.on_bad_row must be error or skip"),
+    ("train.nope=1", "unknown config key train.nope"),
+    ("lr", "expected key=value"),
+])
+def test_bad_values_name_the_key(override, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(".", r"\.")):
+        load_config("default", overrides=[override])
+
+
+def test_bad_yaml_and_unknown_preset(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config("default", path)
+    with pytest.raises(ConfigError, match="unknown preset"):
+        load_config("huge")
