@@ -94,12 +94,12 @@ def _cmd_caption(args) -> int:
     model, tokenizer, _ = load_model(args.model)
     images = []
     for path in args.images:
+        if not path.is_file():
+            raise DataError(path, None, "a folder, not an image file" if path.is_dir() else "no such image file")
         try:
-            images.append(open_image(str(path)) if path.is_file() else None)
+            images.append(open_image(str(path)))
         except ValueError as err:
             raise DataError(path, None, str(err)) from None
-        if images[-1] is None:
-            raise DataError(path, None, "no such image file")
     texts = caption(model, tokenizer, images, prompt=args.prompt, max_new_tokens=args.max_new_tokens,
                     temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     for path, text in zip(args.images, texts):

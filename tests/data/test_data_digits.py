@@ -97,3 +97,12 @@ def test_snapped_scenes_put_every_digit_on_the_grid(tmp_path):
         columns = cells.any(axis=0)
         assert columns.sum() == len(row["caption"].split())  # one digit per column, none split
         assert (cells.sum(axis=0) <= 1).all()
+
+
+def test_packed_scenes_fill_columns_from_the_left(tmp_path):
+    train_csv, _ = write_digit_scenes(tmp_path, num_train=20, num_val=2, snap=8, packed=True)
+    for row in csv.DictReader(open(train_csv)):
+        ink = np.asarray(Image.open(tmp_path / row["image"]).convert("L")) < 255
+        columns = ink.reshape(4, 8, 4, 8).any(axis=(0, 1, 3))
+        count = len(row["caption"].split())
+        assert columns.tolist() == [True] * count + [False] * (4 - count)

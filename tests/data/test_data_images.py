@@ -93,7 +93,7 @@ def test_undecodable_inputs_raise_value_error_with_a_reason(tmp_path, image_byte
         str(tmp_path / "cut2.png"): "truncated",
         str(tmp_path / "missing.png"): "cannot read",
         "Zm9v" * 20 + "!": "cannot decode image: ",  # a base64 look-alike, not an image
-        b64(b"this is not an image at all, only some text " * 3): "cannot identify image file",
+        b64(b"this is not an image at all, only some text " * 3): "not in an image format Pillow can read",
         "data:image/png;base64,@@@": "not valid base64",
     }
     for ref, reason in cases.items():

@@ -46,6 +46,8 @@ def open_image(ref: str) -> Image.Image:
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise ValueError(f"cannot decode image: more than {Image.MAX_IMAGE_PIXELS} pixels "
                          "(a decompression bomb?)") from None
+    except Image.UnidentifiedImageError:
+        raise ValueError("cannot decode image: not in an image format Pillow can read") from None
     except Exception as err:  # noqa: BLE001
         # Pillow's decoders signal corrupt input with many exception types (OSError,
         # SyntaxError, struct.error, IndexError ...); all of them mean "bad image data".
