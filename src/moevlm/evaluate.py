@@ -9,10 +9,9 @@ from functools import partial
 import torch
 from torch.utils.data import DataLoader
 
-from moevlm.data.dataset import ImageTextDataset, collate, prompt_ids
-from moevlm.data.images import normalize
+from moevlm.data.dataset import ImageTextDataset, collate
 from moevlm.data.tokenizer import Tokenizer
-from moevlm.generate import generate
+from moevlm.generate import generate_texts
 from moevlm.metrics import bleu4, exact_match, expert_balance
 from moevlm.models.vlm import VLM
 
@@ -48,14 +47,11 @@ def evaluate(model: VLM, dataset: ImageTextDataset, tokenizer: Tokenizer, *, bat
     count = len(dataset) if max_generate is None else min(max_generate, len(dataset))
     references, predictions = [], []
     for start in range(0, count, batch_size):
-        rows = range(start, min(count, start + batch_size))
-        images = normalize(dataset.images[list(rows)]).to(device)
+        rows = list(range(start, min(count, start + batch_size)))
         turns = [dataset.samples[i].turns[0] for i in rows]
         with autocast():
-            outputs = generate(model, images, [prompt_ids(tokenizer, prompt) for prompt, _ in turns],
-                               eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
-                               max_new_tokens=model.cfg.decoder.max_text_len)
-        predictions += [tokenizer.decode(ids) for ids in outputs]
+            predictions += generate_texts(model, tokenizer, dataset.images[rows], [prompt for prompt, _ in turns],
+                                          max_new_tokens=model.cfg.decoder.max_text_len)
         references += [answer for _, answer in turns]
 
     loss = loss_sum / max(1, token_count)

@@ -98,16 +98,21 @@ def generate(model: VLM, images: torch.Tensor, prompts: list[list[int]], *, eos_
     return out
 
 
+def generate_texts(model: VLM, tokenizer, images_uint8: torch.Tensor, prompts: list[str],
+                   **options) -> list[str]:
+    """Decoded text for a batch of uint8 (B, C, S, S) images, one prompt per image."""
+    device = next(model.parameters()).device
+    outputs = generate(model, normalize(images_uint8).to(device), [prompt_ids(tokenizer, p) for p in prompts],
+                       eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, **options)
+    return [tokenizer.decode(ids) for ids in outputs]
+
+
 def caption(model: VLM, tokenizer, images: list, prompt: str = "", batch_size: int = 32, **options) -> list[str]:
     """Captions PIL images (any size or mode; resized like the training data)."""
     vision = model.cfg.vision
-    device = next(model.parameters()).device
-    prompt_tokens = prompt_ids(tokenizer, prompt)
     texts = []
     for start in range(0, len(images), batch_size):
         chunk = images[start:start + batch_size]
-        pixels = normalize(torch.stack([image_to_tensor(img, vision.image_size, vision.channels) for img in chunk]))
-        outputs = generate(model, pixels.to(device), [prompt_tokens] * len(chunk), eos_id=tokenizer.eos_id,
-                           pad_id=tokenizer.pad_id, **options)
-        texts += [tokenizer.decode(ids) for ids in outputs]
+        pixels = torch.stack([image_to_tensor(img, vision.image_size, vision.channels) for img in chunk])
+        texts += generate_texts(model, tokenizer, pixels, [prompt] * len(chunk), **options)
     return texts

@@ -68,17 +68,19 @@ def run_training(config: Config, data: Path, out: Path, val_data: Path | None = 
     out.mkdir(parents=True, exist_ok=True)
     tracker = Tracker(out, tracking_uri, enabled=tracking, run_id=(state or {}).get("mlflow_run_id"))
     if not resume:
-        tracker.log_params(config.to_dict() | {"data": {**config.to_dict()["data"], "train_file": str(data),
-                                                        "val_file": str(val_data) if val_data else "",
-                                                        "train_rows": len(train_set),
-                                                        "val_rows": len(val_set) if val_set else 0,
-                                                        "skipped_rows": skipped}})
+        params = config.to_dict()
+        params["data"].update(train_file=str(data), val_file=str(val_data or ""), train_rows=len(train_set),
+                              val_rows=len(val_set) if val_set else 0, skipped_rows=skipped)
+        tracker.log_params(params)
     trainer = Trainer(config, model, tokenizer, train_set, val_set, out, tracker, state, optimizer_state,
                       progress=progress)
     try:
         result = trainer.fit()
-    except BaseException:
+    except KeyboardInterrupt:
         tracker.finish("KILLED")
+        raise
+    except Exception:
+        tracker.finish("FAILED")
         raise
     tracker.finish()
     return trainer, result
