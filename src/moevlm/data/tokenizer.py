@@ -19,6 +19,9 @@ SPECIAL_TOKENS = ["<pad>", "<bos>", "<eos>", "<unk>", "<sep>"]  # ids 0..4, in t
 
 
 class Tokenizer:
+    # Fixed by construction (SPECIAL_TOKENS order), and checked by load() for files made elsewhere.
+    pad_id, bos_id, eos_id, unk_id, sep_id = range(len(SPECIAL_TOKENS))
+
     def __init__(self, backend: tokenizers.Tokenizer):
         self._backend = backend
         # Text that happens to contain "<eos>" is text, not the end of a caption. The flag
@@ -61,27 +64,6 @@ class Tokenizer:
     @property
     def vocab_size(self) -> int:
         return self._backend.get_vocab_size(with_added_tokens=True)
-
-    # Fixed by construction, and checked by load() for files made elsewhere.
-    @property
-    def pad_id(self) -> int:
-        return 0
-
-    @property
-    def bos_id(self) -> int:
-        return 1
-
-    @property
-    def eos_id(self) -> int:
-        return 2
-
-    @property
-    def unk_id(self) -> int:
-        return 3
-
-    @property
-    def sep_id(self) -> int:
-        return 4
 
 
 def _char_backend(texts: Iterable[str]) -> tokenizers.Tokenizer:
