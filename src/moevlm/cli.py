@@ -38,7 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--config", type=Path, help="YAML file of config values over the preset")
     train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override a config value, e.g. --set train.lr=3e-4 (repeatable)")
-    train.add_argument("--out", type=Path, default=Path("runs/latest"), help="output/checkpoint folder")
+    train.add_argument("--out", type=Path, default=Path("runs/latest"),
+                       help="output and checkpoint folder (default runs/latest)")
     train.add_argument("--max-steps", type=int, help="shorthand for --set train.max_steps=N")
     train.add_argument("--resume", action="store_true", help="continue the checkpoint in --out")
     tracking = train.add_mutually_exclusive_group()
