@@ -86,10 +86,9 @@ def load_model(model_dir: Path, device: str | torch.device = "cpu") -> tuple[VLM
     model_dir = Path(model_dir)
     config = load_config_file(model_dir)
     weights = _require(model_dir, WEIGHTS)
+    tokenizer_file = _require(model_dir, TOKENIZER)
     try:
-        tokenizer = Tokenizer.load(_require(model_dir, TOKENIZER))
-    except CheckpointError:
-        raise
+        tokenizer = Tokenizer.load(tokenizer_file)
     except MoevlmError as err:
         raise CheckpointError(str(err)) from None
     model = VLM(config.model)
@@ -121,13 +120,13 @@ def load_training_state(model_dir: Path) -> tuple[dict, dict]:
         state = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise CheckpointError(f"{path}: not valid JSON ({err})") from None
-    if weights_step(model_dir) != state.get("step"):
-        raise CheckpointError(f"{model_dir}: incomplete checkpoint (weights are from step "
-                              f"{weights_step(model_dir)}, trainer_state.json from step {state.get('step')})")
+    step = weights_step(model_dir)
+    if step != state.get("step"):
+        raise CheckpointError(f"{model_dir}: incomplete checkpoint (weights are from step {step}, "
+                              f"trainer_state.json from step {state.get('step')})")
+    optimizer_file = _require(model_dir, OPTIMIZER)
     try:
-        optimizer_state = torch.load(_require(model_dir, OPTIMIZER), weights_only=True, map_location="cpu")
-    except CheckpointError:
-        raise
+        optimizer_state = torch.load(optimizer_file, weights_only=True, map_location="cpu")
     except Exception as err:  # torch.load raises many types for a damaged file
-        raise CheckpointError(f"{model_dir / OPTIMIZER}: unreadable optimizer state ({err})") from None
+        raise CheckpointError(f"{optimizer_file}: unreadable optimizer state ({err})") from None
     return state, optimizer_state
