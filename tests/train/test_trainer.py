@@ -36,6 +36,8 @@ def test_training_lowers_the_loss_and_writes_the_checkpoint_layout(shapes_csv, t
     trainer, result = train(tiny(**{"train.max_steps": 40, "train.lr": 3e-3}), shapes_csv, tmp_path / "run")
     losses = [v for _, v in trainer.history["train/lm_loss"]]
     assert losses[-1] < losses[0] * 0.7
+    assert len(trainer.history["train/expert_balance"]) == len(trainer.history["train/lm_loss"])
+    assert all(0 < v <= 1 for _, v in trainer.history["train/expert_balance"])
     names = {p.name for p in (tmp_path / "run").iterdir()}
     assert {"config.json", "model.safetensors", "tokenizer.json", "trainer_state.json", "optimizer.pt",
             "loss.png", "expert_load.png", "samples.txt"} <= names

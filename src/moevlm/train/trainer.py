@@ -146,8 +146,6 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         totals.update(lr=lr, grad_norm=float(grad_norm), tokens=tokens)
-        if self.model.decoder.moe_layers:
-            totals["expert_balance"] = expert_balance(self.model.expert_load())
         return totals
 
     def validate(self) -> dict | None:
@@ -172,6 +170,8 @@ class Trainer:
             if self.step % tc.log_every == 0 or self.step == tc.max_steps:
                 tokens_per_s = window_tokens / max(1e-9, time.perf_counter() - window_start)
                 window_tokens, window_start = 0, time.perf_counter()
+                if self.model.decoder.moe_layers:  # read from the last forward, only when logged
+                    metrics["expert_balance"] = expert_balance(self.model.expert_load())
                 self._record({f"train/{k}": v for k, v in metrics.items()} | {"train/tokens_per_s": tokens_per_s})
                 bar.set_postfix(loss=f"{metrics['loss']:.3f}", lr=f"{metrics['lr']:.1e}",
                                 tok_s=f"{tokens_per_s:,.0f}")
