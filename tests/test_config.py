@@ -40,6 +40,8 @@ def test_round_trip_through_dict_keeps_every_value():
     ("vision.patch_size=5", "not a multiple of vision.patch_size"),
     ("decoder.heads=3", "not divisible by decoder.heads"),
     ("data.on_bad_row=ignore", "data.on_bad_row must be error or skip"),
+    ("train.keep_checkpoints=0", "train.keep_checkpoints must be >= 1"),
+    ("train.max_bad_steps=-1", "train.max_bad_steps must be >= 0"),
     ("train.nope=1", "unknown config key train.nope"),
     ("lr", "expected key=value"),
 ])

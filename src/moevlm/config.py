@@ -169,14 +169,19 @@ class TrainConfig:
     precision: str = "auto"  # "auto" (bf16 autocast on a GPU that has it, else fp32), "fp32", "bf16"
     eval_every: int = 200
     checkpoint_every: int = 500
+    keep_checkpoints: int = 3  # snapshots kept under checkpoints/; resume falls back through them
+    # Non-finite loss or gradient norm: the update is skipped; this many in a row stop the run.
+    max_bad_steps: int = 10
     log_every: int = 10
     seed: int = 0
     device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1" ...
     val_generate: int = 64  # validation rows captioned for exact match at each evaluation
 
     def __post_init__(self):
-        for name in ("batch_size", "grad_accum", "max_steps", "eval_every", "checkpoint_every", "log_every"):
+        for name in ("batch_size", "grad_accum", "max_steps", "eval_every", "checkpoint_every", "keep_checkpoints",
+                     "log_every"):
             _check(getattr(self, name) >= 1, f"train.{name} must be >= 1")
+        _check(self.max_bad_steps >= 0, "train.max_bad_steps must be >= 0")
         _check(self.lr > 0, "train.lr must be positive")
         _check(self.precision in ("auto", "fp32", "bf16"), f"train.precision must be auto, fp32 or bf16")
 

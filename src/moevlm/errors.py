@@ -25,3 +25,7 @@ class DataError(MoevlmError):
 
 class CheckpointError(MoevlmError):
     """A checkpoint folder that is missing, incomplete or does not fit the model."""
+
+
+class TrainingError(MoevlmError):
+    """A run that cannot go on, e.g. a loss that stays NaN; its last good checkpoint is kept."""

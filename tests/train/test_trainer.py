@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 from moevlm.config import load_config
 from moevlm.errors import CheckpointError, MoevlmError
 from moevlm.train import trainer as trainer_module
-from moevlm.train.checkpoint import load_model, load_training_state
+from moevlm.train.checkpoint import load_model
 from moevlm.train.run import run_training
 from moevlm.train.trainer import lr_factor
 
@@ -40,7 +40,7 @@ def test_training_lowers_the_loss_and_writes_the_checkpoint_layout(shapes_csv, t
     assert all(0 < v <= 1 for _, v in trainer.history["train/expert_balance"])
     names = {p.name for p in (tmp_path / "run").iterdir()}
     assert {"config.json", "model.safetensors", "tokenizer.json", "trainer_state.json", "optimizer.pt",
-            "loss.png", "expert_load.png", "samples.txt"} <= names
+            "checksums.json", "checkpoints", "loss.png", "expert_load.png", "samples.txt"} <= names
     assert not [n for n in names if n.endswith(".tmp")]
     assert json.loads((tmp_path / "run" / "trainer_state.json").read_text())["step"] == 40
     assert result["num_samples"] == 3  # floor(12 * 0.25) validation rows
@@ -91,13 +91,6 @@ def test_refuses_to_overwrite_or_resume_nothing(shapes_csv, tmp_path):
         train(tiny(), shapes_csv, tmp_path / "empty", resume=True)
 
 
-def test_half_written_checkpoint_is_detected(shapes_csv, tmp_path):
-    train(tiny(**{"train.max_steps": 2, "train.checkpoint_every": 1}), shapes_csv, tmp_path / "run")
-    state = json.loads((tmp_path / "run" / "trainer_state.json").read_text())
-    state["step"] = 1  # as if the crash came after the weights of step 2 but before their state
-    (tmp_path / "run" / "trainer_state.json").write_text(json.dumps(state))
-    with pytest.raises(CheckpointError, match="incomplete checkpoint"):
-        load_training_state(tmp_path / "run")
 
 
 def test_gradient_accumulation_consumes_micro_batches_and_matches_one_big_batch(shapes_csv, tmp_path):

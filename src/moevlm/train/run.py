@@ -11,9 +11,9 @@ from moevlm.config import Config
 from moevlm.data.dataset import ImageTextDataset, split_samples, unique_samples
 from moevlm.data.records import Sample, read_samples
 from moevlm.data.tokenizer import Tokenizer
-from moevlm.errors import CheckpointError, MoevlmError
+from moevlm.errors import MoevlmError
 from moevlm.models.vlm import VLM
-from moevlm.train.checkpoint import CONFIG, STATE, load_model, load_training_state
+from moevlm.train.snapshots import has_checkpoint, load_for_resume
 from moevlm.train.tracking import Tracker
 from moevlm.train.trainer import Trainer
 
@@ -37,11 +37,8 @@ def run_training(config: Config, data: Path, out: Path, val_data: Path | None = 
     out = Path(out)
     state = optimizer_state = None
     if resume:
-        if not (out / STATE).is_file():
-            raise CheckpointError(f"{out}: nothing to resume (no {STATE}); train without --resume first")
-        model, tokenizer, config = load_model(out)
-        state, optimizer_state = load_training_state(out)
-    elif (out / CONFIG).exists():
+        model, tokenizer, config, state, optimizer_state = load_for_resume(out)
+    elif has_checkpoint(out):
         raise MoevlmError(f"{out} already holds a checkpoint: pass --resume to continue it, or choose another --out")
     if max_steps is not None:
         config.train.max_steps = max_steps

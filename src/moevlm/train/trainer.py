@@ -1,5 +1,10 @@
 """The training loop: AdamW, warmup + cosine, gradient accumulation and clipping, optional bf16
-autocast, periodic validation and checkpoints, exact resume, MLflow metrics and plots."""
+autocast, periodic validation and checkpoints, exact resume, MLflow metrics and plots.
+
+A step whose loss or gradient norm is not finite changes nothing but the counters: no update,
+no metrics, a warning. ``train.max_bad_steps`` of them in a row end the run with a
+``TrainingError``; the weights then on disk are the last checkpoint written before it.
+"""
 
 from __future__ import annotations
 
@@ -17,11 +22,12 @@ from tqdm.auto import tqdm
 from moevlm.config import Config
 from moevlm.data.dataset import EpochBatchSampler, ImageTextDataset, collate
 from moevlm.data.tokenizer import Tokenizer
+from moevlm.errors import TrainingError
 from moevlm.evaluate import evaluate
 from moevlm.metrics import expert_balance
 from moevlm.models.vlm import VLM
 from moevlm.train import plots
-from moevlm.train.checkpoint import save_checkpoint
+from moevlm.train.snapshots import save_checkpoint
 from moevlm.train.tracking import Tracker
 
 log = logging.getLogger(__name__)
@@ -95,6 +101,9 @@ class Trainer:
         self.step = state.get("step", 0)
         self.epoch, self.batch_in_epoch = state.get("epoch", 0), state.get("batch_in_epoch", 0)
         self.history: dict[str, list] = {k: [tuple(p) for p in v] for k, v in state.get("history", {}).items()}
+        self.bad_in_a_row = state.get("bad_in_a_row", 0)
+        self.skipped_steps: list[int] = state.get("skipped_steps", [])
+        self.saved_step = state.get("step")  # None until this run writes a checkpoint
         if "rng" in state:
             _set_rng_state(state["rng"], self.device)
 
@@ -117,12 +126,16 @@ class Trainer:
     def _state(self) -> dict:
         return {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
                 "rng": _rng_state(self.device), "history": self.history,
+                "bad_in_a_row": self.bad_in_a_row, "skipped_steps": self.skipped_steps,
                 "mlflow_run_id": self.tracker.run_id}
 
     def save(self) -> None:
-        save_checkpoint(self.out_dir, self.model, self.tokenizer, self.config, self._state(), self.optimizer)
+        save_checkpoint(self.out_dir, self.config.train.keep_checkpoints, self.model, self.tokenizer, self.config,
+                        self._state(), self.optimizer)
+        self.saved_step = self.step
 
-    def train_step(self, batches) -> dict[str, float]:
+    def train_step(self, batches) -> dict[str, float] | None:
+        """One optimizer step over ``grad_accum`` micro-batches; None when it was skipped as non-finite."""
         tc = self.config.train
         self.model.train()
         totals = {"loss": 0.0, "lm_loss": 0.0, "balance_loss": 0.0, "z_loss": 0.0}
@@ -138,15 +151,34 @@ class Trainer:
             for name, value in out.aux.items():
                 totals[f"{name}_loss"] += value.item() / tc.grad_accum
             tokens += int(batch["attention_mask"].sum()) + batch["images"].size(0) * self.model.num_image_tokens
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), tc.grad_clip)
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), tc.grad_clip))
+        if not (math.isfinite(totals["loss"]) and math.isfinite(grad_norm)):
+            self.optimizer.zero_grad(set_to_none=True)
+            self.step += 1  # the batches are used up, so resuming goes on after them
+            self._skip(f"loss is {totals['loss']}" if not math.isfinite(totals["loss"])
+                       else f"gradient norm is {grad_norm}")
+            return None
+        self.bad_in_a_row = 0
         lr = tc.lr * lr_factor(self.step, tc.warmup_steps, tc.max_steps, tc.min_lr_ratio)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        totals.update(lr=lr, grad_norm=float(grad_norm), tokens=tokens)
+        totals.update(lr=lr, grad_norm=grad_norm, tokens=tokens)
         return totals
+
+    def _skip(self, problem: str) -> None:
+        limit = self.config.train.max_bad_steps
+        self.bad_in_a_row += 1
+        self.skipped_steps.append(self.step)
+        if self.bad_in_a_row > limit:
+            kept = (f"the checkpoint of step {self.saved_step} in {self.out_dir} is kept"
+                    if self.saved_step is not None else "no checkpoint was written")
+            raise TrainingError(f"step {self.step}: {problem}, {self.bad_in_a_row} non-finite steps in a row "
+                                f"(train.max_bad_steps={limit}): training stopped; {kept}")
+        log.warning("step %d: %s; update skipped (%d in a row, train.max_bad_steps=%d)",
+                    self.step, problem, self.bad_in_a_row, limit)
 
     def validate(self) -> dict | None:
         if self.val_set is None or len(self.val_set) == 0:
@@ -166,8 +198,9 @@ class Trainer:
         last_val = None
         while self.step < tc.max_steps:
             metrics = self.train_step(batches)
-            window_tokens += metrics.pop("tokens")
-            if self.step % tc.log_every == 0 or self.step == tc.max_steps:
+            if metrics is not None:
+                window_tokens += metrics.pop("tokens")
+            if metrics is not None and (self.step % tc.log_every == 0 or self.step == tc.max_steps):
                 tokens_per_s = window_tokens / max(1e-9, time.perf_counter() - window_start)
                 window_tokens, window_start = 0, time.perf_counter()
                 if self.model.decoder.moe_layers:  # read from the last forward, only when logged

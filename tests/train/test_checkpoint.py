@@ -1,0 +1,169 @@
+import json
+import logging
+import re
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from moevlm.config import load_config
+from moevlm.errors import CheckpointError
+from moevlm.train.checkpoint import (CHECKSUMS, load_model, load_training_checkpoint, sha256,
+                                     verify_checkpoint, TRAINING_FILES)
+from moevlm.train.run import run_training
+from moevlm.train.snapshots import snapshots
+
+
+def tiny(**overrides):
+    values = {"train.max_steps": 4, "train.checkpoint_every": 1, "train.eval_every": 100,
+              "train.keep_checkpoints": 2, "data.val_fraction": 0.25}
+    values.update(overrides)
+    return load_config("tiny", overrides=[f"{k}={v}" for k, v in values.items()])
+
+
+def train(data, out, **kw):
+    return run_training(kw.pop("config", tiny()), data, out, tracking=False, progress=False, **kw)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A 4-step run with a checkpoint every step, keeping 2: never modified, copy it first."""
+    from shapes import write_shapes_csv
+
+    root = tmp_path_factory.mktemp("ckpt")
+    data = write_shapes_csv(root / "shapes.csv")
+    train(data, root / "run")
+    return root / "run", data
+
+
+@pytest.fixture
+def copy(run, tmp_path):
+    """A copy of the run; copytree makes each name its own file, so damage to one leaves its twin whole."""
+    return shutil.copytree(run[0], tmp_path / "run")
+
+
+def flip_byte(path, offset=-20):
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def rewrite_checksums(folder):
+    """What it takes to get a foreign file past the checksums: recompute them."""
+    manifest = json.loads((folder / CHECKSUMS).read_text())
+    manifest["sha256"] = {name: sha256(folder / name) for name in manifest["sha256"]}
+    (folder / CHECKSUMS).write_text(json.dumps(manifest))
+
+
+def test_the_last_k_snapshots_are_kept_and_the_top_level_is_the_newest(run):
+    out, _ = run
+    assert [step for step, _ in snapshots(out)] == [4, 3]
+    assert not [p for p in (out / "checkpoints").iterdir() if p.name.startswith(".")]
+    newest = out / "checkpoints" / "step-00000004"
+    for name in TRAINING_FILES + (CHECKSUMS,):
+        assert (out / name).read_bytes() == (newest / name).read_bytes(), name
+    assert set(json.loads((out / CHECKSUMS).read_text())["sha256"]) == set(TRAINING_FILES)
+    verify_checkpoint(out, TRAINING_FILES)
+    assert load_training_checkpoint(newest)[3]["step"] == 4
+    load_model(out)
+
+
+@pytest.mark.parametrize("name,damage,problem", [
+    ("model.safetensors", flip_byte, "model.safetensors: checksum mismatch"),
+    ("optimizer.pt", lambda p: p.write_bytes(p.read_bytes()[:100]), "optimizer.pt: checksum mismatch"),
+    ("trainer_state.json", lambda p: p.write_text(p.read_text()[:-5]), "trainer_state.json: checksum mismatch"),
+    ("config.json", lambda p: p.unlink(), "not a complete moevlm checkpoint (config.json is missing)"),
+    ("checksums.json", lambda p: p.unlink(), "checksums.json is missing"),
+    ("checksums.json", lambda p: p.write_text('{"sha256": {"model.saf'), "checksums.json: damaged"),
+])
+def test_a_damaged_checkpoint_is_refused_naming_the_file(copy, name, damage, problem):
+    damage(copy / name)
+    with pytest.raises(CheckpointError) as info:
+        load_training_checkpoint(copy)
+    assert problem in str(info.value) and "\n" not in str(info.value)
+
+
+def test_caption_and_eval_loading_checks_only_the_model_files(copy):
+    flip_byte(copy / "optimizer.pt")
+    load_model(copy)
+    flip_byte(copy / "tokenizer.json", offset=5)
+    with pytest.raises(CheckpointError, match="tokenizer.json: checksum mismatch"):
+        load_model(copy)
+
+
+def test_resume_falls_back_to_the_newest_good_snapshot(run, copy, caplog):
+    out, data = run
+    flip_byte(copy / "checkpoints" / "step-00000004" / "model.safetensors")
+    flip_byte(copy / "model.safetensors")
+    with caplog.at_level(logging.WARNING, logger="moevlm.train.snapshots"):
+        trainer, _ = train(data, copy, resume=True)
+    warnings = [r.getMessage() for r in caplog.records]
+    assert "step-00000004/model.safetensors: checksum mismatch" in warnings[0]
+    assert warnings[-1].startswith(f"resuming from {copy / 'checkpoints' / 'step-00000003'} (step 3)")
+    # Step 4 done again from step 3 gives the very same weights as the first time.
+    expected, again = load_file(str(out / "model.safetensors")), load_file(str(copy / "model.safetensors"))
+    assert expected.keys() == again.keys() and all(torch.equal(expected[k], again[k]) for k in expected)
+    assert [step for step, _ in snapshots(copy)] == [4, 3]
+    verify_checkpoint(copy / "checkpoints" / "step-00000004", TRAINING_FILES)
+
+
+def test_resume_fails_when_no_checkpoint_passes_its_checks(run, copy):
+    _, data = run
+    for step in (3, 4):
+        flip_byte(copy / "checkpoints" / f"step-0000000{step}" / "model.safetensors")
+    flip_byte(copy / "model.safetensors")
+    with pytest.raises(CheckpointError, match="no checkpoint to resume from passed its checks") as info:
+        train(data, copy, resume=True)
+    assert "step-00000004/model.safetensors: checksum mismatch" in str(info.value)
+
+
+def test_damaged_snapshots_past_the_resume_point_do_not_push_out_good_ones(run, copy):
+    _, data = run
+    (copy / "checkpoints" / "step-00000009").mkdir()  # as a kill -9 can never leave, but a disk can
+    train(data, copy, resume=True, max_steps=5)
+    assert [step for step, _ in snapshots(copy)] == [5, 4]
+
+
+def test_weights_from_a_model_with_another_config_are_refused(run, copy, tmp_path):
+    _, data = run
+    train(data, tmp_path / "wide", config=tiny(**{"train.max_steps": 1, "decoder.width": 64}))
+    shutil.copy(tmp_path / "wide" / "model.safetensors", copy / "model.safetensors")
+    with pytest.raises(CheckpointError, match="model.safetensors: checksum mismatch"):
+        load_model(copy)
+    rewrite_checksums(copy)
+    # The first tensor whose shape differs is named, e.g. "(decoder.blocks.0.attn.proj.bias is [64] in
+    # the weights, [32] in the model)"; which one comes first depends on the model's tensor names.
+    pattern = (re.escape(f"{copy / 'model.safetensors'}: weights do not fit config.json (")
+               + r"[\w.]+ is \[[\d, ]+\] in the weights, \[[\d, ]+\] in the model\)$")
+    with pytest.raises(CheckpointError, match=pattern):
+        load_model(copy)
+
+
+class _Payload:
+    """Unpickling this creates a file: the proof that pickled code ran."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def test_loading_never_runs_pickled_code(copy, tmp_path):
+    marker = tmp_path / "pwned"
+    torch.save(_Payload(marker), copy / "optimizer.pt")
+    rewrite_checksums(copy)
+    with pytest.raises(CheckpointError, match="optimizer.pt: unreadable optimizer state"):
+        load_training_checkpoint(copy)
+    assert not marker.exists()
+    torch.load(copy / "optimizer.pt", weights_only=False).close()
+    assert marker.exists()  # the payload is live: only weights_only=True kept it from running
+
+
+def test_a_checkpoint_that_cannot_be_written_is_a_one_line_error(run, tmp_path):
+    _, data = run
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "checkpoints").write_text("a file where the snapshots folder goes")
+    with pytest.raises(CheckpointError, match=r"run: cannot write checkpoint: File exists"):
+        train(data, tmp_path / "run", config=tiny(**{"train.max_steps": 1}))

@@ -1,0 +1,127 @@
+"""kill -9 at chosen moments of a training run, then --resume: the same weights as a run never killed.
+
+The run is a real ``moevlm train`` in a child process. A small driver script patches one
+function to SIGKILL its own process at the chosen moment, so the crash lands exactly there
+(timing it from outside would be flaky) and the production code carries no test hooks.
+"""
+
+import json
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from moevlm.config import load_config
+from moevlm.errors import CheckpointError
+from moevlm.train.checkpoint import load_model
+from moevlm.train.run import run_training
+from moevlm.train.snapshots import snapshots
+
+SETTINGS = {"train.max_steps": 18, "train.checkpoint_every": 6, "train.eval_every": 6, "data.val_fraction": 0.25}
+
+# Each driver ends its own process with SIGKILL at one moment of the run (steps 6 and 12 are checkpoints).
+KILLERS = {
+    # Between checkpoints: as step 9 starts.
+    "training": """
+        from moevlm.train.trainer import Trainer
+        step = Trainer.train_step
+        def train_step(self, batches):
+            if self.step == 8:
+                die()
+            return step(self, batches)
+        Trainer.train_step = train_step
+    """,
+    # Writing snapshot 12: its weights file is half on disk.
+    "writing the snapshot": """
+        from moevlm.train import checkpoint
+        save_file = checkpoint.save_file
+        def half_save_file(tensors, path, metadata):
+            save_file(tensors, path, metadata=metadata)
+            if metadata["step"] == "12":
+                with open(path, "r+b") as handle:
+                    handle.truncate(os.path.getsize(path) // 2)
+                die()
+        checkpoint.save_file = half_save_file
+    """,
+    # Snapshot 12 is complete; the top level has its weights but still step 6's state and checksums.
+    "updating the top level": """
+        replace = os.replace
+        top_level_states = []
+        def replace_then_die(src, dst):
+            if str(dst).endswith(os.path.join("run", "trainer_state.json")):
+                top_level_states.append(dst)
+                if len(top_level_states) == 2:  # the first was step 6's
+                    die()
+            replace(src, dst)
+        os.replace = replace_then_die
+    """,
+}
+
+DRIVER = """
+import os
+import signal
+import sys
+
+def die():
+    os.kill(os.getpid(), signal.SIGKILL)
+
+{killer}
+
+from moevlm.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def config():
+    return load_config("tiny", overrides=[f"{k}={v}" for k, v in SETTINGS.items()])
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    """The run that is never killed, and its data."""
+    from shapes import write_shapes_csv
+
+    root = tmp_path_factory.mktemp("straight")
+    data = write_shapes_csv(root / "shapes.csv")
+    trainer, _ = run_training(config(), data, root / "run", tracking=False, progress=False)
+    return trainer, root / "run", data
+
+
+def kill_run(tmp_path, data, moment):
+    driver = tmp_path / "driver.py"
+    driver.write_text(DRIVER.format(killer=textwrap.dedent(KILLERS[moment])))
+    argv = ["train", "--data", str(data), "--preset", "tiny", "--out", str(tmp_path / "run"), "--no-tracking"]
+    argv += [arg for key, value in SETTINGS.items() for arg in ("--set", f"{key}={value}")]
+    result = subprocess.run([sys.executable, str(driver), *argv], capture_output=True, text=True, timeout=300)
+    assert result.returncode == -signal.SIGKILL, result.stderr
+    return tmp_path / "run"
+
+
+@pytest.mark.parametrize("moment,resumes_at", [
+    ("training", 6), ("writing the snapshot", 6), ("updating the top level", 12)])
+def test_kill_9_then_resume_gives_bitwise_the_same_weights(straight, tmp_path, moment, resumes_at):
+    reference, reference_dir, data = straight
+    out = kill_run(tmp_path, data, moment)
+    assert snapshots(out)[0][0] == resumes_at
+    if moment == "writing the snapshot":
+        assert (out / "checkpoints" / ".step-00000012.tmp" / "model.safetensors").is_file()  # the half file
+        load_model(out)  # the top level is still step 6's, whole
+        assert json.loads((out / "trainer_state.json").read_text())["step"] == 6
+    if moment == "updating the top level":
+        with pytest.raises(CheckpointError, match="checksum mismatch"):
+            load_model(out)  # caught half updated: refused, not loaded
+
+    resumed, _ = run_training(config(), data, out, resume=True, tracking=False, progress=False)
+
+    timings = "train/tokens_per_s"
+    assert resumed.history.keys() == reference.history.keys()
+    for name in reference.history.keys() - {timings}:  # the same losses at every step, resumed ones included
+        assert resumed.history[name] == reference.history[name], name
+    expected, got = load_file(str(reference_dir / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    assert expected.keys() == got.keys()
+    assert all(torch.equal(expected[name], got[name]) for name in expected)
+    assert not [p for p in (out / "checkpoints").iterdir() if p.name.startswith(".")]

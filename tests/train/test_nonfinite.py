@@ -1,0 +1,118 @@
+"""NaN / inf in the loss or the gradients: the update is skipped, and too many in a row stop the run."""
+
+import json
+import logging
+import math
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from moevlm.cli import main
+from moevlm.config import load_config
+from moevlm.errors import TrainingError
+from moevlm.models.vlm import VLM
+from moevlm.train import trainer as trainer_module
+from moevlm.train.checkpoint import load_model
+from moevlm.train.run import run_training
+
+
+def tiny(**overrides):
+    values = {"train.max_steps": 6, "train.checkpoint_every": 3, "train.eval_every": 100, "train.log_every": 1,
+              "data.val_fraction": 0.25}
+    values.update(overrides)
+    return load_config("tiny", overrides=[f"{k}={v}" for k, v in values.items()])
+
+
+def train(config, data, out, **kw):
+    return run_training(config, data, out, tracking=False, progress=False, **kw)
+
+
+@pytest.fixture
+def poison(monkeypatch):
+    """poison(steps, "loss" | "grad"): the given (1-based) training steps get a NaN loss or an inf gradient."""
+    current = {"step": 0}
+    train_step = trainer_module.Trainer.train_step
+
+    def counting_train_step(self, batches):
+        current["step"] = self.step + 1
+        return train_step(self, batches)
+
+    monkeypatch.setattr(trainer_module.Trainer, "train_step", counting_train_step)
+
+    def arm(steps, where="loss"):
+        forward = VLM.forward
+
+        def poisoned_forward(self, *args, **kwargs):
+            out = forward(self, *args, **kwargs)
+            if self.training and current["step"] in steps:
+                if where == "loss":
+                    out.loss = out.loss * math.nan
+                else:  # a finite loss, and an infinite gradient for one weight
+                    weight = next(self.parameters())
+                    zero = weight.sum() - weight.sum().detach()
+                    zero.register_hook(lambda grad: torch.full_like(grad, math.inf))
+                    out.loss = out.loss + zero
+            return out
+
+        monkeypatch.setattr(VLM, "forward", poisoned_forward)
+
+    return arm
+
+
+@pytest.mark.parametrize("where,problem", [("loss", "loss is nan"), ("grad", "gradient norm is inf")])
+def test_a_non_finite_step_is_skipped_and_training_goes_on(shapes_csv, tmp_path, poison, caplog, where, problem):
+    poison({3}, where)
+    with caplog.at_level(logging.WARNING, logger="moevlm.train.trainer"):
+        trainer, _ = train(tiny(), shapes_csv, tmp_path / "run")
+    assert trainer.step == 6 and trainer.skipped_steps == [3] and trainer.bad_in_a_row == 0
+    assert [m for m in caplog.messages if "skipped" in m] == [
+        f"step 3: {problem}; update skipped (1 in a row, train.max_bad_steps=10)"]
+    assert [step for step, _ in trainer.history["train/loss"]] == [1, 2, 4, 5, 6]  # nothing logged for step 3
+    adam_steps = {int(s["step"]) for s in trainer.optimizer.state.values()}
+    assert adam_steps == {5}  # five updates in six steps
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+
+
+def test_resume_after_a_skipped_step_stays_exact(shapes_csv, tmp_path, poison, monkeypatch):
+    poison({2, 5})
+    straight, _ = train(tiny(), shapes_csv, tmp_path / "straight")
+    saved = trainer_module.Trainer.save
+
+    def save_and_keep_step_3(self):
+        saved(self)
+        if self.step == 3:
+            shutil.copytree(self.out_dir, tmp_path / "interrupted")
+
+    monkeypatch.setattr(trainer_module.Trainer, "save", save_and_keep_step_3)
+    train(tiny(), shapes_csv, tmp_path / "other")
+    monkeypatch.setattr(trainer_module.Trainer, "save", saved)
+    resumed, _ = train(tiny(), shapes_csv, tmp_path / "interrupted", resume=True)
+    assert resumed.skipped_steps == straight.skipped_steps == [2, 5]
+    assert resumed.history["train/loss"] == straight.history["train/loss"]
+    a = load_file(str(tmp_path / "straight" / "model.safetensors"))
+    b = load_file(str(tmp_path / "interrupted" / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_too_many_in_a_row_stop_the_run_and_keep_the_last_good_checkpoint(shapes_csv, tmp_path, poison):
+    poison(set(range(4, 100)))
+    with pytest.raises(TrainingError) as info:
+        train(tiny(**{"train.max_steps": 20, "train.max_bad_steps": 2}), shapes_csv, tmp_path / "run")
+    # Steps 4 and 5 are skipped; step 6 is the third in a row and stops the run before its checkpoint.
+    assert str(info.value) == (f"step 6: loss is nan, 3 non-finite steps in a row (train.max_bad_steps=2): "
+                               f"training stopped; the checkpoint of step 3 in {tmp_path / 'run'} is kept")
+    assert json.loads((tmp_path / "run" / "trainer_state.json").read_text())["step"] == 3
+    model, _, _ = load_model(tmp_path / "run")
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_the_cli_stops_with_one_line_naming_the_step(shapes_csv, tmp_path, poison, capsys):
+    poison(set(range(1, 100)))
+    code = main(["train", "--data", str(shapes_csv), "--preset", "tiny", "--out", str(tmp_path / "run"),
+                 "--no-tracking", "--set", "train.max_bad_steps=0"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert err.splitlines()[-1] == ("moevlm: error: step 1: loss is nan, 1 non-finite steps in a row "
+                                    "(train.max_bad_steps=0): training stopped; no checkpoint was written")
