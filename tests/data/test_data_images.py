@@ -7,6 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
+from hostile import huge_png
 from moevlm.data.images import image_to_tensor, normalize, open_image
 
 
@@ -110,6 +111,14 @@ def test_decompression_bomb_is_refused(monkeypatch, image_bytes, side):
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
     with pytest.raises(ValueError, match="cannot decode image: more than 100 pixels"):
         open_image(b64(data))
+
+
+@pytest.mark.parametrize("side", [12_000, 20_000])  # 144 M pixels: Pillow only warns; 400 M: Pillow raises
+def test_huge_images_and_bombs_are_refused_before_decoding(tmp_path, side):
+    path = tmp_path / "huge.png"
+    path.write_bytes(huge_png(side, side))  # under 50 kB on disk, up to 400 MB once decoded
+    with pytest.raises(ValueError, match=f"^cannot decode image: more than {Image.MAX_IMAGE_PIXELS} pixels"):
+        open_image(str(path))
 
 
 def test_image_to_tensor_resizes_to_uint8_square():

@@ -41,8 +41,8 @@ def test_seed_base64_csv_with_large_cells_and_extra_columns(tmp_path, image_byte
                      [["1", big, " noise "], ["2", small, "a blue square"]])
     samples, skipped = read_samples(path)
     assert skipped == 0
-    assert samples == [Sample(big, [("", "noise")], str(path), 1),
-                       Sample(small, [("", "a blue square")], str(path), 2)]
+    assert samples == [Sample("data:;base64," + big, [("", "noise")], str(path), 1),
+                       Sample("data:;base64," + small, [("", "a blue square")], str(path), 2)]
     assert open_image(samples[0].image).size == (300, 300)
     assert open_image(samples[1].image).getpixel((0, 0)) == (0, 0, 255)
 
@@ -131,6 +131,12 @@ BAD_ROWS = [
         {"from": "human", "value": "q"}, {"from": "gpt", "value": " \n"}]}]), 2, "empty answer 1"),
     ("json missing image", lambda p: _json(p, [{"caption": "x"}, GOOD]), 1, "missing image"),
     ("json not an object", lambda p: _json(p, [GOOD, ["a.png", "x"]]), 2, "expected a JSON object"),
+    ("json outside folder", lambda p: _json(p, [GOOD, {"image": "imgs/../../x.png", "caption": "x"}]), 2,
+     "image path 'imgs/../../x.png' points outside the data folder"),
+    ("absolute outside folder", lambda p: _json(p, [GOOD, {"image": "/etc/hostname", "caption": "x"}]), 2,
+     "image path '/etc/hostname' points outside the data folder"),
+    ("jsonl nested too deeply", lambda p: _raw(p / "d.jsonl", (json.dumps(GOOD) + "\n" + "[" * 100_000).encode()),
+     2, "not valid JSON: nested too deeply"),
 ]
 
 
@@ -185,3 +191,13 @@ def test_file_level_errors(tmp_path):
         read_samples(_raw(tmp_path / "d.json", b"[{"))
     with pytest.raises(DataError, match=r"d\.json: expected a JSON list"):
         read_samples(_raw(tmp_path / "d.json", b'{"image": "a.png"}'))
+    with pytest.raises(DataError, match=r"d\.json: not valid UTF-8 \(byte 21\)"):
+        read_samples(_raw(tmp_path / "d.json", b'[{"image": "a.png", "\xff": 1}]'))
+    with pytest.raises(DataError, match=r"d\.json: not valid JSON: nested too deeply"):
+        read_samples(_raw(tmp_path / "d.json", b"[" * 100_000))
+
+
+def test_absolute_paths_inside_the_data_folder_are_kept(tmp_path):
+    inside = str(tmp_path / "imgs" / "a.png")
+    samples, _ = read_samples(_json(tmp_path, [{"image": inside, "caption": "x"}]))
+    assert samples[0].image == inside

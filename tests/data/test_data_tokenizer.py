@@ -60,6 +60,21 @@ def test_bpe_round_trip_any_unicode(bpe_tok, text):
     assert bpe_tok.decode(ids) == text
 
 
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.text(min_size=1, max_size=20), min_size=1, max_size=5))
+def test_char_tokenizer_round_trips_whatever_it_was_trained_on(texts):
+    tok = Tokenizer.train(texts, kind="char")
+    for text in texts:
+        assert tok.decode(tok.encode(text)) == text
+
+
+@settings(max_examples=25, deadline=None)
+@given(corpus=st.lists(st.text(max_size=30), min_size=1, max_size=5), text=st.text(max_size=40))
+def test_bpe_trained_on_any_corpus_round_trips_any_text(corpus, text):
+    tok = Tokenizer.train(corpus * 5, kind="bpe", vocab_size=300)
+    assert tok.decode(tok.encode(text)) == text
+
+
 def test_bpe_learns_merges_within_vocab_size(bpe_tok):
     assert 256 + len(SPECIAL_TOKENS) < bpe_tok.vocab_size <= 300
     assert len(bpe_tok.encode("a cat on a mat")) < len("a cat on a mat")

@@ -25,6 +25,8 @@ from moevlm.errors import DataError
 csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
 
 _IMAGE_PLACEHOLDER = re.compile(r"\s*<image>\s*")
+# Python's json parser recurses per nesting level; no data row needs more than a few.
+_TOO_DEEP = "not valid JSON: nested too deeply"
 
 
 @dataclass
@@ -121,7 +123,8 @@ def _csv_row(image: str | None, caption: str | None, is_b64: bool,
     if is_b64:
         if not image or not image.strip():
             raise _BadRow("missing image")
-        return "".join(image.split()), [("", _answer(caption, "caption"))]
+        # As a data: URL the cell is always decoded as base64, never opened as a file name.
+        return "data:;base64," + "".join(image.split()), [("", _answer(caption, "caption"))]
     return _image_ref(image, folder), [("", _answer(caption, "caption"))]
 
 
@@ -141,6 +144,8 @@ def _jsonl_row(raw: bytes, folder: str) -> tuple[str, list[tuple[str, str]]]:
         item = json.loads(text)
     except json.JSONDecodeError as err:
         raise _BadRow(f"not valid JSON: {err.msg} at column {err.colno}") from None
+    except RecursionError:
+        raise _BadRow(_TOO_DEEP) from None
     return _object(item, folder)
 
 
@@ -153,6 +158,8 @@ def _json_rows(path: Path) -> Iterator[tuple[int, RowParser]]:
     except json.JSONDecodeError as err:
         raise DataError(path, None, f"not valid JSON: {err.msg} at line {err.lineno} "
                                     f"column {err.colno}") from None
+    except RecursionError:
+        raise DataError(path, None, _TOO_DEEP) from None
     if not isinstance(items, list):
         raise DataError(path, None, "expected a JSON list of objects")
     for row, item in enumerate(items, start=1):
@@ -206,23 +213,26 @@ def _answer(text: Any, what: str) -> str:
 
 
 def _image_ref(image: str | None, folder: str) -> str:
-    """A data: URL or base64 string as is; a path made absolute inside the data folder."""
+    """A data: URL or base64 string as is; a path made absolute, which must lie in the data folder."""
     if image is None or not image.strip():
         raise _BadRow("missing image")
     image = image.strip()
     if image.startswith("data:"):
         return image
-    candidate = os.path.join(folder, image)
+    candidate = os.path.join(folder, image)  # an absolute image path replaces the folder
     if looks_like_base64(image) and not os.path.isfile(candidate):
         return "".join(image.split())
-    if os.path.isabs(image):
-        return os.path.normpath(image)
     # Judged on the written path, not on symlink targets: linking a dataset in is normal,
-    # writing "../" to reach files beside the data folder is what is refused.
+    # writing "../" or "/etc/..." to reach files beside the data folder is what is refused.
+    # The folder's own real path counts too, for absolute paths written through it.
     resolved = os.path.normpath(candidate)
-    if os.path.commonpath([resolved, folder]) != folder:
+    if not any(_inside(resolved, root) for root in (folder, os.path.realpath(folder))):
         raise _BadRow(f"image path {image!r} points outside the data folder")
     return resolved
+
+
+def _inside(path: str, folder: str) -> bool:
+    return os.path.commonpath([path, folder]) == folder
 
 
 def _has_bad_bytes(text: str) -> bool:

@@ -1,0 +1,165 @@
+"""Hostile input through the real CLI: handled correctly, or one line naming the file, the row and
+the problem, exit code 2 and no traceback."""
+
+import base64
+import csv
+import io
+import json
+import shutil
+
+import pytest
+from PIL import Image
+
+from hostile import huge_png
+from moevlm.cli import main
+from moevlm.train.checkpoint import CHECKSUMS, sha256
+
+
+def png(color=(200, 30, 30), size=(16, 16), mode="RGB", fmt="PNG", **save_args) -> bytes:
+    buf = io.BytesIO()
+    Image.new(mode, size, color).save(buf, format=fmt, **save_args)
+    return buf.getvalue()
+
+
+def image_csv(folder, rows, header=("image", "caption")):
+    """ok.png is a good first row; ``rows`` follow it."""
+    (folder / "ok.png").write_bytes(png())
+    path = folder / "d.csv"
+    with open(path, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(header)
+        writer.writerows([("ok.png", "a red square")] + rows)
+    return path
+
+
+def with_file(folder, name, data: bytes, caption="a bad one"):
+    (folder / name).write_bytes(data)
+    return image_csv(folder, [(name, caption)])
+
+
+def seed_csv(folder, cell):
+    path = folder / "seed.csv"
+    good = base64.b64encode(png()).decode()
+    path.write_text(f"b64string_images,caption\n{good},a red square\n{cell},a bad one\n")
+    return path
+
+
+def raw(folder, name, data: bytes):
+    (folder / name).write_bytes(data)
+    return folder / name
+
+
+# (id, build(folder) -> data file, row or None, problem)
+BAD = [
+    ("truncated image", lambda d: with_file(d, "cut.png", png(size=(64, 64))[:80]), 2, "cannot decode image: "),
+    ("zero-byte image", lambda d: with_file(d, "empty.png", b""), 2, "cannot decode image: empty file"),
+    ("zero-byte data file", lambda d: raw(d, "d.csv", b""), None, "no usable rows"),
+    ("wrong base64", lambda d: seed_csv(d, "iVBORw0KGgo!!!"), 2, "cannot decode image: not valid base64"),
+    ("base64 of no image", lambda d: seed_csv(d, base64.b64encode(b"just text").decode()), 2,
+     "cannot decode image: not in an image format Pillow can read"),
+    ("20000x20000 image", lambda d: with_file(d, "huge.png", huge_png(20_000, 20_000)), 2,
+     f"cannot decode image: more than {Image.MAX_IMAGE_PIXELS} pixels"),
+    ("decompression bomb", lambda d: with_file(d, "bomb.png", huge_png(12_000, 12_000)), 2,
+     f"cannot decode image: more than {Image.MAX_IMAGE_PIXELS} pixels"),
+    ("non-UTF-8 caption", lambda d: raw(d, "d.jsonl", b'{"image": "x.png", "caption": "caf\xe9"}\n'), 1,
+     "text is not valid UTF-8"),
+    # 119 characters once stripped, plus <bos> and <eos>
+    ("caption over the context", lambda d: image_csv(d, [("ok.png", "red " * 30)]), 2,
+     "text is 121 tokens, longer than decoder.max_text_len 24"),
+    ("missing column", lambda d: image_csv(d, [], header=("image", "text")), None,
+     "missing column 'caption' (have: image, text)"),
+    ("empty data set", lambda d: raw(d, "d.csv", b"image,caption\n"), None, "no usable rows"),
+    ("JSON path outside its folder", lambda d: raw(d, "d.json", b'[{"image": "../x.png", "caption": "x"}]'), 1,
+     "image path '../x.png' points outside the data folder"),
+    ("JSON absolute path outside", lambda d: raw(d, "d.json", b'[{"image": "/etc/passwd", "caption": "x"}]'), 1,
+     "image path '/etc/passwd' points outside the data folder"),
+    ("JSON nested too deeply", lambda d: raw(d, "d.jsonl", b"[" * 100_000), 1, "not valid JSON: nested too deeply"),
+    ("data file is a folder", lambda d: (d / "d.csv").mkdir() or d / "d.csv", None, "cannot read data file"),
+]
+
+
+def train(capsys, data, out, *extra):
+    code = main(["train", "--data", str(data), "--preset", "tiny", "--out", str(out), "--no-tracking",
+                 "--set", "train.max_steps=1", *extra])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def run_cli(capsys, *argv):
+    code = main([str(a) for a in argv])
+    return code, capsys.readouterr().err
+
+
+def assert_one_line_error(code, err, where, problem):
+    assert code == 2
+    assert "Traceback" not in err and err.count("\n") == 1, err
+    assert err.startswith(f"moevlm: error: {where}: ") and problem in err, err
+
+
+@pytest.mark.parametrize("build,row,problem", [case[1:] for case in BAD], ids=[case[0] for case in BAD])
+def test_bad_data_gives_one_line_naming_file_row_and_problem(tmp_path, capsys, build, row, problem):
+    (tmp_path / "data").mkdir()
+    data = build(tmp_path / "data")
+    code, _, err = train(capsys, data, tmp_path / "run")
+    assert_one_line_error(code, err, f"{data}: row {row}" if row else data, problem)
+
+
+def exif_rotated_jpeg() -> bytes:
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    return png((30, 30, 200), size=(20, 10), fmt="JPEG", exif=exif)
+
+
+def test_odd_but_valid_data_trains(tmp_path, capsys):
+    """Every Pillow mode, EXIF rotation, extra columns, duplicate rows: all read, duplicates counted once."""
+    images = {"l.png": png(90, mode="L"), "la.png": png((90, 200), mode="LA"), "p.png": png(3, mode="P"),
+              "rgba.png": png((1, 2, 3, 128), mode="RGBA"), "cmyk.tif": png((0, 255, 255, 0), mode="CMYK", fmt="TIFF"),
+              "i16.png": png(40000, mode="I;16"), "rotated.jpg": exif_rotated_jpeg()}
+    rows = []
+    for name, data in images.items():
+        (tmp_path / name).write_bytes(data)
+        rows.append([name, f"a {name} picture", "extra", "cells"])
+    path = tmp_path / "d.csv"
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["image", "caption", "source", "licence"])
+        writer.writerows(rows + rows)  # every row twice
+    code, out, err = train(capsys, path, tmp_path / "run", "--set", "data.val_fraction=0.3")
+    assert code == 0, err
+    assert "validation loss" in out and "on 2 rows" in out  # floor(7 unique rows * 0.3), not floor(14 * 0.3)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """Two one-step runs of different widths."""
+    from shapes import write_shapes_csv
+
+    root = tmp_path_factory.mktemp("models")
+    data = write_shapes_csv(root / "shapes.csv")
+    for name, width in (("narrow", 32), ("wide", 64)):
+        assert main(["train", "--data", str(data), "--preset", "tiny", "--out", str(root / name), "--no-tracking",
+                     "--set", "train.max_steps=1", "--set", f"decoder.width={width}"]) == 0
+    (root / "image.png").write_bytes(png())
+    return root
+
+
+def test_checkpoint_with_weights_of_another_config(models, tmp_path, capsys):
+    run = shutil.copytree(models / "narrow", tmp_path / "run")
+    shutil.copy(models / "wide" / "model.safetensors", run / "model.safetensors")
+    code, err = run_cli(capsys, "caption", "--model", run, models / "image.png")
+    assert_one_line_error(code, err, run / "model.safetensors", "checksum mismatch")
+    manifest = json.loads((run / CHECKSUMS).read_text())
+    manifest["sha256"]["model.safetensors"] = sha256(run / "model.safetensors")
+    (run / CHECKSUMS).write_text(json.dumps(manifest))
+    code, err = run_cli(capsys, "eval", "--model", run, "--data", models / "shapes.csv")
+    assert_one_line_error(code, err, run / "model.safetensors", "weights do not fit config.json")
+
+
+def test_truncated_checkpoint_for_caption_and_resume(models, tmp_path, capsys):
+    run = shutil.copytree(models / "narrow", tmp_path / "run")
+    for weights in (run / "model.safetensors", run / "checkpoints" / "step-00000001" / "model.safetensors"):
+        weights.write_bytes(weights.read_bytes()[:1000])
+    code, err = run_cli(capsys, "caption", "--model", run, models / "image.png")
+    assert_one_line_error(code, err, run / "model.safetensors", "checksum mismatch")
+    code, err = run_cli(capsys, "train", "--data", models / "shapes.csv", "--out", run, "--resume", "--no-tracking")
+    assert_one_line_error(code, err, run, "no checkpoint to resume from passed its checks")
