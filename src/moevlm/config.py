@@ -80,8 +80,13 @@ class MoEConfig:
     router_noise: bool = True
     aux_loss_coef: float = 0.01
     z_loss_coef: float = 0.001
+    # Expert feed-forward: "gelu" (two matrices with biases, like the dense FFN) or "swiglu"
+    # (gate, up and down matrices without biases, like Llama and Mixtral experts).
+    activation: str = "gelu"
 
     def __post_init__(self):
+        _check(self.activation in ("gelu", "swiglu"),
+               f"moe.activation must be gelu or swiglu, not {self.activation!r}")
         _check(1 <= self.top_k <= self.num_experts,
                f"moe.top_k {self.top_k} must be between 1 and moe.num_experts {self.num_experts}")
         _check(self.capacity_factor is None or self.capacity_factor > 0,
@@ -323,6 +328,19 @@ PRESETS: dict[str, dict] = {
         },
         "train": {"batch_size": 16, "max_steps": 300, "lr": 1e-3, "warmup_steps": 20,
                   "eval_every": 100, "checkpoint_every": 300},
+    },
+    # About 100M parameters (one GPU): 224 px, patch 16, every patch an image token, decoder
+    # 512 x 8 layers with 8 experts of hidden 1024, top-2, byte-level BPE.
+    "base": {
+        "model": {
+            "vision": {"image_size": 224, "patch_size": 16, "width": 384, "depth": 6, "heads": 6,
+                       "image_tokens": "pooled", "pooled_tokens": 49},
+            "decoder": {"width": 512, "depth": 8, "heads": 8, "ffn_hidden": 1024, "max_text_len": 128,
+                        "moe": {"num_experts": 8, "top_k": 2}},
+            "tokenizer": {"kind": "bpe", "vocab_size": 8192},
+        },
+        "train": {"batch_size": 32, "lr": 5e-4, "warmup_steps": 200, "max_steps": 20000,
+                  "eval_every": 1000, "checkpoint_every": 1000},
     },
     # Seconds per run: for tests and quick checks.
     "tiny": {

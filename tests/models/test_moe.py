@@ -11,8 +11,47 @@ def make_moe(width=8, hidden=16, **kw):
     cfg = MoEConfig(**{"num_experts": 4, "top_k": 2, **kw})
     moe = MoE(width, hidden, cfg)
     for p in (moe.w1_EDH, moe.w2_EHD, moe.b1_EH, moe.b2_ED):
-        torch.nn.init.normal_(p, std=0.3)
+        if p is not None:
+            torch.nn.init.normal_(p, std=0.3)
     return moe
+
+
+def expert_grads(moe, x_ND, experts_NK, weights_NK, fn):
+    moe.zero_grad()
+    x_ND = x_ND.clone().requires_grad_()
+    out = fn(x_ND, experts_NK, weights_NK)
+    out.backward(torch.linspace(-1, 1, out.numel()).view_as(out))
+    params = [p for p in (moe.w1_EDH, moe.b1_EH, moe.w2_EHD, moe.b2_ED) if p is not None]
+    return out.detach(), [x_ND.grad] + [p.grad.clone() for p in params]
+
+
+@pytest.mark.parametrize("activation", ["gelu", "swiglu"])
+@pytest.mark.parametrize("use_grouped", [True, False])
+def test_grouped_experts_match_reference_values_and_gradients(activation, use_grouped):
+    moe = make_moe(activation=activation, num_experts=8, top_k=2).eval()
+    torch.manual_seed(1)
+    x_ND = torch.randn(37, 8)
+    experts_NK = torch.randint(0, 6, (37, 1))  # experts 6 and 7 get nothing in slot 0
+    experts_NK = torch.cat([experts_NK, (experts_NK + 1) % 6], dim=1)
+    weights_NK = torch.rand(37, 2).softmax(-1)
+    fast = expert_grads(moe, x_ND, experts_NK, weights_NK,
+                        lambda *a: moe.experts_sorted(*a, use_grouped=use_grouped))
+    slow = expert_grads(moe, x_ND, experts_NK, weights_NK, moe.experts_reference)
+    torch.testing.assert_close(fast[0], slow[0])
+    for got, want in zip(fast[1], slow[1]):
+        torch.testing.assert_close(got, want)
+    assert torch.count_nonzero(fast[1][1][6:]) == 0  # unused experts get exactly zero gradient
+
+
+def test_grouped_experts_under_bf16_autocast_keep_fp32_gradients():
+    moe = make_moe(router_noise=False).train()
+    x = torch.randn(2, 16, 8)
+    reference = moe(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = moe(x)
+    out.float().sum().backward()
+    assert moe.w1_EDH.grad.dtype == torch.float32
+    torch.testing.assert_close(out.float(), reference, atol=0.05, rtol=0.05)
 
 
 @pytest.mark.parametrize("top_k", [1, 2, 3])
@@ -65,7 +104,8 @@ def test_capacity_factor_drops_overflow_and_keeps_the_rest_exact():
 
 
 def hand_moe():
-    moe = MoE(2, 4, MoEConfig(num_experts=2, top_k=1, router_noise=False)).eval()
+    # Training mode (aux losses are computed only there); no noise, so routing is exact.
+    moe = MoE(2, 4, MoEConfig(num_experts=2, top_k=1, router_noise=False)).train()
     with torch.no_grad():
         moe.gate.weight.copy_(torch.eye(2))  # router logits equal the input
     return moe
@@ -88,6 +128,13 @@ def test_aux_losses_on_hand_computed_unbalanced_case_ignore_padding():
     assert moe.aux["balance"].item() == pytest.approx(2 * p0)
     assert moe.aux["z"].item() == pytest.approx(math.log(math.e + 1) ** 2)
     assert moe.last_load.tolist() == [[1, 0], [1, 0]]  # image row, text row; pad not counted
+
+
+def test_eval_mode_counts_load_but_computes_no_aux_losses():
+    moe = hand_moe().eval()
+    moe(torch.tensor([[[1.0, 0.0], [0.0, 1.0]]]))
+    assert moe.aux == {}
+    assert moe.last_load.tolist() == [[0, 0], [1, 1]]
 
 
 def test_shared_expert_adds_dense_path():

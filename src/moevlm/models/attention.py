@@ -30,9 +30,10 @@ class KVCache:
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         end = self.length + k.size(2)
         assert end <= self.max_len, f"KV cache overflow: {end} > {self.max_len}"
-        self.keys[layer, :, :, self.length:end] = k
-        self.values[layer, :, :, self.length:end] = v
-        return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
+        keys, values = self.keys[layer], self.values[layer]
+        keys.narrow(2, self.length, k.size(2)).copy_(k)  # narrow + copy_: far cheaper than slice assignment
+        values.narrow(2, self.length, v.size(2)).copy_(v)
+        return keys.narrow(2, 0, end), values.narrow(2, 0, end)
 
     def advance(self, num_positions: int) -> None:
         self.length += num_positions
@@ -48,11 +49,19 @@ class SelfAttention(nn.Module):
         self.dropout = dropout
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False,
-                cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
-        """x: (B, T, C). attn_mask: bool (B, 1, T, S), True where a query may see a key."""
+                cache: KVCache | None = None, layer: int = 0, num_queries: int | None = None) -> torch.Tensor:
+        """x: (B, T, C). attn_mask: bool (B, 1, T, S), True where a query may see a key.
+        ``num_queries``: only the first that many positions ask (every position is still a key
+        and value); the output is then (B, num_queries, C)."""
         B, T, C = x.shape
-        q, k, v = self.qkv(x).split(C, dim=2)
-        q = q.view(B, T, self.heads, C // self.heads).transpose(1, 2)  # (B, nh, T, hs)
+        if num_queries is None:
+            q, k, v = self.qkv(x).split(C, dim=2)
+        else:
+            weight, bias = self.qkv.weight, self.qkv.bias
+            q = F.linear(x[:, :num_queries], weight[:C], bias[:C])
+            k, v = F.linear(x, weight[C:], bias[C:]).split(C, dim=2)
+        Tq = q.size(1)
+        q = q.view(B, Tq, self.heads, C // self.heads).transpose(1, 2)  # (B, nh, Tq, hs)
         k = k.view(B, T, self.heads, C // self.heads).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.heads, C // self.heads).transpose(1, 2)  # (B, nh, T, hs)
         if cache is not None:
@@ -60,5 +69,5 @@ class SelfAttention(nn.Module):
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=attn_mask, is_causal=is_causal and attn_mask is None,
             dropout_p=self.dropout if self.training else 0.0)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble heads side by side
+        y = y.transpose(1, 2).contiguous().view(B, Tq, C)  # re-assemble heads side by side
         return self.proj(y)

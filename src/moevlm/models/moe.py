@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moevlm.config import MoEConfig
+from moevlm.models.grouped import expert_mlp
 from moevlm.models.mlp import FeedForward
 
 # token_kind values: which tokens the load statistics and aux losses count.
@@ -33,10 +34,14 @@ class MoE(nn.Module):
         self.gate = nn.Linear(width, E, bias=False)
         # Noisy top-k: a learned per-expert noise scale, used only while training.
         self.noise = nn.Linear(width, E, bias=False) if cfg.router_noise else None
-        self.w1_EDH = nn.Parameter(torch.empty(E, width, hidden))
-        self.b1_EH = nn.Parameter(torch.zeros(E, hidden))
+        # gelu experts: act(x @ w1 + b1) @ w2 + b2. swiglu experts hold gate and up side by
+        # side in w1 (F = 2H) and have no biases, as Llama / Mixtral FFNs.
+        inner = 2 * hidden if cfg.activation == "swiglu" else hidden
+        self.w1_EDH = nn.Parameter(torch.empty(E, width, inner))
         self.w2_EHD = nn.Parameter(torch.empty(E, hidden, width))
-        self.b2_ED = nn.Parameter(torch.zeros(E, width))
+        has_bias = cfg.activation == "gelu"
+        self.b1_EH = nn.Parameter(torch.zeros(E, inner)) if has_bias else None
+        self.b2_ED = nn.Parameter(torch.zeros(E, width)) if has_bias else None
         self.shared = FeedForward(width, hidden) if cfg.shared_expert else None
         self.dropout = nn.Dropout(dropout)
         # Filled by every forward: aux losses (scalars with grad) and routed token counts.
@@ -61,43 +66,58 @@ class MoE(nn.Module):
                   else token_kind.reshape(-1))
         logits_NE, experts_NK, weights_NK = self.route(x_ND)
         self._record_stats(logits_NE, experts_NK, kind_N)
-        y_ND = self.experts_sorted(x_ND, experts_NK, weights_NK)
+        if x_ND.size(0) * self.cfg.top_k <= self.cfg.num_experts and not torch.is_grad_enabled():
+            y_ND = self.experts_few(x_ND, experts_NK, weights_NK)  # decoding a token or a few
+        else:
+            y_ND = self.experts_sorted(x_ND, experts_NK, weights_NK)
         if self.shared is not None:
             y_ND = y_ND + self.shared(x_ND)
         return self.dropout(y_ND.view(B, T, D))
 
-    def _expert_mlp(self, x_AD: torch.Tensor, counts: list[int]) -> torch.Tensor:
-        """Runs each expert on its contiguous slice of sorted assignments."""
-        outs, start = [], 0
-        for e, count in enumerate(counts):
-            x_CD = x_AD[start:start + count]
-            start += count
-            h_CH = F.gelu(torch.addmm(self.b1_EH[e], x_CD, self.w1_EDH[e]))
-            outs.append(torch.addmm(self.b2_ED[e], h_CH, self.w2_EHD[e]))
-        return torch.cat(outs)
-
     def experts_sorted(self, x_ND: torch.Tensor, experts_NK: torch.Tensor,
-                       weights_NK: torch.Tensor) -> torch.Tensor:
-        """Dropless (or capacity-limited) dispatch: sort assignments by expert, one pass per
-        expert over a contiguous slice, weighted scatter-add back to the tokens."""
+                       weights_NK: torch.Tensor, use_grouped: bool | None = None) -> torch.Tensor:
+        """Dropless (or capacity-limited) dispatch: sort assignments by expert, run every
+        expert on its contiguous group (models/grouped.py), weighted scatter-add back to the
+        tokens. No host sync where torch._grouped_mm runs."""
         N, D = x_ND.shape
         E, K = self.cfg.num_experts, self.cfg.top_k
         experts_A = experts_NK.reshape(-1)
         order_A = experts_A.argsort(stable=True)
         token_A = order_A // K
+        expert_A = experts_A[order_A]
         weight_A = weights_NK.reshape(-1)[order_A]
         counts_E = torch.bincount(experts_A, minlength=E)
         if self.cfg.capacity_factor is not None:
             capacity = math.ceil(self.cfg.capacity_factor * N * K / E)
             starts_E = counts_E.cumsum(0) - counts_E
-            rank_A = torch.arange(order_A.numel(), device=x_ND.device) - starts_E[experts_A[order_A]]
-            kept_A = (rank_A < capacity).nonzero().squeeze(1)
-            token_A, weight_A = token_A[kept_A], weight_A[kept_A]
+            rank_A = torch.arange(order_A.numel(), device=x_ND.device) - starts_E[expert_A]
+            kept_A = rank_A < capacity
+            token_A, expert_A, weight_A = token_A[kept_A], expert_A[kept_A], weight_A[kept_A]
             counts_E = counts_E.clamp(max=capacity)
-        counts = counts_E.tolist()  # the one host sync of the layer, not one per expert
-        out_AD = self._expert_mlp(x_ND[token_A], counts)
-        y_ND = torch.zeros_like(x_ND)
-        return y_ND.index_add_(0, token_A, out_AD * weight_A.unsqueeze(1))
+        out_AD = expert_mlp(x_ND[token_A], expert_A, counts_E, self.w1_EDH, self.b1_EH, self.w2_EHD,
+                            self.b2_ED, self.cfg.activation, use_grouped)
+        y_ND = torch.zeros_like(x_ND, dtype=out_AD.dtype)
+        return y_ND.index_add_(0, token_A, out_AD * weight_A.unsqueeze(1).to(out_AD.dtype))
+
+    def experts_few(self, x_ND: torch.Tensor, experts_NK: torch.Tensor, weights_NK: torch.Tensor) -> torch.Tensor:
+        """Inference on a handful of tokens (a decoding step): each token straight through its
+        k experts. Sorting and grouping would cost more than the matmuls here."""
+        rows = []
+        for n, (experts, weights) in enumerate(zip(experts_NK.tolist(), weights_NK.unbind())):
+            x_1D = x_ND[n:n + 1]
+            outs = [self._expert_reference(e, x_1D) for e in experts]
+            rows.append(weights.to(x_ND.dtype) @ torch.cat(outs))
+        return torch.stack(rows)
+
+    def _expert_reference(self, e: int, x_D: torch.Tensor) -> torch.Tensor:
+        """Expert e on a row vector (D,) or rows (M, D)."""
+        pre = x_D @ self.w1_EDH[e] + (0 if self.b1_EH is None else self.b1_EH[e])
+        if self.cfg.activation == "gelu":
+            act = F.gelu(pre)
+        else:
+            gate, up = pre.chunk(2, dim=-1)
+            act = F.silu(gate) * up
+        return act @ self.w2_EHD[e] + (0 if self.b2_ED is None else self.b2_ED[e])
 
     def experts_reference(self, x_ND: torch.Tensor, experts_NK: torch.Tensor,
                           weights_NK: torch.Tensor) -> torch.Tensor:
@@ -106,15 +126,20 @@ class MoE(nn.Module):
         for n in range(x_ND.size(0)):
             y_D = torch.zeros_like(x_ND[n])
             for k in range(experts_NK.size(1)):
-                e = int(experts_NK[n, k])
-                h_H = F.gelu(x_ND[n] @ self.w1_EDH[e] + self.b1_EH[e])
-                y_D = y_D + weights_NK[n, k] * (h_H @ self.w2_EHD[e] + self.b2_ED[e])
+                y_D = y_D + weights_NK[n, k] * self._expert_reference(int(experts_NK[n, k]), x_ND[n])
             rows.append(y_D)
         return torch.stack(rows)
 
     def _record_stats(self, logits_NE: torch.Tensor, experts_NK: torch.Tensor, kind_N: torch.Tensor) -> None:
-        """Aux losses over the real (non-pad) tokens, and routed counts split image / text."""
+        """Routed counts split image / text and, in training, aux losses over the real
+        (non-pad) tokens."""
         E, K = self.cfg.num_experts, self.cfg.top_k
+        kind_A = kind_N.repeat_interleave(K)
+        counts = torch.bincount(kind_A * E + experts_NK.reshape(-1), minlength=3 * E)
+        self.last_load = counts.view(3, E)[1:].detach()
+        if not self.training:
+            self.aux = {}
+            return
         real_N = (kind_N != PAD).to(logits_NE.dtype)
         num_real = real_N.sum().clamp(min=1)
         probs_NE = logits_NE.float().softmax(dim=-1)
@@ -126,6 +151,3 @@ class MoE(nn.Module):
         balance = E * (f_E * P_E).sum()
         z = ((torch.logsumexp(logits_NE.float(), dim=-1) ** 2) * real_N).sum() / num_real
         self.aux = {"balance": balance, "z": z}
-        kind_A = kind_N.repeat_interleave(K)
-        counts = torch.bincount(kind_A * E + experts_NK.reshape(-1), minlength=3 * E)
-        self.last_load = counts.view(3, E)[1:].detach()

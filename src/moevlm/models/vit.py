@@ -24,8 +24,10 @@ class ViTBlock(nn.Module):
         self.ln2 = nn.LayerNorm(width)
         self.mlp = FeedForward(width, hidden, dropout)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln1(x))
+    def forward(self, x: torch.Tensor, num_outputs: int | None = None) -> torch.Tensor:
+        """``num_outputs``: compute only the first that many positions' outputs (all positions
+        are still attended to) - the last block when only the CLS token is used."""
+        x = x[:, :num_outputs] + self.attn(self.ln1(x), num_queries=num_outputs)
         return x + self.mlp(self.ln2(x))
 
 
@@ -46,11 +48,13 @@ class ViT(nn.Module):
         """images: (B, C, S, S) in [-1, 1] -> image tokens (B, num_image_tokens, width)."""
         x = self.patch_embed(images).flatten(2).transpose(1, 2)  # (B, P, W)
         x = torch.cat([self.cls.expand(x.size(0), -1, -1), x], dim=1) + self.pos  # (B, 1 + P, W)
-        for block in self.blocks:
-            x = block(x)
+        cls_only = self.cfg.image_tokens == "cls"
+        for i, block in enumerate(self.blocks):
+            # With CLS-only output, the last block's other positions would be thrown away.
+            x = block(x, 1 if cls_only and i == len(self.blocks) - 1 else None)
         x = self.ln(x)
-        if self.cfg.image_tokens == "cls":
-            return x[:, :1]
+        if cls_only:
+            return x
         patches = x[:, 1:]
         if self.cfg.image_tokens == "patches":
             return patches

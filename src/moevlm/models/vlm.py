@@ -96,7 +96,7 @@ class VLM(nn.Module):
 
     def _aux(self) -> dict[str, torch.Tensor]:
         layers = self.decoder.moe_layers
-        if not layers:
+        if not layers or not layers[0].aux:  # aux losses exist in training mode only
             return {}
         return {name: torch.stack([layer.aux[name] for layer in layers]).mean() for name in ("balance", "z")}
 

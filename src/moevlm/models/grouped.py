@@ -1,0 +1,134 @@
+"""The experts' two matmuls over assignments sorted by expert, with a hand-written backward.
+
+Rows of ``x_AD`` are grouped by expert (group e holds ``counts_E[e]`` rows); expert e applies
+``act(x @ w1_EDF[e] + b1_EF[e]) @ w2_EHD[e] + b2_ED[e]`` to its group. ``torch._grouped_mm``
+does all groups in one call where the device and dtype support it; elsewhere a loop over
+contiguous slices does the same. Autograd through per-expert slices of the stacked weights
+would materialise a full-sized zero gradient per slice and add them up (most of the MoE
+backward on CPU); this backward writes each expert's gradient once. ``MoE.experts_reference``
+in moe.py is the plain version the tests compare against.
+
+Activations: ``gelu`` (F = H) and ``swiglu`` (F = 2H: gate and up projections side by side,
+``silu(gate) * up``, as in Llama and Mixtral experts).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+
+
+@functools.cache
+def grouped_mm_supported(device_type: str, dtype: torch.dtype) -> bool:
+    """Whether torch._grouped_mm runs (forward and the transposed forms backward needs)."""
+    if not hasattr(torch, "_grouped_mm"):
+        return False
+    try:
+        a = torch.ones(32, 16, device=device_type, dtype=dtype)
+        w = torch.ones(2, 16, 16, device=device_type, dtype=dtype)
+        offs = torch.tensor([16, 32], device=device_type, dtype=torch.int32)
+        torch._grouped_mm(a, w, offs=offs)
+        torch._grouped_mm(a.t(), a, offs=offs)
+        torch._grouped_mm(a, w.transpose(1, 2), offs=offs)
+    except (RuntimeError, NotImplementedError):
+        return False
+    return True
+
+
+def _bounds(counts_E: torch.Tensor) -> list[tuple[int, int]]:
+    ends = counts_E.cumsum(0).tolist()  # the loop path's one host sync per call
+    return list(zip([0] + ends[:-1], ends))
+
+
+def grouped_matmul(x_AI: torch.Tensor, w_EIO: torch.Tensor, counts_E: torch.Tensor, use_grouped: bool) -> torch.Tensor:
+    """Row group e of x times w_EIO[e]: (A, I) -> (A, O)."""
+    if use_grouped:
+        return torch._grouped_mm(x_AI, w_EIO, offs=counts_E.cumsum(0).to(torch.int32))
+    out = x_AI.new_empty(x_AI.size(0), w_EIO.size(2))
+    for e, (start, end) in enumerate(_bounds(counts_E)):
+        if end > start:
+            torch.mm(x_AI[start:end], w_EIO[e], out=out[start:end])
+    return out
+
+
+def grouped_weight_grad(x_AI: torch.Tensor, g_AO: torch.Tensor, counts_E: torch.Tensor,
+                        use_grouped: bool) -> torch.Tensor:
+    """Per group e: x_e^T @ g_e, stacked (E, I, O); zero for an empty group."""
+    if use_grouped:
+        return torch._grouped_mm(x_AI.t(), g_AO, offs=counts_E.cumsum(0).to(torch.int32))
+    out = x_AI.new_zeros(counts_E.numel(), x_AI.size(1), g_AO.size(1))
+    for e, (start, end) in enumerate(_bounds(counts_E)):
+        if end > start:
+            torch.mm(x_AI[start:end].t(), g_AO[start:end], out=out[e])
+    return out
+
+
+def _activate(pre_AF: torch.Tensor, activation: str) -> torch.Tensor:
+    if activation == "gelu":
+        return F.gelu(pre_AF)
+    gate, up = pre_AF.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+def _activation_grad(grad_AH: torch.Tensor, pre_AF: torch.Tensor, activation: str) -> torch.Tensor:
+    if activation == "gelu":
+        return torch.ops.aten.gelu_backward(grad_AH, pre_AF)
+    gate, up = pre_AF.chunk(2, dim=-1)
+    return torch.cat([torch.ops.aten.silu_backward(grad_AH * up, gate), grad_AH * F.silu(gate)], dim=-1)
+
+
+class _ExpertMLP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x_AD, expert_A, counts_E, w1_EDF, b1_EF, w2_EHD, b2_ED, activation, use_grouped):
+        pre_AF = grouped_matmul(x_AD, w1_EDF, counts_E, use_grouped)
+        if b1_EF is not None:
+            pre_AF += b1_EF[expert_A]
+        act_AH = _activate(pre_AF, activation)
+        out_AD = grouped_matmul(act_AH, w2_EHD, counts_E, use_grouped)
+        if b2_ED is not None:
+            out_AD += b2_ED[expert_A]
+        ctx.save_for_backward(x_AD, expert_A, counts_E, w1_EDF, w2_EHD, pre_AF, act_AH)
+        ctx.activation, ctx.use_grouped = activation, use_grouped
+        ctx.has_bias = b1_EF is not None, b2_ED is not None
+        return out_AD
+
+    @staticmethod
+    def backward(ctx, grad_AD):
+        x_AD, expert_A, counts_E, w1_EDF, w2_EHD, pre_AF, act_AH = ctx.saved_tensors
+        grouped, E = ctx.use_grouped, counts_E.numel()
+        grad_AD = grad_AD.contiguous()
+        grad_w2 = grouped_weight_grad(act_AH, grad_AD, counts_E, grouped)
+        grad_act_AH = grouped_matmul(grad_AD, w2_EHD.transpose(1, 2), counts_E, grouped)
+        grad_pre_AF = _activation_grad(grad_act_AH, pre_AF, ctx.activation)
+        grad_w1 = grouped_weight_grad(x_AD, grad_pre_AF, counts_E, grouped)
+        grad_x = grouped_matmul(grad_pre_AF, w1_EDF.transpose(1, 2), counts_E, grouped) \
+            if ctx.needs_input_grad[0] else None
+        grad_b1 = grad_pre_AF.new_zeros(E, grad_pre_AF.size(1)).index_add_(0, expert_A, grad_pre_AF) \
+            if ctx.has_bias[0] else None
+        grad_b2 = grad_AD.new_zeros(E, grad_AD.size(1)).index_add_(0, expert_A, grad_AD) \
+            if ctx.has_bias[1] else None
+        return grad_x, None, None, grad_w1, grad_b1, grad_w2, grad_b2, None, None
+
+
+def expert_mlp(x_AD: torch.Tensor, expert_A: torch.Tensor, counts_E: torch.Tensor, w1_EDF: torch.Tensor,
+               b1_EF: torch.Tensor | None, w2_EHD: torch.Tensor, b2_ED: torch.Tensor | None,
+               activation: str = "gelu", use_grouped: bool | None = None) -> torch.Tensor:
+    """x_AD sorted by expert (``expert_A`` non-decreasing, ``counts_E`` rows each) -> (A, D).
+
+    ``use_grouped`` None picks torch._grouped_mm where the device and dtype support it.
+    """
+    device_type = x_AD.device.type
+    if torch.is_autocast_enabled(device_type):
+        # A custom Function is not autocast: run it in the autocast dtype; .to() carries the
+        # gradients back to the fp32 weights.
+        dtype = torch.get_autocast_dtype(device_type)
+        x_AD, w1_EDF, w2_EHD = x_AD.to(dtype), w1_EDF.to(dtype), w2_EHD.to(dtype)
+        b1_EF = None if b1_EF is None else b1_EF.to(dtype)
+        b2_ED = None if b2_ED is None else b2_ED.to(dtype)
+    if use_grouped is None:
+        # _grouped_mm wants every row stride to be a multiple of 16 bytes.
+        aligned = all(n * x_AD.element_size() % 16 == 0 for n in (*w1_EDF.shape[1:], w2_EHD.size(1)))
+        use_grouped = aligned and grouped_mm_supported(device_type, x_AD.dtype)
+    return _ExpertMLP.apply(x_AD, expert_A, counts_E, w1_EDF, b1_EF, w2_EHD, b2_ED, activation, use_grouped)
