@@ -1,4 +1,4 @@
-"""Command line: ``moevlm train | caption | eval | demo`` (design.md §2).
+"""Command line: ``moevlm train | caption | eval | demo | bench`` (design.md §2).
 
 User mistakes end with one line on stderr and exit code 2; no traceback.
 """
@@ -62,6 +62,13 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", type=Path, default=Path("runs/demo"), help="where data, checkpoint and plots go")
     demo.add_argument("--max-steps", type=int, help="fewer steps for a quick look")
     demo.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
+
+    bench = sub.add_parser("bench", help="measure training, MoE and generation speed on this machine",
+                           description="Speed figures on this machine (a few minutes on 2 CPU cores); on a "
+                                       "GPU also bf16 figures for the ~100M-parameter base preset.")
+    bench.add_argument("--json", action="store_true", help="print one JSON object")
+    bench.add_argument("--quick", action="store_true", help="tiny sizes, seconds: checks that it runs, "
+                                                             "figures mean nothing")
     return parser
 
 
@@ -139,7 +146,16 @@ def _cmd_demo(args) -> int:
     return 0
 
 
-COMMANDS = {"train": _cmd_train, "caption": _cmd_caption, "eval": _cmd_eval, "demo": _cmd_demo}
+def _cmd_bench(args) -> int:
+    from moevlm.bench import format_table, run_bench
+
+    result = run_bench(quick=args.quick)
+    print(json.dumps(result) if args.json else format_table(result))
+    return 0
+
+
+COMMANDS = {"train": _cmd_train, "caption": _cmd_caption, "eval": _cmd_eval, "demo": _cmd_demo,
+            "bench": _cmd_bench}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -180,6 +180,9 @@ class TrainConfig:
     log_every: int = 10
     seed: int = 0
     device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1" ...
+    # torch.compile the training forward (inductor; needs a C++ compiler on CPU). It pays off on
+    # long runs on a GPU; on a small CPU model the compile time dominates.
+    compile: bool = False
     val_generate: int = 64  # validation rows captioned for exact match at each evaluation
 
     def __post_init__(self):

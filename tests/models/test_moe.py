@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from moevlm.config import MoEConfig
+from moevlm.models import grouped
 from moevlm.models.moe import IMAGE, PAD, TEXT, MoE
 
 
@@ -27,7 +28,9 @@ def expert_grads(moe, x_ND, experts_NK, weights_NK, fn):
 
 @pytest.mark.parametrize("activation", ["gelu", "swiglu"])
 @pytest.mark.parametrize("use_grouped", [True, False])
-def test_grouped_experts_match_reference_values_and_gradients(activation, use_grouped):
+@pytest.mark.parametrize("gather_bias", [True, False])
+def test_grouped_experts_match_reference_values_and_gradients(activation, use_grouped, gather_bias, monkeypatch):
+    monkeypatch.setattr(grouped, "_gather_bias", lambda t: gather_bias)  # large-tensor bias path too
     moe = make_moe(activation=activation, num_experts=8, top_k=2).eval()
     torch.manual_seed(1)
     x_ND = torch.randn(37, 8)
@@ -41,6 +44,17 @@ def test_grouped_experts_match_reference_values_and_gradients(activation, use_gr
     for got, want in zip(fast[1], slow[1]):
         torch.testing.assert_close(got, want)
     assert torch.count_nonzero(fast[1][1][6:]) == 0  # unused experts get exactly zero gradient
+
+
+@pytest.mark.parametrize("activation", ["gelu", "swiglu"])
+def test_decoding_path_for_a_few_tokens_matches_sorted_dispatch(activation):
+    moe = make_moe(activation=activation, num_experts=8, top_k=2).eval()
+    x = torch.randn(1, 3, 8)  # 3 tokens x 2 experts <= 8 experts: the few-token path
+    with torch.no_grad():
+        few = moe(x)
+        _, experts_NK, weights_NK = moe.route(x[0])
+        torch.testing.assert_close(few[0], moe.experts_sorted(x[0], experts_NK, weights_NK))
+    assert int(moe.last_load.sum()) == 3 * 2
 
 
 def test_grouped_experts_under_bf16_autocast_keep_fp32_gradients():

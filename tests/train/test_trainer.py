@@ -126,3 +126,24 @@ def test_bf16_autocast_trains_on_cpu(shapes_csv, tmp_path):
     trainer, result = train(tiny(**{"train.max_steps": 2, "train.precision": "bf16"}), shapes_csv, tmp_path / "run")
     assert trainer.amp_dtype == torch.bfloat16
     assert all(torch.isfinite(torch.tensor(v)) for _, v in trainer.history["train/loss"])
+
+
+def test_compiled_training_follows_the_eager_loss_curve(shapes_csv, tmp_path, monkeypatch):
+    # aot_eager traces the model the way inductor does (dynamo graphs, graph breaks, AOT
+    # autograd) without the minutes of C++ compilation; compiled random numbers differ from
+    # eager ones, so router noise is off.
+    compiled_with = []
+    real_compile = torch.compile
+
+    def compile_for_test(model, **kw):
+        compiled_with.append(model)
+        return real_compile(model, backend="aot_eager", **kw)
+
+    monkeypatch.setattr(trainer_module.torch, "compile", compile_for_test)
+    settings = {"train.max_steps": 4, "train.log_every": 1, "train.eval_every": 100, "moe.router_noise": "false"}
+    eager, _ = train(tiny(**settings), shapes_csv, tmp_path / "eager")
+    compiled, _ = train(tiny(**settings, **{"train.compile": "true"}), shapes_csv, tmp_path / "compiled")
+    assert compiled_with == [compiled.model] and compiled.forward is not compiled.model
+    eager_losses = [v for _, v in eager.history["train/loss"]]
+    assert len(eager_losses) == 4
+    assert [v for _, v in compiled.history["train/loss"]] == pytest.approx(eager_losses, rel=1e-5)

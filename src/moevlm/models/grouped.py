@@ -65,6 +65,28 @@ def grouped_weight_grad(x_AI: torch.Tensor, g_AO: torch.Tensor, counts_E: torch.
     return out
 
 
+def _gather_bias(t_AF: torch.Tensor) -> bool:
+    """One gather of the biases (no host sync) on a GPU and for small tensors; per-expert
+    slices on a CPU once an (A, F) temporary no longer fits in cache (measured: 7 % faster
+    at 2048 x 1024, 7 % slower at 528 x 512)."""
+    return t_AF.is_cuda or t_AF.numel() < 1 << 21
+
+
+def _add_bias(t_AF: torch.Tensor, b_EF: torch.Tensor, expert_A: torch.Tensor, counts_E: torch.Tensor) -> None:
+    """t_AF[a] += b_EF[expert_A[a]], in place."""
+    if _gather_bias(t_AF):
+        t_AF += b_EF[expert_A]
+        return
+    for e, (start, end) in enumerate(_bounds(counts_E)):
+        t_AF[start:end] += b_EF[e]
+
+
+def _bias_grad(g_AF: torch.Tensor, expert_A: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+    if _gather_bias(g_AF):
+        return g_AF.new_zeros(counts_E.numel(), g_AF.size(1)).index_add_(0, expert_A, g_AF)
+    return torch.stack([g_AF[start:end].sum(0) for start, end in _bounds(counts_E)])
+
+
 def _activate(pre_AF: torch.Tensor, activation: str) -> torch.Tensor:
     if activation == "gelu":
         return F.gelu(pre_AF)
@@ -84,11 +106,11 @@ class _ExpertMLP(torch.autograd.Function):
     def forward(ctx, x_AD, expert_A, counts_E, w1_EDF, b1_EF, w2_EHD, b2_ED, activation, use_grouped):
         pre_AF = grouped_matmul(x_AD, w1_EDF, counts_E, use_grouped)
         if b1_EF is not None:
-            pre_AF += b1_EF[expert_A]
+            _add_bias(pre_AF, b1_EF, expert_A, counts_E)
         act_AH = _activate(pre_AF, activation)
         out_AD = grouped_matmul(act_AH, w2_EHD, counts_E, use_grouped)
         if b2_ED is not None:
-            out_AD += b2_ED[expert_A]
+            _add_bias(out_AD, b2_ED, expert_A, counts_E)
         ctx.save_for_backward(x_AD, expert_A, counts_E, w1_EDF, w2_EHD, pre_AF, act_AH)
         ctx.activation, ctx.use_grouped = activation, use_grouped
         ctx.has_bias = b1_EF is not None, b2_ED is not None
@@ -97,7 +119,7 @@ class _ExpertMLP(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_AD):
         x_AD, expert_A, counts_E, w1_EDF, w2_EHD, pre_AF, act_AH = ctx.saved_tensors
-        grouped, E = ctx.use_grouped, counts_E.numel()
+        grouped = ctx.use_grouped
         grad_AD = grad_AD.contiguous()
         grad_w2 = grouped_weight_grad(act_AH, grad_AD, counts_E, grouped)
         grad_act_AH = grouped_matmul(grad_AD, w2_EHD.transpose(1, 2), counts_E, grouped)
@@ -105,10 +127,8 @@ class _ExpertMLP(torch.autograd.Function):
         grad_w1 = grouped_weight_grad(x_AD, grad_pre_AF, counts_E, grouped)
         grad_x = grouped_matmul(grad_pre_AF, w1_EDF.transpose(1, 2), counts_E, grouped) \
             if ctx.needs_input_grad[0] else None
-        grad_b1 = grad_pre_AF.new_zeros(E, grad_pre_AF.size(1)).index_add_(0, expert_A, grad_pre_AF) \
-            if ctx.has_bias[0] else None
-        grad_b2 = grad_AD.new_zeros(E, grad_AD.size(1)).index_add_(0, expert_A, grad_AD) \
-            if ctx.has_bias[1] else None
+        grad_b1 = _bias_grad(grad_pre_AF, expert_A, counts_E) if ctx.has_bias[0] else None
+        grad_b2 = _bias_grad(grad_AD, expert_A, counts_E) if ctx.has_bias[1] else None
         return grad_x, None, None, grad_w1, grad_b1, grad_w2, grad_b2, None, None
 
 
@@ -128,7 +148,11 @@ def expert_mlp(x_AD: torch.Tensor, expert_A: torch.Tensor, counts_E: torch.Tenso
         b1_EF = None if b1_EF is None else b1_EF.to(dtype)
         b2_ED = None if b2_ED is None else b2_ED.to(dtype)
     if use_grouped is None:
-        # _grouped_mm wants every row stride to be a multiple of 16 bytes.
+        # _grouped_mm wants every row stride to be a multiple of 16 bytes. Under torch.compile
+        # its shape function accepts only CUDA bf16, and the probe must not be traced.
         aligned = all(n * x_AD.element_size() % 16 == 0 for n in (*w1_EDF.shape[1:], w2_EHD.size(1)))
-        use_grouped = aligned and grouped_mm_supported(device_type, x_AD.dtype)
+        if torch.compiler.is_compiling():
+            use_grouped = aligned and device_type == "cuda" and x_AD.dtype == torch.bfloat16
+        else:
+            use_grouped = aligned and grouped_mm_supported(device_type, x_AD.dtype)
     return _ExpertMLP.apply(x_AD, expert_A, counts_E, w1_EDF, b1_EF, w2_EHD, b2_ED, activation, use_grouped)

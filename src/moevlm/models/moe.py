@@ -94,7 +94,7 @@ class MoE(nn.Module):
             kept_A = rank_A < capacity
             token_A, expert_A, weight_A = token_A[kept_A], expert_A[kept_A], weight_A[kept_A]
             counts_E = counts_E.clamp(max=capacity)
-        out_AD = expert_mlp(x_ND[token_A], expert_A, counts_E, self.w1_EDH, self.b1_EH, self.w2_EHD,
+        out_AD = expert_mlp(x_ND.index_select(0, token_A), expert_A, counts_E, self.w1_EDH, self.b1_EH, self.w2_EHD,
                             self.b2_ED, self.cfg.activation, use_grouped)
         y_ND = torch.zeros_like(x_ND, dtype=out_AD.dtype)
         return y_ND.index_add_(0, token_A, out_AD * weight_A.unsqueeze(1).to(out_AD.dtype))

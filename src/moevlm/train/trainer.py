@@ -46,7 +46,8 @@ def build_optimizer(model: torch.nn.Module, cfg) -> torch.optim.AdamW:
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+    # The fused kernel updates every tensor in one pass: about half the optimizer time on CPU.
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=True)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -88,6 +89,9 @@ class Trainer:
         self.device = resolve_device(tc.device)
         self.amp_dtype = autocast_dtype(tc.precision, self.device)
         self.model = model.to(self.device)
+        # Training steps go through the compiled module; it shares the parameters, so
+        # checkpoints, evaluation and generation use the plain one.
+        self.forward = torch.compile(self.model) if tc.compile else self.model
         self.optimizer = build_optimizer(self.model, tc)
         if optimizer_state is not None:
             self.optimizer.load_state_dict(optimizer_state)
@@ -107,7 +111,7 @@ class Trainer:
         if "rng" in state:
             _set_rng_state(state["rng"], self.device)
 
-    def _batches(self):
+    def batches(self):
         """Endless batches; (epoch, batch_in_epoch) always names the next batch, for resume."""
         while True:
             self.sampler.set_position(self.epoch, self.batch_in_epoch)
@@ -144,7 +148,7 @@ class Trainer:
             batch = {k: v.to(self.device, non_blocking=True) for k, v in next(batches).items()}
             with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
                                 enabled=self.amp_dtype is not None):
-                out = self.model(batch["images"], batch["input_ids"], batch["attention_mask"], batch["labels"])
+                out = self.forward(batch["images"], batch["input_ids"], batch["attention_mask"], batch["labels"])
             (out.loss / tc.grad_accum).backward()
             totals["loss"] += out.loss.item() / tc.grad_accum
             totals["lm_loss"] += out.lm_loss.item() / tc.grad_accum
@@ -191,7 +195,7 @@ class Trainer:
 
     def fit(self) -> dict:
         tc = self.config.train
-        batches = self._batches()
+        batches = self.batches()
         bar = tqdm(total=tc.max_steps, initial=self.step, disable=not self.progress, unit="step",
                    dynamic_ncols=True)
         window_tokens, window_start = 0, time.perf_counter()
