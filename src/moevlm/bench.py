@@ -1,7 +1,8 @@
 """``moevlm bench``: speed on the machine it runs on, against that machine's own matmul rate.
 
 Every figure is a median over repeats after warm-up. Ratios time the two sides in alternating
-rounds, so a drifting clock or a busy neighbour affects both alike.
+rounds, so a drifting clock or a busy neighbour affects both alike. On a shared virtual
+machine the figures move by 10-20 % from run to run; compare runs made side by side.
 """
 
 from __future__ import annotations
@@ -66,13 +67,12 @@ def seconds(fn: Callable[[], object], device: torch.device, repeat: int = 5, war
 
 
 def time_ratio(fn_a: Callable, fn_b: Callable, device: torch.device, rounds: int = 5) -> float:
-    """median time of fn_a / median time of fn_b, measured in alternating rounds."""
-    for fn in (fn_a, fn_b):
-        seconds(fn, device, repeat=0)  # warm-up only
+    """median time of fn_a / median time of fn_b. They alternate, each timed call right after
+    an untimed one of its own, so both are measured warm and under the same conditions."""
     a, b = [], []
     for _ in range(rounds):
-        a += seconds(fn_a, device, repeat=1, warmup=0)
-        b += seconds(fn_b, device, repeat=1, warmup=0)
+        a += seconds(fn_a, device, repeat=1, warmup=1)
+        b += seconds(fn_b, device, repeat=1, warmup=1)
     return statistics.median(a) / statistics.median(b)
 
 

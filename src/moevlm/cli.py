@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import sys
+import warnings
 from pathlib import Path
 
 from moevlm.config import PRESETS
@@ -163,6 +164,9 @@ def main(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="moevlm: %(message)s")
+    # Pillow warns (file, line and source) about images it still decodes, e.g. corrupt EXIF;
+    # an image it cannot use ends in our own one-line error instead.
+    warnings.filterwarnings("ignore", module="PIL")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         return COMMANDS[args.command](args)
