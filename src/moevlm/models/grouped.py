@@ -87,18 +87,25 @@ def _bias_grad(g_AF: torch.Tensor, expert_A: torch.Tensor, counts_E: torch.Tenso
     return torch.stack([g_AF[start:end].sum(0) for start, end in _bounds(counts_E)])
 
 
-def _activate(pre_AF: torch.Tensor, activation: str) -> torch.Tensor:
+def _activate(pre_AF: torch.Tensor, activation: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The activation, and for swiglu silu(gate), kept so the backward need not recompute it."""
     if activation == "gelu":
-        return F.gelu(pre_AF)
+        return F.gelu(pre_AF), None
     gate, up = pre_AF.chunk(2, dim=-1)
-    return F.silu(gate) * up
+    silu_gate = F.silu(gate)
+    return silu_gate * up, silu_gate
 
 
-def _activation_grad(grad_AH: torch.Tensor, pre_AF: torch.Tensor, activation: str) -> torch.Tensor:
+def _activation_grad(grad_AH: torch.Tensor, pre_AF: torch.Tensor, silu_gate_AH: torch.Tensor | None,
+                     activation: str) -> torch.Tensor:
     if activation == "gelu":
         return torch.ops.aten.gelu_backward(grad_AH, pre_AF)
     gate, up = pre_AF.chunk(2, dim=-1)
-    return torch.cat([torch.ops.aten.silu_backward(grad_AH * up, gate), grad_AH * F.silu(gate)], dim=-1)
+    grad_pre_AF = torch.empty_like(pre_AF)
+    grad_gate, grad_up = grad_pre_AF.chunk(2, dim=-1)  # written in place: no concatenation
+    torch.ops.aten.silu_backward.grad_input(grad_AH * up, gate, grad_input=grad_gate)
+    torch.mul(grad_AH, silu_gate_AH, out=grad_up)
+    return grad_pre_AF
 
 
 class _ExpertMLP(torch.autograd.Function):
@@ -107,23 +114,23 @@ class _ExpertMLP(torch.autograd.Function):
         pre_AF = grouped_matmul(x_AD, w1_EDF, counts_E, use_grouped)
         if b1_EF is not None:
             _add_bias(pre_AF, b1_EF, expert_A, counts_E)
-        act_AH = _activate(pre_AF, activation)
+        act_AH, silu_gate_AH = _activate(pre_AF, activation)
         out_AD = grouped_matmul(act_AH, w2_EHD, counts_E, use_grouped)
         if b2_ED is not None:
             _add_bias(out_AD, b2_ED, expert_A, counts_E)
-        ctx.save_for_backward(x_AD, expert_A, counts_E, w1_EDF, w2_EHD, pre_AF, act_AH)
+        ctx.save_for_backward(x_AD, expert_A, counts_E, w1_EDF, w2_EHD, pre_AF, act_AH, silu_gate_AH)
         ctx.activation, ctx.use_grouped = activation, use_grouped
         ctx.has_bias = b1_EF is not None, b2_ED is not None
         return out_AD
 
     @staticmethod
     def backward(ctx, grad_AD):
-        x_AD, expert_A, counts_E, w1_EDF, w2_EHD, pre_AF, act_AH = ctx.saved_tensors
+        x_AD, expert_A, counts_E, w1_EDF, w2_EHD, pre_AF, act_AH, silu_gate_AH = ctx.saved_tensors
         grouped = ctx.use_grouped
         grad_AD = grad_AD.contiguous()
         grad_w2 = grouped_weight_grad(act_AH, grad_AD, counts_E, grouped)
         grad_act_AH = grouped_matmul(grad_AD, w2_EHD.transpose(1, 2), counts_E, grouped)
-        grad_pre_AF = _activation_grad(grad_act_AH, pre_AF, ctx.activation)
+        grad_pre_AF = _activation_grad(grad_act_AH, pre_AF, silu_gate_AH, ctx.activation)
         grad_w1 = grouped_weight_grad(x_AD, grad_pre_AF, counts_E, grouped)
         grad_x = grouped_matmul(grad_pre_AF, w1_EDF.transpose(1, 2), counts_E, grouped) \
             if ctx.needs_input_grad[0] else None
