@@ -102,11 +102,18 @@ class MoE(nn.Module):
     def experts_few(self, x_ND: torch.Tensor, experts_NK: torch.Tensor, weights_NK: torch.Tensor) -> torch.Tensor:
         """Inference on a handful of tokens (a decoding step): each token straight through its
         k experts. Sorting and grouping would cost more than the matmuls here."""
+        w1, w2, b1, b2 = self.w1_EDH, self.w2_EHD, self.b1_EH, self.b2_ED
         rows = []
-        for n, (experts, weights) in enumerate(zip(experts_NK.tolist(), weights_NK.unbind())):
+        for n, (experts, weights) in enumerate(zip(experts_NK.tolist(), weights_NK.to(x_ND.dtype).unbind())):
             x_1D = x_ND[n:n + 1]
-            outs = [self._expert_reference(e, x_1D) for e in experts]
-            rows.append(weights.to(x_ND.dtype) @ torch.cat(outs))
+            outs = []
+            for e in experts:
+                if b1 is None:  # swiglu
+                    gate, up = torch.mm(x_1D, w1[e]).chunk(2, dim=-1)
+                    outs.append(torch.mm(F.silu(gate) * up, w2[e]))
+                else:
+                    outs.append(torch.addmm(b2[e], F.gelu(torch.addmm(b1[e], x_1D, w1[e])), w2[e]))
+            rows.append(weights @ torch.cat(outs))
         return torch.stack(rows)
 
     def _expert_reference(self, e: int, x_D: torch.Tensor) -> torch.Tensor:
@@ -134,8 +141,7 @@ class MoE(nn.Module):
         """Routed counts split image / text and, in training, aux losses over the real
         (non-pad) tokens."""
         E, K = self.cfg.num_experts, self.cfg.top_k
-        kind_A = kind_N.repeat_interleave(K)
-        counts = torch.bincount(kind_A * E + experts_NK.reshape(-1), minlength=3 * E)
+        counts = torch.bincount((kind_N[:, None] * E + experts_NK).reshape(-1), minlength=3 * E)
         self.last_load = counts.view(3, E)[1:].detach()
         if not self.training:
             self.aux = {}
