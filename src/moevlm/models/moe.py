@@ -78,7 +78,7 @@ class MoE(nn.Module):
                        weights_NK: torch.Tensor, use_grouped: bool | None = None) -> torch.Tensor:
         """Dropless (or capacity-limited) dispatch: sort assignments by expert, run every
         expert on its contiguous group (models/grouped.py), weighted scatter-add back to the
-        tokens. No host sync where torch._grouped_mm runs."""
+        tokens. On a GPU where torch._grouped_mm runs there is no host sync."""
         N, D = x_ND.shape
         E, K = self.cfg.num_experts, self.cfg.top_k
         experts_A = experts_NK.reshape(-1)
