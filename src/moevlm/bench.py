@@ -185,9 +185,7 @@ def train_step(config: Config, device: torch.device, steps: int = 10, warmup: in
         tokens = []
         times = seconds(lambda: tokens.append(trainer.train_step(batches)["tokens"]), device, steps, warmup)
     step_s = statistics.median(times)
-    batch = next(iter(torch.utils.data.DataLoader(trainer.train_set, batch_size=config.train.batch_size,
-                                                  collate_fn=trainer.loader.collate_fn)))
-    batch = {name: value.to(device) for name, value in batch.items()}
+    batch = {name: value.to(device) for name, value in next(batches).items()}
     model.train()
     with FlopCounterMode(display=False) as counter, torch.autocast(
             device.type, dtype=trainer.amp_dtype or torch.float32, enabled=trainer.amp_dtype is not None):
