@@ -39,6 +39,15 @@ class VisionConfig:
     # (every patch) or "pooled" (patch grid average-pooled to `pooled_tokens` tokens).
     image_tokens: str = "patches"
     pooled_tokens: int = 4
+    # A pretrained CLIP or SigLIP vision tower (hub id or local folder; ``--set
+    # model.vision=hf:ID`` sets it). Its sizes then come from its own config.json
+    # (models/pretrained.py fills image_size, patch_size, width, depth and heads in).
+    pretrained: str | None = None
+    feature_layer: int = -2  # hidden layer whose outputs become image tokens (LLaVA: the second to last)
+    keep_cls: bool = False  # CLIP only: keep the CLS output as an extra image token
+    # The pretrained tower's own config (its config.json as a dict), filled in when the model is
+    # first built, so a checkpoint rebuilds the architecture without the source at hand.
+    hf_config: dict | None = None
     num_patches: int = field(init=False)
     num_image_tokens: int = field(init=False)
 
@@ -50,6 +59,10 @@ class VisionConfig:
         _check(self.image_tokens in ("cls", "patches", "pooled"),
                f"vision.image_tokens must be cls, patches or pooled, not {self.image_tokens!r}")
         self.num_patches = (self.image_size // self.patch_size) ** 2
+        if self.pretrained is not None:
+            self.image_tokens = "patches"  # a pretrained tower gives every patch (vision.keep_cls adds CLS)
+            self.num_image_tokens = self.num_patches + int(self.keep_cls)
+            return
         if self.image_tokens == "pooled":
             side = round(self.pooled_tokens ** 0.5)
             grid = self.image_size // self.patch_size
@@ -68,33 +81,40 @@ class ProjectorConfig:
         _check(self.kind in ("mlp", "linear"), f"projector.kind must be mlp or linear, not {self.kind!r}")
 
 
+ACTIVATIONS = ("gelu", "gelu_tanh", "swiglu")
+
+
 @dataclass
 class MoEConfig:
     num_experts: int = 4
     top_k: int = 2
-    # "all", "every-other" (1, 3, 5 ...), "none" or a list of layer indices.
-    layers: Any = "all"
+    # "all", "every-other" (1, 3, 5 ...), "none" or a list of layer indices. None: "all" for a
+    # decoder trained from scratch, "none" for a pretrained LM (dense until upcycled).
+    layers: Any = None
     shared_expert: bool = False
     # None: dropless. Otherwise each expert takes at most ceil(factor * tokens * k / experts).
     capacity_factor: float | None = None
     router_noise: bool = True
     aux_loss_coef: float = 0.01
     z_loss_coef: float = 0.001
-    # Expert feed-forward: "gelu" (two matrices with biases, like the dense FFN) or "swiglu"
-    # (gate, up and down matrices without biases, like Llama and Mixtral experts).
+    # Expert feed-forward: "gelu" (two matrices with biases, like the dense FFN), "gelu_tanh"
+    # (the same with GPT-2's tanh approximation of GELU) or "swiglu" (gate, up and down
+    # matrices without biases, like Llama and Mixtral experts).
     activation: str = "gelu"
 
     def __post_init__(self):
-        _check(self.activation in ("gelu", "swiglu"),
-               f"moe.activation must be gelu or swiglu, not {self.activation!r}")
+        _check(self.activation in ACTIVATIONS,
+               f"moe.activation must be {', '.join(ACTIVATIONS)}, not {self.activation!r}")
         _check(1 <= self.top_k <= self.num_experts,
                f"moe.top_k {self.top_k} must be between 1 and moe.num_experts {self.num_experts}")
         _check(self.capacity_factor is None or self.capacity_factor > 0,
                "moe.capacity_factor must be positive or null (dropless)")
-        _check(isinstance(self.layers, list) or self.layers in ("all", "every-other", "none"),
+        _check(self.layers is None or isinstance(self.layers, list) or self.layers in ("all", "every-other", "none"),
                f"moe.layers must be all, every-other, none or a list of layer indices, not {self.layers!r}")
 
-    def layer_indices(self, depth: int) -> list[int]:
+    def layer_indices(self, depth: int, pretrained: bool = False) -> list[int]:
+        if self.layers is None:
+            return [] if pretrained else list(range(depth))
         if self.layers == "all":
             return list(range(depth))
         if self.layers == "every-other":
@@ -117,24 +137,40 @@ class DecoderConfig:
     dropout: float = 0.0
     tie_embeddings: bool = True
     moe: MoEConfig = field(default_factory=MoEConfig)
+    # A pretrained causal LM (hub id or local folder; ``--set model.lm=hf:ID`` sets it). Its
+    # sizes and tokenizer then come from its own files (models/pretrained.py fills them in).
+    pretrained: str | None = None
+    # LoRA adapters (peft) on the pretrained LM's attention and MLP projections; 0: none.
+    lora_rank: int = 0
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    hf_config: dict | None = None  # the pretrained LM's config.json as a dict (see VisionConfig)
+    # With a pretrained LM, the id in input_ids that marks an image-token position. None: the
+    # LM's vocabulary size, an id no text token has (an imported LLaVA keeps its own).
+    image_token_id: int | None = None
     moe_layer_indices: list = field(init=False)
 
     def __post_init__(self):
+        _check(self.lora_rank >= 0, "decoder.lora_rank must be >= 0")
+        _check(self.lora_rank == 0 or self.pretrained is not None,
+               "decoder.lora_rank needs a pretrained LM (model.lm=hf:ID); a model trained from scratch trains all weights")
         _check(self.width % self.heads == 0,
                f"decoder.width {self.width} is not divisible by decoder.heads {self.heads}")
         _check(self.max_text_len >= 3, "decoder.max_text_len must be at least 3 (<bos>, a token, <eos>)")
         if self.ffn_hidden is None:
             self.ffn_hidden = 4 * self.width
-        self.moe_layer_indices = self.moe.layer_indices(self.depth)
+        self.moe_layer_indices = self.moe.layer_indices(self.depth, pretrained=self.pretrained is not None)
 
 
 @dataclass
 class TokenizerConfig:
-    kind: str = "char"  # "char" (one token per character, as the seed) or "bpe"
+    # "char" (one token per character, as the seed), "bpe", or "hf": the pretrained LM's own
+    # tokenizer and chat template (set automatically with model.lm=hf:ID).
+    kind: str = "char"
     vocab_size: int = 512  # bpe only: target vocabulary size
 
     def __post_init__(self):
-        _check(self.kind in ("char", "bpe"), f"tokenizer.kind must be char or bpe, not {self.kind!r}")
+        _check(self.kind in ("char", "bpe", "hf"), f"tokenizer.kind must be char, bpe or hf, not {self.kind!r}")
 
 
 @dataclass
@@ -143,6 +179,16 @@ class ModelConfig:
     projector: ProjectorConfig = field(default_factory=ProjectorConfig)
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+
+    def __post_init__(self):
+        if self.decoder.pretrained is not None:
+            self.tokenizer.kind = "hf"
+        _check(self.tokenizer.kind != "hf" or self.decoder.pretrained is not None,
+               "tokenizer.kind hf needs a pretrained LM (model.lm=hf:ID)")
+
+    @property
+    def uses_pretrained(self) -> bool:
+        return self.vision.pretrained is not None or self.decoder.pretrained is not None
 
 
 @dataclass
@@ -157,6 +203,12 @@ class DataConfig:
         _check(0 <= self.val_fraction < 1, "data.val_fraction must be in [0, 1)")
         _check(self.on_bad_row in ("error", "skip"), f"data.on_bad_row must be error or skip, not {self.on_bad_row!r}")
         _check(self.num_workers >= 0, "data.num_workers must be >= 0")
+
+
+STAGES = ("full", "pretrain", "instruct", "moe")
+PARAM_GROUPS = ("vision", "projector", "lm", "moe")
+STAGE_TRAINABLE = {"full": PARAM_GROUPS, "pretrain": ("projector",), "instruct": ("projector", "lm", "moe"),
+                   "moe": ("moe",)}
 
 
 @dataclass
@@ -184,8 +236,29 @@ class TrainConfig:
     # long runs on a GPU; on a small CPU model the compile time dominates.
     compile: bool = False
     val_generate: int = 64  # validation rows captioned for exact match at each evaluation
+    # Which parts learn. "full": everything (training from scratch); "pretrain": the projector
+    # only; "instruct": projector and LM, loss on answers only; "moe": the MoE layers (experts
+    # and routers), after upcycling a dense LM. ``trainable`` overrides the stage's choice with
+    # a list of groups: vision, projector, lm (every LM weight outside MoE layers), moe.
+    stage: str = "full"
+    trainable: list | None = None
+    # Learning rate per group; None: train.lr.
+    lr_vision: float | None = None
+    lr_projector: float | None = None
+    lr_lm: float | None = None
+    lr_moe: float | None = None
+    # Pretrained weights that no stage has trained are named in pretrained.json and loaded from
+    # their source, not copied into every checkpoint; true writes them into model.safetensors too.
+    save_frozen: bool = False
 
     def __post_init__(self):
+        _check(self.stage in STAGES, f"train.stage must be {', '.join(STAGES)}, not {self.stage!r}")
+        if self.trainable is not None:
+            _check(isinstance(self.trainable, list) and self.trainable
+                   and all(group in PARAM_GROUPS for group in self.trainable),
+                   f"train.trainable must be a non-empty list of {', '.join(PARAM_GROUPS)}, not {self.trainable!r}")
+        for name in ("lr_vision", "lr_projector", "lr_lm", "lr_moe"):
+            _check(getattr(self, name) is None or getattr(self, name) > 0, f"train.{name} must be positive")
         for name in ("batch_size", "grad_accum", "max_steps", "eval_every", "checkpoint_every", "keep_checkpoints",
                      "log_every"):
             _check(getattr(self, name) >= 1, f"train.{name} must be >= 1")
@@ -226,18 +299,33 @@ def _build(cls, values: dict, prefix: str):
     if not isinstance(values, dict):
         raise ConfigError(f"config section {prefix.rstrip('.') or '(top)'} must be a mapping")
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    if cls is ModelConfig and "lm" in values:  # model.lm is another name for model.decoder
+        values = dict(values)
+        lm = values.pop("lm")
+        if isinstance(lm, str):
+            lm = _pretrained_section(lm, f"{prefix}lm")
+        values["decoder"] = _merge(values.get("decoder") or {}, lm) if isinstance(lm, dict) else lm
     unknown = sorted(set(values) - set(fields))
     if unknown:
         raise ConfigError(f"unknown config key {prefix}{unknown[0]} (known: {', '.join(sorted(fields))})")
     kwargs = {}
     for name, value in values.items():
         sub = _nested_type(cls, name)
+        if sub in (VisionConfig, DecoderConfig) and isinstance(value, str):
+            value = _pretrained_section(value, f"{prefix}{name}")
         kwargs[name] = (_build(sub, value, f"{prefix}{name}.") if sub
                         else _coerce(fields[name].type, value, f"{prefix}{name}"))
     try:
         return cls(**kwargs)
     except TypeError as err:
         raise ConfigError(f"bad value in config section {prefix.rstrip('.')}: {err}") from None
+
+
+def _pretrained_section(value: str, key: str) -> dict:
+    """``model.vision=hf:ID`` is short for ``model.vision.pretrained=ID`` (same for the LM)."""
+    if not value.startswith("hf:") or not value[3:].strip():
+        raise ConfigError(f"config key {key} takes a section or hf:<hub id or folder>, not {value!r}")
+    return {"pretrained": value[3:].strip()}
 
 
 def _coerce(annotation: str, value, key: str):
@@ -277,7 +365,7 @@ def _nested_type(cls, name):
 
 # Shorter spellings for --set: "vision.width" means "model.vision.width".
 _ALIASES = {"vision": "model.vision", "projector": "model.projector", "decoder": "model.decoder",
-            "tokenizer": "model.tokenizer", "moe": "model.decoder.moe"}
+            "lm": "model.decoder", "tokenizer": "model.tokenizer", "moe": "model.decoder.moe"}
 
 
 def _merge(base: dict, extra: dict) -> dict:
@@ -294,11 +382,15 @@ def _nest(dotted_key: str, value) -> dict:
     head = dotted_key.split(".", 1)[0]
     if head in _ALIASES:
         dotted_key = _ALIASES[head] + dotted_key[len(head):]
+    if dotted_key == "model.lm" or dotted_key.startswith("model.lm."):
+        dotted_key = "model.decoder" + dotted_key[len("model.lm"):]
     out: dict = {}
     node = out
     parts = dotted_key.split(".")
     for part in parts[:-1]:
         node = node.setdefault(part, {})
+    if dotted_key in ("model.vision", "model.decoder") and isinstance(value, str):
+        value = _pretrained_section(value, dotted_key)
     node[parts[-1]] = value
     return out
 
