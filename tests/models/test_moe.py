@@ -26,7 +26,7 @@ def expert_grads(moe, x_ND, experts_NK, weights_NK, fn):
     return out.detach(), [x_ND.grad] + [p.grad.clone() for p in params]
 
 
-@pytest.mark.parametrize("activation", ["gelu", "swiglu"])
+@pytest.mark.parametrize("activation", ["gelu", "gelu_tanh", "swiglu"])
 @pytest.mark.parametrize("use_grouped", [True, False])
 @pytest.mark.parametrize("gather_bias", [True, False])
 def test_grouped_experts_match_reference_values_and_gradients(activation, use_grouped, gather_bias, monkeypatch):
@@ -46,7 +46,7 @@ def test_grouped_experts_match_reference_values_and_gradients(activation, use_gr
     assert torch.count_nonzero(fast[1][1][6:]) == 0  # unused experts get exactly zero gradient
 
 
-@pytest.mark.parametrize("activation", ["gelu", "swiglu"])
+@pytest.mark.parametrize("activation", ["gelu", "gelu_tanh", "swiglu"])
 def test_decoding_path_for_a_few_tokens_matches_sorted_dispatch(activation):
     moe = make_moe(activation=activation, num_experts=8, top_k=2).eval()
     x = torch.randn(1, 3, 8)  # 3 tokens x 2 experts <= 8 experts: the few-token path
@@ -55,6 +55,17 @@ def test_decoding_path_for_a_few_tokens_matches_sorted_dispatch(activation):
         _, experts_NK, weights_NK = moe.route(x[0])
         torch.testing.assert_close(few[0], moe.experts_sorted(x[0], experts_NK, weights_NK))
     assert int(moe.last_load.sum()) == 3 * 2
+
+
+def test_gelu_tanh_experts_use_the_tanh_approximation_with_biases():
+    tanh, exact = make_moe(activation="gelu_tanh").eval(), make_moe(activation="gelu").eval()
+    tanh.load_state_dict(exact.state_dict())  # same weights, biases included
+    x_ND = torch.linspace(-3, 3, 5 * 8).view(5, 8)
+    experts_NK, weights_NK = torch.tensor([[0, 1]] * 5), torch.full((5, 2), 0.5)
+    got = tanh.experts_sorted(x_ND, experts_NK, weights_NK)
+    torch.testing.assert_close(got, tanh.experts_reference(x_ND, experts_NK, weights_NK))
+    # GELU's tanh form differs from the exact one by up to ~5e-4 per unit: visibly, not by rounding.
+    assert (got - exact.experts_sorted(x_ND, experts_NK, weights_NK)).abs().max() > 1e-5
 
 
 def test_grouped_experts_under_bf16_autocast_keep_fp32_gradients():

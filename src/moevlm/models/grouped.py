@@ -8,7 +8,8 @@ would materialise a full-sized zero gradient per slice and add them up (most of 
 backward on CPU); this backward writes each expert's gradient once. ``MoE.experts_reference``
 in moe.py is the plain version the tests compare against.
 
-Activations: ``gelu`` (F = H) and ``swiglu`` (F = 2H: gate and up projections side by side,
+Activations: ``gelu`` (F = H), ``gelu_tanh`` (F = H, GELU's tanh approximation: GPT-2's and
+Phi's ``gelu_new``) and ``swiglu`` (F = 2H: gate and up projections side by side, [gate | up],
 ``silu(gate) * up``, as in Llama and Mixtral experts).
 """
 
@@ -87,10 +88,14 @@ def _bias_grad(g_AF: torch.Tensor, expert_A: torch.Tensor, counts_E: torch.Tenso
     return torch.stack([g_AF[start:end].sum(0) for start, end in _bounds(counts_E)])
 
 
+# The two-matrix activations with biases, and the ``approximate`` F.gelu takes for each.
+GELU_APPROXIMATE = {"gelu": "none", "gelu_tanh": "tanh"}
+
+
 def _activate(pre_AF: torch.Tensor, activation: str) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The activation, and for swiglu silu(gate), kept so the backward need not recompute it."""
-    if activation == "gelu":
-        return F.gelu(pre_AF), None
+    if activation in GELU_APPROXIMATE:
+        return F.gelu(pre_AF, approximate=GELU_APPROXIMATE[activation]), None
     gate, up = pre_AF.chunk(2, dim=-1)
     silu_gate = F.silu(gate)
     return silu_gate * up, silu_gate
@@ -98,8 +103,8 @@ def _activate(pre_AF: torch.Tensor, activation: str) -> tuple[torch.Tensor, torc
 
 def _activation_grad(grad_AH: torch.Tensor, pre_AF: torch.Tensor, silu_gate_AH: torch.Tensor | None,
                      activation: str) -> torch.Tensor:
-    if activation == "gelu":
-        return torch.ops.aten.gelu_backward(grad_AH, pre_AF)
+    if activation in GELU_APPROXIMATE:
+        return torch.ops.aten.gelu_backward(grad_AH, pre_AF, approximate=GELU_APPROXIMATE[activation])
     gate, up = pre_AF.chunk(2, dim=-1)
     grad_pre_AF = torch.empty_like(pre_AF)
     grad_gate, grad_up = grad_pre_AF.chunk(2, dim=-1)  # written in place: no concatenation

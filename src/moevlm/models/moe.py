@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moevlm.config import MoEConfig
-from moevlm.models.grouped import expert_mlp
+from moevlm.models.grouped import GELU_APPROXIMATE, expert_mlp
 from moevlm.models.mlp import FeedForward
 
 # token_kind values: which tokens the load statistics and aux losses count.
@@ -34,12 +34,12 @@ class MoE(nn.Module):
         self.gate = nn.Linear(width, E, bias=False)
         # Noisy top-k: a learned per-expert noise scale, used only while training.
         self.noise = nn.Linear(width, E, bias=False) if cfg.router_noise else None
-        # gelu experts: act(x @ w1 + b1) @ w2 + b2. swiglu experts hold gate and up side by
-        # side in w1 (F = 2H) and have no biases, as Llama / Mixtral FFNs.
+        # gelu / gelu_tanh experts: act(x @ w1 + b1) @ w2 + b2. swiglu experts hold gate and up
+        # side by side in w1 ([gate | up], F = 2H) and have no biases, as Llama / Mixtral FFNs.
         inner = 2 * hidden if cfg.activation == "swiglu" else hidden
         self.w1_EDH = nn.Parameter(torch.empty(E, width, inner))
         self.w2_EHD = nn.Parameter(torch.empty(E, hidden, width))
-        has_bias = cfg.activation == "gelu"
+        has_bias = cfg.activation in GELU_APPROXIMATE
         self.b1_EH = nn.Parameter(torch.zeros(E, inner)) if has_bias else None
         self.b2_ED = nn.Parameter(torch.zeros(E, width)) if has_bias else None
         self.shared = FeedForward(width, hidden) if cfg.shared_expert else None
@@ -112,7 +112,9 @@ class MoE(nn.Module):
                     gate, up = torch.mm(x_1D, w1[e]).chunk(2, dim=-1)
                     outs.append(torch.mm(F.silu(gate) * up, w2[e]))
                 else:
-                    outs.append(torch.addmm(b2[e], F.gelu(torch.addmm(b1[e], x_1D, w1[e])), w2[e]))
+                    pre = torch.addmm(b1[e], x_1D, w1[e])
+                    act = F.gelu(pre, approximate=GELU_APPROXIMATE[self.cfg.activation])
+                    outs.append(torch.addmm(b2[e], act, w2[e]))
             rows.append(weights @ torch.cat(outs))
         return torch.stack(rows)
 
@@ -121,6 +123,8 @@ class MoE(nn.Module):
         pre = x_D @ self.w1_EDH[e] + (0 if self.b1_EH is None else self.b1_EH[e])
         if self.cfg.activation == "gelu":
             act = F.gelu(pre)
+        elif self.cfg.activation == "gelu_tanh":  # written out, as GPT-2's gelu_new
+            act = 0.5 * pre * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (pre + 0.044715 * pre ** 3)))
         else:
             gate, up = pre.chunk(2, dim=-1)
             act = F.silu(gate) * up
