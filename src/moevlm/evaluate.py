@@ -10,6 +10,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from moevlm.data.dataset import ImageTextDataset, collate
+from moevlm.data.chat import HFTokenizer
 from moevlm.data.tokenizer import Tokenizer
 from moevlm.generate import generate_texts
 from moevlm.metrics import bleu4, exact_match, expert_balance
@@ -17,12 +18,14 @@ from moevlm.models.vlm import VLM
 
 
 @torch.no_grad()
-def evaluate(model: VLM, dataset: ImageTextDataset, tokenizer: Tokenizer, *, batch_size: int = 64,
+def evaluate(model: VLM, dataset: ImageTextDataset, tokenizer: Tokenizer | HFTokenizer, *, batch_size: int = 64,
              max_generate: int | None = None, amp_dtype: torch.dtype | None = None) -> dict:
     """Returns exact_match, bleu4, loss, perplexity, num_samples, expert_load (per layer),
     expert_balance, plus expert_load_counts (tensor) and predictions [(reference, prediction)].
 
     ``max_generate`` limits how many rows are captioned (None: all); the loss uses every row.
+    Each row is generated from its first turn's prompt (``<image>`` placeholder and all: the
+    tokenizer places or drops it as in training) and scored against that turn's answer.
     """
     model.eval()
     device = next(model.parameters()).device

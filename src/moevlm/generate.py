@@ -11,8 +11,7 @@ from collections.abc import Iterator
 
 import torch
 
-from moevlm.data.dataset import prompt_ids
-from moevlm.data.images import image_to_tensor, normalize
+from moevlm.data.images import image_preparer, normalize
 from moevlm.models.vlm import VLM
 
 
@@ -52,18 +51,23 @@ def generate_stream(model: VLM, images: torch.Tensor, prompts: list[list[int]], 
                     use_cache: bool = True) -> Iterator[torch.Tensor]:
     """Yields the next token of every sequence (B,) each step until all reached <eos>.
 
-    images: normalized (B, C, S, S); prompts: token ids per image, starting with <bos>.
-    A finished sequence keeps yielding ``pad_id``.
+    images: normalized (B, C, S, S); prompts: token ids per image (``tokenizer.prompt_ids``;
+    a model with ``images_in_text`` finds its image ids among them). A finished sequence keeps
+    yielding ``pad_id``.
     """
     model.eval()
     device = images.device
-    limit = model.cfg.decoder.max_text_len - max(len(p) for p in prompts)
+    # max_text_len counts text tokens; prompts of a model that takes its image tokens in the
+    # text hold num_image_tokens more ids than that.
+    in_text = getattr(model, "images_in_text", False)
+    limit = model.cfg.decoder.max_text_len + (model.num_image_tokens if in_text else 0) - max(len(p) for p in prompts)
     max_new_tokens = max(0, min(max_new_tokens, limit))
     generator = None
     if seed is not None:
         generator = torch.Generator(device=device).manual_seed(seed)
     ids, text_mask = _left_pad(prompts, pad_id, device)
-    cache = model.new_cache(len(prompts), model.num_image_tokens + ids.size(1) + max_new_tokens) if use_cache else None
+    prepended = 0 if in_text else model.num_image_tokens
+    cache = model.new_cache(len(prompts), prepended + ids.size(1) + max_new_tokens) if use_cache else None
     done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
     logits, key_mask = model.prefill(images, ids, text_mask, cache)
     for _ in range(max_new_tokens):
@@ -102,17 +106,23 @@ def generate_texts(model: VLM, tokenizer, images_uint8: torch.Tensor, prompts: l
                    **options) -> list[str]:
     """Decoded text for a batch of uint8 (B, C, S, S) images, one prompt per image."""
     device = next(model.parameters()).device
-    outputs = generate(model, normalize(images_uint8).to(device), [prompt_ids(tokenizer, p) for p in prompts],
+    outputs = generate(model, normalize(images_uint8).to(device), [tokenizer.prompt_ids(p) for p in prompts],
                        eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, **options)
     return [tokenizer.decode(ids) for ids in outputs]
 
 
-def caption(model: VLM, tokenizer, images: list, prompt: str = "", batch_size: int = 32, **options) -> list[str]:
-    """Captions PIL images (any size or mode; resized like the training data)."""
-    vision = model.cfg.vision
+def caption(model: VLM, tokenizer, images: list, prompt: str = "", batch_size: int = 32,
+            prepare_image=None, **options) -> list[str]:
+    """Captions PIL images (any size or mode), prepared like the training data.
+
+    ``prepare_image``: PIL -> uint8 (C, S, S), as ``images.image_preparer`` gives for the
+    model (pass the checkpoint folder there, so a pretrained tower's processor comes from it);
+    None: ``image_preparer(model.cfg)``.
+    """
+    prepare_image = prepare_image or image_preparer(model.cfg)
     texts = []
     for start in range(0, len(images), batch_size):
         chunk = images[start:start + batch_size]
-        pixels = torch.stack([image_to_tensor(img, vision.image_size, vision.channels) for img in chunk])
+        pixels = torch.stack([prepare_image(img) for img in chunk])
         texts += generate_texts(model, tokenizer, pixels, [prompt] * len(chunk), **options)
     return texts

@@ -6,7 +6,8 @@ from PIL import Image
 
 from moevlm.data import dataset as dataset_module
 from moevlm.data.dataset import (EpochBatchSampler, ImageTextDataset, collate, encode_turns,
-                                 prompt_ids, split_samples, unique_samples)
+                                 prompt_ids, split_samples, tokenizer_texts, unique_samples)
+from moevlm.data.images import ScratchImages
 from moevlm.data.records import Sample
 from moevlm.data.tokenizer import Tokenizer
 from moevlm.errors import DataError
@@ -148,7 +149,7 @@ def test_dataset_decodes_each_image_once(tok, image_bytes, monkeypatch):
     monkeypatch.setattr(dataset_module, "open_image", lambda ref: calls.append(ref) or real(ref))
     red, blue = png_ref(image_bytes, (255, 0, 0)), png_ref(image_bytes, (0, 0, 255))
     rows = [sample(0, "ab", red), sample(1, "xy", blue), sample(2, "ba", red), sample(3, "yx", red)]
-    ds = ImageTextDataset(rows, tok, image_size=4, channels=3, max_text_len=8)
+    ds = ImageTextDataset(rows, tok, ScratchImages(4, 3), max_text_len=8)
     assert sorted(calls) == sorted([red, blue])
     assert ds.images.shape == (4, 3, 4, 4) and ds.images.dtype == torch.uint8
     item = ds[1]
@@ -173,13 +174,13 @@ def test_dataset_bad_rows_name_file_and_row(tok, image_bytes, tmp_path):
                 "text is 22 tokens, longer than decoder.max_text_len 8"]
     for row, problem in zip(bad, problems):
         with pytest.raises(DataError) as info:
-            ImageTextDataset([sample(0, "ab", good), row], tok, 4, 3, 8)
+            ImageTextDataset([sample(0, "ab", good), row], tok, ScratchImages(4), 8)
         assert str(info.value).startswith(f"{row.source}: row {row.row}: "), str(info.value)
         assert problem in str(info.value)
-    ds = ImageTextDataset([sample(0, "ab", good)] + bad + [bad[2]], tok, 4, 3, 8, on_bad_row="skip")
+    ds = ImageTextDataset([sample(0, "ab", good)] + bad + [bad[2]], tok, ScratchImages(4), 8, on_bad_row="skip")
     assert ds.skipped == 6 and len(ds) == 1 and ds.samples[0].row == 1
     with pytest.raises(DataError, match="no usable rows"):
-        ImageTextDataset(bad, tok, 4, 3, 8, on_bad_row="skip")
+        ImageTextDataset(bad, tok, ScratchImages(4), 8, on_bad_row="skip")
 
 
 def gradient_rows(tmp_path, n=4):
@@ -194,8 +195,8 @@ def gradient_rows(tmp_path, n=4):
 
 def test_augmentation_depends_only_on_seed_epoch_index(tok, tmp_path):
     rows = gradient_rows(tmp_path)
-    a = ImageTextDataset(rows, tok, 16, 3, 8, augment=True, seed=7)
-    b = ImageTextDataset(rows, tok, 16, 3, 8, augment=True, seed=7)
+    a = ImageTextDataset(rows, tok, ScratchImages(16), 8, augment=True, seed=7)
+    b = ImageTextDataset(rows, tok, ScratchImages(16), 8, augment=True, seed=7)
     b_items = [b[i]["image"] for i in reversed(range(4))][::-1]  # read in another order
     assert all(torch.equal(a[i]["image"], b_items[i]) for i in range(4))
     assert any(not torch.equal(a[i]["image"], a.images[i]) for i in range(4))
@@ -204,13 +205,13 @@ def test_augmentation_depends_only_on_seed_epoch_index(tok, tmp_path):
     assert any(not torch.equal(a[i]["image"], first[i]) for i in range(4))
     a.set_epoch(0)
     assert all(torch.equal(a[i]["image"], first[i]) for i in range(4))
-    c = ImageTextDataset(rows, tok, 16, 3, 8, augment=True, seed=8)
+    c = ImageTextDataset(rows, tok, ScratchImages(16), 8, augment=True, seed=8)
     assert any(not torch.equal(c[i]["image"], first[i]) for i in range(4))
 
 
 def test_augmentation_is_a_small_translation(tok, tmp_path):
     rows = gradient_rows(tmp_path, n=1)
-    ds = ImageTextDataset(rows, tok, 16, 3, 8, augment=True, seed=0)
+    ds = ImageTextDataset(rows, tok, ScratchImages(16), 8, augment=True, seed=0)
     original = ds.images[0]
     for epoch in range(20):
         ds.set_epoch(epoch)
@@ -221,7 +222,29 @@ def test_augmentation_is_a_small_translation(tok, tmp_path):
 
 
 def test_no_augmentation_when_off(tok, tmp_path):
-    ds = ImageTextDataset(gradient_rows(tmp_path), tok, 16, 3, 8, augment=False)
+    ds = ImageTextDataset(gradient_rows(tmp_path), tok, ScratchImages(16), 8, augment=False)
     for epoch in range(3):
         ds.set_epoch(epoch)
         assert all(torch.equal(ds[i]["image"], ds.images[i]) for i in range(4))
+
+
+def test_older_dataset_call_with_size_and_channels_still_works(tok, tmp_path):
+    rows = gradient_rows(tmp_path, n=2)
+    old = ImageTextDataset(rows, tok, 8, 1, 8, on_bad_row="error")
+    new = ImageTextDataset(rows, tok, ScratchImages(8, 1), 8)
+    assert old.images.shape == (2, 1, 8, 8) and torch.equal(old.images, new.images)
+    with pytest.raises(ValueError, match="channels must be 1 or 3, not 2"):
+        ImageTextDataset(rows, tok, 8, 2, 8)
+
+
+def test_scratch_tokenizer_drops_the_placeholder_as_before(tok):
+    # The readers keep "<image>" in prompts now; the scratch numbers must not move.
+    for prompt in ("<image>\nx", "x\n<image>", " <image> x "):
+        assert encode_turns(tok, [(prompt, "ab")], 20) == ([1, 7, 4, 5, 6, 2], [X, X, 5, 6, 2, X])
+    assert encode_turns(tok, [("<image>", "ab")], 20) == encode_turns(tok, [("", "ab")], 20)
+    assert tok.prompt_ids("<image>") == [1]
+
+
+def test_tokenizer_texts_leave_the_placeholder_out():
+    rows = [Sample("a.png", [("<image>\nxy", "ab"), ("yx", "ba")], "d.json", 1), sample(1, "ab")]
+    assert tokenizer_texts(rows) == ["xy", "ab", "yx", "ba", "ab"]

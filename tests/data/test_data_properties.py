@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from moevlm.data.images import open_image
-from moevlm.data.records import clean_prompt, read_samples
+from moevlm.data.records import read_samples
 from moevlm.errors import DataError
 
 SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -76,8 +76,18 @@ def test_jsonl_caption_rows_read_as_written(rows):
                    [[("", caption.strip())] for _, caption, _ in rows])
 
 
-TURNS = st.lists(st.tuples(st.builds(lambda tag, text: tag + text, st.sampled_from(["", "<image>\n"]), TEXT), TEXT),
-                 min_size=1, max_size=3)
+@st.composite
+def conversation_turns(draw):
+    """1-3 (prompt, answer) turns with LLaVA's one <image> placeholder in one of the prompts."""
+    turns = draw(st.lists(st.tuples(TEXT, TEXT), min_size=1, max_size=3))
+    at = draw(st.integers(0, len(turns) - 1))
+    tag = draw(st.sampled_from(["<image>\n", "<image>", "\n<image>"]))
+    prompt = turns[at][0]
+    turns[at] = (tag + prompt if draw(st.booleans()) else prompt + tag, turns[at][1])
+    return turns
+
+
+TURNS = conversation_turns()
 
 
 @SETTINGS
@@ -88,7 +98,7 @@ def test_llava_json_conversations_read_as_written(rows):
     with tempfile.TemporaryDirectory() as folder:
         check_rows(folder, "d.json", json.dumps(items).encode(),
                    [(image, [answer for _, answer in turns]) for image, turns in rows],
-                   [[(clean_prompt(prompt), answer.strip()) for prompt, answer in turns] for _, turns in rows])
+                   [[(prompt, answer.strip()) for prompt, answer in turns] for _, turns in rows])
 
 
 HEADERS = st.sampled_from([b"", b"image,caption\n", b"b64string_images,caption\n", b"\xef\xbb\xbfimage,caption\r\n",

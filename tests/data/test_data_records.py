@@ -79,19 +79,20 @@ def test_jsonl_captions_and_conversations_with_blank_lines(tmp_path):
         encoding="utf-8")
     samples, skipped = read_samples(path)
     assert skipped == 0
-    assert [(s.row, s.turns) for s in samples] == [(1, [("", "a cat")]), (4, [("What is it?", "A dog.")])]
+    assert [(s.row, s.turns) for s in samples] == [(1, [("", "a cat")]), (4, [("<image>\nWhat is it?", "A dog.")])]
 
 
 def test_llava_json_multi_turn(tmp_path):
     items = [{"id": "x", "image": "x.png", "conversations": [
         {"from": "human", "value": "<image>\nWhat is this?"}, {"from": "gpt", "value": "A cat."},
-        {"from": "human", "value": "What colour?\n<image>"}, {"from": "gpt", "value": "Black."},
-        {"from": "human", "value": "<image>"}, {"from": "gpt", "value": "Caption."}]},
+        {"from": "human", "value": "What colour?"}, {"from": "gpt", "value": "Black."},
+        {"from": "human", "value": ""}, {"from": "gpt", "value": "Caption."}]},
         {"image": "y.png", "caption": "plain"}]
     path = tmp_path / "d.json"
     path.write_text(json.dumps(items), encoding="utf-8")
     samples, _ = read_samples(path)
-    assert samples[0].turns == [("What is this?", "A cat."), ("What colour?", "Black."), ("", "Caption.")]
+    # Prompts keep the placeholder: the tokenizer places the image there (or drops it).
+    assert samples[0].turns == [("<image>\nWhat is this?", "A cat."), ("What colour?", "Black."), ("", "Caption.")]
     assert samples[0].image == str(tmp_path / "x.png")
     assert [s.row for s in samples] == [1, 2]
 
@@ -135,9 +136,25 @@ BAD_ROWS = [
      "image path 'imgs/../../x.png' points outside the data folder"),
     ("absolute outside folder", lambda p: _json(p, [GOOD, {"image": "/etc/hostname", "caption": "x"}]), 2,
      "image path '/etc/hostname' points outside the data folder"),
+    ("no placeholder", lambda p: _json(p, [GOOD, _chat("What is it?", "A cat.")]), 2,
+     "no <image> placeholder for the row's image"),
+    ("two placeholders", lambda p: _json(p, [GOOD, _chat("<image>\nWhat is it?", "A cat.", "<image> And now?", "B.")]),
+     2, "2 <image> placeholders for 1 image"),
+    ("placeholder twice in one message", lambda p: _json(p, [GOOD, _chat("<image><image> Hm?", "A cat.")]), 2,
+     "2 <image> placeholders for 1 image"),
+    ("placeholder in an answer", lambda p: _json(p, [GOOD, _chat("<image>\nWhat?", "See <image>.")]), 2,
+     "answer 1 contains an <image> placeholder"),
+    ("placeholder in a caption", lambda p: _csv_bad(p, [["a.png", "<image> a cat"]]), 2,
+     "caption contains an <image> placeholder"),
     ("jsonl nested too deeply", lambda p: _raw(p / "d.jsonl", (json.dumps(GOOD) + "\n" + "[" * 100_000).encode()),
      2, "not valid JSON: nested too deeply"),
 ]
+
+
+def _chat(*values):
+    """A LLaVA row from alternating human and gpt messages."""
+    return {"image": "a.png", "conversations": [
+        {"from": "human" if i % 2 == 0 else "gpt", "value": value} for i, value in enumerate(values)]}
 
 
 def _raw(path, data: bytes):

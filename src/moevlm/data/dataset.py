@@ -14,12 +14,12 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from moevlm.data.images import image_to_tensor, normalize, open_image
+from moevlm.data.images import ScratchImages, normalize, open_image
 from moevlm.data.records import Sample, clean_prompt
-from moevlm.data.tokenizer import Tokenizer
+from moevlm.data.tokenizer import IGNORE_INDEX
 from moevlm.errors import DataError
 
-IGNORE_INDEX = -100  # F.cross_entropy's default ignore_index
+__all__ = ["IGNORE_INDEX"]  # re-exported: callers import it from here
 
 
 def unique_samples(samples: list[Sample]) -> list[Sample]:
@@ -48,46 +48,42 @@ def split_samples(samples: list[Sample], val_fraction: float,
     return train, val
 
 
-def encode_turns(tokenizer: Tokenizer, turns: list[tuple[str, str]],
-                 max_text_len: int) -> tuple[list[int], list[int]]:
-    """Token ids and next-token labels for a conversation.
-
-    ``input_ids = [bos] + per turn: (prompt + [sep] if prompt) + answer + [eos]``;
-    ``labels[t] = input_ids[t + 1]`` when that token is part of an answer (its closing
-    ``<eos>`` included), else -100: prompts and padding are never targets, and the first
-    answer token is predicted from ``<bos>`` or ``<sep>``.
-    """
-    input_ids = [tokenizer.bos_id]
-    is_target = [False]
-    for prompt, answer in turns:
-        if prompt:
-            context = tokenizer.encode(prompt) + [tokenizer.sep_id]
-            input_ids += context
-            is_target += [False] * len(context)
-        reply = tokenizer.encode(answer) + [tokenizer.eos_id]
-        input_ids += reply
-        is_target += [True] * len(reply)
-    if len(input_ids) > max_text_len:
-        raise ValueError(f"text is {len(input_ids)} tokens, longer than decoder.max_text_len {max_text_len}")
-    labels = [tok if target else IGNORE_INDEX for tok, target in zip(input_ids[1:], is_target[1:])]
-    return input_ids, labels + [IGNORE_INDEX]
+def encode_turns(tokenizer, turns: list[tuple[str, str]], max_text_len: int) -> tuple[list[int], list[int]]:
+    """Token ids and next-token labels for a conversation: ``tokenizer.encode_conversation``."""
+    return tokenizer.encode_conversation(turns, max_text_len)
 
 
-def prompt_ids(tokenizer: Tokenizer, prompt: str) -> list[int]:
-    """What generation starts from: the same prefix encode_turns gives a training turn."""
-    prompt = clean_prompt(prompt)  # as the readers clean training prompts
-    return [tokenizer.bos_id] + (tokenizer.encode(prompt) + [tokenizer.sep_id] if prompt else [])
+def prompt_ids(tokenizer, prompt: str) -> list[int]:
+    """What generation starts from: ``tokenizer.prompt_ids`` (the training prefix)."""
+    return tokenizer.prompt_ids(prompt)
+
+
+def tokenizer_texts(samples: list[Sample]) -> list[str]:
+    """The texts a char or bpe tokenizer is trained on: answers and prompts without the
+    ``<image>`` placeholder (which is never tokenized as text)."""
+    return [text for sample in samples for prompt, answer in sample.turns
+            for text in (clean_prompt(prompt), answer) if text]
 
 
 class ImageTextDataset(Dataset):
-    """All images decoded and resized once into ``self.images`` (N, C, S, S) uint8."""
+    """All images decoded and prepared once into ``self.images`` (N, C, S, S) uint8.
 
-    def __init__(self, samples: list[Sample], tokenizer: Tokenizer, image_size: int, channels: int,
-                 max_text_len: int, on_bad_row: str = "error", augment: bool = False, seed: int = 0):
+    ``prepare_image`` turns a PIL image into the model's uint8 (C, S, S) (see
+    ``images.image_preparer``). The older call ``(samples, tokenizer, image_size, channels,
+    max_text_len)`` still works and prepares images as a scratch model does.
+    """
+
+    def __init__(self, samples: list[Sample], tokenizer, prepare_image, max_text_len: int,
+                 *legacy, on_bad_row: str = "error", augment: bool = False, seed: int = 0):
+        if isinstance(prepare_image, int):  # the older (image_size, channels, max_text_len)
+            if len(legacy) != 1:
+                raise TypeError("ImageTextDataset(samples, tokenizer, image_size, channels, max_text_len) "
+                                "needs max_text_len")
+            prepare_image, max_text_len = ScratchImages(prepare_image, max_text_len), legacy[0]
+        elif legacy:
+            raise TypeError(f"ImageTextDataset got {len(legacy)} positional arguments too many")
         if on_bad_row not in ("error", "skip"):
             raise ValueError(f"on_bad_row must be error or skip, not {on_bad_row!r}")
-        if channels not in (1, 3):  # checked up front, or every row would fail on it
-            raise ValueError(f"channels must be 1 or 3, not {channels}")
         self.augment, self.seed, self.epoch = augment, seed, 0
         self.samples: list[Sample] = []
         self.skipped = 0
@@ -99,13 +95,13 @@ class ImageTextDataset(Dataset):
         decoded: dict[str, torch.Tensor | str] = {}
         for sample in samples:
             try:
-                ids, labels = encode_turns(tokenizer, sample.turns, max_text_len)
+                ids, labels = tokenizer.encode_conversation(sample.turns, max_text_len)
             except ValueError as err:
                 self._bad(sample, str(err), on_bad_row)
                 continue
             if sample.image not in decoded:
                 try:
-                    decoded[sample.image] = image_to_tensor(open_image(sample.image), image_size, channels)
+                    decoded[sample.image] = prepare_image(open_image(sample.image))
                 except ValueError as err:
                     decoded[sample.image] = str(err)
             image = decoded[sample.image]

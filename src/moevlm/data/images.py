@@ -1,4 +1,6 @@
-"""Image decoding: a path, base64 string or data: URL in, an RGB image or uint8 tensor out."""
+"""Image decoding: a path, base64 string or data: URL in, an RGB image or uint8 tensor out;
+``image_preparer`` picks how a model's images are resized (its own way, or a pretrained
+vision tower's image processor)."""
 
 from __future__ import annotations
 
@@ -9,10 +11,13 @@ import os
 import re
 import urllib.parse
 import warnings
+from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps
+
+from moevlm.errors import MoevlmError
 
 # Base64 of even the smallest real image is longer than this; shorter strings made only
 # of base64 letters ("cat", "img/0001") are far more likely to be file names.
@@ -64,6 +69,73 @@ def image_to_tensor(img: Image.Image, size: int, channels: int = 3) -> torch.Ten
         img = img.resize((size, size), Image.Resampling.BICUBIC)
     array = np.asarray(img, dtype=np.uint8).reshape(size, size, channels)
     return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
+
+
+class ScratchImages:
+    """A model trained from scratch: bicubic resize to ``(channels, size, size)``."""
+
+    def __init__(self, size: int, channels: int = 3):
+        if channels not in (1, 3):  # checked up front, or every image would fail on it
+            raise ValueError(f"channels must be 1 or 3, not {channels}")
+        self.size, self.channels = size, channels
+
+    def __call__(self, img: Image.Image) -> torch.Tensor:
+        return image_to_tensor(img, self.size, self.channels)
+
+    def save(self, folder: str | Path) -> list[str]:
+        return []  # everything needed is in the model config
+
+
+PROCESSOR_FILE = "preprocessor_config.json"
+
+
+class ProcessorImages:
+    """A pretrained vision tower: its own image processor's resize and crop, kept as uint8.
+
+    Rescaling and the tower's mean/std normalisation are left out: the model receives images
+    in [-1, 1] like every moevlm model and normalises them itself (models/pretrained.py), so
+    the dataset keeps one compact uint8 copy of each image and augmentation stays the same.
+    """
+
+    def __init__(self, processor, size: int):
+        self.processor, self.size = processor, size
+
+    def __call__(self, img: Image.Image) -> torch.Tensor:
+        pixels = self.processor(images=img.convert("RGB"), do_rescale=False, do_normalize=False,
+                                return_tensors="np")["pixel_values"][0]
+        pixels = np.asarray(pixels)
+        if pixels.dtype != np.uint8:  # some backends give floats, still on the 0..255 scale
+            pixels = np.clip(np.rint(pixels), 0, 255).astype(np.uint8)
+        if pixels.shape != (3, self.size, self.size):
+            raise MoevlmError(f"the image processor gave images of shape {tuple(pixels.shape)}, "
+                             f"not (3, {self.size}, {self.size}) as vision.image_size says")
+        return torch.from_numpy(pixels.copy())
+
+    def save(self, folder: str | Path) -> list[str]:
+        written = self.processor.save_pretrained(str(folder))
+        return sorted({Path(path).name for path in written if Path(path).is_file()})
+
+
+def image_preparer(model_cfg, folder: str | Path | None = None) -> ScratchImages | ProcessorImages:
+    """PIL image -> uint8 (C, S, S) as the model expects, with ``save(folder) -> file names``.
+
+    With a pretrained vision tower the image processor comes from ``folder`` when it holds
+    one (a checkpoint), else from the tower's source (``vision.pretrained``).
+    """
+    vision = model_cfg.vision
+    if vision.pretrained is None:
+        return ScratchImages(vision.image_size, vision.channels)
+    from transformers import AutoImageProcessor  # only for pretrained towers
+
+    source = str(folder) if folder is not None and (Path(folder) / PROCESSOR_FILE).is_file() else vision.pretrained
+    try:
+        processor = AutoImageProcessor.from_pretrained(source)
+    except (OSError, ValueError) as err:
+        offline = (" (with HF_HUB_OFFLINE=1 give a local folder or a cached hub id)"
+                   if os.environ.get("HF_HUB_OFFLINE") else "")
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise MoevlmError(f"{source}: cannot load the image processor{offline}: {reason}") from None
+    return ProcessorImages(processor, vision.image_size)
 
 
 def normalize(images_uint8: torch.Tensor) -> torch.Tensor:

@@ -24,6 +24,7 @@ from moevlm.errors import DataError
 # C long behind the limit is 32-bit on some platforms, hence the cap.
 csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
 
+IMAGE_PLACEHOLDER = "<image>"
 _IMAGE_PLACEHOLDER = re.compile(r"\s*<image>\s*")
 # Python's json parser recurses per nesting level; no data row needs more than a few.
 _TOO_DEEP = "not valid JSON: nested too deeply"
@@ -32,7 +33,10 @@ _TOO_DEEP = "not valid JSON: nested too deeply"
 @dataclass
 class Sample:
     image: str  # absolute path, base64 string or data: URL (not decoded yet)
-    turns: list[tuple[str, str]]  # (prompt, answer); caption data gives [("", caption)]
+    # (prompt, answer); caption data gives [("", caption)]. A conversation's prompts keep
+    # LLaVA's ``<image>`` placeholder (exactly one over the row): the tokenizer decides where
+    # the image goes (a chat template places it there; the scratch model drops it).
+    turns: list[tuple[str, str]]
     source: str  # the data file, for messages
     row: int  # 1-based: CSV record after the header, JSONL line, JSON list item
 
@@ -42,7 +46,7 @@ class _BadRow(Exception):
 
 
 def clean_prompt(text: str) -> str:
-    """Drop LLaVA's ``<image>`` placeholder: the image goes in as tokens, not text."""
+    """Drop LLaVA's ``<image>`` placeholder, for tokenizers that do not place the image in the text."""
     return _IMAGE_PLACEHOLDER.sub(" ", text).strip()
 
 
@@ -198,7 +202,14 @@ def _conversation(messages: Any) -> list[tuple[str, str]]:
         prompt = pair[0].get("value")
         if not isinstance(prompt, str):
             raise _BadRow(f"conversation message {i + 1} has no text value")
-        turns.append((clean_prompt(prompt), _answer(pair[1].get("value"), f"answer {i // 2 + 1}")))
+        turns.append((prompt, _answer(pair[1].get("value"), f"answer {i // 2 + 1}")))
+    # One image per row, so exactly one placeholder says where it goes (LLaVA data always
+    # has it); a chat template could not place zero or two of them sensibly.
+    count = sum(prompt.count(IMAGE_PLACEHOLDER) for prompt, _ in turns)
+    if count == 0:
+        raise _BadRow(f"no {IMAGE_PLACEHOLDER} placeholder for the row's image")
+    if count > 1:
+        raise _BadRow(f"{count} {IMAGE_PLACEHOLDER} placeholders for 1 image")
     return turns
 
 
@@ -209,6 +220,8 @@ def _answer(text: Any, what: str) -> str:
         raise _BadRow(f"{what} is not text")
     if not text.strip():
         raise _BadRow(f"empty {what}")
+    if IMAGE_PLACEHOLDER in text:  # the image is input, never something to write
+        raise _BadRow(f"{what} contains an {IMAGE_PLACEHOLDER} placeholder")
     return text.strip()
 
 

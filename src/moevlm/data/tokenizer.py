@@ -1,8 +1,13 @@
-"""Character and byte-level BPE tokenizers, both kept as one Hugging Face ``tokenizer.json``.
+"""Character and byte-level BPE tokenizers, both kept as one Hugging Face ``tokenizer.json``,
+and ``load_tokenizer``, which also gives a pretrained LM's own tokenizer (``data/chat.py``).
 
 "char" is the seed's scheme (one token per character seen in training, ids after the
 specials); unlike the seed, an unseen character becomes ``<unk>`` instead of a KeyError.
 "bpe" is byte-level BPE, so every string round-trips and nothing is ever unknown.
+
+Every tokenizer offers the same interface to the dataset and to generation: ``pad_id``,
+``bos_id``, ``eos_id``, ``vocab_size``, ``encode``, ``decode``, ``encode_conversation``,
+``prompt_ids`` and ``save(folder)``.
 """
 
 from __future__ import annotations
@@ -13,9 +18,12 @@ from typing import Iterable
 import tokenizers
 from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
 
+from moevlm.data.records import clean_prompt
 from moevlm.errors import MoevlmError
 
 SPECIAL_TOKENS = ["<pad>", "<bos>", "<eos>", "<unk>", "<sep>"]  # ids 0..4, in this order
+TOKENIZER_FILE = "tokenizer.json"
+IGNORE_INDEX = -100  # F.cross_entropy's default ignore_index: no loss at this position
 
 
 class Tokenizer:
@@ -52,8 +60,50 @@ class Tokenizer:
                               f"{', '.join(SPECIAL_TOKENS)} must have ids 0..4)")
         return cls(backend)
 
-    def save(self, path: str | Path) -> None:
-        self._backend.save(str(path))
+    def save(self, folder: str | Path) -> list[str]:
+        """Writes ``tokenizer.json`` into ``folder``; returns the file names written.
+
+        A path ending in ``.json`` that is not a folder is still taken as the file itself
+        (the older calling convention).
+        """
+        folder = Path(folder)
+        if folder.suffix == ".json" and not folder.is_dir():
+            self._backend.save(str(folder))
+            return [folder.name]
+        self._backend.save(str(folder / TOKENIZER_FILE))
+        return [TOKENIZER_FILE]
+
+    def encode_conversation(self, turns: list[tuple[str, str]],
+                            max_text_len: int) -> tuple[list[int], list[int]]:
+        """Token ids and next-token labels for a conversation (images are not in the text:
+        the scratch model puts its image tokens before it).
+
+        ``input_ids = [bos] + per turn: (prompt + [sep] if prompt) + answer + [eos]``;
+        ``labels[t] = input_ids[t + 1]`` when that token is part of an answer (its closing
+        ``<eos>`` included), else -100: prompts and padding are never targets, and the first
+        answer token is predicted from ``<bos>`` or ``<sep>``. ``<image>`` placeholders are
+        dropped from the prompts (``clean_prompt``).
+        """
+        input_ids = [self.bos_id]
+        is_target = [False]
+        for prompt, answer in turns:
+            prompt = clean_prompt(prompt)
+            if prompt:
+                context = self.encode(prompt) + [self.sep_id]
+                input_ids += context
+                is_target += [False] * len(context)
+            reply = self.encode(answer) + [self.eos_id]
+            input_ids += reply
+            is_target += [True] * len(reply)
+        if len(input_ids) > max_text_len:
+            raise ValueError(f"text is {len(input_ids)} tokens, longer than decoder.max_text_len {max_text_len}")
+        labels = [tok if target else IGNORE_INDEX for tok, target in zip(input_ids[1:], is_target[1:])]
+        return input_ids, labels + [IGNORE_INDEX]
+
+    def prompt_ids(self, prompt: str) -> list[int]:
+        """What generation starts from: the same prefix encode_conversation gives a first turn."""
+        prompt = clean_prompt(prompt)
+        return [self.bos_id] + (self.encode(prompt) + [self.sep_id] if prompt else [])
 
     def encode(self, text: str) -> list[int]:
         return self._backend.encode(text, add_special_tokens=False).ids
@@ -64,6 +114,22 @@ class Tokenizer:
     @property
     def vocab_size(self) -> int:
         return self._backend.get_vocab_size(with_added_tokens=True)
+
+
+def load_tokenizer(folder: str | Path | None, model_cfg) -> "Tokenizer":
+    """The tokenizer a model config asks for.
+
+    ``tokenizer.kind`` char or bpe: ``folder/tokenizer.json`` (these are trained on the data,
+    so a folder is needed). ``hf``: the pretrained LM's tokenizer and chat template, from
+    ``folder`` when it holds one (a checkpoint), else from ``decoder.pretrained``.
+    """
+    if model_cfg.tokenizer.kind == "hf":
+        from moevlm.data.chat import HFTokenizer  # imports transformers: only when needed
+        return HFTokenizer.for_model(model_cfg, folder)
+    if folder is None:
+        raise MoevlmError(f"a {model_cfg.tokenizer.kind} tokenizer is trained on the data: "
+                          "give the folder holding its tokenizer.json")
+    return Tokenizer.load(Path(folder) / TOKENIZER_FILE)
 
 
 def _char_backend(texts: Iterable[str]) -> tokenizers.Tokenizer:
