@@ -136,3 +136,49 @@ def test_normalize_maps_uint8_to_minus_one_one():
     y = normalize(x)
     assert y.dtype == torch.float32
     assert y.flatten().tolist() == pytest.approx([-1.0, 1.0, 128 / 127.5 - 1], abs=1e-6)
+
+
+def noise_image(width=30, height=20) -> Image.Image:
+    return Image.fromarray(np.random.default_rng(0).integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+def test_scratch_preparer_is_the_plain_resize(tmp_path):
+    from moevlm.config import ModelConfig, VisionConfig
+    from moevlm.data.images import image_preparer
+
+    prepare = image_preparer(ModelConfig(vision=VisionConfig(image_size=8, patch_size=4, channels=1)))
+    img = noise_image()
+    assert torch.equal(prepare(img), image_to_tensor(img, 8, 1))
+    assert prepare.save(tmp_path) == [] and list(tmp_path.iterdir()) == []
+
+
+def test_pretrained_preparer_uses_the_processor_for_resize_and_crop_only(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import transformers
+
+    from moevlm.config import ModelConfig, VisionConfig
+    from moevlm.data.images import image_preparer
+    from moevlm.errors import MoevlmError
+
+    processor = transformers.CLIPImageProcessorPil(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16})
+    processor.save_pretrained(str(tmp_path / "clip"))
+    cfg = ModelConfig(vision=VisionConfig(pretrained=str(tmp_path / "clip"), image_size=16, patch_size=8))
+    prepare = image_preparer(cfg)
+    img = noise_image()
+    pixels = prepare(img)
+    assert pixels.dtype == torch.uint8 and pixels.shape == (3, 16, 16)
+    # What the processor gives on the 0..255 scale, before its rescale and mean/std.
+    full = processor(images=img, return_tensors="np")["pixel_values"][0]
+    mean = np.array(processor.image_mean)[:, None, None]
+    std = np.array(processor.image_std)[:, None, None]
+    assert np.abs((full * std + mean) * 255 - pixels.numpy()).max() < 0.51
+    assert prepare.save(tmp_path / "ckpt") == ["preprocessor_config.json"]
+    # A checkpoint's own copy wins over the source; no copy and no source: one line that says so.
+    moved = ModelConfig(vision=VisionConfig(pretrained=str(tmp_path / "gone"), image_size=16, patch_size=8))
+    assert torch.equal(image_preparer(moved, tmp_path / "ckpt")(img), pixels)
+    with pytest.raises(MoevlmError, match="gone: cannot load the image processor") as info:
+        image_preparer(moved, tmp_path / "elsewhere")
+    assert "\n" not in str(info.value)
+    wrong = ModelConfig(vision=VisionConfig(pretrained=str(tmp_path / "clip"), image_size=32, patch_size=8))
+    with pytest.raises(MoevlmError, match=r"shape \(3, 16, 16\), not \(3, 32, 32\)"):
+        image_preparer(wrong)(img)
