@@ -6,6 +6,11 @@ Sequence layout (S = image tokens + text tokens):
     [img_1 .. img_n][<bos> prompt <sep> answer <eos>][<pad> ...]     training (right padding)
     [img_1 .. img_n][<pad> ...][<bos> prompt <sep>]                   generation (pads before text)
 Position ids count real tokens only, so both layouts give the text the same positions.
+
+The vision encoder is our ``ViT`` trained from scratch or, with ``vision.pretrained`` set, a
+pretrained CLIP/SigLIP tower (``models.pretrained.HFVisionTower``); build either through
+``models.pretrained.build_model``. A pretrained LM instead makes a ``PretrainedVLM``, which
+shares this model's interface (forward, prefill, step, moe_layers, expert_load).
 """
 
 from __future__ import annotations
@@ -16,10 +21,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moevlm.config import ModelConfig
+from moevlm.config import ModelConfig, MoEConfig
 from moevlm.models.attention import KVCache
 from moevlm.models.decoder import Decoder
-from moevlm.models.moe import IMAGE, PAD, TEXT
+from moevlm.models.moe import IMAGE, PAD, TEXT, MoE
 from moevlm.models.projector import build_projector
 from moevlm.models.vit import ViT
 
@@ -47,14 +52,53 @@ def attention_mask_for(key_mask: torch.Tensor, num_queries: int) -> torch.Tensor
     return mask.unsqueeze(1)
 
 
+def vlm_output(logits: torch.Tensor, labels: torch.Tensor | None, moe_layers: list[MoE],
+               moe: MoEConfig) -> VLMOutput:
+    """Logits (B, T, V) -> VLMOutput with the aux losses of the forward that just ran and,
+    given labels (next-token targets aligned with the logits), loss = CE + weighted aux."""
+    out = VLMOutput(logits=logits, aux=moe_aux(moe_layers))
+    if labels is not None:
+        out.lm_loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), labels.reshape(-1),
+                                      ignore_index=-100)
+        out.loss = out.lm_loss
+        if out.aux:
+            out.loss = out.loss + moe.aux_loss_coef * out.aux["balance"] + moe.z_loss_coef * out.aux["z"]
+    return out
+
+
+def moe_aux(layers: list[MoE]) -> dict[str, torch.Tensor]:
+    """Balance and z losses averaged over the MoE layers; empty outside training mode."""
+    if not layers or not layers[0].aux:  # aux losses exist in training mode only
+        return {}
+    return {name: torch.stack([layer.aux[name] for layer in layers]).mean() for name in ("balance", "z")}
+
+
+def expert_load(layers: list[MoE]) -> torch.Tensor:
+    """Routed token counts of the last forward: (MoE layers, 2 [image, text], experts)."""
+    if not layers:
+        return torch.zeros(0, 2, 0, dtype=torch.long)
+    return torch.stack([layer.last_load.cpu() for layer in layers])
+
+
 class VLM(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    # Image tokens are prepended by the model, not marked in input_ids (see PretrainedVLM).
+    images_in_text = False
+    image_token_id = None
+
+    def __init__(self, cfg: ModelConfig, vision: nn.Module | None = None):
+        """``vision``: the image encoder, (B, C, S, S) in [-1, 1] -> (B, num_image_tokens,
+        vision.width). None: a ViT, or for ``vision.pretrained`` a tower with random weights
+        built from ``vision.hf_config`` (to be overwritten by a checkpoint)."""
         super().__init__()
         assert cfg.decoder.vocab_size > 0, "set decoder.vocab_size from the tokenizer first"
         self.cfg = cfg
         vocab_size = cfg.decoder.vocab_size
         self.num_image_tokens = cfg.vision.num_image_tokens
-        self.vision = ViT(cfg.vision)
+        if vision is None and cfg.vision.pretrained is not None:
+            from moevlm.models.pretrained import HFVisionTower  # imports this module
+
+            vision = HFVisionTower.build(cfg.vision, load_weights=False)
+        self.vision = ViT(cfg.vision) if vision is None else vision
         self.projector = build_projector(cfg.projector, cfg.vision.width, cfg.decoder.width)
         self.decoder = Decoder(cfg.decoder, vocab_size, self.num_image_tokens + cfg.decoder.max_text_len)
 
@@ -84,28 +128,15 @@ class VLM(nn.Module):
         positions = (key_mask.cumsum(1) - 1).clamp(min=0)
         hidden = self.decoder(embeds, positions, attn_mask, kind)
         logits = self.decoder.lm_head(hidden[:, self.num_image_tokens:])
-        out = VLMOutput(logits=logits, aux=self._aux())
-        if labels is not None:
-            out.lm_loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), labels.reshape(-1),
-                                          ignore_index=-100)
-            out.loss = out.lm_loss
-            moe = self.cfg.decoder.moe
-            if out.aux:
-                out.loss = out.loss + moe.aux_loss_coef * out.aux["balance"] + moe.z_loss_coef * out.aux["z"]
-        return out
+        return vlm_output(logits, labels, self.moe_layers, self.cfg.decoder.moe)
 
-    def _aux(self) -> dict[str, torch.Tensor]:
-        layers = self.decoder.moe_layers
-        if not layers or not layers[0].aux:  # aux losses exist in training mode only
-            return {}
-        return {name: torch.stack([layer.aux[name] for layer in layers]).mean() for name in ("balance", "z")}
+    @property
+    def moe_layers(self) -> list[MoE]:
+        return self.decoder.moe_layers
 
     def expert_load(self) -> torch.Tensor:
         """Routed token counts of the last forward: (MoE layers, 2 [image, text], experts)."""
-        layers = self.decoder.moe_layers
-        if not layers:
-            return torch.zeros(0, 2, 0, dtype=torch.long)
-        return torch.stack([layer.last_load.cpu() for layer in layers])
+        return expert_load(self.moe_layers)
 
     def new_cache(self, batch: int, max_len: int) -> KVCache:
         d = self.cfg.decoder
