@@ -103,3 +103,18 @@ def test_load_errors_are_one_line(tmp_path):
     (tmp_path / "foreign.json").write_text(text)
     with pytest.raises(MoevlmError, match="not a moevlm tokenizer"):
         Tokenizer.load(tmp_path / "foreign.json")
+
+
+def test_save_into_a_folder_and_load_tokenizer(tmp_path, char_tok):
+    from moevlm.config import ModelConfig
+    from moevlm.data.tokenizer import load_tokenizer
+
+    assert char_tok.save(tmp_path) == ["tokenizer.json"]
+    assert char_tok.save(tmp_path / "other.json") == ["other.json"]  # a file path, as before
+    loaded = load_tokenizer(tmp_path, ModelConfig())
+    assert isinstance(loaded, Tokenizer) and loaded.encode("a cat") == char_tok.encode("a cat")
+    assert loaded.encode_conversation([("<image>\na", "cat")], 20) == char_tok.encode_conversation([("a", "cat")], 20)
+    with pytest.raises(MoevlmError, match="a char tokenizer is trained on the data"):
+        load_tokenizer(None, ModelConfig())
+    with pytest.raises(MoevlmError, match="tokenizer.json: tokenizer file not found"):
+        load_tokenizer(tmp_path / "nothing", ModelConfig())
