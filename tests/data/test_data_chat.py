@@ -215,3 +215,29 @@ def test_llava_rows_through_the_reader_and_dataset(tmp_path, image_bytes):
     assert ds.images.shape == (2, 3, 4, 4) and ds.images.dtype == torch.uint8
     with pytest.raises(DataError, match=f"^{path}: row 1: text is 11 tokens, longer than decoder.max_text_len 8$"):
         ImageTextDataset(samples, tok, ScratchImages(4), max_text_len=8)
+
+
+def test_llava_style_template_and_gpt2_plain_format_on_byte_tokenizers(tmp_path):
+    from pretrained_fixtures import gpt2_tokenizer, llama_tokenizer
+
+    turns = [("<image>\nWhat is it?", "A cat."), ("Colour?", "Black.")]
+    for name, make, expected in [
+        ("llama", llama_tokenizer, ["<s>USER: ", "\nWhat is it? ASSISTANT:", " A cat.</s>", " USER: Colour? ASSISTANT:",
+                                    " Black.</s>", " "]),
+        ("gpt2", gpt2_tokenizer, ["<|endoftext|>USER: ", "\nWhat is it?\nASSISTANT:", " A cat.<|endoftext|>",
+                                  "\nUSER: Colour?\nASSISTANT:", " Black.<|endoftext|>", ""])]:
+        make().save_pretrained(str(tmp_path / name))
+        tok = HFTokenizer.from_pretrained(tmp_path / name, N_IMG, 999)
+        ids, labels = tok.encode_conversation(turns, 100)
+        # Split the ids where their role changes: context, image, context, answer, context ...
+        runs, roles = [], []
+        for t, i in enumerate(ids):
+            role = "image" if i == 999 else "answer" if t and labels[t - 1] != X else "context"
+            if not roles or roles[-1] != role:
+                runs.append([])
+                roles.append(role)
+            runs[-1].append(i)
+        text = [tok._tok.decode(run) for run, role in zip(runs, roles) if role != "image"]
+        assert roles[:4] == ["context", "image", "context", "answer"]
+        assert text == [part for part in expected if part], name
+        assert tok.prompt_ids(turns[0][0]) == sum(runs[:3], [])
