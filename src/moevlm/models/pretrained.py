@@ -53,11 +53,13 @@ def _source_config(source: str, key: str):
     from huggingface_hub import constants
     from transformers import AutoConfig
 
+    if Path(source).is_dir() and not (Path(source) / "config.json").is_file():
+        raise MoevlmError(f"{key} {source!r}: the folder has no config.json (save_pretrained writes one)")
     try:
         return AutoConfig.from_pretrained(source)
     except OSError as err:
         if Path(source).is_dir():
-            raise MoevlmError(f"{key} {source!r}: the folder has no readable config.json ({_first_line(err)})") from None
+            raise MoevlmError(f"{key} {source!r}: cannot read config.json ({_first_line(err)})") from None
         if constants.HF_HUB_OFFLINE:
             raise MoevlmError(f"{key} {source!r}: not found: not a local folder and not in the Hugging Face cache "
                               "(HF_HUB_OFFLINE=1 needs a local folder or an id downloaded before)") from None
