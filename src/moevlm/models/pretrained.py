@@ -33,8 +33,10 @@ from moevlm.models.vlm import VLM, VLMOutput, expert_load, vlm_output
 
 VISION_KEY, LM_KEY = "model.vision.pretrained", "model.lm.pretrained"
 # Processor defaults when a source ships no preprocessor_config.json (OpenAI CLIP's / SigLIP's).
-_DEFAULT_PIXEL_STATS = {"clip_vision_model": ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)),
-                        "siglip_vision_model": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))}
+_DEFAULT_PIXEL_STATS = {
+    "clip_vision_model": ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)),
+    "siglip_vision_model": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+}
 
 
 def _vision_classes() -> dict[str, type]:
@@ -298,9 +300,9 @@ class PretrainedVLM(nn.Module):
         for mlp in mlps:
             mlp.token_kind = kind
         try:
+            extra = {self._cache_arg: cache, **({"logits_to_keep": 1} if last_only else {})}
             out = self.lm(inputs_embeds=embeds, attention_mask=key_mask.long(), position_ids=positions,
-                          use_cache=cache is not None, logits_to_keep=1 if last_only else 0,
-                          **{self._cache_arg: cache})
+                          use_cache=cache is not None, **extra)
         finally:  # a stale (B, T) would trip the next caller of the LM that does not set it
             for mlp in mlps:
                 mlp.token_kind = None
@@ -395,7 +397,8 @@ def import_llava(folder: str) -> tuple[PretrainedVLM, ModelConfig]:
     and the same image-feature selection (feature layer, select strategy, image token id)."""
     config = _source_config(folder, "llava checkpoint")
     if config.model_type != "llava":
-        raise MoevlmError(f"llava checkpoint {folder!r}: a {config.model_type} model, not LlavaForConditionalGeneration")
+        raise MoevlmError(f"llava checkpoint {folder!r}: a {config.model_type} model, "
+                          "not LlavaForConditionalGeneration")
     layer, strategy = config.vision_feature_layer, config.vision_feature_select_strategy
     if not isinstance(layer, int):
         raise MoevlmError(f"llava checkpoint {folder!r}: vision_feature_layer {layer} picks several layers; "
@@ -406,8 +409,9 @@ def import_llava(folder: str) -> tuple[PretrainedVLM, ModelConfig]:
                           "(drops the first patch) is not supported")
     if strategy not in ("default", "full"):
         raise MoevlmError(f"llava checkpoint {folder!r}: unknown vision_feature_select_strategy {strategy!r}")
+    keep_cls = strategy == "full" and tower == "clip_vision_model"  # "full" on SigLIP: every patch, as ours
     cfg = resolve_pretrained(ModelConfig(
-        vision=VisionConfig(pretrained=folder, feature_layer=layer, keep_cls=strategy == "full" and tower != "siglip_vision_model"),
+        vision=VisionConfig(pretrained=folder, feature_layer=layer, keep_cls=keep_cls),
         decoder=DecoderConfig(pretrained=folder, image_token_id=config.image_token_id)))
     model = build_model(cfg)
     assert isinstance(model, PretrainedVLM)
