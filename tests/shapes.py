@@ -25,3 +25,25 @@ def write_shapes_csv(path, rows=12):
             image.save(buf, format="PNG")
             writer.writerow([base64.b64encode(buf.getvalue()).decode(), f"a {color} {shape}"])
     return path
+
+
+def write_llava_data(folder, rows=12):
+    """PNG files plus two LLaVA-style sets over them: ``captions`` (JSONL, image + caption, for
+    stage pretrain) and ``conversations`` (JSON, for stage instruct). Returns their paths."""
+    import json
+
+    names = list(COLORS)
+    captions, conversations = [], []
+    for i in range(rows):
+        color, shape = names[i % len(names)], ("square", "bar")[(i // len(names)) % 2]
+        image = Image.new("RGB", (40, 40), (128, 128, 128))
+        box = (6, 6, 34, 34) if shape == "square" else (2, 15, 38, 25)
+        ImageDraw.Draw(image).rectangle(box, fill=COLORS[color])
+        image.save(folder / f"{i:03d}.png")
+        captions.append({"image": f"{i:03d}.png", "caption": f"a {color} {shape}"})
+        conversations.append({"image": f"{i:03d}.png", "conversations": [
+            {"from": "human", "value": "<image>\nWhat colour is it?"}, {"from": "gpt", "value": color},
+            {"from": "human", "value": "And the shape?"}, {"from": "gpt", "value": f"a {shape}"}]})
+    (folder / "captions.jsonl").write_text("".join(json.dumps(row) + "\n" for row in captions))
+    (folder / "conversations.json").write_text(json.dumps(conversations))
+    return {"captions": folder / "captions.jsonl", "conversations": folder / "conversations.json"}

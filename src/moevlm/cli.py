@@ -1,4 +1,4 @@
-"""Command line: ``moevlm train | caption | eval | demo | bench`` (design.md §2).
+"""Command line: ``moevlm train | caption | eval | demo | upcycle | bench`` (design.md §2).
 
 User mistakes end with one line on stderr and exit code 2; no traceback.
 """
@@ -13,7 +13,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from moevlm.config import PRESETS
+from moevlm.config import PRESETS, STAGES
 
 EXIT_USER_ERROR = 2
 
@@ -43,6 +43,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="output and checkpoint folder (default runs/latest)")
     train.add_argument("--max-steps", type=int, help="shorthand for --set train.max_steps=N")
     train.add_argument("--resume", action="store_true", help="continue the checkpoint in --out")
+    train.add_argument("--stage", choices=STAGES, help="what learns: pretrain (projector), instruct (projector + "
+                                                       "LM), moe (MoE layers; upcycles a dense LM), full (all; "
+                                                       "default); shorthand for --set train.stage=NAME")
+    train.add_argument("--from", dest="from_dir", type=Path, metavar="DIR",
+                       help="start from an earlier stage's checkpoint (its model and tokenizer; data and train "
+                            "settings from --preset/--config/--set)")
     tracking = train.add_mutually_exclusive_group()
     tracking.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite store inside --out)")
     tracking.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
@@ -64,6 +70,16 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--max-steps", type=int, help="fewer steps for a quick look")
     demo.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
 
+    upcycle = sub.add_parser("upcycle", help="turn a model's dense FFNs into MoE layers (sparse upcycling)",
+                             description="Copy each chosen dense FFN of the decoder into N identical experts with "
+                                         "a new router. Right after, the model computes what the dense one did.")
+    upcycle.add_argument("--model", required=True, type=Path, help="checkpoint folder of a model with dense FFNs")
+    upcycle.add_argument("--experts", required=True, type=int, help="experts per MoE layer")
+    upcycle.add_argument("--top-k", required=True, type=int, help="experts each token is routed to")
+    upcycle.add_argument("--layers", default="all",
+                         help="all (default), every-other, or a comma-separated list of layer indices")
+    upcycle.add_argument("--out", required=True, type=Path, help="folder for the upcycled checkpoint (new)")
+
     bench = sub.add_parser("bench", help="measure training, MoE and generation speed on this machine",
                            description="Speed figures on this machine (a few minutes on 2 CPU cores); on a "
                                        "GPU also bf16 figures for the ~100M-parameter base preset.")
@@ -78,13 +94,21 @@ def _cmd_train(args) -> int:
     from moevlm.errors import ConfigError
     from moevlm.train.run import run_training
 
-    if args.resume and (args.overrides or args.config or args.preset != "default"):
-        raise ConfigError("--resume continues with the checkpoint's own config: drop --preset/--config/--set "
-                          "(--max-steps N may extend the run)")
-    config = load_config(args.preset, args.config, args.overrides)
+    if args.resume and (args.overrides or args.config or args.preset != "default" or args.stage or args.from_dir):
+        raise ConfigError("--resume continues with the checkpoint's own config: drop --preset/--config/--set/"
+                          "--stage/--from (--max-steps N may extend the run)")
+    overrides = args.overrides + ([f"train.stage={args.stage}"] if args.stage else [])
+    model = None
+    if args.from_dir is not None:
+        from moevlm.train.checkpoint import load_config_file, verify_checkpoint
+
+        verify_checkpoint(args.from_dir)
+        model = load_config_file(args.from_dir).to_dict()["model"]
+    config = load_config(args.preset, args.config, overrides, model=model)
     trainer, result = run_training(config, args.data, args.out, val_data=args.val_data, resume=args.resume,
                                    max_steps=args.max_steps, tracking_uri=args.tracking_uri,
-                                   tracking=not args.no_tracking, progress=sys.stderr.isatty())
+                                   tracking=not args.no_tracking, progress=sys.stderr.isatty(),
+                                   from_dir=args.from_dir)
     rows = "validation" if trainer.val_set else "training"
     print(f"trained to step {trainer.step}: {rows} loss {result['loss']:.4f} on {result['num_samples']} rows, "
           f"exact match {result['exact_match']:.3f} on {len(result['predictions'])} of them")
@@ -95,12 +119,12 @@ def _cmd_train(args) -> int:
 
 
 def _cmd_caption(args) -> int:
-    from moevlm.data.images import open_image
+    from moevlm.data.images import image_preparer, open_image
     from moevlm.errors import DataError
     from moevlm.generate import caption
     from moevlm.train.checkpoint import load_model
 
-    model, tokenizer, _ = load_model(args.model)
+    model, tokenizer, config = load_model(args.model)
     images = []
     for path in args.images:
         if not path.is_file():
@@ -109,7 +133,8 @@ def _cmd_caption(args) -> int:
             images.append(open_image(str(path)))
         except ValueError as err:
             raise DataError(path, None, str(err)) from None
-    texts = caption(model, tokenizer, images, prompt=args.prompt, max_new_tokens=args.max_new_tokens,
+    texts = caption(model, tokenizer, images, prompt=args.prompt, prepare_image=image_preparer(config.model, args.model),
+                    max_new_tokens=args.max_new_tokens,
                     temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     for path, text in zip(args.images, texts):
         print(json.dumps({"image": str(path), "text": text}) if args.json else f"{path}: {text}")
@@ -128,7 +153,7 @@ def _cmd_eval(args) -> int:
 
     model, tokenizer, config = load_model(args.model)
     samples, _ = read_samples(args.data, config.data.on_bad_row)
-    result = evaluate(model, dataset_for(samples, tokenizer, config, augment=False), tokenizer,
+    result = evaluate(model, dataset_for(samples, tokenizer, config, augment=False, folder=args.model), tokenizer,
                       batch_size=config.train.batch_size)
     if args.json:
         print(json.dumps(_public_result(result)))
@@ -147,6 +172,23 @@ def _cmd_demo(args) -> int:
     return 0
 
 
+def _cmd_upcycle(args) -> int:
+    from moevlm.errors import ConfigError
+    from moevlm.train.stages import upcycle_checkpoint
+
+    layers = args.layers
+    if layers not in ("all", "every-other"):
+        try:
+            layers = [int(part) for part in layers.split(",")]
+        except ValueError:
+            raise ConfigError(f"--layers {args.layers!r}: expected all, every-other or a list like 0,2,5") from None
+    config = upcycle_checkpoint(args.model, args.out, args.experts, args.top_k, layers)
+    moe = config.model.decoder.moe
+    print(f"upcycled {len(config.model.decoder.moe_layer_indices)} layers {config.model.decoder.moe_layer_indices} "
+          f"to {moe.num_experts} {moe.activation} experts, top-{moe.top_k}: {args.out}")
+    return 0
+
+
 def _cmd_bench(args) -> int:
     from moevlm.bench import format_table, run_bench
 
@@ -156,7 +198,7 @@ def _cmd_bench(args) -> int:
 
 
 COMMANDS = {"train": _cmd_train, "caption": _cmd_caption, "eval": _cmd_eval, "demo": _cmd_demo,
-            "bench": _cmd_bench}
+            "upcycle": _cmd_upcycle, "bench": _cmd_bench}
 
 
 def main(argv: list[str] | None = None) -> int:

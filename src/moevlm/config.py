@@ -437,6 +437,15 @@ PRESETS: dict[str, dict] = {
         "train": {"batch_size": 32, "lr": 5e-4, "warmup_steps": 200, "max_steps": 20000,
                   "eval_every": 1000, "checkpoint_every": 1000},
     },
+    # The staged recipe on pretrained parts (--stage pretrain|instruct|moe with model.vision=hf:ID
+    # and model.lm=hf:ID): LLaVA-length conversations, no augmentation of the pretrained tower's
+    # input. Learning rates are per stage: see the README walk-through.
+    "llava": {
+        "model": {"decoder": {"max_text_len": 1024}},
+        "data": {"augment": False, "val_fraction": 0.01},
+        "train": {"batch_size": 16, "lr": 1e-3, "warmup_steps": 100, "max_steps": 5000, "eval_every": 500,
+                  "checkpoint_every": 500, "val_generate": 16},
+    },
     # Seconds per run: for tests and quick checks.
     "tiny": {
         "model": {
@@ -458,10 +467,14 @@ PRESETS: dict[str, dict] = {
 
 
 def load_config(preset: str = "default", config_file: str | Path | None = None,
-                overrides: list[str] = ()) -> Config:
+                overrides: list[str] = (), model: dict | None = None) -> Config:
+    """Preset, then YAML file, then ``--set`` overrides. ``model``: a model section to start from
+    instead of the preset's (a new stage continues the model of an earlier checkpoint)."""
     if preset not in PRESETS:
         raise ConfigError(f"unknown preset {preset!r} (choose from {', '.join(PRESETS)})")
     values = copy.deepcopy(PRESETS[preset])
+    if model is not None:
+        values["model"] = copy.deepcopy(model)
     if config_file is not None:
         path = Path(config_file)
         try:

@@ -228,15 +228,6 @@ def test_no_augmentation_when_off(tok, tmp_path):
         assert all(torch.equal(ds[i]["image"], ds.images[i]) for i in range(4))
 
 
-def test_older_dataset_call_with_size_and_channels_still_works(tok, tmp_path):
-    rows = gradient_rows(tmp_path, n=2)
-    old = ImageTextDataset(rows, tok, 8, 1, 8, on_bad_row="error")
-    new = ImageTextDataset(rows, tok, ScratchImages(8, 1), 8)
-    assert old.images.shape == (2, 1, 8, 8) and torch.equal(old.images, new.images)
-    with pytest.raises(ValueError, match="channels must be 1 or 3, not 2"):
-        ImageTextDataset(rows, tok, 8, 2, 8)
-
-
 def test_scratch_tokenizer_drops_the_placeholder_as_before(tok):
     # The readers keep "<image>" in prompts now; the scratch numbers must not move.
     for prompt in ("<image>\nx", "x\n<image>", " <image> x "):

@@ -65,7 +65,7 @@ def test_the_last_k_snapshots_are_kept_and_the_top_level_is_the_newest(run):
         assert (out / name).read_bytes() == (newest / name).read_bytes(), name
     assert set(json.loads((out / CHECKSUMS).read_text())["sha256"]) == set(TRAINING_FILES)
     verify_checkpoint(out, TRAINING_FILES)
-    assert load_training_checkpoint(newest)[3]["step"] == 4
+    assert load_training_checkpoint(newest)[1]["step"] == 4
     load_model(out)
 
 

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from moevlm.data.images import ScratchImages, normalize, open_image
+from moevlm.data.images import normalize, open_image
 from moevlm.data.records import Sample, clean_prompt
 from moevlm.data.tokenizer import IGNORE_INDEX
 from moevlm.errors import DataError
@@ -73,18 +73,12 @@ class ImageTextDataset(Dataset):
     max_text_len)`` still works and prepares images as a scratch model does.
     """
 
-    def __init__(self, samples: list[Sample], tokenizer, prepare_image, max_text_len: int,
-                 *legacy, on_bad_row: str = "error", augment: bool = False, seed: int = 0):
-        if isinstance(prepare_image, int):  # the older (image_size, channels, max_text_len)
-            if len(legacy) != 1:
-                raise TypeError("ImageTextDataset(samples, tokenizer, image_size, channels, max_text_len) "
-                                "needs max_text_len")
-            prepare_image, max_text_len = ScratchImages(prepare_image, max_text_len), legacy[0]
-        elif legacy:
-            raise TypeError(f"ImageTextDataset got {len(legacy)} positional arguments too many")
+    def __init__(self, samples: list[Sample], tokenizer, prepare_image, max_text_len: int, *,
+                 on_bad_row: str = "error", augment: bool = False, seed: int = 0):
         if on_bad_row not in ("error", "skip"):
             raise ValueError(f"on_bad_row must be error or skip, not {on_bad_row!r}")
         self.augment, self.seed, self.epoch = augment, seed, 0
+        self.prepare_image = prepare_image  # kept: a checkpoint saves it (its image processor)
         self.samples: list[Sample] = []
         self.skipped = 0
         self._input_ids: list[torch.Tensor] = []

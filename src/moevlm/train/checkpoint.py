@@ -1,5 +1,9 @@
 """One checkpoint folder (design.md §2): config.json, model.safetensors, tokenizer.json,
-trainer_state.json, optimizer.pt, and checksums.json (the sha256 of each of them).
+trainer_state.json, optimizer.pt, and checksums.json (the sha256 of each of them). A model
+built on pretrained parts adds its tokenizer's and image processor's own files, and
+pretrained.json: the pretrained weights no stage has trained, which are loaded from their
+source (hub id or folder) instead of being copied into every checkpoint, with a fingerprint
+that tells when the source no longer holds the same weights.
 
 checksums.json is written last and checked before anything is loaded, so a folder cut off
 while being written, a truncated copy or a flipped bit is reported with the file's name
@@ -13,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -20,14 +25,27 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from moevlm.config import Config
-from moevlm.data.tokenizer import Tokenizer
+from moevlm.data.images import image_preparer
+from moevlm.data.tokenizer import load_tokenizer
 from moevlm.errors import CheckpointError, ConfigError, MoevlmError
-from moevlm.models.vlm import VLM
+from moevlm.models.lora import apply_lora
+from moevlm.models.pretrained import build_model
 
-CONFIG, WEIGHTS, TOKENIZER, STATE, OPTIMIZER, CHECKSUMS = (
-    "config.json", "model.safetensors", "tokenizer.json", "trainer_state.json", "optimizer.pt", "checksums.json")
+CONFIG, WEIGHTS, TOKENIZER, STATE, OPTIMIZER, CHECKSUMS, PRETRAINED = (
+    "config.json", "model.safetensors", "tokenizer.json", "trainer_state.json", "optimizer.pt", "checksums.json",
+    "pretrained.json")
 MODEL_FILES = (CONFIG, WEIGHTS, TOKENIZER)
 TRAINING_FILES = MODEL_FILES + (STATE, OPTIMIZER)
+_FINGERPRINT_BYTES = 4096  # per tensor: enough to tell two trainings of one architecture apart
+
+
+@dataclass
+class Bundle:
+    """What a checkpoint holds besides the training state."""
+    model: object  # VLM or PretrainedVLM
+    tokenizer: object
+    config: Config
+    untouched: set[str] = field(default_factory=set)  # pretrained tensors loaded from their source
 
 
 def sha256(path: Path) -> str:
@@ -52,46 +70,86 @@ def _fsync_file(path: Path) -> None:
         os.fsync(handle.fileno())
 
 
-def _state_dict_for_saving(model: VLM) -> dict[str, torch.Tensor]:
-    # The LM head shares its tensor with the token embedding; safetensors refuses shared
-    # storage, so the tied copy is dropped and re-tied by the constructor on load.
+def tied_copies(state: dict[str, torch.Tensor]) -> set[str]:
+    """Names whose tensor is the same storage as an earlier name's (a tied LM head): safetensors
+    refuses shared storage, so these are not written, and the constructor ties them again."""
+    seen, copies = set(), set()
+    for name, tensor in state.items():
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
+        if key in seen:
+            copies.add(name)
+        seen.add(key)
+    return copies
+
+
+def fingerprint(model, names: set[str]) -> str:
+    """sha256 over name, shape, dtype and the first bytes of each named tensor."""
     state = model.state_dict()
-    if model.cfg.decoder.tie_embeddings:
-        state.pop("decoder.lm_head.weight")
-    return {name: tensor.detach().contiguous().cpu() for name, tensor in state.items()}
+    digest = hashlib.sha256()
+    for name in sorted(names):
+        tensor = state[name].detach().cpu().contiguous()
+        digest.update(f"{name}:{list(tensor.shape)}:{tensor.dtype}".encode())
+        digest.update(tensor.view(-1).view(torch.uint8)[:_FINGERPRINT_BYTES].numpy().tobytes())
+    return digest.hexdigest()
 
 
-def write_checkpoint(folder: Path, model: VLM, tokenizer: Tokenizer, config: Config,
-                     state: dict | None = None, optimizer: torch.optim.Optimizer | None = None) -> list[str]:
+def _state_dict_for_saving(model, skip: set[str]) -> dict[str, torch.Tensor]:
+    state = model.state_dict()
+    skip = skip | tied_copies(state)
+    return {name: tensor.detach().contiguous().cpu() for name, tensor in state.items() if name not in skip}
+
+
+def _pretrained_refs(config: Config, untouched: set[str], model) -> dict:
+    sources = {"vision": config.model.vision.pretrained, "lm": config.model.decoder.pretrained}
+    return {"sources": {k: v for k, v in sources.items() if v is not None}, "untouched": sorted(untouched),
+            "fingerprint": fingerprint(model, untouched)}
+
+
+def write_checkpoint(folder: Path, model, tokenizer, config: Config, state: dict | None = None,
+                     optimizer: torch.optim.Optimizer | None = None, untouched: set[str] = frozenset(),
+                     images=None) -> list[str]:
     """Write a checkpoint into ``folder`` (a fresh, private folder: files are written in place).
 
+    ``untouched``: pretrained tensors to reference instead of writing (none with train.save_frozen).
+    ``images``: the image preparer in use (data/images.py), whose processor files are saved.
     Returns the names written, checksums.json last.
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    if config.train.save_frozen:
+        untouched = set()
+    names: list[str] = []
     writers = {
         CONFIG: lambda path: path.write_text(config.to_json()),
-        TOKENIZER: tokenizer.save,
-        WEIGHTS: lambda path: save_file(_state_dict_for_saving(model), str(path),
+        TOKENIZER: lambda path: names.extend(tokenizer.save(path.parent)),
+        WEIGHTS: lambda path: save_file(_state_dict_for_saving(model, set(untouched)), str(path),
                                         metadata={"format": "pt", "step": str((state or {}).get("step", 0))}),
     }
+    if config.model.uses_pretrained:
+        writers[PRETRAINED] = lambda path: path.write_text(json.dumps(_pretrained_refs(config, set(untouched), model),
+                                                                      indent=1))
+        writers["image processor"] = lambda path: names.extend((images or image_preparer(config.model)).save(path.parent))
     if optimizer is not None:
         writers[OPTIMIZER] = lambda path: torch.save(optimizer.state_dict(), path)
     if state is not None:
         writers[STATE] = lambda path: path.write_text(json.dumps(state))
-    sums = {}
     for name, write in writers.items():
         write(folder / name)
+        if (folder / name).is_file():
+            names.append(name)
+    sums = {}
+    for name in dict.fromkeys(names):  # the tokenizer and processor list their own files
         _fsync_file(folder / name)
         sums[name] = sha256(folder / name)
     (folder / CHECKSUMS).write_text(json.dumps({"sha256": sums}, indent=1))
     _fsync_file(folder / CHECKSUMS)
     fsync_dir(folder)
-    return list(writers) + [CHECKSUMS]
+    return list(sums) + [CHECKSUMS]
 
 
 def verify_checkpoint(folder: Path, required: tuple[str, ...] = MODEL_FILES) -> None:
-    """Check that ``required`` files are there and match checksums.json; else CheckpointError naming the file."""
+    """Check that ``required`` files, and every other file the model needs (all listed files but the
+    training state), are there and match checksums.json; else CheckpointError naming the file."""
     folder = Path(folder)
     if not folder.is_dir():
         raise CheckpointError(f"{folder}: no such checkpoint folder")
@@ -108,7 +166,10 @@ def verify_checkpoint(folder: Path, required: tuple[str, ...] = MODEL_FILES) -> 
             raise TypeError
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
         raise CheckpointError(f"{manifest}: damaged (not the JSON moevlm writes)") from None
+    required = tuple(dict.fromkeys(required + tuple(name for name in sums if name not in (STATE, OPTIMIZER))))
     for name in required:
+        if not (folder / name).is_file():
+            raise CheckpointError(f"{folder}: not a complete moevlm checkpoint ({name} is missing)")
         if name not in sums:
             raise CheckpointError(f"{folder}: {name} is not listed in {CHECKSUMS} (incomplete checkpoint)")
         if sha256(folder / name) != sums[name]:
@@ -126,19 +187,26 @@ def load_config_file(model_dir: Path) -> Config:
         raise CheckpointError(f"{path}: {err}") from None
 
 
-def load_model(model_dir: Path, device: str | torch.device = "cpu") -> tuple[VLM, Tokenizer, Config]:
-    """Verify the checksums, then rebuild the model from config.json and load weights and tokenizer."""
+def load_model(model_dir: Path, device: str | torch.device = "cpu"):
+    """Verify the checksums, then rebuild the model from config.json and load weights and tokenizer.
+
+    Returns (model, tokenizer, config); ``load_bundle`` also says which weights came from a source.
+    """
+    bundle = load_bundle(model_dir)
+    return bundle.model.to(device).eval(), bundle.tokenizer, bundle.config
+
+
+def load_bundle(model_dir: Path) -> Bundle:
     model_dir = Path(model_dir)
     verify_checkpoint(model_dir, MODEL_FILES)
-    model, tokenizer, config = _load_verified_model(model_dir)
-    return model.to(device).eval(), tokenizer, config
+    return _load_verified_model(model_dir)
 
 
-def load_training_checkpoint(model_dir: Path) -> tuple[VLM, Tokenizer, Config, dict, dict]:
-    """Everything ``--resume`` needs, verified once: model, tokenizer, config, trainer and optimizer state."""
+def load_training_checkpoint(model_dir: Path) -> tuple[Bundle, dict, dict]:
+    """Everything ``--resume`` needs, verified once: the bundle, trainer state and optimizer state."""
     model_dir = Path(model_dir)
     verify_checkpoint(model_dir, TRAINING_FILES)
-    model, tokenizer, config = _load_verified_model(model_dir)
+    bundle = _load_verified_model(model_dir)
     path = model_dir / STATE
     try:
         state = json.loads(path.read_text())
@@ -150,20 +218,45 @@ def load_training_checkpoint(model_dir: Path) -> tuple[VLM, Tokenizer, Config, d
     except Exception as err:  # noqa: BLE001  (torch.load raises many types for a damaged or unsafe file)
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise CheckpointError(f"{optimizer_file}: unreadable optimizer state ({reason})") from None
-    return model, tokenizer, config, state, optimizer_state
+    return bundle, state, optimizer_state
 
 
-def _load_verified_model(model_dir: Path) -> tuple[VLM, Tokenizer, Config]:
+def _read_refs(model_dir: Path) -> dict:
+    path = model_dir / PRETRAINED
+    if not path.is_file():
+        return {"untouched": [], "sources": {}}
+    try:
+        refs = json.loads(path.read_text())
+        if not isinstance(refs.get("untouched"), list):
+            raise TypeError
+        return refs
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, TypeError, AttributeError):
+        raise CheckpointError(f"{path}: damaged (not the JSON moevlm writes)") from None
+
+
+def _load_verified_model(model_dir: Path) -> Bundle:
     config = load_config_file(model_dir)
     weights = model_dir / WEIGHTS
+    refs = _read_refs(model_dir)
+    untouched = set(refs["untouched"])
     try:
-        tokenizer = Tokenizer.load(model_dir / TOKENIZER)
+        tokenizer = load_tokenizer(model_dir, config.model)
     except MoevlmError as err:
         raise CheckpointError(str(err)) from None
-    if tokenizer.vocab_size != config.model.decoder.vocab_size:
+    if config.model.tokenizer.kind != "hf" and tokenizer.vocab_size != config.model.decoder.vocab_size:
         raise CheckpointError(f"{model_dir}: tokenizer.json has {tokenizer.vocab_size} tokens, "
                               f"config.json expects {config.model.decoder.vocab_size}")
-    model = VLM(config.model)
+    try:
+        # Weights no stage trained come from their source; everything else is in model.safetensors.
+        model = build_model(config.model, load_weights=bool(untouched))
+    except MoevlmError as err:
+        raise CheckpointError(f"{model_dir}: this checkpoint loads its untrained pretrained weights from "
+                              f"{', '.join(refs['sources'].values())} ({PRETRAINED}): {err}") from None
+    if config.model.decoder.lora_rank:
+        apply_lora(model.lm, config.model.decoder)
+    if untouched and fingerprint(model, untouched & set(model.state_dict())) != refs.get("fingerprint"):
+        raise CheckpointError(f"{model_dir}: the pretrained weights loaded from {', '.join(refs['sources'].values())} "
+                              f"are not those this checkpoint was trained with ({PRETRAINED} fingerprint differs)")
     try:
         state = load_file(str(weights))
     except (SafetensorError, OSError) as err:
@@ -175,8 +268,8 @@ def _load_verified_model(model_dir: Path) -> tuple[VLM, Tokenizer, Config]:
             raise CheckpointError(f"{weights}: weights do not fit config.json ({name} is "
                                   f"{list(tensor.shape)} in the weights, {list(expected[name].shape)} in the model)")
     missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [name for name in missing if name != "decoder.lm_head.weight" or not config.model.decoder.tie_embeddings]
+    missing = [name for name in missing if name not in untouched and name not in tied_copies(expected)]
     if missing or unexpected:
         detail = f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}"
         raise CheckpointError(f"{weights}: weights do not fit config.json ({detail})")
-    return model, tokenizer, config
+    return Bundle(model, tokenizer, config, untouched)

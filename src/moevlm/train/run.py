@@ -1,19 +1,25 @@
-"""``moevlm train``: reads the data, splits it, builds or restores tokenizer and model, trains."""
+"""``moevlm train``: reads the data, splits it, builds the model (fresh, from pretrained parts, from an
+earlier stage's checkpoint with ``--from``, or restored with ``--resume``), trains."""
 
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import torch
 
 from moevlm.config import Config
 from moevlm.data.dataset import ImageTextDataset, split_samples, unique_samples
-from moevlm.data.records import Sample, read_samples
-from moevlm.data.tokenizer import Tokenizer
+from moevlm.data.images import image_preparer
+from moevlm.data.records import Sample, clean_prompt, read_samples
+from moevlm.data.tokenizer import Tokenizer, load_tokenizer
 from moevlm.errors import MoevlmError
-from moevlm.models.vlm import VLM
+from moevlm.models.lora import apply_lora
+from moevlm.models.pretrained import build_model, resolve_pretrained
+from moevlm.train.checkpoint import Bundle
 from moevlm.train.snapshots import has_checkpoint, load_for_resume
+from moevlm.train.stages import continue_from, pretrained_names
 from moevlm.train.tracking import Tracker
 from moevlm.train.trainer import Trainer
 
@@ -21,23 +27,54 @@ log = logging.getLogger(__name__)
 
 
 def _texts(samples: list[Sample]) -> list[str]:
-    return [text for sample in samples for turn in sample.turns for text in turn if text]
+    """What a new tokenizer learns from; the <image> placeholder is not text."""
+    return [text for sample in samples for prompt, answer in sample.turns for text in (clean_prompt(prompt), answer)
+            if text]
 
 
-def dataset_for(samples: list[Sample], tokenizer: Tokenizer, config: Config, augment: bool) -> ImageTextDataset:
-    vision = config.model.vision
-    return ImageTextDataset(samples, tokenizer, vision.image_size, vision.channels,
-                            config.model.decoder.max_text_len, on_bad_row=config.data.on_bad_row,
-                            augment=augment, seed=config.train.seed)
+def dataset_for(samples: list[Sample], tokenizer, config: Config, augment: bool,
+                folder: Path | None = None) -> ImageTextDataset:
+    """``folder``: a checkpoint whose image processor to use (else the vision tower's source)."""
+    return ImageTextDataset(samples, tokenizer, image_preparer(config.model, folder), config.model.decoder.max_text_len,
+                            on_bad_row=config.data.on_bad_row, augment=augment, seed=config.train.seed)
+
+
+def _absolute_sources(config: Config) -> None:
+    """A local folder given as a relative path must still be found when the checkpoint is used
+    from elsewhere."""
+    for section in (config.model.vision, config.model.decoder):
+        if section.pretrained is not None and os.path.isdir(section.pretrained):
+            section.pretrained = os.path.abspath(section.pretrained)
+
+
+def fresh_model(config: Config, train_samples: list[Sample]) -> Bundle:
+    """A new model: pretrained parts from their sources, the rest initialised from train.seed."""
+    _absolute_sources(config)
+    config.model = resolve_pretrained(config.model)
+    if config.model.tokenizer.kind == "hf":
+        tokenizer = load_tokenizer(Path(config.model.decoder.pretrained), config.model)
+    else:
+        tokenizer = Tokenizer.train(_texts(train_samples), config.model.tokenizer.kind,
+                                    config.model.tokenizer.vocab_size)
+        config.model.decoder.vocab_size = tokenizer.vocab_size
+    torch.manual_seed(config.train.seed)  # initial weights, then router noise and dropout
+    model = build_model(config.model, load_weights=True)
+    if config.model.decoder.lora_rank:
+        apply_lora(model.lm, config.model.decoder)
+    return Bundle(model, tokenizer, config, pretrained_names(model))
 
 
 def run_training(config: Config, data: Path, out: Path, val_data: Path | None = None, resume: bool = False,
                  max_steps: int | None = None, tracking_uri: str | None = None, tracking: bool = True,
-                 progress: bool = True) -> tuple[Trainer, dict]:
+                 progress: bool = True, from_dir: Path | None = None) -> tuple[Trainer, dict]:
+    """``from_dir``: start this stage from an earlier stage's checkpoint (its model and tokenizer,
+    with ``config``'s data and train sections); the run itself starts at step 0."""
     out = Path(out)
     state = optimizer_state = None
+    bundle = None
     if resume:
-        model, tokenizer, config, state, optimizer_state = load_for_resume(out)
+        bundle, state, optimizer_state = load_for_resume(out)
+        config = bundle.config
     elif has_checkpoint(out):
         raise MoevlmError(f"{out} already holds a checkpoint: pass --resume to continue it, or choose another --out")
     if max_steps is not None:
@@ -50,14 +87,17 @@ def run_training(config: Config, data: Path, out: Path, val_data: Path | None = 
         skipped += val_skipped
     else:
         train_samples, val_samples = split_samples(samples, config.data.val_fraction, config.train.seed)
-    if not resume:
-        tokenizer = Tokenizer.train(_texts(train_samples), config.model.tokenizer.kind,
-                                    config.model.tokenizer.vocab_size)
-        config.model.decoder.vocab_size = tokenizer.vocab_size
-        torch.manual_seed(config.train.seed)  # initial weights, then router noise and dropout
-        model = VLM(config.model)
-    train_set = dataset_for(train_samples, tokenizer, config, config.data.augment)
-    val_set = dataset_for(val_samples, tokenizer, config, False) if val_samples else None
+    if bundle is None:
+        if from_dir is not None:
+            torch.manual_seed(config.train.seed)  # new routers, then router noise and dropout
+            bundle = continue_from(from_dir, config)
+        else:
+            bundle = fresh_model(config, train_samples)
+        config = bundle.config
+    model, tokenizer = bundle.model, bundle.tokenizer
+    folder = out if resume else from_dir
+    train_set = dataset_for(train_samples, tokenizer, config, config.data.augment, folder)
+    val_set = dataset_for(val_samples, tokenizer, config, False, folder) if val_samples else None
     skipped += train_set.skipped + (val_set.skipped if val_set else 0)
     if skipped:
         log.warning("skipped %d bad rows (data.on_bad_row=skip)", skipped)
@@ -66,11 +106,14 @@ def run_training(config: Config, data: Path, out: Path, val_data: Path | None = 
     tracker = Tracker(out, tracking_uri, enabled=tracking, run_id=(state or {}).get("mlflow_run_id"))
     if not resume:
         params = config.to_dict()
-        params["data"].update(train_file=str(data), val_file=str(val_data or ""), train_rows=len(train_set),
+        for section in ("vision", "decoder"):  # the backbone's whole config.json; it is in config.json
+            params["model"][section].pop("hf_config")
+        params["data"].update(train_file=str(data), val_file=str(val_data or ""), from_checkpoint=str(from_dir or ""),
+                              train_rows=len(train_set),
                               val_rows=len(val_set) if val_set else 0, skipped_rows=skipped)
         tracker.log_params(params)
     trainer = Trainer(config, model, tokenizer, train_set, val_set, out, tracker, state, optimizer_state,
-                      progress=progress)
+                      progress=progress, untouched=bundle.untouched)
     try:
         result = trainer.fit()
     except KeyboardInterrupt:

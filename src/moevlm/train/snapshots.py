@@ -22,10 +22,8 @@ from pathlib import Path
 import torch
 
 from moevlm.config import Config
-from moevlm.data.tokenizer import Tokenizer
 from moevlm.errors import CheckpointError
-from moevlm.models.vlm import VLM
-from moevlm.train.checkpoint import CONFIG, STATE, fsync_dir, load_training_checkpoint, write_checkpoint
+from moevlm.train.checkpoint import Bundle, CONFIG, STATE, fsync_dir, load_training_checkpoint, write_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -48,8 +46,8 @@ def has_checkpoint(out_dir: Path) -> bool:
     return (out_dir / CONFIG).exists() or bool(snapshots(out_dir))
 
 
-def save_checkpoint(out_dir: Path, keep: int, model: VLM, tokenizer: Tokenizer, config: Config,
-                    state: dict, optimizer: torch.optim.Optimizer) -> Path:
+def save_checkpoint(out_dir: Path, keep: int, model, tokenizer, config: Config, state: dict,
+                    optimizer: torch.optim.Optimizer, untouched: set[str] = frozenset(), images=None) -> Path:
     """Write snapshot ``step-N`` of ``state["step"]``, make it DIR's top level, keep the newest ``keep``."""
     out_dir = Path(out_dir)
     root = out_dir / SNAPSHOTS
@@ -59,7 +57,7 @@ def save_checkpoint(out_dir: Path, keep: int, model: VLM, tokenizer: Tokenizer, 
         root.mkdir(parents=True, exist_ok=True)
         for stale in root.glob(".step-*"):  # what an earlier kill left half written or half deleted
             shutil.rmtree(stale)
-        files = write_checkpoint(tmp, model, tokenizer, config, state, optimizer)
+        files = write_checkpoint(tmp, model, tokenizer, config, state, optimizer, untouched, images)
         for later, folder in snapshots(out_dir):
             # Snapshots from this step on can only be damaged ones a resume passed over; kept,
             # they would count towards `keep` and push out the good ones.
@@ -96,7 +94,7 @@ def _discard(folder: Path) -> None:
     shutil.rmtree(trash)
 
 
-def load_for_resume(out_dir: Path) -> tuple[VLM, Tokenizer, Config, dict, dict]:
+def load_for_resume(out_dir: Path) -> tuple[Bundle, dict, dict]:
     """The newest checkpoint of the run that passes its checksums, as ``load_training_checkpoint`` returns it.
 
     Falls back past damaged snapshots with a warning naming each problem and the one used.
@@ -117,6 +115,6 @@ def load_for_resume(out_dir: Path) -> tuple[VLM, Tokenizer, Config, dict, dict]:
             continue
         if problems:
             log.warning("resuming from %s (step %s), the newest checkpoint that passed its checks",
-                        folder, loaded[3].get("step"))
+                        folder, loaded[1].get("step"))
         return loaded
     raise CheckpointError(f"{out_dir}: no checkpoint to resume from passed its checks (newest: {problems[0]})")

@@ -25,9 +25,9 @@ from moevlm.data.tokenizer import Tokenizer
 from moevlm.errors import TrainingError
 from moevlm.evaluate import evaluate
 from moevlm.metrics import expert_balance
-from moevlm.models.vlm import VLM
 from moevlm.train import plots
 from moevlm.train.snapshots import save_checkpoint
+from moevlm.train.stages import freeze_for_stage, group_lr, still_untouched
 from moevlm.train.tracking import Tracker
 
 log = logging.getLogger(__name__)
@@ -41,11 +41,17 @@ def lr_factor(step: int, warmup_steps: int, max_steps: int, min_ratio: float) ->
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def build_optimizer(model: torch.nn.Module, cfg) -> torch.optim.AdamW:
-    # Weight decay on matrices (and stacked expert weights) only, not on biases and norms.
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+def build_optimizer(trainable: dict[str, list[torch.nn.Parameter]], cfg) -> torch.optim.AdamW:
+    """One pair of parameter groups per trainable group (vision, projector, lm, moe), each with its
+    own learning rate (``base_lr``, scaled by the schedule)."""
+    groups = []
+    for name, params in trainable.items():
+        lr = group_lr(cfg, name)
+        # Weight decay on matrices (and stacked expert weights) only, not on biases and norms.
+        for decay, chosen in ((cfg.weight_decay, [p for p in params if p.dim() >= 2]),
+                              (0.0, [p for p in params if p.dim() < 2])):
+            if chosen:
+                groups.append({"params": chosen, "weight_decay": decay, "lr": lr, "base_lr": lr, "group": name})
     # The fused kernel updates every tensor in one pass: about half the optimizer time on CPU.
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=True)
 
@@ -79,9 +85,12 @@ def _set_rng_state(state: dict, device: torch.device) -> None:
 
 
 class Trainer:
-    def __init__(self, config: Config, model: VLM, tokenizer: Tokenizer, train_set: ImageTextDataset,
+    def __init__(self, config: Config, model, tokenizer: Tokenizer, train_set: ImageTextDataset,
                  val_set: ImageTextDataset | None, out_dir: Path, tracker: Tracker,
-                 state: dict | None = None, optimizer_state: dict | None = None, progress: bool = True):
+                 state: dict | None = None, optimizer_state: dict | None = None, progress: bool = True,
+                 untouched: set[str] = frozenset()):
+        """``model`` is a VLM or PretrainedVLM; ``untouched`` names the pretrained tensors no stage
+        has trained so far (kept out of checkpoints, see train/checkpoint.py)."""
         self.config, self.tokenizer = config, tokenizer
         self.train_set, self.val_set = train_set, val_set
         self.out_dir, self.tracker, self.progress = Path(out_dir), tracker, progress
@@ -92,7 +101,9 @@ class Trainer:
         # Training steps go through the compiled module; it shares the parameters, so
         # checkpoints, evaluation and generation use the plain one.
         self.forward = torch.compile(self.model) if tc.compile else self.model
-        self.optimizer = build_optimizer(self.model, tc)
+        trainable = freeze_for_stage(self.model, tc)
+        self.untouched = still_untouched(set(untouched), self.model)
+        self.optimizer = build_optimizer(trainable, tc)
         if optimizer_state is not None:
             self.optimizer.load_state_dict(optimizer_state)
         self.sampler = EpochBatchSampler(len(train_set), tc.batch_size, seed=tc.seed)
@@ -135,7 +146,7 @@ class Trainer:
 
     def save(self) -> None:
         save_checkpoint(self.out_dir, self.config.train.keep_checkpoints, self.model, self.tokenizer, self.config,
-                        self._state(), self.optimizer)
+                        self._state(), self.optimizer, self.untouched, self.train_set.prepare_image)
         self.saved_step = self.step
 
     def train_step(self, batches) -> dict[str, float] | None:
@@ -154,8 +165,11 @@ class Trainer:
             totals["lm_loss"] += out.lm_loss.item() / tc.grad_accum
             for name, value in out.aux.items():
                 totals[f"{name}_loss"] += value.item() / tc.grad_accum
-            tokens += int(batch["attention_mask"].sum()) + batch["images"].size(0) * self.model.num_image_tokens
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), tc.grad_clip))
+            tokens += int(batch["attention_mask"].sum())
+            if not self.model.images_in_text:  # prepended image tokens are not in the mask
+                tokens += batch["images"].size(0) * self.model.num_image_tokens
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(
+            [p for group in self.optimizer.param_groups for p in group["params"]], tc.grad_clip))
         if not (math.isfinite(totals["loss"]) and math.isfinite(grad_norm)):
             self.optimizer.zero_grad(set_to_none=True)
             self.step += 1  # the batches are used up, so resuming goes on after them
@@ -165,7 +179,7 @@ class Trainer:
         self.bad_in_a_row = 0
         lr = tc.lr * lr_factor(self.step, tc.warmup_steps, tc.max_steps, tc.min_lr_ratio)
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = group["base_lr"] * lr / tc.lr
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
@@ -207,7 +221,7 @@ class Trainer:
             if metrics is not None and (self.step % tc.log_every == 0 or self.step == tc.max_steps):
                 tokens_per_s = window_tokens / max(1e-9, time.perf_counter() - window_start)
                 window_tokens, window_start = 0, time.perf_counter()
-                if self.model.decoder.moe_layers:  # read from the last forward, only when logged
+                if self.model.moe_layers:  # read from the last forward, only when logged
                     metrics["expert_balance"] = expert_balance(self.model.expert_load())
                 self._record({f"train/{k}": v for k, v in metrics.items()} | {"train/tokens_per_s": tokens_per_s})
                 bar.set_postfix(loss=f"{metrics['loss']:.3f}", lr=f"{metrics['lr']:.1e}",
@@ -230,7 +244,7 @@ class Trainer:
                                 max_generate=self.config.train.val_generate, amp_dtype=self.amp_dtype)
         loss_png = plots.plot_loss_curves(self.history, self.out_dir / "loss.png")
         artifacts = [loss_png]
-        if self.model.decoder.moe_layers:
+        if self.model.moe_layers:
             artifacts.append(plots.plot_expert_load(last_val["expert_load_counts"], self.out_dir / "expert_load.png"))
         samples = "\n".join(f"true: {ref}\npred: {pred}\n" for ref, pred in last_val["predictions"][:50])
         (self.out_dir / "samples.txt").write_text(samples)

@@ -1,0 +1,54 @@
+"""LoRA adapters (peft) on a pretrained LM's projections, and merging them back for the next stage.
+
+The adapters go into every linear projection of the decoder layers (attention and MLP, the
+QLoRA choice), never into the LM head, the embeddings or MoE layers: experts and routers are
+trained in full when the ``moe`` group learns. peft injects the adapters in place, so the LM keeps
+its own forward; a wrapped projection's weight is then named ``...q_proj.base_layer.weight``.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from moevlm.config import DecoderConfig
+from moevlm.models.moe import MoE
+
+
+def _projection_names(lm: nn.Module) -> list[str]:
+    from transformers.pytorch_utils import Conv1D  # GPT-2's linear layers
+
+    inside_moe = {name for name, module in lm.named_modules() if isinstance(module, MoE)}
+    output = lm.get_output_embeddings() if hasattr(lm, "get_output_embeddings") else None
+    return [name for name, module in lm.named_modules()
+            if isinstance(module, (nn.Linear, Conv1D)) and module is not output
+            and not any(name == moe or name.startswith(moe + ".") for moe in inside_moe)
+            # the MoEMLP wrapper holds the MoE one level down; its router is a Linear too
+            and ".moe." not in name]
+
+
+def apply_lora(lm: nn.Module, cfg: DecoderConfig) -> None:
+    """Add rank ``cfg.lora_rank`` adapters; the LM computes exactly what it did (lora_B starts at zero)."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    targets = _projection_names(lm)
+    if not targets:
+        raise ValueError(f"{type(lm).__name__}: no linear projections to put LoRA adapters on")
+    inject_adapter_in_model(LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                                       target_modules=targets), lm)
+
+
+def has_lora(model: nn.Module) -> bool:
+    from peft.tuners.lora import LoraLayer
+
+    return any(isinstance(module, LoraLayer) for module in model.modules())
+
+
+def merge_lora(model: nn.Module) -> None:
+    """Fold every adapter into its base weight and put the plain layer back in its place."""
+    from peft.tuners.lora import LoraLayer
+
+    for name, module in list(model.named_modules()):
+        if isinstance(module, LoraLayer):
+            module.merge()
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name), child, module.get_base_layer())

@@ -1,0 +1,180 @@
+"""Training stages of the pretrained-parts recipe (LLaVA, MoE-LLaVA): which weights learn, at which
+learning rate, and which pretrained weights no stage has touched yet.
+
+    pretrain   projector only (vision tower and LM frozen), on image-caption pairs
+    instruct   projector + LM, on conversations; the loss covers assistant answers only
+    moe        the MoE layers (experts and routers) after upcycling the LM's dense FFNs
+    full       everything (a model trained from scratch)
+
+Parameters fall into four groups by where they live: ``vision``, ``projector``, ``moe`` (every
+parameter of an MoE layer) and ``lm`` (the rest of the decoder). With LoRA adapters on the LM,
+the ``lm`` group trains only the adapters; the base weights stay frozen.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+from torch import nn
+
+from moevlm.config import STAGE_TRAINABLE, Config, ModelConfig, TrainConfig
+from moevlm.data.images import image_preparer
+from moevlm.errors import ConfigError
+from moevlm.models.lora import apply_lora, has_lora, merge_lora
+from moevlm.models.moe import MoE
+from moevlm.models.upcycle import upcycle
+from moevlm.train.checkpoint import Bundle, load_bundle, write_checkpoint
+
+
+def group_of_parameters(model: nn.Module) -> dict[str, str]:
+    """Parameter name -> vision | projector | moe | lm."""
+    in_moe = {f"{module_name}.{name}" for module_name, module in model.named_modules() if isinstance(module, MoE)
+              for name, _ in module.named_parameters()}
+    groups = {}
+    for name, _ in model.named_parameters():
+        if name in in_moe:
+            groups[name] = "moe"
+        elif name.startswith(("vision.", "projector.")):
+            groups[name] = name.split(".", 1)[0]
+        else:
+            groups[name] = "lm"
+    return groups
+
+
+def trainable_groups(cfg: TrainConfig) -> tuple[str, ...]:
+    return tuple(cfg.trainable) if cfg.trainable is not None else STAGE_TRAINABLE[cfg.stage]
+
+
+def freeze_for_stage(model: nn.Module, cfg: TrainConfig) -> dict[str, list[nn.Parameter]]:
+    """Set requires_grad for the stage; returns the trainable parameters by group."""
+    chosen = trainable_groups(cfg)
+    groups = group_of_parameters(model)
+    lora = any("lora_" in name for name in groups)
+    if lora and "lm" not in chosen:
+        raise ConfigError(f"decoder.lora_rank is set but train.stage {cfg.stage} does not train the lm group "
+                          f"(trains {', '.join(chosen)}): set decoder.lora_rank=0 or add lm to train.trainable")
+    out: dict[str, list[nn.Parameter]] = {}
+    for name, param in model.named_parameters():
+        group = groups[name]
+        learns = group in chosen and (not lora or group != "lm" or "lora_" in name)
+        param.requires_grad_(learns)
+        if learns:
+            out.setdefault(group, []).append(param)
+    if not out:
+        present = sorted(set(groups.values()))
+        raise ConfigError(f"train.stage {cfg.stage} trains {', '.join(chosen)}, and this model has none of those "
+                          f"(it has {', '.join(present)}); for stage moe upcycle first or set moe.layers")
+    return out
+
+
+def group_lr(cfg: TrainConfig, group: str) -> float:
+    value = getattr(cfg, f"lr_{group}")
+    return cfg.lr if value is None else value
+
+
+def pretrained_names(model: nn.Module) -> set[str]:
+    """Tensors that come from pretrained sources as built: the HF vision tower and LM, without
+    MoE layers (new) and LoRA adapters (new)."""
+    cfg = model.cfg
+    prefixes = tuple(p for p, source in (("vision.", cfg.vision.pretrained), ("lm.", cfg.decoder.pretrained))
+                     if source is not None)
+    if not prefixes:
+        return set()
+    groups = group_of_parameters(model)
+    return {name for name in model.state_dict() if name.startswith(prefixes)
+            and groups.get(name) != "moe" and "lora_" not in name}
+
+
+def still_untouched(untouched: set[str], model: nn.Module) -> set[str]:
+    """What stays untouched through a stage: present in the model and not trained."""
+    learning = {name for name, param in model.named_parameters() if param.requires_grad}
+    return {name for name in untouched if name in model.state_dict() and name not in learning}
+
+
+# Model settings a new stage may change; any other difference from the --from checkpoint would
+# not fit its weights. MoE structure may change only by upcycling a dense model.
+_STAGE_SETTINGS = ("decoder.moe.", "decoder.lora_", "decoder.dropout", "vision.dropout")
+_MOE_STRUCTURE = ("num_experts", "top_k", "shared_expert", "router_noise", "activation")
+
+
+def _flat(values: dict, prefix: str = "") -> dict[str, object]:
+    out = {}
+    for key, value in values.items():
+        if isinstance(value, dict) and key != "hf_config":
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _check_same_model(old: ModelConfig, new: ModelConfig, model_dir: Path) -> None:
+    before, after = _flat(_input_dict(old)), _flat(_input_dict(new))
+    changeable = _STAGE_SETTINGS + (("decoder.max_text_len",) if old.decoder.pretrained else ())
+    for key in before:
+        if before[key] != after.get(key) and not key.startswith(changeable):
+            raise ConfigError(f"--from {model_dir}: model.{key} is {before[key]!r} there, {after.get(key)!r} here; "
+                              "a new stage keeps the model (only moe.*, decoder.lora_* and dropout may change)")
+    if old.decoder.moe_layer_indices:
+        for name in _MOE_STRUCTURE + ("layers",):
+            was, now = getattr(old.decoder.moe, name), getattr(new.decoder.moe, name)
+            if name == "layers":
+                was, now = old.decoder.moe_layer_indices, new.decoder.moe_layer_indices
+            if was != now:
+                raise ConfigError(f"--from {model_dir}: moe.{name} is {was!r} there, {now!r} here; the MoE layers "
+                                  "of a model that has them stay as they are")
+
+
+def _input_dict(model_cfg: ModelConfig) -> dict:
+    return Config(model=model_cfg).to_dict()["model"]
+
+
+def continue_from(model_dir: Path, config: Config) -> Bundle:
+    """The model of an earlier stage's checkpoint, made ready for ``config``'s stage: LoRA adapters
+    merged into their weights, dense FFNs upcycled to MoE where ``config`` asks for MoE layers the
+    checkpoint does not have (stage moe on a dense model: all layers unless moe.layers says
+    otherwise), new LoRA adapters added. The returned config describes the model as it now is."""
+    bundle = load_bundle(model_dir)
+    model, old = bundle.model, bundle.config.model
+    if has_lora(model):
+        merge_lora(model)
+    wanted = config.model
+    _check_same_model(old, wanted, model_dir)
+    layers = wanted.decoder.moe_layer_indices
+    if not layers and not old.decoder.moe_layer_indices and config.train.stage == "moe":
+        layers = list(range(wanted.decoder.depth))
+    values = config.to_dict()
+    values["model"]["decoder"]["moe"]["layers"] = old.decoder.moe.layers  # what the model has, until upcycled
+    values["model"]["decoder"]["lora_rank"] = 0
+    current = Config.from_dict(values)
+    if layers != old.decoder.moe_layer_indices:
+        model, current = upcycle(model, current, wanted.decoder.moe.num_experts, wanted.decoder.moe.top_k, layers)
+    if wanted.decoder.lora_rank:
+        current.model.decoder.lora_rank = wanted.decoder.lora_rank
+        apply_lora(model.lm, current.model.decoder)
+    return Bundle(model, bundle.tokenizer, current, bundle.untouched)
+
+
+def upcycle_checkpoint(model_dir: Path, out_dir: Path, experts: int, top_k: int, layers) -> Config:
+    """``moevlm upcycle``: the checkpoint in ``model_dir`` with its dense FFNs in ``layers`` turned
+    into MoE layers, written to the new folder ``out_dir`` in one rename. Returns its config."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise ConfigError(f"--out {out_dir}: already exists and is not an empty folder")
+    bundle = load_bundle(model_dir)
+    model, config = bundle.model, bundle.config
+    if has_lora(model):
+        merge_lora(model)
+        values = config.to_dict()
+        values["model"]["decoder"]["lora_rank"] = 0
+        config = Config.from_dict(values)
+    model, config = upcycle(model, config, experts, top_k, layers)
+    untouched = bundle.untouched & set(model.state_dict())
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    write_checkpoint(tmp, model, bundle.tokenizer, config, untouched=untouched,
+                     images=image_preparer(config.model, model_dir))
+    os.replace(tmp, out_dir)
+    return config

@@ -1,0 +1,186 @@
+"""The staged recipe on tiny local pretrained parts: what each stage trains, what checkpoints hold,
+``--from`` between stages, upcycling, LoRA."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from moevlm.config import load_config
+from moevlm.errors import CheckpointError, ConfigError
+from moevlm.train.checkpoint import PRETRAINED, WEIGHTS, load_bundle, load_model
+from moevlm.train.run import run_training
+from moevlm.train.stages import upcycle_checkpoint
+from pretrained_fixtures import tiny_clip_vision, tiny_gpt2, tiny_llama, tiny_siglip_vision
+from shapes import write_llava_data
+
+
+@pytest.fixture(autouse=True)
+def _offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="module")
+def parts(tmp_path_factory):
+    root = tmp_path_factory.mktemp("parts")
+    return {"clip": tiny_clip_vision(root / "clip"), "siglip": tiny_siglip_vision(root / "siglip"),
+            "llama": tiny_llama(root / "llama"), "gpt2": tiny_gpt2(root / "gpt2")}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return write_llava_data(tmp_path_factory.mktemp("data"))
+
+
+def stage_config(parts, stage, vision="clip", lm="llama", model=None, extra=()):
+    overrides = [f"train.stage={stage}", "train.batch_size=4", "train.max_steps=3", "train.warmup_steps=1",
+                 "train.eval_every=100", "train.checkpoint_every=100", "train.val_generate=2",
+                 "decoder.max_text_len=96", *extra]
+    if model is None:
+        overrides += [f"model.vision=hf:{parts[vision]}", f"model.lm=hf:{parts[lm]}"]
+    return load_config("tiny", overrides=overrides, model=model)
+
+
+def train(config, data_file, out, **kw):
+    return run_training(config, data_file, out, tracking=False, progress=False, **kw)
+
+
+def weights_of(model):
+    return {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
+
+
+def changed(before, after):
+    return {name for name in before if not torch.equal(before[name], after[name])}
+
+
+@pytest.mark.parametrize("vision,lm", [("clip", "llama"), ("siglip", "gpt2")])
+def test_pretrain_changes_only_the_projector(parts, data, tmp_path, vision, lm):
+    config = stage_config(parts, "pretrain", vision, lm)
+    trainer, _ = train(config, data["captions"], tmp_path / "run")
+    # A model built fresh from the same sources and seed is the "before".
+    fresh = load_config("tiny", overrides=[f"model.vision=hf:{parts[vision]}", f"model.lm=hf:{parts[lm]}"])
+    from moevlm.train.run import fresh_model
+    fresh.train.seed = config.train.seed
+    before = weights_of(fresh_model(fresh, []).model)
+    after = weights_of(trainer.model)
+    assert changed(before, after) and all(name.startswith("projector.") for name in changed(before, after))
+    assert {n for n in before if n.startswith("projector.")} == changed(before, after)
+
+
+def test_pretrain_checkpoint_references_frozen_weights_and_reloads_exactly(parts, data, tmp_path):
+    trainer, _ = train(stage_config(parts, "pretrain"), data["captions"], tmp_path / "run")
+    saved = set(load_file(str(tmp_path / "run" / WEIGHTS)))
+    assert saved and all(name.startswith("projector.") for name in saved)
+    refs = json.loads((tmp_path / "run" / PRETRAINED).read_text())
+    assert set(refs["sources"]) == {"vision", "lm"} and len(refs["untouched"]) > 10
+    model, _, _ = load_model(tmp_path / "run")
+    for name, tensor in trainer.model.state_dict().items():
+        assert torch.equal(tensor, model.state_dict()[name]), name
+
+
+def test_save_frozen_writes_everything_and_needs_no_source(parts, data, tmp_path):
+    import shutil
+
+    source = tmp_path / "llama"
+    shutil.copytree(parts["llama"], source)
+    config = stage_config(parts, "pretrain", extra=["train.save_frozen=true"])
+    config = load_config("tiny", overrides=[f"model.vision=hf:{parts['clip']}", f"model.lm=hf:{source}",
+                                            "train.stage=pretrain", "train.save_frozen=true", "train.max_steps=1",
+                                            "train.batch_size=4", "decoder.max_text_len=96", "train.val_generate=1"])
+    trainer, _ = train(config, data["captions"], tmp_path / "run")
+    assert any(name.startswith("lm.") for name in load_file(str(tmp_path / "run" / WEIGHTS)))
+    shutil.rmtree(source)
+    model, _, _ = load_model(tmp_path / "run")
+    assert torch.equal(model.lm.lm_head.weight, trainer.model.lm.lm_head.weight)
+
+
+def test_a_changed_source_is_refused_by_name(parts, data, tmp_path):
+    import shutil
+
+    source = tmp_path / "llama"
+    shutil.copytree(parts["llama"], source)
+    config = load_config("tiny", overrides=[f"model.vision=hf:{parts['clip']}", f"model.lm=hf:{source}",
+                                            "train.stage=pretrain", "train.max_steps=1", "train.batch_size=4",
+                                            "decoder.max_text_len=96", "train.val_generate=1"])
+    train(config, data["captions"], tmp_path / "run")
+    shutil.rmtree(source)
+    tiny_llama(source, seed=1)  # same architecture, other weights
+    with pytest.raises(CheckpointError, match="fingerprint differs"):
+        load_model(tmp_path / "run")
+
+
+def test_instruct_from_pretrain_trains_projector_and_lm_with_their_own_rates(parts, data, tmp_path):
+    train(stage_config(parts, "pretrain"), data["captions"], tmp_path / "pre")
+    before = weights_of(load_model(tmp_path / "pre")[0])
+    model_section = json.loads((tmp_path / "pre" / "config.json").read_text())["model"]
+    config = stage_config(parts, "instruct", model=model_section,
+                          extra=["train.lr_projector=1e-3", "train.lr_lm=1e-4"])
+    trainer, _ = train(config, data["conversations"], tmp_path / "sft", from_dir=tmp_path / "pre")
+    lrs = {group["group"]: group["base_lr"] for group in trainer.optimizer.param_groups}
+    assert lrs == {"projector": 1e-3, "lm": 1e-4}
+    diff = changed(before, weights_of(trainer.model))
+    assert any(n.startswith("lm.") for n in diff) and any(n.startswith("projector.") for n in diff)
+    assert not any(n.startswith("vision.") for n in diff)
+    saved = set(load_file(str(tmp_path / "sft" / WEIGHTS)))
+    assert not any(n.startswith("vision.") for n in saved) and any(n.startswith("lm.") for n in saved)
+
+
+def test_stage_moe_upcycles_and_the_cli_upcycle_keeps_the_eval_loss(parts, data, tmp_path):
+    from moevlm.cli import main
+
+    train(stage_config(parts, "instruct"), data["conversations"], tmp_path / "sft")
+    assert main(["upcycle", "--model", str(tmp_path / "sft"), "--experts", "4", "--top-k", "2",
+                 "--layers", "every-other", "--out", str(tmp_path / "moe0")]) == 0
+    bundle = load_bundle(tmp_path / "moe0")
+    assert bundle.config.model.decoder.moe_layer_indices == [1] and len(bundle.model.moe_layers) == 1
+    assert bundle.config.model.decoder.moe.activation == "swiglu"
+
+    def eval_loss(folder):
+        from moevlm.evaluate import evaluate
+        from moevlm.train.run import dataset_for
+        from moevlm.data.records import read_samples
+        model, tokenizer, config = load_model(folder)
+        samples, _ = read_samples(data["conversations"])
+        return evaluate(model, dataset_for(samples, tokenizer, config, False, folder), tokenizer, max_generate=0)["loss"]
+
+    assert eval_loss(tmp_path / "moe0") == pytest.approx(eval_loss(tmp_path / "sft"), rel=1e-5)
+
+    model_section = json.loads((tmp_path / "sft" / "config.json").read_text())["model"]
+    trainer, _ = train(stage_config(parts, "moe", model=model_section), data["conversations"], tmp_path / "moe",
+                       from_dir=tmp_path / "sft")
+    assert trainer.config.model.decoder.moe_layer_indices == [0, 1]
+    learning = {n for n, p in trainer.model.named_parameters() if p.requires_grad}
+    assert learning and all(".moe." in n for n in learning)
+
+
+def test_lora_trains_adapters_only_and_is_merged_by_the_next_stage(parts, data, tmp_path):
+    config = stage_config(parts, "instruct", extra=["decoder.lora_rank=4"])
+    trainer, _ = train(config, data["conversations"], tmp_path / "lora")
+    learning = {n for n, p in trainer.model.named_parameters() if p.requires_grad}
+    assert any("lora_A" in n for n in learning)
+    assert all(n.startswith("projector.") or "lora_" in n for n in learning)
+    saved = set(load_file(str(tmp_path / "lora" / WEIGHTS)))
+    assert not any("base_layer" in n for n in saved)  # the frozen base weights are referenced
+    model, tokenizer, _ = load_model(tmp_path / "lora")
+    batch = torch.tensor([tokenizer.prompt_ids("What colour is it?")])
+    images = torch.rand(1, 3, 32, 32) * 2 - 1
+    trainer.model.eval()
+    torch.testing.assert_close(model(images, batch).logits, trainer.model(images, batch).logits)
+
+    upcycle_checkpoint(tmp_path / "lora", tmp_path / "merged", experts=2, top_k=1, layers=[0])
+    merged, _, _ = load_model(tmp_path / "merged")
+    assert not any("lora_" in n for n in merged.state_dict())
+    torch.testing.assert_close(merged(images, batch).logits, model(images, batch).logits, rtol=1e-4, atol=1e-5)
+
+
+def test_stage_errors_are_one_line(parts, data, tmp_path):
+    train(stage_config(parts, "pretrain"), data["captions"], tmp_path / "pre")
+    model_section = json.loads((tmp_path / "pre" / "config.json").read_text())["model"]
+    with pytest.raises(ConfigError, match=r"model\.projector\.kind is 'mlp' there, 'linear' here"):
+        train(stage_config(parts, "instruct", model=model_section, extra=["projector.kind=linear"]),
+              data["conversations"], tmp_path / "x", from_dir=tmp_path / "pre")
+    with pytest.raises(ConfigError, match="trains moe, and this model has none of those"):
+        train(stage_config(parts, "full", extra=["train.trainable=[moe]"]), data["captions"], tmp_path / "y")
+    with pytest.raises(ConfigError, match="already exists"):
+        upcycle_checkpoint(tmp_path / "pre", tmp_path / "pre", 2, 1, "all")
