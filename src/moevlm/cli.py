@@ -210,6 +210,11 @@ def main(argv: list[str] | None = None) -> int:
     # an image it cannot use ends in our own one-line error instead.
     warnings.filterwarnings("ignore", module="PIL")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # transformers' own notices (e.g. that it uses its PIL image processors) are not ours to
+    # print; its weight-loading bars only where someone watches the terminal.
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    if not sys.stderr.isatty():
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     try:
         return COMMANDS[args.command](args)
     except MoevlmError as err:

@@ -52,7 +52,8 @@ class VisionConfig:
     num_image_tokens: int = field(init=False)
 
     def __post_init__(self):
-        _check(self.image_size % self.patch_size == 0,
+        # A pretrained tower's convolution drops the edge (SigLIP so400m: 384 px, patch 14, 27 x 27).
+        _check(self.pretrained is not None or self.image_size % self.patch_size == 0,
                f"vision.image_size {self.image_size} is not a multiple of vision.patch_size {self.patch_size}")
         _check(self.width % self.heads == 0,
                f"vision.width {self.width} is not divisible by vision.heads {self.heads}")

@@ -184,3 +184,41 @@ def test_stage_errors_are_one_line(parts, data, tmp_path):
         train(stage_config(parts, "full", extra=["train.trainable=[moe]"]), data["captions"], tmp_path / "y")
     with pytest.raises(ConfigError, match="already exists"):
         upcycle_checkpoint(tmp_path / "pre", tmp_path / "pre", 2, 1, "all")
+
+
+def test_a_llava_checkpoint_given_as_both_sources_computes_what_transformers_llava_does(tmp_path):
+    from transformers import LlavaForConditionalGeneration
+
+    from moevlm.train.run import fresh_model
+    from pretrained_fixtures import IMAGE_TOKEN_ID, NUM_PATCHES, tiny_llava
+
+    folder = tiny_llava(tmp_path / "llava", strategy="full", feature_layer=-1)
+    config = load_config("tiny", overrides=[f"model.vision=hf:{folder}", f"model.lm=hf:{folder}"])
+    model = fresh_model(config, []).model.eval()
+    assert (config.model.vision.feature_layer, config.model.vision.keep_cls) == (-1, True)
+    reference = LlavaForConditionalGeneration.from_pretrained(folder).eval()
+    images = torch.rand(2, 3, 32, 32) * 2 - 1
+    mean, std = model.vision.pixel_mean.view(1, 3, 1, 1), model.vision.pixel_std.view(1, 3, 1, 1)
+    ids = torch.tensor([[1] + [IMAGE_TOKEN_ID] * (NUM_PATCHES + 1) + [80, 90, 100]] * 2)
+    with torch.no_grad():
+        theirs = reference(input_ids=ids, pixel_values=((images + 1) / 2 - mean) / std).logits
+        ours = model(images, ids).logits
+    torch.testing.assert_close(ours, theirs)
+
+
+def test_stage_moe_on_a_fresh_dense_lm_upcycles_every_ffn_and_starts_where_the_dense_lm_is(parts):
+    from moevlm.train.run import fresh_model
+
+    def build(stage):
+        config = load_config("tiny", overrides=[f"model.vision=hf:{parts['clip']}", f"model.lm=hf:{parts['gpt2']}",
+                                                f"train.stage={stage}"])
+        return fresh_model(config, [])
+
+    dense, moe = build("pretrain"), build("moe")
+    assert moe.config.model.decoder.moe_layer_indices == [0, 1] and not dense.model.moe_layers
+    assert moe.config.model.decoder.moe.activation == "gelu_tanh"
+    moe.model.projector.load_state_dict(dense.model.projector.state_dict())
+    ids = torch.tensor([[0] + [dense.model.image_token_id] * 16 + [70, 80, 90]])
+    images = torch.rand(1, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        torch.testing.assert_close(moe.model.eval()(images, ids).logits, dense.model.eval()(images, ids).logits)

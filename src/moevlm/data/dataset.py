@@ -81,6 +81,7 @@ class ImageTextDataset(Dataset):
         self.prepare_image = prepare_image  # kept: a checkpoint saves it (its image processor)
         self.samples: list[Sample] = []
         self.skipped = 0
+        self.first_skipped = ""  # "row N: problem" of the first skipped row, for messages
         self._input_ids: list[torch.Tensor] = []
         self._labels: list[torch.Tensor] = []
         images: list[torch.Tensor] = []
@@ -108,13 +109,16 @@ class ImageTextDataset(Dataset):
             self._labels.append(torch.tensor(labels, dtype=torch.long))
         if not self.samples:
             sources = ", ".join(sorted({s.source for s in samples})) or "data"
-            raise DataError(sources, None, f"no usable rows ({self.skipped} bad rows skipped)")
+            raise DataError(sources, None, f"no usable rows ({self.skipped} bad rows skipped; "
+                                           f"the first, {self.first_skipped})")
         self.images = torch.stack(images)
 
     def _bad(self, sample: Sample, problem: str, on_bad_row: str) -> None:
         if on_bad_row == "error":
             raise DataError(sample.source, sample.row, problem)
         self.skipped += 1
+        if not self.first_skipped:
+            self.first_skipped = f"row {sample.row}: {problem}"
 
     def set_epoch(self, epoch: int) -> None:
         """Choose the augmentation of this epoch.

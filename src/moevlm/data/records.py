@@ -67,6 +67,7 @@ def read_samples(path: str | Path, on_bad_row: str = "error",
     folder = os.path.abspath(path.parent)
     samples: list[Sample] = []
     skipped = 0
+    first_skipped = ""
     try:
         for row, parse in reader(path):
             if max_rows is not None and len(samples) >= max_rows:
@@ -77,12 +78,13 @@ def read_samples(path: str | Path, on_bad_row: str = "error",
                 if on_bad_row == "error":
                     raise DataError(path, row, str(bad)) from None
                 skipped += 1
+                first_skipped = first_skipped or f"row {row}: {bad}"
                 continue
             samples.append(Sample(image=image, turns=turns, source=str(path), row=row))
     except OSError as err:
         raise DataError(path, None, f"cannot read data file: {err.strerror or err}") from None
     if not samples:
-        problem = "no usable rows" + (f" ({skipped} bad rows skipped)" if skipped else "")
+        problem = "no usable rows" + (f" ({skipped} bad rows skipped; the first, {first_skipped})" if skipped else "")
         raise DataError(path, None, problem)
     return samples, skipped
 

@@ -15,15 +15,19 @@ from moevlm.models.moe import MoE
 
 
 def _projection_names(lm: nn.Module) -> list[str]:
-    from transformers.pytorch_utils import Conv1D  # GPT-2's linear layers
-
     inside_moe = {name for name, module in lm.named_modules() if isinstance(module, MoE)}
     output = lm.get_output_embeddings() if hasattr(lm, "get_output_embeddings") else None
     return [name for name, module in lm.named_modules()
-            if isinstance(module, (nn.Linear, Conv1D)) and module is not output
+            if isinstance(module, (nn.Linear, _conv1d())) and module is not output
             and not any(name == moe or name.startswith(moe + ".") for moe in inside_moe)
             # the MoEMLP wrapper holds the MoE one level down; its router is a Linear too
             and ".moe." not in name]
+
+
+def _conv1d() -> type:
+    from transformers.pytorch_utils import Conv1D  # GPT-2's linear layers, weights stored (in, out)
+
+    return Conv1D
 
 
 def apply_lora(lm: nn.Module, cfg: DecoderConfig) -> None:
@@ -33,8 +37,9 @@ def apply_lora(lm: nn.Module, cfg: DecoderConfig) -> None:
     targets = _projection_names(lm)
     if not targets:
         raise ValueError(f"{type(lm).__name__}: no linear projections to put LoRA adapters on")
+    transposed = isinstance(lm.get_submodule(targets[0]), _conv1d())
     inject_adapter_in_model(LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                                       target_modules=targets), lm)
+                                       target_modules=targets, fan_in_fan_out=transposed), lm)
 
 
 def has_lora(model: nn.Module) -> bool:

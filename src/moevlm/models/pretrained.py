@@ -111,6 +111,9 @@ def resolve_pretrained(cfg: ModelConfig) -> ModelConfig:
     vision, decoder = values["vision"], values["decoder"]
     if cfg.vision.pretrained is not None:
         source = cfg.vision.pretrained
+        if cfg.vision.hf_config is None:
+            vision.update(_llava_feature_choice(source))
+            cfg = Config.from_dict({"model": values}).model
         hf = cfg.vision.hf_config or _vision_hf_config(source)
         layers = hf["num_hidden_layers"]
         if not -(layers + 1) <= cfg.vision.feature_layer <= layers:
@@ -134,6 +137,18 @@ def resolve_pretrained(cfg: ModelConfig) -> ModelConfig:
             if decoder["image_token_id"] is None:
                 decoder["image_token_id"] = config.vocab_size  # an id no text token has
     return Config.from_dict({"model": values}).model
+
+
+def _llava_feature_choice(source: str) -> dict:
+    """A LLaVA source's own feature layer and CLS choice (they are part of what it was trained with)."""
+    config = _source_config(source, VISION_KEY)
+    if config.model_type != "llava":
+        return {}
+    if not isinstance(config.vision_feature_layer, int):
+        raise MoevlmError(f"{VISION_KEY} {source!r}: vision_feature_layer {config.vision_feature_layer} (several "
+                          "layers) is not supported; moevlm takes the features of one layer")
+    return {"feature_layer": config.vision_feature_layer,
+            "keep_cls": config.vision_feature_select_strategy == "full"}
 
 
 def _llava_image_token_id(source: str, stored: dict | None) -> int | None:

@@ -50,9 +50,11 @@ def _absolute_sources(config: Config) -> None:
 def fresh_model(config: Config, train_samples: list[Sample]) -> Bundle:
     """A new model: pretrained parts from their sources, the rest initialised from train.seed."""
     _absolute_sources(config)
+    if config.train.stage == "moe" and config.model.decoder.pretrained and config.model.decoder.moe.layers is None:
+        config.model.decoder.moe.layers = "all"  # stage moe on a dense pretrained LM: upcycle every FFN
     config.model = resolve_pretrained(config.model)
     if config.model.tokenizer.kind == "hf":
-        tokenizer = load_tokenizer(Path(config.model.decoder.pretrained), config.model)
+        tokenizer = load_tokenizer(None, config.model)  # from decoder.pretrained
     else:
         tokenizer = Tokenizer.train(_texts(train_samples), config.model.tokenizer.kind,
                                     config.model.tokenizer.vocab_size)
