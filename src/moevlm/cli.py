@@ -215,6 +215,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     if not sys.stderr.isatty():
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        if "transformers" in sys.modules:  # imported before main (a notebook, tests): too late for the variable
+            sys.modules["transformers"].utils.logging.disable_progress_bar()
     try:
         return COMMANDS[args.command](args)
     except MoevlmError as err:

@@ -222,3 +222,25 @@ def test_stage_moe_on_a_fresh_dense_lm_upcycles_every_ffn_and_starts_where_the_d
     images = torch.rand(1, 3, 32, 32) * 2 - 1
     with torch.no_grad():
         torch.testing.assert_close(moe.model.eval()(images, ids).logits, dense.model.eval()(images, ids).logits)
+
+
+def test_resume_of_an_instruct_run_with_lora_ends_where_an_uninterrupted_run_does(parts, data, tmp_path, monkeypatch):
+    from moevlm.train.trainer import Trainer
+
+    extra = ["decoder.lora_rank=2", "train.max_steps=4", "train.checkpoint_every=2"]
+    straight, _ = train(stage_config(parts, "instruct", extra=extra), data["conversations"], tmp_path / "a")
+    stop = Trainer.save
+
+    def save_then_stop(self):
+        stop(self)
+        if self.step == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(Trainer, "save", save_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        train(stage_config(parts, "instruct", extra=extra), data["conversations"], tmp_path / "b")
+    monkeypatch.setattr(Trainer, "save", stop)
+    resumed, _ = train(load_config("tiny"), data["conversations"], tmp_path / "b", resume=True)
+    assert resumed.step == 4
+    for name, tensor in straight.model.state_dict().items():
+        assert torch.equal(tensor, resumed.model.state_dict()[name]), name

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -55,6 +56,8 @@ def _source_config(source: str, key: str):
     from huggingface_hub import constants
     from transformers import AutoConfig
 
+    if source.startswith(("/", "./", "../", "~")) and not Path(source).expanduser().exists():
+        raise MoevlmError(f"{key} {source!r}: no such folder")
     if Path(source).is_dir() and not (Path(source) / "config.json").is_file():
         raise MoevlmError(f"{key} {source!r}: the folder has no config.json (save_pretrained writes one)")
     try:
@@ -62,7 +65,7 @@ def _source_config(source: str, key: str):
     except OSError as err:
         if Path(source).is_dir():
             raise MoevlmError(f"{key} {source!r}: cannot read config.json ({_first_line(err)})") from None
-        if constants.HF_HUB_OFFLINE:
+        if constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
             raise MoevlmError(f"{key} {source!r}: not found: not a local folder and not in the Hugging Face cache "
                               "(HF_HUB_OFFLINE=1 needs a local folder or an id downloaded before)") from None
         raise MoevlmError(f"{key} {source!r}: not found locally or on the Hugging Face Hub "
@@ -140,15 +143,21 @@ def resolve_pretrained(cfg: ModelConfig) -> ModelConfig:
 
 
 def _llava_feature_choice(source: str) -> dict:
-    """A LLaVA source's own feature layer and CLS choice (they are part of what it was trained with)."""
+    """A LLaVA source's own feature layer and CLS choice: part of what it was trained with."""
     config = _source_config(source, VISION_KEY)
     if config.model_type != "llava":
         return {}
-    if not isinstance(config.vision_feature_layer, int):
-        raise MoevlmError(f"{VISION_KEY} {source!r}: vision_feature_layer {config.vision_feature_layer} (several "
-                          "layers) is not supported; moevlm takes the features of one layer")
-    return {"feature_layer": config.vision_feature_layer,
-            "keep_cls": config.vision_feature_select_strategy == "full"}
+    layer, strategy = config.vision_feature_layer, config.vision_feature_select_strategy
+    tower = config.vision_config.model_type
+    if not isinstance(layer, int):
+        raise MoevlmError(f"{VISION_KEY} {source!r}: vision_feature_layer {layer} picks several layers; "
+                          "only one is supported")
+    if tower == "siglip_vision_model" and strategy == "default":  # LLaVA would drop a patch, not a CLS
+        raise MoevlmError(f"{VISION_KEY} {source!r}: SigLIP tower with the 'default' select strategy "
+                          "(drops the first patch) is not supported")
+    if strategy not in ("default", "full"):
+        raise MoevlmError(f"{VISION_KEY} {source!r}: unknown vision_feature_select_strategy {strategy!r}")
+    return {"feature_layer": layer, "keep_cls": strategy == "full" and tower == "clip_vision_model"}
 
 
 def _llava_image_token_id(source: str, stored: dict | None) -> int | None:
@@ -409,25 +418,13 @@ def _copy_llava_projector(llava: nn.Module, projector: nn.Module, source: str) -
 
 def import_llava(folder: str) -> tuple[PretrainedVLM, ModelConfig]:
     """A transformers ``LlavaForConditionalGeneration`` checkpoint -> our model, same weights
-    and the same image-feature selection (feature layer, select strategy, image token id)."""
+    and the same image-feature selection (feature layer, select strategy, image token id).
+    The same as giving the folder as both sources (``model.vision=hf:DIR model.lm=hf:DIR``)."""
     config = _source_config(folder, "llava checkpoint")
     if config.model_type != "llava":
         raise MoevlmError(f"llava checkpoint {folder!r}: a {config.model_type} model, "
                           "not LlavaForConditionalGeneration")
-    layer, strategy = config.vision_feature_layer, config.vision_feature_select_strategy
-    if not isinstance(layer, int):
-        raise MoevlmError(f"llava checkpoint {folder!r}: vision_feature_layer {layer} picks several layers; "
-                          "only one is supported")
-    tower = config.vision_config.model_type
-    if tower == "siglip_vision_model" and strategy == "default":  # LLaVA would drop a patch, not a CLS
-        raise MoevlmError(f"llava checkpoint {folder!r}: SigLIP tower with the 'default' select strategy "
-                          "(drops the first patch) is not supported")
-    if strategy not in ("default", "full"):
-        raise MoevlmError(f"llava checkpoint {folder!r}: unknown vision_feature_select_strategy {strategy!r}")
-    keep_cls = strategy == "full" and tower == "clip_vision_model"  # "full" on SigLIP: every patch, as ours
-    cfg = resolve_pretrained(ModelConfig(
-        vision=VisionConfig(pretrained=folder, feature_layer=layer, keep_cls=keep_cls),
-        decoder=DecoderConfig(pretrained=folder, image_token_id=config.image_token_id)))
+    cfg = resolve_pretrained(ModelConfig(vision=VisionConfig(pretrained=folder), decoder=DecoderConfig(pretrained=folder)))
     model = build_model(cfg)
     assert isinstance(model, PretrainedVLM)
     return model, cfg
