@@ -168,6 +168,13 @@ def test_lora_trains_adapters_only_and_is_merged_by_the_next_stage(parts, data, 
     trainer.model.eval()
     torch.testing.assert_close(model(images, batch).logits, trainer.model(images, batch).logits)
 
+    model_section = json.loads((tmp_path / "lora" / "config.json").read_text())["model"]
+    moe, _ = train(stage_config(parts, "moe", model=model_section), data["conversations"], tmp_path / "moe",
+                   from_dir=tmp_path / "lora")
+    learning = {n for n, p in moe.model.named_parameters() if p.requires_grad}
+    assert learning and all(".moe." in n or "lora_" in n for n in learning)
+    assert any("lora_" in n for n in learning) and moe.config.model.decoder.lora_rank == 4
+
     upcycle_checkpoint(tmp_path / "lora", tmp_path / "merged", experts=2, top_k=1, layers=[0])
     merged, _, _ = load_model(tmp_path / "merged")
     assert not any("lora_" in n for n in merged.state_dict())

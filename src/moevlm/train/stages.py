@@ -8,7 +8,8 @@ learning rate, and which pretrained weights no stage has touched yet.
 
 Parameters fall into four groups by where they live: ``vision``, ``projector``, ``moe`` (every
 parameter of an MoE layer) and ``lm`` (the rest of the decoder). With LoRA adapters on the LM,
-the ``lm`` group trains only the adapters; the base weights stay frozen.
+the ``lm`` group trains only the adapters; the base weights stay frozen. Stage moe with LoRA
+trains the adapters too.
 """
 
 from __future__ import annotations
@@ -52,6 +53,8 @@ def freeze_for_stage(model: nn.Module, cfg: TrainConfig) -> dict[str, list[nn.Pa
     chosen = trainable_groups(cfg)
     groups = group_of_parameters(model)
     lora = any("lora_" in name for name in groups)
+    if lora and cfg.trainable is None and cfg.stage == "moe":
+        chosen += ("lm",)  # LoRA in stage moe: the adapters learn beside the MoE layers
     if lora and "lm" not in chosen:
         raise ConfigError(f"decoder.lora_rank is set but train.stage {cfg.stage} does not train the lm group "
                           f"(trains {', '.join(chosen)}): set decoder.lora_rank=0 or add lm to train.trainable")
