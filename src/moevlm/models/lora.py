@@ -57,3 +57,6 @@ def merge_lora(model: nn.Module) -> None:
             module.merge()
             parent_name, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent_name), child, module.get_base_layer())
+    for module in model.modules():  # peft's record of the adapters, on the module it injected into
+        if "peft_config" in vars(module):
+            del module.peft_config
