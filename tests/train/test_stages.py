@@ -173,6 +173,8 @@ def test_lora_trains_adapters_only_and_is_merged_by_the_next_stage(parts, data, 
                    from_dir=tmp_path / "lora")
     learning = {n for n, p in moe.model.named_parameters() if p.requires_grad}
     assert learning and all(".moe." in n or "lora_" in n for n in learning)
+    # The merged base weights were trained (by their adapters): now saved, not referenced.
+    assert any("base_layer" in n for n in load_file(str(tmp_path / "moe" / WEIGHTS)))
     assert any("lora_" in n for n in learning) and moe.config.model.decoder.lora_rank == 4
 
     upcycle_checkpoint(tmp_path / "lora", tmp_path / "merged", experts=2, top_k=1, layers=[0])
@@ -251,3 +253,15 @@ def test_resume_of_an_instruct_run_with_lora_ends_where_an_uninterrupted_run_doe
     assert resumed.step == 4
     for name, tensor in straight.model.state_dict().items():
         assert torch.equal(tensor, resumed.model.state_dict()[name]), name
+
+
+def test_lora_stage_after_pretrain_still_references_the_base_weights(parts, data, tmp_path):
+    train(stage_config(parts, "pretrain"), data["captions"], tmp_path / "pre")
+    model_section = json.loads((tmp_path / "pre" / "config.json").read_text())["model"]
+    train(stage_config(parts, "instruct", model=model_section, extra=["decoder.lora_rank=2"]), data["conversations"],
+          tmp_path / "lora", from_dir=tmp_path / "pre")
+    saved = set(load_file(str(tmp_path / "lora" / WEIGHTS)))
+    assert any("lora_" in n for n in saved) and not any("base_layer" in n for n in saved)
+    refs = json.loads((tmp_path / "lora" / PRETRAINED).read_text())
+    assert any("base_layer" in n for n in refs["untouched"])
+    load_model(tmp_path / "lora")

@@ -60,3 +60,16 @@ def merge_lora(model: nn.Module) -> None:
     for module in model.modules():  # peft's record of the adapters, on the module it injected into
         if "peft_config" in vars(module):
             del module.peft_config
+
+
+def names_after_lora(names: set[str], model: nn.Module) -> set[str]:
+    """``names`` of weights as they are called once adapters wrap their layers (``q_proj.weight``
+    becomes ``q_proj.base_layer.weight``); names no longer in the model are dropped."""
+    present = set(model.state_dict())
+    out = set()
+    for name in names:
+        head, _, leaf = name.rpartition(".")
+        for candidate in (name, f"{head}.base_layer.{leaf}"):
+            if candidate in present:
+                out.add(candidate)
+    return out

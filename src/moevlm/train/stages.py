@@ -23,7 +23,7 @@ from torch import nn
 from moevlm.config import STAGE_TRAINABLE, Config, ModelConfig, TrainConfig
 from moevlm.data.images import image_preparer
 from moevlm.errors import ConfigError
-from moevlm.models.lora import apply_lora, has_lora, merge_lora
+from moevlm.models.lora import apply_lora, has_lora, merge_lora, names_after_lora
 from moevlm.models.moe import MoE
 from moevlm.models.upcycle import upcycle
 from moevlm.train.checkpoint import Bundle, load_bundle, write_checkpoint
@@ -141,7 +141,8 @@ def continue_from(model_dir: Path, config: Config) -> Bundle:
     bundle = load_bundle(model_dir)
     model, old = bundle.model, bundle.config.model
     if has_lora(model):
-        merge_lora(model)
+        merge_lora(model)  # the merged weights have learned: no longer untouched
+    untouched = bundle.untouched & set(model.state_dict())
     wanted = config.model
     _check_same_model(old, wanted, model_dir)
     layers = wanted.decoder.moe_layer_indices
@@ -156,7 +157,8 @@ def continue_from(model_dir: Path, config: Config) -> Bundle:
     if wanted.decoder.lora_rank:
         current.model.decoder.lora_rank = wanted.decoder.lora_rank
         apply_lora(model.lm, current.model.decoder)
-    return Bundle(model, bundle.tokenizer, current, bundle.untouched)
+        untouched = names_after_lora(untouched, model)
+    return Bundle(model, bundle.tokenizer, current, untouched)
 
 
 def upcycle_checkpoint(model_dir: Path, out_dir: Path, experts: int, top_k: int, layers) -> Config:
