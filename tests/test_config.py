@@ -57,3 +57,40 @@ def test_bad_yaml_and_unknown_preset(tmp_path):
         load_config("default", path)
     with pytest.raises(ConfigError, match="unknown preset"):
         load_config("huge")
+
+
+def test_hf_shorthand_and_lm_alias_set_the_pretrained_sources_in_any_order(tmp_path):
+    a = load_config("tiny", overrides=["model.vision=hf:org/clip", "vision.feature_layer=-1", "model.lm=hf:org/lm",
+                                       "lm.lora_rank=8"])
+    b = load_config("tiny", overrides=["vision.feature_layer=-1", "lm.lora_rank=8", "vision.pretrained=org/clip",
+                                       "decoder.pretrained=org/lm"])
+    assert a == b
+    assert (a.model.vision.pretrained, a.model.vision.feature_layer) == ("org/clip", -1)
+    assert (a.model.decoder.pretrained, a.model.decoder.lora_rank, a.model.tokenizer.kind) == ("org/lm", 8, "hf")
+    assert a.model.vision.image_tokens == "patches" and a.model.decoder.moe_layer_indices == []  # dense until upcycled
+    path = tmp_path / "c.yaml"
+    path.write_text("model:\n  vision: hf:org/clip\n  lm: hf:org/lm\n")
+    assert load_config("tiny", path).model.decoder.pretrained == "org/lm"
+    assert Config.from_dict(a.to_dict()) == a
+
+
+@pytest.mark.parametrize("override,message", [
+    ("model.vision=clip", "config key model.vision takes a section or hf:<hub id or folder>, not 'clip'"),
+    ("model.lm=hf:", "takes a section or hf:"),
+    ("decoder.lora_rank=4", "decoder.lora_rank needs a pretrained LM"),
+    ("tokenizer.kind=hf", "tokenizer.kind hf needs a pretrained LM"),
+    ("train.stage=finetune", "train.stage must be full, pretrain, instruct, moe, not 'finetune'"),
+    ("train.trainable=[projector, head]", "train.trainable must be a non-empty list of vision, projector, lm, moe"),
+    ("train.lr_lm=0", "train.lr_lm must be positive"),
+    ("moe.activation=relu", "moe.activation must be gelu, gelu_tanh, swiglu, not 'relu'"),
+])
+def test_bad_pretrained_and_stage_values_name_the_key(override, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(".", r"\.").replace("[", r"\[")):
+        load_config("tiny", overrides=[override])
+
+
+def test_a_model_section_from_a_checkpoint_replaces_the_presets():
+    model = load_config("seed").to_dict()["model"]
+    config = load_config("tiny", overrides=["moe.num_experts=2", "moe.top_k=1"], model=model)
+    assert config.model.vision.image_size == 96 and config.model.decoder.moe.num_experts == 2
+    assert config.train.batch_size == load_config("tiny").train.batch_size

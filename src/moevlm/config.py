@@ -405,7 +405,8 @@ def parse_override(text: str) -> dict:
     if not key or any(not part for part in key.split(".")):
         raise ConfigError(f"--set {text!r}: bad key {key!r}")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        # "hf:ID" is a source, never YAML ("hf: x" would read as a mapping).
+        value = raw.strip() if raw.strip().startswith("hf:") else yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
     return _nest(key, value)
