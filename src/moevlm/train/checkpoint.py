@@ -116,29 +116,23 @@ def write_checkpoint(folder: Path, model, tokenizer, config: Config, state: dict
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    if config.train.save_frozen:
-        untouched = set()
-    names: list[str] = []
-    writers = {
-        CONFIG: lambda path: path.write_text(config.to_json()),
-        TOKENIZER: lambda path: names.extend(tokenizer.save(path.parent)),
-        WEIGHTS: lambda path: save_file(_state_dict_for_saving(model, set(untouched)), str(path),
-                                        metadata={"format": "pt", "step": str((state or {}).get("step", 0))}),
-    }
+    untouched = set() if config.train.save_frozen else set(untouched)
+    (folder / CONFIG).write_text(config.to_json())
+    names = [CONFIG, *tokenizer.save(folder)]  # an LM's tokenizer brings several files
+    save_file(_state_dict_for_saving(model, untouched), str(folder / WEIGHTS),
+              metadata={"format": "pt", "step": str((state or {}).get("step", 0))})
+    names.append(WEIGHTS)
     if config.model.uses_pretrained:
-        writers[PRETRAINED] = lambda path: path.write_text(json.dumps(_pretrained_refs(config, set(untouched), model),
-                                                                      indent=1))
-        writers["image processor"] = lambda path: names.extend((images or image_preparer(config.model)).save(path.parent))
+        (folder / PRETRAINED).write_text(json.dumps(_pretrained_refs(config, untouched, model), indent=1))
+        names += [PRETRAINED, *(images or image_preparer(config.model)).save(folder)]
     if optimizer is not None:
-        writers[OPTIMIZER] = lambda path: torch.save(optimizer.state_dict(), path)
+        torch.save(optimizer.state_dict(), folder / OPTIMIZER)
+        names.append(OPTIMIZER)
     if state is not None:
-        writers[STATE] = lambda path: path.write_text(json.dumps(state))
-    for name, write in writers.items():
-        write(folder / name)
-        if (folder / name).is_file():
-            names.append(name)
+        (folder / STATE).write_text(json.dumps(state))
+        names.append(STATE)
     sums = {}
-    for name in dict.fromkeys(names):  # the tokenizer and processor list their own files
+    for name in dict.fromkeys(names):
         _fsync_file(folder / name)
         sums[name] = sha256(folder / name)
     (folder / CHECKSUMS).write_text(json.dumps({"sha256": sums}, indent=1))
