@@ -216,3 +216,11 @@ def test_a_checkpoint_whose_pretrained_source_is_gone_names_it(parts, tmp_path, 
     code, err = run_cli(capsys, "upcycle", "--model", tmp_path / "r", "--experts", "2", "--top-k", "3",
                         "--out", tmp_path / "u")
     assert_one_line_error(code, err, tmp_path / "r", "no such folder")
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_an_image_that_fails_only_when_decoded_in_a_worker_gives_one_line(tmp_path, capsys, workers):
+    data = with_file(tmp_path, "cut.png", png(size=(64, 64))[:80])  # a whole header, the pixels cut off
+    code, _, err = train(capsys, data, tmp_path / "r", "--set", "data.preload=false",
+                         "--set", f"data.num_workers={workers}", "--set", "data.val_fraction=0")
+    assert_one_line_error(code, err, data, "row 2: cannot decode image")

@@ -9,7 +9,7 @@ from functools import partial
 import torch
 from torch.utils.data import DataLoader
 
-from moevlm.data.dataset import ImageTextDataset, collate
+from moevlm.data.dataset import ImageTextDataset, collate, usable_batch
 from moevlm.data.chat import HFTokenizer
 from moevlm.data.tokenizer import Tokenizer
 from moevlm.generate import generate_texts
@@ -36,6 +36,9 @@ def evaluate(model: VLM, dataset: ImageTextDataset, tokenizer: Tokenizer | HFTok
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, generator=torch.Generator(),
                         collate_fn=partial(collate, pad_id=tokenizer.pad_id))
     for batch in loader:
+        batch = usable_batch(batch, dataset.on_bad_row)
+        if batch is None:
+            continue
         batch = {k: v.to(device) for k, v in batch.items()}
         with autocast():
             out = model(batch["images"], batch["input_ids"], batch["attention_mask"])
@@ -50,10 +53,12 @@ def evaluate(model: VLM, dataset: ImageTextDataset, tokenizer: Tokenizer | HFTok
     count = len(dataset) if max_generate is None else min(max_generate, len(dataset))
     references, predictions = [], []
     for start in range(0, count, batch_size):
-        rows = list(range(start, min(count, start + batch_size)))
+        images, rows = dataset.images_of(list(range(start, min(count, start + batch_size))))
+        if not rows:
+            continue
         turns = [dataset.samples[i].turns[0] for i in rows]
         with autocast():
-            predictions += generate_texts(model, tokenizer, dataset.images[rows], [prompt for prompt, _ in turns],
+            predictions += generate_texts(model, tokenizer, images, [prompt for prompt, _ in turns],
                                           max_new_tokens=model.cfg.decoder.max_text_len)
         references += [answer for _, answer in turns]
 

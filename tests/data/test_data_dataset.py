@@ -5,7 +5,7 @@ import torch
 from PIL import Image
 
 from moevlm.data import dataset as dataset_module
-from moevlm.data.dataset import (EpochBatchSampler, ImageTextDataset, collate, encode_turns,
+from moevlm.data.dataset import (EpochBatchSampler, ImageTextDataset, collate, encode_turns, usable_batch,
                                  prompt_ids, split_samples, tokenizer_texts, unique_samples)
 from moevlm.data.images import ScratchImages
 from moevlm.data.records import Sample
@@ -239,3 +239,36 @@ def test_scratch_tokenizer_drops_the_placeholder_as_before(tok):
 def test_tokenizer_texts_leave_the_placeholder_out():
     rows = [Sample("a.png", [("<image>\nxy", "ab"), ("yx", "ba")], "d.json", 1), sample(1, "ab")]
     assert tokenizer_texts(rows) == ["xy", "ab", "yx", "ba", "ab"]
+
+
+def test_a_dataset_that_does_not_preload_gives_the_items_of_one_that_does(tok, tmp_path):
+    rows = gradient_rows(tmp_path)
+    eager = ImageTextDataset(rows, tok, ScratchImages(8), 8, augment=True, seed=3)
+    lazy = ImageTextDataset(rows, tok, ScratchImages(8), 8, augment=True, seed=3, preload=False)
+    assert lazy.images is None
+    for i in range(len(rows)):
+        assert all(torch.equal(eager[i][key], lazy[i][key]) for key in ("image", "input_ids", "labels"))
+    assert torch.equal(eager.images_of([2, 0])[0], lazy.images_of([2, 0])[0])
+
+
+def test_without_preload_headers_are_checked_up_front_and_undecodable_images_set_aside(tok, image_bytes, tmp_path):
+    (tmp_path / "empty.png").write_bytes(b"")
+    (tmp_path / "cut.png").write_bytes(image_bytes(size=(64, 64))[:70])  # a whole header, the pixels cut off
+    good = png_ref(image_bytes, (0, 255, 0))
+    empty = Sample(str(tmp_path / "empty.png"), [("", "ab")], "d.jsonl", 5)
+    with pytest.raises(DataError, match="d.jsonl: row 5: cannot decode image: empty file"):
+        ImageTextDataset([sample(0, "ab", good), empty], tok, ScratchImages(4), 8, preload=False)
+    cut = Sample(str(tmp_path / "cut.png"), [("", "ab")], "d.jsonl", 4)
+    ds = ImageTextDataset([sample(0, "ab", good), cut], tok, ScratchImages(4), 8, preload=False)
+    assert len(ds) == 2 and ds[1]["bad"][:2] == ("d.jsonl", 4)
+    batch = collate([ds[0], ds[1]], pad_id=0)
+    assert batch["images"].shape[0] == 1 and batch["bad_rows"][0][:2] == ("d.jsonl", 4)
+    with pytest.raises(DataError, match="d.jsonl: row 4: cannot decode image"):
+        usable_batch(dict(batch), "error")
+    assert usable_batch(dict(batch), "skip")["images"].shape[0] == 1
+    assert usable_batch(collate([ds[1]], pad_id=0), "skip") is None
+    with pytest.raises(DataError, match="d.jsonl: row 4: cannot decode image"):
+        ds.images_of([0, 1])
+    skipping = ImageTextDataset([sample(0, "ab", good), cut], tok, ScratchImages(4), 8, preload=False,
+                                on_bad_row="skip")
+    assert skipping.images_of([0, 1])[1] == [0]

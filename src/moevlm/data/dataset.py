@@ -7,6 +7,7 @@ split is made on unique rows, and labels are -100 everywhere except answer token
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Iterator
 
@@ -14,12 +15,12 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from moevlm.data.images import normalize, open_image
+from moevlm.data.images import check_image, normalize, open_image
 from moevlm.data.records import Sample, clean_prompt
-from moevlm.data.tokenizer import IGNORE_INDEX
+from moevlm.data.tokenizer import IGNORE_INDEX  # noqa: F401  (callers import it from here)
 from moevlm.errors import DataError
 
-__all__ = ["IGNORE_INDEX"]  # re-exported: callers import it from here
+log = logging.getLogger(__name__)
 
 
 def unique_samples(samples: list[Sample]) -> list[Sample]:
@@ -66,17 +67,21 @@ def tokenizer_texts(samples: list[Sample]) -> list[str]:
 
 
 class ImageTextDataset(Dataset):
-    """All images decoded and prepared once into ``self.images`` (N, C, S, S) uint8.
+    """Rows tokenized up front; images decoded and prepared once into ``self.images``
+    (N, C, S, S) uint8, or with ``preload=False`` checked up front (``images.check_image``)
+    and decoded each time an item is read, for data sets larger than memory.
 
     ``prepare_image`` turns a PIL image into the model's uint8 (C, S, S) (see
-    ``images.image_preparer``). The older call ``(samples, tokenizer, image_size, channels,
-    max_text_len)`` still works and prepares images as a scratch model does.
+    ``images.image_preparer``). An image that passes the check but still fails to decode
+    gives an item ``{"bad": (file, row, problem), "index": i}``, which ``collate`` sets
+    aside: an exception raised in a DataLoader worker would reach the user as a traceback.
     """
 
     def __init__(self, samples: list[Sample], tokenizer, prepare_image, max_text_len: int, *,
-                 on_bad_row: str = "error", augment: bool = False, seed: int = 0):
+                 on_bad_row: str = "error", augment: bool = False, seed: int = 0, preload: bool = True):
         if on_bad_row not in ("error", "skip"):
             raise ValueError(f"on_bad_row must be error or skip, not {on_bad_row!r}")
+        self.on_bad_row, self.preload = on_bad_row, preload
         self.augment, self.seed, self.epoch = augment, seed, 0
         self.prepare_image = prepare_image  # kept: a checkpoint saves it (its image processor)
         self.samples: list[Sample] = []
@@ -96,7 +101,9 @@ class ImageTextDataset(Dataset):
                 continue
             if sample.image not in decoded:
                 try:
-                    decoded[sample.image] = prepare_image(open_image(sample.image))
+                    decoded[sample.image] = prepare_image(open_image(sample.image)) if preload else None
+                    if not preload:
+                        check_image(sample.image)
                 except ValueError as err:
                     decoded[sample.image] = str(err)
             image = decoded[sample.image]
@@ -104,14 +111,16 @@ class ImageTextDataset(Dataset):
                 self._bad(sample, image, on_bad_row)
                 continue
             self.samples.append(sample)
-            images.append(image)
-            self._input_ids.append(torch.tensor(ids, dtype=torch.long))
-            self._labels.append(torch.tensor(labels, dtype=torch.long))
+            if preload:
+                images.append(image)
+            # int32: half the memory of a few hundred thousand conversations; collate widens.
+            self._input_ids.append(torch.tensor(ids, dtype=torch.int32))
+            self._labels.append(torch.tensor(labels, dtype=torch.int32))
         if not self.samples:
             sources = ", ".join(sorted({s.source for s in samples})) or "data"
             raise DataError(sources, None, f"no usable rows ({self.skipped} bad rows skipped; "
                                            f"the first, {self.first_skipped})")
-        self.images = torch.stack(images)
+        self.images = torch.stack(images) if preload else None
 
     def _bad(self, sample: Sample, problem: str, on_bad_row: str) -> None:
         if on_bad_row == "error":
@@ -131,8 +140,31 @@ class ImageTextDataset(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
+    def image(self, index: int) -> torch.Tensor:
+        """The prepared uint8 image of row ``index``; ValueError if it cannot be decoded."""
+        if self.preload:
+            return self.images[index]
+        return self.prepare_image(open_image(self.samples[index].image))
+
+    def images_of(self, rows: list[int]) -> tuple[torch.Tensor, list[int]]:
+        """uint8 images (n, C, S, S) of ``rows`` and the rows they belong to: a row whose image
+        fails to decode raises its DataError, or is left out with on_bad_row "skip"."""
+        images, kept = [], []
+        for index in rows:
+            try:
+                images.append(self.image(index))
+                kept.append(index)
+            except ValueError as err:
+                if self.on_bad_row == "error":
+                    raise DataError(self.samples[index].source, self.samples[index].row, str(err)) from None
+        return (torch.stack(images) if images else torch.empty(0, dtype=torch.uint8)), kept
+
     def __getitem__(self, index: int) -> dict:
-        image = self.images[index]
+        try:
+            image = self.image(index)
+        except ValueError as err:
+            sample = self.samples[index]
+            return {"bad": (sample.source, sample.row, str(err)), "index": index}
         if self.augment:
             image = self._shift(image, index)
         return {"image": image, "input_ids": self._input_ids[index],
@@ -154,7 +186,14 @@ class ImageTextDataset(Dataset):
 
 
 def collate(batch: list[dict], pad_id: int) -> dict:
-    """Stack items into a batch: images normalized to [-1, 1], text right-padded."""
+    """Stack items into a batch: images normalized to [-1, 1], text right-padded.
+
+    Items whose image failed to decode are left out and listed under ``bad_rows`` as
+    (file, row, problem); a batch of only such items has nothing else (see ``usable_batch``)."""
+    bad_rows = [item["bad"] for item in batch if "bad" in item]
+    batch = [item for item in batch if "bad" not in item]
+    if not batch:
+        return {"bad_rows": bad_rows}
     lengths = [len(item["input_ids"]) for item in batch]
     size = (len(batch), max(lengths))
     input_ids = torch.full(size, pad_id, dtype=torch.long)
@@ -166,7 +205,19 @@ def collate(batch: list[dict], pad_id: int) -> dict:
         attention_mask[row, :length] = True
     return {"images": normalize(torch.stack([item["image"] for item in batch])),
             "input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
-            "index": torch.tensor([item["index"] for item in batch], dtype=torch.long)}
+            "index": torch.tensor([item["index"] for item in batch], dtype=torch.long), "bad_rows": bad_rows}
+
+
+def usable_batch(batch: dict, on_bad_row: str) -> dict | None:
+    """The batch without its ``bad_rows`` (None when no row is left); with on_bad_row "error"
+    the first bad row raises its DataError here, in the main process."""
+    bad_rows = batch.pop("bad_rows")
+    if bad_rows and on_bad_row == "error":
+        raise DataError(*bad_rows[0])
+    if bad_rows:
+        log.warning("skipped %d rows whose image failed to decode (first: %s row %s: %s)",
+                    len(bad_rows), *bad_rows[0])
+    return batch if "images" in batch else None
 
 
 class EpochBatchSampler(Sampler):

@@ -35,6 +35,16 @@ def open_image(ref: str) -> Image.Image:
 
     Raises ValueError("cannot decode image: REASON") for anything unreadable.
     """
+    return _open(ref, decode=True)
+
+
+def check_image(ref: str) -> None:
+    """What can be told without decoding the pixels: the bytes are there, in a format Pillow
+    reads, with a size under the pixel limit. Raises ValueError as ``open_image`` does."""
+    _open(ref, decode=False)
+
+
+def _open(ref: str, decode: bool) -> Image.Image | None:
     data = _read_bytes(ref)
     if not data:
         raise ValueError("cannot decode image: empty file" if _is_path(ref) else
@@ -44,7 +54,9 @@ def open_image(ref: str) -> Image.Image:
         # elsewhere should not get to allocate gigabytes, so the warning stops it too.
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
+            img = Image.open(io.BytesIO(data))  # reads the header only
+            if not decode:
+                return None
             img.load()
             img = ImageOps.exif_transpose(img)
         return _to_rgb(img)

@@ -36,7 +36,8 @@ def dataset_for(samples: list[Sample], tokenizer, config: Config, augment: bool,
                 folder: Path | None = None) -> ImageTextDataset:
     """``folder``: a checkpoint whose image processor to use (else the vision tower's source)."""
     return ImageTextDataset(samples, tokenizer, image_preparer(config.model, folder), config.model.decoder.max_text_len,
-                            on_bad_row=config.data.on_bad_row, augment=augment, seed=config.train.seed)
+                            on_bad_row=config.data.on_bad_row, augment=augment, seed=config.train.seed,
+                            preload=config.data.preload)
 
 
 def _absolute_sources(config: Config) -> None:

@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from moevlm.config import Config
-from moevlm.data.dataset import EpochBatchSampler, ImageTextDataset, collate
+from moevlm.data.dataset import EpochBatchSampler, ImageTextDataset, collate, usable_batch
 from moevlm.data.tokenizer import Tokenizer
 from moevlm.errors import TrainingError
 from moevlm.evaluate import evaluate
@@ -131,7 +131,9 @@ class Trainer:
                 self.batch_in_epoch += 1
                 if self.batch_in_epoch == len(self.sampler):
                     self.epoch, self.batch_in_epoch = self.epoch + 1, 0
-                yield batch
+                batch = usable_batch(batch, self.config.data.on_bad_row)
+                if batch is not None:  # else every row of it had an image that failed to decode
+                    yield batch
 
     def _record(self, metrics: dict[str, float]) -> None:
         for name, value in metrics.items():
