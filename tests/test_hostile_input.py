@@ -165,14 +165,6 @@ def test_truncated_checkpoint_for_caption_and_resume(models, tmp_path, capsys):
     assert_one_line_error(code, err, run, "no checkpoint to resume from passed its checks")
 
 
-@pytest.fixture(scope="module")
-def parts(tmp_path_factory):
-    from pretrained_fixtures import tiny_clip_vision, tiny_llama
-
-    root = tmp_path_factory.mktemp("parts")
-    return {"clip": tiny_clip_vision(root / "clip"), "llama": tiny_llama(root / "llama")}
-
-
 def conversation_json(folder, prompts):
     (folder / "ok.png").write_bytes(png())
     rows = [{"image": "ok.png", "conversations": [{"from": "human", "value": prompt},
@@ -181,11 +173,10 @@ def conversation_json(folder, prompts):
     return folder / "c.json"
 
 
-def test_bad_pretrained_sources_and_stage_arguments_give_one_line(parts, tmp_path, capsys, monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+def test_bad_pretrained_sources_and_stage_arguments_give_one_line(pretrained_parts, tmp_path, capsys, offline):
     data = conversation_json(tmp_path, ["<image>\nWhat colour?", "<image> and <image>?"])
-    pretrained = ["--set", f"model.vision=hf:{parts['clip']}", "--set", f"model.lm=hf:{parts['llama']}",
-                  "--set", "decoder.max_text_len=96"]
+    pretrained = ["--set", f"model.vision=hf:{pretrained_parts['clip']}",
+                  "--set", f"model.lm=hf:{pretrained_parts['llama']}", "--set", "decoder.max_text_len=96"]
     code, _, err = train(capsys, data, tmp_path / "r", *pretrained)
     assert_one_line_error(code, err, data, "row 2: 2 <image> placeholders for 1 image")
     data = conversation_json(tmp_path, ["<image>\nWhat colour?"] * 3)
@@ -193,21 +184,21 @@ def test_bad_pretrained_sources_and_stage_arguments_give_one_line(parts, tmp_pat
     assert_one_line_error(code, err, f"model.lm.pretrained '{tmp_path / 'nothing'}'", "no such folder")
     code, _, err = train(capsys, data, tmp_path / "r", "--set", "model.lm=hf:nobody/nothing")
     assert_one_line_error(code, err, "model.lm.pretrained 'nobody/nothing'", "HF_HUB_OFFLINE=1 needs a local folder")
-    code, _, err = train(capsys, data, tmp_path / "r", "--set", f"model.lm=hf:{parts['clip']}")
-    assert_one_line_error(code, err, f"model.lm.pretrained '{parts['clip']}'", "not a causal LM")
+    code, _, err = train(capsys, data, tmp_path / "r", "--set", f"model.lm=hf:{pretrained_parts['clip']}")
+    assert_one_line_error(code, err, f"model.lm.pretrained '{pretrained_parts['clip']}'", "not a causal LM")
     code, _, err = train(capsys, data, tmp_path / "r", "--from", str(tmp_path))
     assert_one_line_error(code, err, tmp_path, "config.json is missing")
-    code, err = run_cli(capsys, "upcycle", "--model", tmp_path, "--experts", "2", "--top-k", "3", "--out", tmp_path / "u")
+    code, err = run_cli(capsys, "upcycle", "--model", tmp_path, "--experts", "2", "--top-k", "3",
+                        "--out", tmp_path / "u")
     assert_one_line_error(code, err, tmp_path, "config.json is missing")
 
 
-def test_a_checkpoint_whose_pretrained_source_is_gone_names_it(parts, tmp_path, capsys, monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+def test_a_checkpoint_whose_pretrained_source_is_gone_names_it(pretrained_parts, tmp_path, capsys, offline):
     source = tmp_path / "llama"
-    shutil.copytree(parts["llama"], source)
+    shutil.copytree(pretrained_parts["llama"], source)
     data = conversation_json(tmp_path, ["<image>\nWhat colour?"] * 3)
     code, _, err = train(capsys, data, tmp_path / "r", "--stage", "pretrain", "--set", f"model.lm=hf:{source}",
-                         "--set", f"model.vision=hf:{parts['clip']}", "--set", "decoder.max_text_len=96")
+                         "--set", f"model.vision=hf:{pretrained_parts['clip']}", "--set", "decoder.max_text_len=96")
     assert code == 0, err
     shutil.rmtree(source)
     code, err = run_cli(capsys, "caption", "--model", tmp_path / "r", tmp_path / "ok.png")

@@ -9,7 +9,6 @@ import pytest
 
 from moevlm.cli import main
 from moevlm.train.checkpoint import load_bundle
-from pretrained_fixtures import tiny_llama, tiny_siglip_vision
 from shapes import write_llava_data
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -32,9 +31,8 @@ def test_the_readme_lists_the_three_stages_caption_and_eval():
 
 
 @pytest.fixture
-def stand_ins(tmp_path, monkeypatch):
+def stand_ins(tmp_path, pretrained_parts, offline):
     """What each name in the walk-through stands for here: tiny local models and data."""
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     data = write_llava_data(tmp_path)
     rows = json.loads(data["conversations"].read_text())
     pretrain = [{"image": row["image"], "conversations": [
@@ -47,8 +45,8 @@ def stand_ins(tmp_path, monkeypatch):
         {"from": "human", "value": "Hello"}, {"from": "gpt", "value": "Hi"}]}]))
     (tmp_path / "val.json").write_text(json.dumps(rows[:3]))
     return {
-        "google/siglip-base-patch16-224": tiny_siglip_vision(tmp_path / "siglip"),
-        "TinyLlama/TinyLlama-1.1B-Chat-v1.0": tiny_llama(tmp_path / "llama"),
+        "google/siglip-base-patch16-224": pretrained_parts["siglip"],
+        "TinyLlama/TinyLlama-1.1B-Chat-v1.0": pretrained_parts["llama"],
         "LLaVA-Pretrain/blip_laion_cc_sbu_558k.json": str(tmp_path / "pretrain.json"),
         "LLaVA-Instruct/llava_v1_5_mix665k.json": str(tmp_path / "instruct.json"),
         "LLaVA-Instruct/val.json": str(tmp_path / "val.json"),

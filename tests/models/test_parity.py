@@ -1,31 +1,18 @@
 """Parity with transformers: our PretrainedVLM / HFVisionTower / imported LLaVA give the logits
 and features the transformers models give for the same weights and inputs (fp32, CPU).
 
-All models are tiny random ones saved into tmp folders (tests/pretrained_fixtures.py)."""
+All models are tiny random ones saved into tmp pretrained_parts (tests/pretrained_fixtures.py)."""
 
-import huggingface_hub.constants
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, CLIPVisionModel, LlavaForConditionalGeneration, SiglipVisionModel
 
 from moevlm.config import load_config
 from moevlm.models.pretrained import build_model, import_llava, resolve_pretrained
-from pretrained_fixtures import IMAGE_TOKEN_ID, NUM_PATCHES, tiny_clip_vision, tiny_gpt2, tiny_llama, tiny_llava, \
-    tiny_siglip_vision
+from pretrained_fixtures import IMAGE_TOKEN_ID, NUM_PATCHES
 
 
-@pytest.fixture(autouse=True)
-def _offline(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-
-
-@pytest.fixture(scope="module")
-def folders(tmp_path_factory):
-    root = tmp_path_factory.mktemp("hf")
-    return {"clip": tiny_clip_vision(root / "clip"), "siglip": tiny_siglip_vision(root / "siglip"),
-            "llama": tiny_llama(root / "llama"), "gpt2": tiny_gpt2(root / "gpt2"),
-            "llava": tiny_llava(root / "llava"), "llava_full": tiny_llava(root / "llava_full", strategy="full")}
+pytestmark = pytest.mark.usefixtures("offline")
 
 
 def model_for(*overrides):
@@ -40,9 +27,9 @@ def images_and_pixels(B, mean, std, seed=0):
 
 
 @pytest.mark.parametrize("lm", ["llama", "gpt2"])
-def test_text_logits_equal_the_transformers_lm(folders, lm):
-    model = model_for(f"model.lm=hf:{folders[lm]}")
-    reference = AutoModelForCausalLM.from_pretrained(folders[lm]).eval()
+def test_text_logits_equal_the_transformers_lm(pretrained_parts, lm):
+    model = model_for(f"model.lm=hf:{pretrained_parts[lm]}")
+    reference = AutoModelForCausalLM.from_pretrained(pretrained_parts[lm]).eval()
     ids = torch.randint(3, 250, (3, 9), generator=torch.Generator().manual_seed(1))
     mask = torch.ones_like(ids)
     mask[1, 6:] = 0  # right padding, as in training batches
@@ -53,9 +40,9 @@ def test_text_logits_equal_the_transformers_lm(folders, lm):
 
 
 @pytest.mark.parametrize("lm", ["llama", "gpt2"])
-def test_left_padded_rows_equal_the_transformers_lm_on_each_row_alone(folders, lm):
-    model = model_for(f"model.lm=hf:{folders[lm]}")
-    reference = AutoModelForCausalLM.from_pretrained(folders[lm]).eval()
+def test_left_padded_rows_equal_the_transformers_lm_on_each_row_alone(pretrained_parts, lm):
+    model = model_for(f"model.lm=hf:{pretrained_parts[lm]}")
+    reference = AutoModelForCausalLM.from_pretrained(pretrained_parts[lm]).eval()
     rows = [[5, 9, 40, 41, 7, 100], [6, 7], [200, 3, 77, 18]]
     width = max(map(len, rows))
     ids = torch.tensor([[0] * (width - len(r)) + r for r in rows])
@@ -67,8 +54,8 @@ def test_left_padded_rows_equal_the_transformers_lm_on_each_row_alone(folders, l
             torch.testing.assert_close(ours[i, width - len(row):], theirs)
 
 
-def test_image_positions_carry_the_projected_image_features(folders):
-    model = model_for(f"model.vision=hf:{folders['clip']}", f"model.lm=hf:{folders['llama']}")
+def test_image_positions_carry_the_projected_image_features(pretrained_parts):
+    model = model_for(f"model.vision=hf:{pretrained_parts['clip']}", f"model.lm=hf:{pretrained_parts['llama']}")
     image_id = model.image_token_id
     assert image_id == 260 and model.num_image_tokens == NUM_PATCHES  # vocab size: no text token has it
     ids = torch.tensor([[1] + [image_id] * NUM_PATCHES + [50, 60, 70]] * 2)
@@ -82,10 +69,10 @@ def test_image_positions_carry_the_projected_image_features(folders):
 
 
 @pytest.mark.parametrize("which,keep_cls", [("llava", False), ("llava_full", True)])
-def test_imported_llava_gives_the_logits_of_transformers_llava(folders, which, keep_cls):
-    model, cfg = import_llava(folders[which])
+def test_imported_llava_gives_the_logits_of_transformers_llava(pretrained_parts, which, keep_cls):
+    model, cfg = import_llava(pretrained_parts[which])
     model.eval()
-    reference = LlavaForConditionalGeneration.from_pretrained(folders[which]).eval()
+    reference = LlavaForConditionalGeneration.from_pretrained(pretrained_parts[which]).eval()
     n = NUM_PATCHES + keep_cls
     assert (cfg.vision.keep_cls, cfg.vision.num_image_tokens, model.image_token_id) == (keep_cls, n, IMAGE_TOKEN_ID)
     assert cfg.vision.feature_layer == reference.config.vision_feature_layer
@@ -101,10 +88,10 @@ def test_imported_llava_gives_the_logits_of_transformers_llava(folders, which, k
 
 
 @pytest.mark.parametrize("keep_cls,layer", [(False, -2), (True, -2), (False, -1), (False, 1)])
-def test_clip_tower_features_are_the_chosen_hidden_state(folders, keep_cls, layer):
-    model = model_for(f"model.vision=hf:{folders['clip']}", f"vision.keep_cls={keep_cls}",
+def test_clip_tower_features_are_the_chosen_hidden_state(pretrained_parts, keep_cls, layer):
+    model = model_for(f"model.vision=hf:{pretrained_parts['clip']}", f"vision.keep_cls={keep_cls}",
                       f"vision.feature_layer={layer}", "decoder.vocab_size=23")
-    reference = CLIPVisionModel.from_pretrained(folders["clip"]).eval()
+    reference = CLIPVisionModel.from_pretrained(pretrained_parts["clip"]).eval()
     tower = model.vision
     # The tower's normalisation comes from the folder's preprocessor_config.json (CLIP's).
     torch.testing.assert_close(tower.pixel_mean, torch.tensor([0.48145466, 0.4578275, 0.40821073]))
@@ -116,9 +103,9 @@ def test_clip_tower_features_are_the_chosen_hidden_state(folders, keep_cls, laye
     torch.testing.assert_close(features, hidden if keep_cls else hidden[:, 1:])
 
 
-def test_siglip_tower_features_are_every_patch_of_the_chosen_hidden_state(folders):
-    model = model_for(f"model.vision=hf:{folders['siglip']}", "decoder.vocab_size=23")
-    reference = SiglipVisionModel.from_pretrained(folders["siglip"]).eval()
+def test_siglip_tower_features_are_every_patch_of_the_chosen_hidden_state(pretrained_parts):
+    model = model_for(f"model.vision=hf:{pretrained_parts['siglip']}", "decoder.vocab_size=23")
+    reference = SiglipVisionModel.from_pretrained(pretrained_parts["siglip"]).eval()
     images, pixels = images_and_pixels(2, [0.5] * 3, [0.5] * 3)
     with torch.no_grad():
         hidden = reference(pixel_values=pixels, output_hidden_states=True).hidden_states[-2]

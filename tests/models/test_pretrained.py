@@ -4,7 +4,6 @@ rebuilds, cached generation and MoE token kinds (tiny offline models, CPU)."""
 import json
 import shutil
 
-import huggingface_hub.constants
 import pytest
 import torch
 
@@ -13,28 +12,18 @@ from moevlm.errors import MoevlmError
 from moevlm.models.pretrained import HFVisionTower, PretrainedVLM, build_model, resolve_pretrained
 from moevlm.models.vit import ViT
 from moevlm.models.vlm import VLM
-from pretrained_fixtures import NUM_PATCHES, tiny_clip_vision, tiny_gpt2, tiny_llama, tiny_llava, tiny_siglip_vision
+from pretrained_fixtures import NUM_PATCHES
 
 
-@pytest.fixture(autouse=True)
-def _offline(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-
-
-@pytest.fixture(scope="module")
-def folders(tmp_path_factory):
-    root = tmp_path_factory.mktemp("hf")
-    return {"clip": tiny_clip_vision(root / "clip"), "siglip": tiny_siglip_vision(root / "siglip"),
-            "llama": tiny_llama(root / "llama"), "gpt2": tiny_gpt2(root / "gpt2"), "llava": tiny_llava(root / "llava")}
+pytestmark = pytest.mark.usefixtures("offline")
 
 
 def resolved(*overrides):
     return resolve_pretrained(load_config("tiny", overrides=list(overrides)).model)
 
 
-def test_resolve_fills_the_sizes_from_the_sources(folders):
-    cfg = resolved(f"model.vision=hf:{folders['clip']}", f"model.lm=hf:{folders['llama']}")
+def test_resolve_fills_the_sizes_from_the_sources(pretrained_parts):
+    cfg = resolved(f"model.vision=hf:{pretrained_parts['clip']}", f"model.lm=hf:{pretrained_parts['llama']}")
     v, d = cfg.vision, cfg.decoder
     assert (v.image_size, v.patch_size, v.width, v.depth, v.heads, v.channels) == (32, 8, 32, 3, 2, 3)
     assert (v.image_tokens, v.num_image_tokens) == ("patches", NUM_PATCHES)
@@ -42,24 +31,24 @@ def test_resolve_fills_the_sizes_from_the_sources(folders):
     assert (d.width, d.depth, d.heads, d.ffn_hidden, d.vocab_size) == (32, 2, 4, 64, 260)
     assert (d.image_token_id, d.max_text_len, d.moe_layer_indices, cfg.tokenizer.kind) == (260, 24, [], "hf")
     assert d.hf_config["model_type"] == "llama"
-    gpt2 = resolved(f"model.lm=hf:{folders['gpt2']}", "vision.keep_cls=true").decoder
+    gpt2 = resolved(f"model.lm=hf:{pretrained_parts['gpt2']}", "vision.keep_cls=true").decoder
     assert (gpt2.width, gpt2.depth, gpt2.heads, gpt2.ffn_hidden, gpt2.vocab_size, gpt2.tie_embeddings) == (
         32, 2, 2, 128, 257, True)  # GPT-2 has no intermediate_size: n_inner None means 4 x width
-    siglip = resolved(f"model.vision=hf:{folders['siglip']}").vision
+    siglip = resolved(f"model.vision=hf:{pretrained_parts['siglip']}").vision
     assert (siglip.num_image_tokens, siglip.hf_config["model_type"]) == (NUM_PATCHES, "siglip_vision_model")
-    assert resolved(f"model.vision=hf:{folders['clip']}", "vision.keep_cls=true").vision.num_image_tokens == 17
+    assert resolved(f"model.vision=hf:{pretrained_parts['clip']}", "vision.keep_cls=true").vision.num_image_tokens == 17
 
 
-def test_a_llava_source_gives_its_parts_and_its_image_token(folders):
-    cfg = resolved(f"model.vision=hf:{folders['llava']}", f"model.lm=hf:{folders['llava']}")
+def test_a_llava_source_gives_its_parts_and_its_image_token(pretrained_parts):
+    cfg = resolved(f"model.vision=hf:{pretrained_parts['llava']}", f"model.lm=hf:{pretrained_parts['llava']}")
     assert (cfg.vision.hf_config["model_type"], cfg.decoder.hf_config["model_type"]) == ("clip_vision_model", "llama")
     assert cfg.decoder.image_token_id == 3
 
 
-def test_a_resolved_config_rebuilds_without_the_source(folders, tmp_path):
+def test_a_resolved_config_rebuilds_without_the_source(pretrained_parts, tmp_path):
     """What a checkpoint does: config.json holds hf_config; the architecture comes back offline."""
-    llama = shutil.copytree(folders["llama"], tmp_path / "llama")
-    cfg = resolved(f"model.vision=hf:{folders['clip']}", f"model.lm=hf:{llama}", "moe.layers=[1]")
+    llama = shutil.copytree(pretrained_parts["llama"], tmp_path / "llama")
+    cfg = resolved(f"model.vision=hf:{pretrained_parts['clip']}", f"model.lm=hf:{llama}", "moe.layers=[1]")
     model = build_model(cfg).eval()
     saved = json.loads(Config(model=cfg).to_json())["model"]
     shutil.rmtree(llama)
@@ -74,8 +63,8 @@ def test_a_resolved_config_rebuilds_without_the_source(folders, tmp_path):
     torch.testing.assert_close(rebuilt(images, ids).logits, model(images, ids).logits)
 
 
-def test_vlm_with_a_pretrained_tower(folders):
-    cfg = resolved(f"model.vision=hf:{folders['siglip']}", "decoder.vocab_size=23")
+def test_vlm_with_a_pretrained_tower(pretrained_parts):
+    cfg = resolved(f"model.vision=hf:{pretrained_parts['siglip']}", "decoder.vocab_size=23")
     model = build_model(cfg)
     assert type(model) is VLM and isinstance(model.vision, HFVisionTower)
     assert (model.images_in_text, model.image_token_id, model.num_image_tokens) == (False, None, NUM_PATCHES)
@@ -87,8 +76,8 @@ def test_vlm_with_a_pretrained_tower(folders):
     assert plain.vision.pixel_mean.tolist() == [0.5, 0.5, 0.5]
 
 
-def test_pretrained_lm_with_a_scratch_vit(folders):
-    model = build_model(resolved(f"model.lm=hf:{folders['gpt2']}"))  # tiny preset: 1 pooled image token
+def test_pretrained_lm_with_a_scratch_vit(pretrained_parts):
+    model = build_model(resolved(f"model.lm=hf:{pretrained_parts['gpt2']}"))  # tiny preset: 1 pooled image token
     assert isinstance(model.vision, ViT) and model.num_image_tokens == 1 and model.images_in_text
     ids = torch.tensor([[model.image_token_id, 10, 11, 12]])
     assert model(torch.zeros(1, 3, 16, 16), ids).logits.shape == (1, 4, 257)
@@ -102,23 +91,23 @@ def error_of(*overrides) -> str:
     return message
 
 
-def test_user_errors_are_one_line_and_name_the_source(folders, tmp_path):
+def test_user_errors_are_one_line_and_name_the_source(pretrained_parts, tmp_path):
     message = error_of(f"model.lm=hf:{tmp_path / 'nowhere'}")
     assert message == f"model.lm.pretrained {str(tmp_path / 'nowhere')!r}: no such folder"
     message = error_of("model.vision=hf:nobody/no-such-model")
     assert message.startswith("model.vision.pretrained 'nobody/no-such-model': not found")
     (tmp_path / "empty").mkdir()
     assert "the folder has no config.json" in error_of(f"model.lm=hf:{tmp_path / 'empty'}")
-    assert error_of(f"model.lm=hf:{folders['clip']}") == (
-        f"model.lm.pretrained {folders['clip']!r}: a clip_vision_model model, not a causal LM "
+    assert error_of(f"model.lm=hf:{pretrained_parts['clip']}") == (
+        f"model.lm.pretrained {pretrained_parts['clip']!r}: a clip_vision_model model, not a causal LM "
         "(AutoModelForCausalLM cannot load it)")
-    assert error_of(f"model.vision=hf:{folders['llama']}") == (
-        f"model.vision.pretrained {folders['llama']!r}: a llama model, not a CLIP or SigLIP vision model")
-    assert error_of(f"model.vision=hf:{folders['siglip']}", "vision.keep_cls=true") == (
-        f"model.vision.pretrained {folders['siglip']!r}: vision.keep_cls needs a CLIP tower; "
+    assert error_of(f"model.vision=hf:{pretrained_parts['llama']}") == (
+        f"model.vision.pretrained {pretrained_parts['llama']!r}: a llama model, not a CLIP or SigLIP vision model")
+    assert error_of(f"model.vision=hf:{pretrained_parts['siglip']}", "vision.keep_cls=true") == (
+        f"model.vision.pretrained {pretrained_parts['siglip']!r}: vision.keep_cls needs a CLIP tower; "
         "a siglip_vision_model has no CLS token")
-    assert error_of(f"model.vision=hf:{folders['clip']}", "vision.feature_layer=4") == (
-        f"model.vision.pretrained {folders['clip']!r}: vision.feature_layer 4 is out of range: "
+    assert error_of(f"model.vision=hf:{pretrained_parts['clip']}", "vision.feature_layer=4") == (
+        f"model.vision.pretrained {pretrained_parts['clip']!r}: vision.feature_layer 4 is out of range: "
         "the tower has 4 hidden states (-4..3)")
 
 
@@ -151,8 +140,8 @@ def decode(model, images, ids, mask, steps=5):
 
 
 @pytest.mark.parametrize("lm,moe", [("llama", "none"), ("gpt2", "all")])
-def test_cached_decoding_equals_recomputing_and_rows_decode_as_alone(folders, lm, moe):
-    model = build_model(resolved(f"model.vision=hf:{folders['clip']}", f"model.lm=hf:{folders[lm]}",
+def test_cached_decoding_equals_recomputing_and_rows_decode_as_alone(pretrained_parts, lm, moe):
+    model = build_model(resolved(f"model.vision=hf:{pretrained_parts['clip']}", f"model.lm=hf:{pretrained_parts[lm]}",
                                  f"moe.layers={moe}")).eval()
     assert len(model.moe_layers) == (2 if moe == "all" else 0)
     images = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
@@ -163,9 +152,9 @@ def test_cached_decoding_equals_recomputing_and_rows_decode_as_alone(folders, lm
         torch.testing.assert_close(together[:, row:row + 1], alone, rtol=1e-4, atol=1e-5)
 
 
-def test_moe_layers_see_which_tokens_are_image_text_or_padding(folders):
-    cfg = resolved(f"model.vision=hf:{folders['clip']}", f"model.lm=hf:{folders['llama']}", "moe.layers=[0, 1]",
-                   "moe.num_experts=4", "moe.top_k=2")
+def test_moe_layers_see_which_tokens_are_image_text_or_padding(pretrained_parts):
+    cfg = resolved(f"model.vision=hf:{pretrained_parts['clip']}", f"model.lm=hf:{pretrained_parts['llama']}",
+                   "moe.layers=[0, 1]", "moe.num_experts=4", "moe.top_k=2")
     model = build_model(cfg).eval()
     assert cfg.decoder.moe.activation == "swiglu"  # install_moe_layers reads it off Llama's MLP
     assert [type(layer).__name__ for layer in model.moe_layers] == ["MoE", "MoE"]
@@ -180,11 +169,11 @@ def test_moe_layers_see_which_tokens_are_image_text_or_padding(folders):
     assert set(model(torch.zeros(2, 3, 32, 32), ids, mask).aux) == {"balance", "z"}
 
 
-def test_generate_runs_a_pretrained_vlm_with_and_without_the_cache(folders):
+def test_generate_runs_a_pretrained_vlm_with_and_without_the_cache(pretrained_parts):
     from moevlm.generate import generate
 
-    model = build_model(resolved(f"model.vision=hf:{folders['clip']}", f"model.lm=hf:{folders['llama']}",
-                                 "decoder.max_text_len=40"))
+    model = build_model(resolved(f"model.vision=hf:{pretrained_parts['clip']}",
+                                 f"model.lm=hf:{pretrained_parts['llama']}", "decoder.max_text_len=40"))
     images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(2)) * 2 - 1
     image_ids = [model.image_token_id] * model.num_image_tokens
     prompts = [[1] + image_ids + [40, 41, 42], [1] + image_ids]

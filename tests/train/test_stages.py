@@ -1,4 +1,4 @@
-"""The staged recipe on tiny local pretrained parts: what each stage trains, what checkpoints hold,
+"""The staged recipe on tiny local pretrained pretrained_parts: what each stage trains, what checkpoints hold,
 ``--from`` between stages, upcycling, LoRA."""
 
 import json
@@ -12,20 +12,11 @@ from moevlm.errors import CheckpointError, ConfigError
 from moevlm.train.checkpoint import PRETRAINED, WEIGHTS, load_bundle, load_model
 from moevlm.train.run import run_training
 from moevlm.train.stages import upcycle_checkpoint
-from pretrained_fixtures import tiny_clip_vision, tiny_gpt2, tiny_llama, tiny_siglip_vision
+from pretrained_fixtures import tiny_llama
 from shapes import write_llava_data
 
 
-@pytest.fixture(autouse=True)
-def _offline(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-
-
-@pytest.fixture(scope="module")
-def parts(tmp_path_factory):
-    root = tmp_path_factory.mktemp("parts")
-    return {"clip": tiny_clip_vision(root / "clip"), "siglip": tiny_siglip_vision(root / "siglip"),
-            "llama": tiny_llama(root / "llama"), "gpt2": tiny_gpt2(root / "gpt2")}
+pytestmark = pytest.mark.usefixtures("offline")
 
 
 @pytest.fixture(scope="module")
@@ -33,12 +24,12 @@ def data(tmp_path_factory):
     return write_llava_data(tmp_path_factory.mktemp("data"))
 
 
-def stage_config(parts, stage, vision="clip", lm="llama", model=None, extra=()):
+def stage_config(pretrained_parts, stage, vision="clip", lm="llama", model=None, extra=()):
     overrides = [f"train.stage={stage}", "train.batch_size=4", "train.max_steps=3", "train.warmup_steps=1",
                  "train.eval_every=100", "train.checkpoint_every=100", "train.val_generate=2",
                  "decoder.max_text_len=96", *extra]
     if model is None:
-        overrides += [f"model.vision=hf:{parts[vision]}", f"model.lm=hf:{parts[lm]}"]
+        overrides += [f"model.vision=hf:{pretrained_parts[vision]}", f"model.lm=hf:{pretrained_parts[lm]}"]
     return load_config("tiny", overrides=overrides, model=model)
 
 
@@ -55,11 +46,12 @@ def changed(before, after):
 
 
 @pytest.mark.parametrize("vision,lm", [("clip", "llama"), ("siglip", "gpt2")])
-def test_pretrain_changes_only_the_projector(parts, data, tmp_path, vision, lm):
-    config = stage_config(parts, "pretrain", vision, lm)
+def test_pretrain_changes_only_the_projector(pretrained_parts, data, tmp_path, vision, lm):
+    config = stage_config(pretrained_parts, "pretrain", vision, lm)
     trainer, _ = train(config, data["captions"], tmp_path / "run")
     # A model built fresh from the same sources and seed is the "before".
-    fresh = load_config("tiny", overrides=[f"model.vision=hf:{parts[vision]}", f"model.lm=hf:{parts[lm]}"])
+    fresh = load_config("tiny", overrides=[f"model.vision=hf:{pretrained_parts[vision]}",
+                                           f"model.lm=hf:{pretrained_parts[lm]}"])
     from moevlm.train.run import fresh_model
     fresh.train.seed = config.train.seed
     before = weights_of(fresh_model(fresh, []).model)
@@ -68,8 +60,8 @@ def test_pretrain_changes_only_the_projector(parts, data, tmp_path, vision, lm):
     assert {n for n in before if n.startswith("projector.")} == changed(before, after)
 
 
-def test_pretrain_checkpoint_references_frozen_weights_and_reloads_exactly(parts, data, tmp_path):
-    trainer, _ = train(stage_config(parts, "pretrain"), data["captions"], tmp_path / "run")
+def test_pretrain_checkpoint_references_frozen_weights_and_reloads_exactly(pretrained_parts, data, tmp_path):
+    trainer, _ = train(stage_config(pretrained_parts, "pretrain"), data["captions"], tmp_path / "run")
     saved = set(load_file(str(tmp_path / "run" / WEIGHTS)))
     assert saved and all(name.startswith("projector.") for name in saved)
     refs = json.loads((tmp_path / "run" / PRETRAINED).read_text())
@@ -79,13 +71,13 @@ def test_pretrain_checkpoint_references_frozen_weights_and_reloads_exactly(parts
         assert torch.equal(tensor, model.state_dict()[name]), name
 
 
-def test_save_frozen_writes_everything_and_needs_no_source(parts, data, tmp_path):
+def test_save_frozen_writes_everything_and_needs_no_source(pretrained_parts, data, tmp_path):
     import shutil
 
     source = tmp_path / "llama"
-    shutil.copytree(parts["llama"], source)
-    config = stage_config(parts, "pretrain", extra=["train.save_frozen=true"])
-    config = load_config("tiny", overrides=[f"model.vision=hf:{parts['clip']}", f"model.lm=hf:{source}",
+    shutil.copytree(pretrained_parts["llama"], source)
+    config = stage_config(pretrained_parts, "pretrain", extra=["train.save_frozen=true"])
+    config = load_config("tiny", overrides=[f"model.vision=hf:{pretrained_parts['clip']}", f"model.lm=hf:{source}",
                                             "train.stage=pretrain", "train.save_frozen=true", "train.max_steps=1",
                                             "train.batch_size=4", "decoder.max_text_len=96", "train.val_generate=1"])
     trainer, _ = train(config, data["captions"], tmp_path / "run")
@@ -95,12 +87,12 @@ def test_save_frozen_writes_everything_and_needs_no_source(parts, data, tmp_path
     assert torch.equal(model.lm.lm_head.weight, trainer.model.lm.lm_head.weight)
 
 
-def test_a_changed_source_is_refused_by_name(parts, data, tmp_path):
+def test_a_changed_source_is_refused_by_name(pretrained_parts, data, tmp_path):
     import shutil
 
     source = tmp_path / "llama"
-    shutil.copytree(parts["llama"], source)
-    config = load_config("tiny", overrides=[f"model.vision=hf:{parts['clip']}", f"model.lm=hf:{source}",
+    shutil.copytree(pretrained_parts["llama"], source)
+    config = load_config("tiny", overrides=[f"model.vision=hf:{pretrained_parts['clip']}", f"model.lm=hf:{source}",
                                             "train.stage=pretrain", "train.max_steps=1", "train.batch_size=4",
                                             "decoder.max_text_len=96", "train.val_generate=1"])
     train(config, data["captions"], tmp_path / "run")
@@ -110,11 +102,11 @@ def test_a_changed_source_is_refused_by_name(parts, data, tmp_path):
         load_model(tmp_path / "run")
 
 
-def test_instruct_from_pretrain_trains_projector_and_lm_with_their_own_rates(parts, data, tmp_path):
-    train(stage_config(parts, "pretrain"), data["captions"], tmp_path / "pre")
+def test_instruct_from_pretrain_trains_projector_and_lm_with_their_own_rates(pretrained_parts, data, tmp_path):
+    train(stage_config(pretrained_parts, "pretrain"), data["captions"], tmp_path / "pre")
     before = weights_of(load_model(tmp_path / "pre")[0])
     model_section = json.loads((tmp_path / "pre" / "config.json").read_text())["model"]
-    config = stage_config(parts, "instruct", model=model_section,
+    config = stage_config(pretrained_parts, "instruct", model=model_section,
                           extra=["train.lr_projector=1e-3", "train.lr_lm=1e-4"])
     trainer, _ = train(config, data["conversations"], tmp_path / "sft", from_dir=tmp_path / "pre")
     lrs = {group["group"]: group["base_lr"] for group in trainer.optimizer.param_groups}
@@ -126,10 +118,10 @@ def test_instruct_from_pretrain_trains_projector_and_lm_with_their_own_rates(par
     assert not any(n.startswith("vision.") for n in saved) and any(n.startswith("lm.") for n in saved)
 
 
-def test_stage_moe_upcycles_and_the_cli_upcycle_keeps_the_eval_loss(parts, data, tmp_path):
+def test_stage_moe_upcycles_and_the_cli_upcycle_keeps_the_eval_loss(pretrained_parts, data, tmp_path):
     from moevlm.cli import main
 
-    train(stage_config(parts, "instruct"), data["conversations"], tmp_path / "sft")
+    train(stage_config(pretrained_parts, "instruct"), data["conversations"], tmp_path / "sft")
     assert main(["upcycle", "--model", str(tmp_path / "sft"), "--experts", "4", "--top-k", "2",
                  "--layers", "every-other", "--out", str(tmp_path / "moe0")]) == 0
     bundle = load_bundle(tmp_path / "moe0")
@@ -142,20 +134,21 @@ def test_stage_moe_upcycles_and_the_cli_upcycle_keeps_the_eval_loss(parts, data,
         from moevlm.data.records import read_samples
         model, tokenizer, config = load_model(folder)
         samples, _ = read_samples(data["conversations"])
-        return evaluate(model, dataset_for(samples, tokenizer, config, False, folder), tokenizer, max_generate=0)["loss"]
+        dataset = dataset_for(samples, tokenizer, config, False, folder)
+        return evaluate(model, dataset, tokenizer, max_generate=0)["loss"]
 
     assert eval_loss(tmp_path / "moe0") == pytest.approx(eval_loss(tmp_path / "sft"), rel=1e-5)
 
     model_section = json.loads((tmp_path / "sft" / "config.json").read_text())["model"]
-    trainer, _ = train(stage_config(parts, "moe", model=model_section), data["conversations"], tmp_path / "moe",
-                       from_dir=tmp_path / "sft")
+    trainer, _ = train(stage_config(pretrained_parts, "moe", model=model_section), data["conversations"],
+                       tmp_path / "moe", from_dir=tmp_path / "sft")
     assert trainer.config.model.decoder.moe_layer_indices == [0, 1]
     learning = {n for n, p in trainer.model.named_parameters() if p.requires_grad}
     assert learning and all(".moe." in n for n in learning)
 
 
-def test_lora_trains_adapters_only_and_is_merged_by_the_next_stage(parts, data, tmp_path):
-    config = stage_config(parts, "instruct", extra=["decoder.lora_rank=4"])
+def test_lora_trains_adapters_only_and_is_merged_by_the_next_stage(pretrained_parts, data, tmp_path):
+    config = stage_config(pretrained_parts, "instruct", extra=["decoder.lora_rank=4"])
     trainer, _ = train(config, data["conversations"], tmp_path / "lora")
     learning = {n for n, p in trainer.model.named_parameters() if p.requires_grad}
     assert any("lora_A" in n for n in learning)
@@ -169,7 +162,7 @@ def test_lora_trains_adapters_only_and_is_merged_by_the_next_stage(parts, data, 
     torch.testing.assert_close(model(images, batch).logits, trainer.model(images, batch).logits)
 
     model_section = json.loads((tmp_path / "lora" / "config.json").read_text())["model"]
-    moe, _ = train(stage_config(parts, "moe", model=model_section), data["conversations"], tmp_path / "moe",
+    moe, _ = train(stage_config(pretrained_parts, "moe", model=model_section), data["conversations"], tmp_path / "moe",
                    from_dir=tmp_path / "lora")
     learning = {n for n, p in moe.model.named_parameters() if p.requires_grad}
     assert learning and all(".moe." in n or "lora_" in n for n in learning)
@@ -183,14 +176,14 @@ def test_lora_trains_adapters_only_and_is_merged_by_the_next_stage(parts, data, 
     torch.testing.assert_close(merged(images, batch).logits, model(images, batch).logits, rtol=1e-4, atol=1e-5)
 
 
-def test_stage_errors_are_one_line(parts, data, tmp_path):
-    train(stage_config(parts, "pretrain"), data["captions"], tmp_path / "pre")
+def test_stage_errors_are_one_line(pretrained_parts, data, tmp_path):
+    train(stage_config(pretrained_parts, "pretrain"), data["captions"], tmp_path / "pre")
     model_section = json.loads((tmp_path / "pre" / "config.json").read_text())["model"]
     with pytest.raises(ConfigError, match=r"model\.projector\.kind is 'mlp' there, 'linear' here"):
-        train(stage_config(parts, "instruct", model=model_section, extra=["projector.kind=linear"]),
+        train(stage_config(pretrained_parts, "instruct", model=model_section, extra=["projector.kind=linear"]),
               data["conversations"], tmp_path / "x", from_dir=tmp_path / "pre")
     with pytest.raises(ConfigError, match="trains moe, and this model has none of those"):
-        train(stage_config(parts, "full", extra=["train.trainable=[moe]"]), data["captions"], tmp_path / "y")
+        train(stage_config(pretrained_parts, "full", extra=["train.trainable=[moe]"]), data["captions"], tmp_path / "y")
     with pytest.raises(ConfigError, match="already exists"):
         upcycle_checkpoint(tmp_path / "pre", tmp_path / "pre", 2, 1, "all")
 
@@ -215,12 +208,12 @@ def test_a_llava_checkpoint_given_as_both_sources_computes_what_transformers_lla
     torch.testing.assert_close(ours, theirs)
 
 
-def test_stage_moe_on_a_fresh_dense_lm_upcycles_every_ffn_and_starts_where_the_dense_lm_is(parts):
+def test_stage_moe_on_a_fresh_dense_lm_upcycles_every_ffn_and_starts_where_the_dense_lm_is(pretrained_parts):
     from moevlm.train.run import fresh_model
 
     def build(stage):
-        config = load_config("tiny", overrides=[f"model.vision=hf:{parts['clip']}", f"model.lm=hf:{parts['gpt2']}",
-                                                f"train.stage={stage}"])
+        config = load_config("tiny", overrides=[f"model.vision=hf:{pretrained_parts['clip']}",
+                                                f"model.lm=hf:{pretrained_parts['gpt2']}", f"train.stage={stage}"])
         return fresh_model(config, [])
 
     dense, moe = build("pretrain"), build("moe")
@@ -233,11 +226,12 @@ def test_stage_moe_on_a_fresh_dense_lm_upcycles_every_ffn_and_starts_where_the_d
         torch.testing.assert_close(moe.model.eval()(images, ids).logits, dense.model.eval()(images, ids).logits)
 
 
-def test_resume_of_an_instruct_run_with_lora_ends_where_an_uninterrupted_run_does(parts, data, tmp_path, monkeypatch):
+def test_resume_of_an_instruct_run_with_lora_ends_where_an_uninterrupted_run_does(pretrained_parts, data, tmp_path,
+                                                                                    monkeypatch):
     from moevlm.train.trainer import Trainer
 
     extra = ["decoder.lora_rank=2", "train.max_steps=4", "train.checkpoint_every=2"]
-    straight, _ = train(stage_config(parts, "instruct", extra=extra), data["conversations"], tmp_path / "a")
+    straight, _ = train(stage_config(pretrained_parts, "instruct", extra=extra), data["conversations"], tmp_path / "a")
     stop = Trainer.save
 
     def save_then_stop(self):
@@ -247,7 +241,7 @@ def test_resume_of_an_instruct_run_with_lora_ends_where_an_uninterrupted_run_doe
 
     monkeypatch.setattr(Trainer, "save", save_then_stop)
     with pytest.raises(KeyboardInterrupt):
-        train(stage_config(parts, "instruct", extra=extra), data["conversations"], tmp_path / "b")
+        train(stage_config(pretrained_parts, "instruct", extra=extra), data["conversations"], tmp_path / "b")
     monkeypatch.setattr(Trainer, "save", stop)
     resumed, _ = train(load_config("tiny"), data["conversations"], tmp_path / "b", resume=True)
     assert resumed.step == 4
@@ -255,11 +249,11 @@ def test_resume_of_an_instruct_run_with_lora_ends_where_an_uninterrupted_run_doe
         assert torch.equal(tensor, resumed.model.state_dict()[name]), name
 
 
-def test_lora_stage_after_pretrain_still_references_the_base_weights(parts, data, tmp_path):
-    train(stage_config(parts, "pretrain"), data["captions"], tmp_path / "pre")
+def test_lora_stage_after_pretrain_still_references_the_base_weights(pretrained_parts, data, tmp_path):
+    train(stage_config(pretrained_parts, "pretrain"), data["captions"], tmp_path / "pre")
     model_section = json.loads((tmp_path / "pre" / "config.json").read_text())["model"]
-    train(stage_config(parts, "instruct", model=model_section, extra=["decoder.lora_rank=2"]), data["conversations"],
-          tmp_path / "lora", from_dir=tmp_path / "pre")
+    config = stage_config(pretrained_parts, "instruct", model=model_section, extra=["decoder.lora_rank=2"])
+    train(config, data["conversations"], tmp_path / "lora", from_dir=tmp_path / "pre")
     saved = set(load_file(str(tmp_path / "lora" / WEIGHTS)))
     assert any("lora_" in n for n in saved) and not any("base_layer" in n for n in saved)
     refs = json.loads((tmp_path / "lora" / PRETRAINED).read_text())
