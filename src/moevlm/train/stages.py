@@ -133,16 +133,25 @@ def _input_dict(model_cfg: ModelConfig) -> dict:
     return Config(model=model_cfg).to_dict()["model"]
 
 
+def _load_merged(model_dir: Path) -> Bundle:
+    """A checkpoint with its LoRA adapters, if any, folded into their weights (which have then learned)."""
+    bundle = load_bundle(model_dir)
+    if not has_lora(bundle.model):
+        return bundle
+    merge_lora(bundle.model)
+    values = bundle.config.to_dict()
+    values["model"]["decoder"]["lora_rank"] = 0
+    return Bundle(bundle.model, bundle.tokenizer, Config.from_dict(values),
+                  bundle.untouched & set(bundle.model.state_dict()))
+
+
 def continue_from(model_dir: Path, config: Config) -> Bundle:
     """The model of an earlier stage's checkpoint, made ready for ``config``'s stage: LoRA adapters
     merged into their weights, dense FFNs upcycled to MoE where ``config`` asks for MoE layers the
     checkpoint does not have (stage moe on a dense model: all layers unless moe.layers says
     otherwise), new LoRA adapters added. The returned config describes the model as it now is."""
-    bundle = load_bundle(model_dir)
-    model, old = bundle.model, bundle.config.model
-    if has_lora(model):
-        merge_lora(model)  # the merged weights have learned: no longer untouched
-    untouched = bundle.untouched & set(model.state_dict())
+    bundle = _load_merged(model_dir)
+    model, old, untouched = bundle.model, bundle.config.model, bundle.untouched
     wanted = config.model
     _check_same_model(old, wanted, model_dir)
     layers = wanted.decoder.moe_layer_indices
@@ -167,14 +176,8 @@ def upcycle_checkpoint(model_dir: Path, out_dir: Path, experts: int, top_k: int,
     out_dir = Path(out_dir)
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise ConfigError(f"--out {out_dir}: already exists and is not an empty folder")
-    bundle = load_bundle(model_dir)
-    model, config = bundle.model, bundle.config
-    if has_lora(model):
-        merge_lora(model)
-        values = config.to_dict()
-        values["model"]["decoder"]["lora_rank"] = 0
-        config = Config.from_dict(values)
-    model, config = upcycle(model, config, experts, top_k, layers)
+    bundle = _load_merged(model_dir)
+    model, config = upcycle(bundle.model, bundle.config, experts, top_k, layers)
     untouched = bundle.untouched & set(model.state_dict())
     tmp = out_dir.with_name(f".{out_dir.name}.tmp")
     if tmp.exists():
