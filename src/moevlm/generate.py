@@ -59,7 +59,7 @@ def generate_stream(model: VLM, images: torch.Tensor, prompts: list[list[int]], 
     device = images.device
     # max_text_len counts text tokens; prompts of a model that takes its image tokens in the
     # text hold num_image_tokens more ids than that.
-    in_text = getattr(model, "images_in_text", False)
+    in_text = model.images_in_text
     limit = model.cfg.decoder.max_text_len + (model.num_image_tokens if in_text else 0) - max(len(p) for p in prompts)
     max_new_tokens = max(0, min(max_new_tokens, limit))
     generator = None

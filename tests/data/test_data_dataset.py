@@ -5,8 +5,8 @@ import torch
 from PIL import Image
 
 from moevlm.data import dataset as dataset_module
-from moevlm.data.dataset import (EpochBatchSampler, ImageTextDataset, collate, encode_turns, usable_batch,
-                                 prompt_ids, split_samples, tokenizer_texts, unique_samples)
+from moevlm.data.dataset import (EpochBatchSampler, ImageTextDataset, collate, usable_batch,
+                                 split_samples, tokenizer_texts, unique_samples)
 from moevlm.data.images import ScratchImages
 from moevlm.data.records import Sample
 from moevlm.data.tokenizer import Tokenizer
@@ -30,21 +30,21 @@ def tok():
     ([("x", "a"), ("y", "b")], [1, 7, 4, 5, 2, 8, 4, 6, 2], [X, X, 5, 2, X, X, 6, 2, X]),
 ])
 def test_encode_turns_labels_are_next_answer_tokens(tok, turns, ids, labels):
-    assert encode_turns(tok, turns, max_text_len=20) == (ids, labels)
+    assert tok.encode_conversation(turns, max_text_len=20) == (ids, labels)
 
 
 def test_encode_turns_refuses_long_text(tok):
-    assert len(encode_turns(tok, [("", "abab")], max_text_len=6)[0]) == 6
+    assert len(tok.encode_conversation([("", "abab")], max_text_len=6)[0]) == 6
     with pytest.raises(ValueError, match=r"^text is 7 tokens, longer than decoder.max_text_len 6$"):
-        encode_turns(tok, [("", "ababa")], max_text_len=6)
+        tok.encode_conversation([("", "ababa")], max_text_len=6)
 
 
 def test_prompt_ids_match_the_training_prefix(tok):
-    assert prompt_ids(tok, "") == [1]
-    assert prompt_ids(tok, "x") == [1, 7, 4]
-    assert prompt_ids(tok, "<image>\nx ") == [1, 7, 4]
-    ids, _ = encode_turns(tok, [("x", "ab")], 20)
-    assert ids[:3] == prompt_ids(tok, "x")
+    assert tok.prompt_ids("") == [1]
+    assert tok.prompt_ids("x") == [1, 7, 4]
+    assert tok.prompt_ids("<image>\nx ") == [1, 7, 4]
+    ids, _ = tok.encode_conversation([("x", "ab")], 20)
+    assert ids[:3] == tok.prompt_ids("x")
 
 
 def sample(i, caption="ab", image=None):
@@ -231,8 +231,8 @@ def test_no_augmentation_when_off(tok, tmp_path):
 def test_scratch_tokenizer_drops_the_placeholder_as_before(tok):
     # The readers keep "<image>" in prompts now; the scratch numbers must not move.
     for prompt in ("<image>\nx", "x\n<image>", " <image> x "):
-        assert encode_turns(tok, [(prompt, "ab")], 20) == ([1, 7, 4, 5, 6, 2], [X, X, 5, 6, 2, X])
-    assert encode_turns(tok, [("<image>", "ab")], 20) == encode_turns(tok, [("", "ab")], 20)
+        assert tok.encode_conversation([(prompt, "ab")], 20) == ([1, 7, 4, 5, 6, 2], [X, X, 5, 6, 2, X])
+    assert tok.encode_conversation([("<image>", "ab")], 20) == tok.encode_conversation([("", "ab")], 20)
     assert tok.prompt_ids("<image>") == [1]
 
 

@@ -49,16 +49,6 @@ def split_samples(samples: list[Sample], val_fraction: float,
     return train, val
 
 
-def encode_turns(tokenizer, turns: list[tuple[str, str]], max_text_len: int) -> tuple[list[int], list[int]]:
-    """Token ids and next-token labels for a conversation: ``tokenizer.encode_conversation``."""
-    return tokenizer.encode_conversation(turns, max_text_len)
-
-
-def prompt_ids(tokenizer, prompt: str) -> list[int]:
-    """What generation starts from: ``tokenizer.prompt_ids`` (the training prefix)."""
-    return tokenizer.prompt_ids(prompt)
-
-
 def tokenizer_texts(samples: list[Sample]) -> list[str]:
     """The texts a char or bpe tokenizer is trained on: answers and prompts without the
     ``<image>`` placeholder (which is never tokenized as text)."""

@@ -61,16 +61,8 @@ class Tokenizer:
         return cls(backend)
 
     def save(self, folder: str | Path) -> list[str]:
-        """Writes ``tokenizer.json`` into ``folder``; returns the file names written.
-
-        A path ending in ``.json`` that is not a folder is still taken as the file itself
-        (the older calling convention).
-        """
-        folder = Path(folder)
-        if folder.suffix == ".json" and not folder.is_dir():
-            self._backend.save(str(folder))
-            return [folder.name]
-        self._backend.save(str(folder / TOKENIZER_FILE))
+        """Writes ``tokenizer.json`` into ``folder``; returns the file names written."""
+        self._backend.save(str(Path(folder) / TOKENIZER_FILE))
         return [TOKENIZER_FILE]
 
     def encode_conversation(self, turns: list[tuple[str, str]],

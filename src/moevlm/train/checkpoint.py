@@ -262,7 +262,8 @@ def _load_verified_model(model_dir: Path) -> Bundle:
             raise CheckpointError(f"{weights}: weights do not fit config.json ({name} is "
                                   f"{list(tensor.shape)} in the weights, {list(expected[name].shape)} in the model)")
     missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [name for name in missing if name not in untouched and name not in tied_copies(expected)]
+    tied = tied_copies(expected)
+    missing = [name for name in missing if name not in untouched and name not in tied]
     if missing or unexpected:
         detail = f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}"
         raise CheckpointError(f"{weights}: weights do not fit config.json ({detail})")

@@ -10,9 +10,9 @@ from pathlib import Path
 import torch
 
 from moevlm.config import Config
-from moevlm.data.dataset import ImageTextDataset, split_samples, unique_samples
+from moevlm.data.dataset import ImageTextDataset, split_samples, tokenizer_texts, unique_samples
 from moevlm.data.images import image_preparer
-from moevlm.data.records import Sample, clean_prompt, read_samples
+from moevlm.data.records import Sample, read_samples
 from moevlm.data.tokenizer import Tokenizer, load_tokenizer
 from moevlm.errors import MoevlmError
 from moevlm.models.lora import apply_lora
@@ -24,12 +24,6 @@ from moevlm.train.tracking import Tracker
 from moevlm.train.trainer import Trainer
 
 log = logging.getLogger(__name__)
-
-
-def _texts(samples: list[Sample]) -> list[str]:
-    """What a new tokenizer learns from; the <image> placeholder is not text."""
-    return [text for sample in samples for prompt, answer in sample.turns for text in (clean_prompt(prompt), answer)
-            if text]
 
 
 def dataset_for(samples: list[Sample], tokenizer, config: Config, augment: bool,
@@ -57,7 +51,7 @@ def fresh_model(config: Config, train_samples: list[Sample]) -> Bundle:
     if config.model.tokenizer.kind == "hf":
         tokenizer = load_tokenizer(None, config.model)  # from decoder.pretrained
     else:
-        tokenizer = Tokenizer.train(_texts(train_samples), config.model.tokenizer.kind,
+        tokenizer = Tokenizer.train(tokenizer_texts(train_samples), config.model.tokenizer.kind,
                                     config.model.tokenizer.vocab_size)
         config.model.decoder.vocab_size = tokenizer.vocab_size
     torch.manual_seed(config.train.seed)  # initial weights, then router noise and dropout
