@@ -16,7 +16,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from moevlm.bench import MOE_SHAPES
+from moevlm.bench.scenarios import MOE_SHAPES
 from moevlm.config import MoEConfig
 from moevlm.models.mlp import FeedForward
 from moevlm.models.moe import MoE

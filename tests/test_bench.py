@@ -2,7 +2,7 @@ import json
 
 import torch
 
-from moevlm.bench import _mixtral_block, moe_like_mixtral
+from moevlm.bench.scenarios import _mixtral_block, moe_like_mixtral
 from moevlm.cli import main
 
 REQUIRED = {"gemm_gflops", "train_step_s", "train_tokens_per_s", "train_flop_util", "moe_vs_dense", "moe_vs_mixtral",

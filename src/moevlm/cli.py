@@ -190,7 +190,8 @@ def _cmd_upcycle(args) -> int:
 
 
 def _cmd_bench(args) -> int:
-    from moevlm.bench import format_table, run_bench
+    from moevlm.bench.harness import format_table
+    from moevlm.bench.scenarios import run_bench
 
     result = run_bench(quick=args.quick)
     print(json.dumps(result) if args.json else format_table(result))

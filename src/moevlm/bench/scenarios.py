@@ -1,26 +1,23 @@
-"""``moevlm bench``: speed on the machine it runs on, against that machine's own matmul rate.
-
-Every figure is a median over repeats after warm-up. Ratios time the two sides in alternating
-rounds, so a drifting clock or a busy neighbour affects both alike. On a shared virtual
-machine the figures move by 10-20 % from run to run; compare runs made side by side.
+"""``moevlm bench``: the scenarios (an MoE layer against a dense FFN and against transformers'
+Mixtral block, a training step, generation) timed with ``bench/harness.py`` against this machine's
+own matmul rate.
 """
 
 from __future__ import annotations
 
 import base64
 import io
-import platform
 import resource
 import statistics
 import tempfile
-import time
 from collections.abc import Callable
 
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.flop_counter import FlopCounterMode, register_flop_formula
+from torch.utils.flop_counter import FlopCounterMode, flop_registry, register_flop_formula
 
+from moevlm.bench.harness import device_name, gemm_gflops, seconds, time_ratio
 from moevlm.config import Config, MoEConfig, load_config
 from moevlm.data.records import Sample
 from moevlm.data.tokenizer import Tokenizer
@@ -39,48 +36,6 @@ GEN_NEW_TOKENS = 128
 # --quick: a smoke run in seconds (does everything once, on tiny sizes); its figures mean nothing.
 QUICK_SHAPES = [(64, 16, 32, 4, 2)]
 QUICK_NEW_TOKENS = 8
-
-
-@register_flop_formula(torch.ops.aten._grouped_mm)
-def _grouped_mm_flop(a_shape, b_shape, *args, **kwargs) -> int:
-    # (A, I) x (E, I, O) and the weight-gradient form (I, A) x (A, O) both do 2*A*I*O.
-    return 2 * int(np.prod(a_shape)) * b_shape[-1]
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def seconds(fn: Callable[[], object], device: torch.device, repeat: int = 5, warmup: int = 2) -> list[float]:
-    """Wall time of each of ``repeat`` calls after ``warmup`` calls."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeat):
-        _sync(device)
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    return times
-
-
-def time_ratio(fn_a: Callable, fn_b: Callable, device: torch.device, rounds: int = 5) -> float:
-    """median time of fn_a / median time of fn_b. They alternate, each timed call right after
-    an untimed one of its own, so both are measured warm and under the same conditions."""
-    a, b = [], []
-    for _ in range(rounds):
-        a += seconds(fn_a, device, repeat=1, warmup=1)
-        b += seconds(fn_b, device, repeat=1, warmup=1)
-    return statistics.median(a) / statistics.median(b)
-
-
-def gemm_gflops(device: torch.device, dtype: torch.dtype = torch.float32, size: int = 2048) -> float:
-    a = torch.randn(size, size, device=device, dtype=dtype)
-    b = torch.randn(size, size, device=device, dtype=dtype)
-    best = min(seconds(lambda: a @ b, device, repeat=10))
-    return 2 * size ** 3 / best / 1e9
 
 
 def _shape_key(shape: tuple[int, ...]) -> str:
@@ -174,8 +129,7 @@ def train_step(config: Config, device: torch.device, steps: int = 10, warmup: in
     samples = _random_samples(4 * config.train.batch_size, vision.image_size, max_chars)
     tokenizer = Tokenizer.train([s.turns[0][1] for s in samples], config.model.tokenizer.kind,
                                 config.model.tokenizer.vocab_size)
-    config.model.decoder.vocab_size = tokenizer.vocab_size
-    config.train.device = str(device)
+    config = config.updated({"model.decoder.vocab_size": tokenizer.vocab_size, "train.device": str(device)})
     torch.manual_seed(0)
     model = VLM(config.model)
     with tempfile.TemporaryDirectory() as out:
@@ -218,27 +172,23 @@ def generation(device: torch.device, preset: str = "seed", new_tokens: int = GEN
             "gen_cached_equals_uncached": all(outputs[b, True] == outputs[b, False] for b in (1, 8))}
 
 
-def _cpu_model() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+def _grouped_mm_flop(a_shape, b_shape, *args, **kwargs) -> int:
+    # (A, I) x (E, I, O) and the weight-gradient form (I, A) x (A, O) both do 2*A*I*O.
+    return 2 * int(np.prod(a_shape)) * b_shape[-1]
 
 
-def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"{_cpu_model()}, {torch.get_num_threads()} threads"
+def count_grouped_mm_flops() -> None:
+    """Teach FlopCounterMode the MoE's grouped matmul (torch does not count it), once per process."""
+    if torch.ops.aten._grouped_mm not in flop_registry:
+        register_flop_formula(torch.ops.aten._grouped_mm)(_grouped_mm_flop)
 
 
 def run_bench(quick: bool = False) -> dict:
     """CPU figures (fp32, the ``seed`` preset), and bf16 figures on a GPU when there is one."""
+    count_grouped_mm_flops()
     device = torch.device("cpu")
     shapes, rounds = (QUICK_SHAPES, 1) if quick else (MOE_SHAPES, 5)
-    result: dict = {"device": _device_name(device), "torch": torch.__version__}
+    result: dict = {"device": device_name(device), "torch": torch.__version__}
     result["gemm_gflops"] = gemm_gflops(device, size=256 if quick else 2048)
     config = load_config("tiny" if quick else "seed", None, [])
     result |= train_step(config, device, steps=1 if quick else 10, warmup=1 if quick else 3)
@@ -254,21 +204,10 @@ def run_bench(quick: bool = False) -> dict:
 
 def run_gpu_bench(device: torch.device) -> dict:
     """bf16 figures for the ~100M-parameter ``base`` preset against the card's bf16 matmul rate."""
-    result = {"device": _device_name(device), "gemm_gflops_bf16": gemm_gflops(device, torch.bfloat16, 8192)}
+    result = {"device": device_name(device), "gemm_gflops_bf16": gemm_gflops(device, torch.bfloat16, 8192)}
     result |= train_step(load_config("base", None, ["train.precision=bf16"]), device)
     result["train_mfu"] = result["train_model_gflop"] / result["train_step_s"] / result["gemm_gflops_bf16"]
     result["moe_vs_dense"] = moe_vs_dense(device)
     return result
 
 
-def format_table(result: dict, indent: str = "") -> str:
-    lines = []
-    for key, value in result.items():
-        if isinstance(value, dict):
-            lines.append(f"{indent}{key}")
-            lines.append(format_table(value, indent + "  "))
-        elif isinstance(value, float):
-            lines.append(f"{indent}{key:<28} {value:,.3f}" if value < 100 else f"{indent}{key:<28} {value:,.0f}")
-        else:
-            lines.append(f"{indent}{key:<28} {value}")
-    return "\n".join(lines)
