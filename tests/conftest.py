@@ -8,9 +8,7 @@ from shapes import write_shapes_csv
 @pytest.fixture
 def tiny_config():
     """The tiny preset with a small fixed vocabulary, for model-level tests."""
-    config = load_config("tiny")
-    config.model.decoder.vocab_size = 23
-    return config
+    return load_config("tiny", overrides=["decoder.vocab_size=23"])
 
 
 @pytest.fixture(autouse=True)

@@ -4,7 +4,7 @@ text, and caption()'s image preparation (a stand-in model that records what it i
 import torch
 from PIL import Image
 
-from moevlm.config import ModelConfig, VisionConfig
+from moevlm.config import DecoderConfig, ModelConfig, VisionConfig
 from moevlm.data.images import image_to_tensor
 from moevlm.generate import caption, generate
 
@@ -14,8 +14,8 @@ class Recorder(torch.nn.Module):
 
     def __init__(self, images_in_text: bool, num_image_tokens: int = 4, max_text_len: int = 10):
         super().__init__()
-        self.cfg = ModelConfig(vision=VisionConfig(image_size=8, patch_size=4))
-        self.cfg.decoder.max_text_len = max_text_len
+        self.cfg = ModelConfig(vision=VisionConfig(image_size=8, patch_size=4),
+                               decoder=DecoderConfig(max_text_len=max_text_len))
         self.num_image_tokens, self.images_in_text = num_image_tokens, images_in_text
         self.weight = torch.nn.Parameter(torch.zeros(1))
         self.cache_len, self.images = None, None

@@ -14,7 +14,7 @@ from moevlm.data.chat import HFTokenizer
 from moevlm.data.dataset import ImageTextDataset
 from moevlm.data.images import ScratchImages
 from moevlm.data.records import read_samples
-from moevlm.data.tokenizer import load_tokenizer
+from moevlm.data.tokenizer_factory import load_tokenizer
 from moevlm.errors import DataError, MoevlmError
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -54,7 +54,8 @@ def save_tokenizer(folder, template=TEMPLATE, eos="<eos>", bos="<bos>", pad="<pa
 def model_cfg(source, image_token_id=None) -> ModelConfig:
     cfg = ModelConfig(vision=VisionConfig(image_size=16, patch_size=8),
                       decoder=DecoderConfig(pretrained=str(source), vocab_size=IMG, image_token_id=image_token_id))
-    cfg.vision.num_image_tokens = N_IMG  # 3 instead of the 4 patches: short lists to write out below
+    # 3 instead of the 4 patches: short lists to write out below (a derived value no setting gives)
+    object.__setattr__(cfg.vision, "num_image_tokens", N_IMG)
     return cfg
 
 

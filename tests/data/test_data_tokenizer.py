@@ -107,7 +107,7 @@ def test_load_errors_are_one_line(tmp_path):
 
 def test_save_into_a_folder_and_load_tokenizer(tmp_path, char_tok):
     from moevlm.config import ModelConfig
-    from moevlm.data.tokenizer import load_tokenizer
+    from moevlm.data.tokenizer_factory import load_tokenizer
 
     assert char_tok.save(tmp_path) == ["tokenizer.json"]
     loaded = load_tokenizer(tmp_path, ModelConfig())

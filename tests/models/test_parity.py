@@ -8,7 +8,8 @@ import torch
 from transformers import AutoModelForCausalLM, CLIPVisionModel, LlavaForConditionalGeneration, SiglipVisionModel
 
 from moevlm.config import load_config
-from moevlm.models.pretrained import build_model, import_llava, resolve_pretrained
+from moevlm.models.factory import build_model, import_llava
+from moevlm.models.hf_config import resolve_pretrained
 from pretrained_fixtures import IMAGE_TOKEN_ID, NUM_PATCHES
 
 

@@ -9,7 +9,10 @@ import torch
 
 from moevlm.config import Config, load_config
 from moevlm.errors import MoevlmError
-from moevlm.models.pretrained import HFVisionTower, PretrainedVLM, build_model, resolve_pretrained
+from moevlm.models.factory import build_model
+from moevlm.models.hf_config import resolve_pretrained
+from moevlm.models.hf_lm import PretrainedVLM
+from moevlm.models.hf_vision import HFVisionTower
 from moevlm.models.vit import ViT
 from moevlm.models.vlm import VLM
 from pretrained_fixtures import NUM_PATCHES

@@ -10,7 +10,8 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 from moevlm.config import Config, DecoderConfig, MoEConfig, load_config
 from moevlm.errors import ConfigError, MoevlmError
 from moevlm.models.moe import IMAGE, TEXT, MoE
-from moevlm.models.upcycle import MoEMLP, decoder_layers, install_moe_layers, upcycle
+from moevlm.models.moe_install import MoEMLP, decoder_layers, install_moe_layers, mlp_activation
+from moevlm.models.upcycle import upcycle
 from moevlm.models.vlm import VLM
 
 VOCAB = 40
@@ -56,10 +57,10 @@ def test_installed_moe_layers_compute_what_the_dense_lm_did(family, activation, 
     lm = hf_lm(family)
     with torch.no_grad():
         dense = lm(IDS).logits
-    cfg = lm_decoder_cfg(layers)
-    assert cfg.moe.activation == "gelu"  # the default: install_moe_layers writes the LM's own in
-    install_moe_layers(lm, cfg)
-    assert cfg.moe.activation == activation
+    assert mlp_activation(lm, list(range(DEPTH))) == activation
+    with pytest.raises(MoevlmError, match=f"MLPs make {activation} experts, but moe.activation is gelu"):
+        install_moe_layers(lm, lm_decoder_cfg(layers))  # the default activation does not fit every LM
+    install_moe_layers(lm, lm_decoder_cfg(layers, activation=activation))
     blocks = decoder_layers(lm)
     assert [i for i, b in enumerate(blocks) if isinstance(b.mlp, MoEMLP)] == expected
     with torch.no_grad():
@@ -81,26 +82,24 @@ def test_gpt2_exact_gelu_becomes_gelu_experts_and_pytorch_tanh_gelu_tanh():
         lm = hf_lm("gpt2", activation_function=act)
         with torch.no_grad():
             dense = lm(IDS).logits
-        cfg = lm_decoder_cfg("all")
-        install_moe_layers(lm, cfg)
-        assert cfg.moe.activation == expected
+        assert mlp_activation(lm, list(range(DEPTH))) == expected
+        install_moe_layers(lm, lm_decoder_cfg("all", activation=expected))
         with torch.no_grad():
             torch.testing.assert_close(lm(IDS).logits, dense)
 
 
-def test_install_is_idempotent_and_fills_the_config_it_gets():
+def test_install_is_idempotent():
     lm = hf_lm("llama")
-    install_moe_layers(lm, lm_decoder_cfg([1]))
+    install_moe_layers(lm, lm_decoder_cfg([1], activation="swiglu"))
     first = decoder_layers(lm)[1].mlp
-    cfg = lm_decoder_cfg("all")
-    install_moe_layers(lm, cfg)  # layer 1 is kept, 0 and 2 are upcycled
+    install_moe_layers(lm, lm_decoder_cfg("all", activation="swiglu"))  # layer 1 is kept, 0 and 2 are upcycled
     assert decoder_layers(lm)[1].mlp is first
     assert all(isinstance(b.mlp, MoEMLP) for b in decoder_layers(lm))
 
 
 def test_upcycled_lm_trains_experts_and_router_and_reports_aux_losses():
     lm = hf_lm("llama")
-    install_moe_layers(lm, lm_decoder_cfg("every-other", experts=4, top_k=2))
+    install_moe_layers(lm, lm_decoder_cfg("every-other", experts=4, top_k=2, activation="swiglu"))
     mlp = decoder_layers(lm)[1].mlp
     mlp.token_kind = torch.full(IDS.shape, TEXT)
     mlp.token_kind[:, :3] = IMAGE
@@ -124,7 +123,7 @@ def test_upcycled_lm_trains_experts_and_router_and_reports_aux_losses():
 
 def test_token_kind_of_another_shape_is_a_bug_not_silently_ignored():
     lm = hf_lm("gpt2")
-    install_moe_layers(lm, lm_decoder_cfg([0]))
+    install_moe_layers(lm, lm_decoder_cfg([0], activation="gelu_tanh"))
     decoder_layers(lm)[0].mlp.token_kind = torch.full((2, 4), TEXT)
     with pytest.raises(AssertionError, match="token_kind"):
         lm(IDS)
@@ -151,10 +150,10 @@ def test_unknown_mlp_module_and_out_of_range_layers():
     with pytest.raises(MoevlmError, match="cannot upcycle Sequential: unknown MLP layout"):
         install_moe_layers(lm, lm_decoder_cfg("all"))
     assert not any(isinstance(b.mlp, MoEMLP) for b in decoder_layers(lm))
-    cfg = lm_decoder_cfg([0])
-    cfg.moe_layer_indices = [0, 5]  # a config made for a deeper LM
+    deeper = DecoderConfig(width=32, depth=6, heads=4, pretrained="tiny-hf",  # a config made for a deeper LM
+                           moe=MoEConfig(layers=[0, 5], activation="swiglu"))
     with pytest.raises(MoevlmError, match=r"MoE layers \[5\] are outside the LM's layers 0..2"):
-        install_moe_layers(lm, cfg)
+        install_moe_layers(lm, deeper)
 
 
 # --- the scratch VLM --------------------------------------------------------------------------
@@ -247,7 +246,7 @@ def test_bad_upcycle_arguments_are_one_line_errors(kwargs, message):
 
 def test_shared_expert_is_refused():
     model, config = dense_vlm()
-    config.model.decoder.moe.shared_expert = True
+    config = config.updated({"model.decoder.moe.shared_expert": True})
     with pytest.raises(ConfigError, match="moe.shared_expert=false"):
         upcycle(model, config, experts=2, top_k=1)
 

@@ -53,7 +53,7 @@ def test_pretrain_changes_only_the_projector(pretrained_parts, data, tmp_path, v
     fresh = load_config("tiny", overrides=[f"model.vision=hf:{pretrained_parts[vision]}",
                                            f"model.lm=hf:{pretrained_parts[lm]}"])
     from moevlm.train.run import fresh_model
-    fresh.train.seed = config.train.seed
+    fresh = fresh.updated({"train.seed": config.train.seed})
     before = weights_of(fresh_model(fresh, []).model)
     after = weights_of(trainer.model)
     assert changed(before, after) and all(name.startswith("projector.") for name in changed(before, after))
@@ -196,8 +196,9 @@ def test_a_llava_checkpoint_given_as_both_sources_computes_what_transformers_lla
 
     folder = tiny_llava(tmp_path / "llava", strategy="full", feature_layer=-1)
     config = load_config("tiny", overrides=[f"model.vision=hf:{folder}", f"model.lm=hf:{folder}"])
-    model = fresh_model(config, []).model.eval()
-    assert (config.model.vision.feature_layer, config.model.vision.keep_cls) == (-1, True)
+    bundle = fresh_model(config, [])
+    model = bundle.model.eval()
+    assert (bundle.config.model.vision.feature_layer, bundle.config.model.vision.keep_cls) == (-1, True)
     reference = LlavaForConditionalGeneration.from_pretrained(folder).eval()
     images = torch.rand(2, 3, 32, 32) * 2 - 1
     mean, std = model.vision.pixel_mean.view(1, 3, 1, 1), model.vision.pixel_std.view(1, 3, 1, 1)

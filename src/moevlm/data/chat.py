@@ -74,7 +74,7 @@ class HFTokenizer:
             raise MoevlmError("tokenizer.kind hf needs a pretrained LM (model.lm=hf:ID)")
         image_token_id = model_cfg.decoder.image_token_id
         if image_token_id is None:
-            # The LM's embedding rows: an id no text token has (models/pretrained.py fills it in).
+            # The LM's embedding rows: an id no text token has (models/hf_config.py fills it in).
             assert model_cfg.decoder.vocab_size > 0, "resolve the pretrained config first"
             image_token_id = model_cfg.decoder.vocab_size
         return cls.from_pretrained(source, model_cfg.vision.num_image_tokens, image_token_id)

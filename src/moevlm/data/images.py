@@ -105,7 +105,7 @@ class ProcessorImages:
     """A pretrained vision tower: its own image processor's resize and crop, kept as uint8.
 
     Rescaling and the tower's mean/std normalisation are left out: the model receives images
-    in [-1, 1] like every moevlm model and normalises them itself (models/pretrained.py), so
+    in [-1, 1] like every moevlm model and normalises them itself (models/hf_vision.py), so
     the dataset keeps one compact uint8 copy of each image and augmentation stays the same.
     """
 

@@ -1,13 +1,11 @@
-"""Character and byte-level BPE tokenizers, both kept as one Hugging Face ``tokenizer.json``,
-and ``load_tokenizer``, which also gives a pretrained LM's own tokenizer (``data/chat.py``).
+"""Character and byte-level BPE tokenizers, both kept as one Hugging Face ``tokenizer.json``.
 
 "char" is the seed's scheme (one token per character seen in training, ids after the
 specials); unlike the seed, an unseen character becomes ``<unk>`` instead of a KeyError.
 "bpe" is byte-level BPE, so every string round-trips and nothing is ever unknown.
 
-Every tokenizer offers the same interface to the dataset and to generation: ``pad_id``,
-``bos_id``, ``eos_id``, ``vocab_size``, ``encode``, ``decode``, ``encode_conversation``,
-``prompt_ids`` and ``save(folder)``.
+Both, and a pretrained LM's own tokenizer (``data/chat.py``), offer the interface written down as
+``TextTokenizer`` in ``data/tokenizer_factory.py``.
 """
 
 from __future__ import annotations
@@ -106,22 +104,6 @@ class Tokenizer:
     @property
     def vocab_size(self) -> int:
         return self._backend.get_vocab_size(with_added_tokens=True)
-
-
-def load_tokenizer(folder: str | Path | None, model_cfg) -> "Tokenizer":
-    """The tokenizer a model config asks for.
-
-    ``tokenizer.kind`` char or bpe: ``folder/tokenizer.json`` (these are trained on the data,
-    so a folder is needed). ``hf``: the pretrained LM's tokenizer and chat template, from
-    ``folder`` when it holds one (a checkpoint), else from ``decoder.pretrained``.
-    """
-    if model_cfg.tokenizer.kind == "hf":
-        from moevlm.data.chat import HFTokenizer  # imports transformers: only when needed
-        return HFTokenizer.for_model(model_cfg, folder)
-    if folder is None:
-        raise MoevlmError(f"a {model_cfg.tokenizer.kind} tokenizer is trained on the data: "
-                          "give the folder holding its tokenizer.json")
-    return Tokenizer.load(Path(folder) / TOKENIZER_FILE)
 
 
 def _char_backend(texts: Iterable[str]) -> tokenizers.Tokenizer:

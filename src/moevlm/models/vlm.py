@@ -8,8 +8,8 @@ Sequence layout (S = image tokens + text tokens):
 Position ids count real tokens only, so both layouts give the text the same positions.
 
 The vision encoder is our ``ViT`` trained from scratch or, with ``vision.pretrained`` set, a
-pretrained CLIP/SigLIP tower (``models.pretrained.HFVisionTower``); build either through
-``models.pretrained.build_model``. A pretrained LM instead makes a ``PretrainedVLM``, which
+pretrained CLIP/SigLIP tower (``models.hf_vision.HFVisionTower``); build either through
+``models.factory.build_model``. A pretrained LM instead makes a ``PretrainedVLM``, which
 shares this model's interface (forward, prefill, step, moe_layers, expert_load).
 """
 
@@ -24,6 +24,7 @@ from torch import nn
 from moevlm.config import ModelConfig, MoEConfig
 from moevlm.models.attention import KVCache
 from moevlm.models.decoder import Decoder
+from moevlm.models.hf_vision import HFVisionTower
 from moevlm.models.moe import IMAGE, PAD, TEXT, MoE
 from moevlm.models.projector import build_projector
 from moevlm.models.vit import ViT
@@ -95,8 +96,6 @@ class VLM(nn.Module):
         vocab_size = cfg.decoder.vocab_size
         self.num_image_tokens = cfg.vision.num_image_tokens
         if vision is None and cfg.vision.pretrained is not None:
-            from moevlm.models.pretrained import HFVisionTower  # imports this module
-
             vision = HFVisionTower.build(cfg.vision, load_weights=False)
         self.vision = ViT(cfg.vision) if vision is None else vision
         self.projector = build_projector(cfg.projector, cfg.vision.width, cfg.decoder.width)

@@ -3,6 +3,7 @@ earlier stage's checkpoint with ``--from``, or restored with ``--resume``), trai
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from pathlib import Path
@@ -13,13 +14,15 @@ from moevlm.config import Config
 from moevlm.data.dataset import ImageTextDataset, split_samples, tokenizer_texts, unique_samples
 from moevlm.data.images import image_preparer
 from moevlm.data.records import Sample, read_samples
-from moevlm.data.tokenizer import Tokenizer, load_tokenizer
+from moevlm.data.tokenizer import Tokenizer
+from moevlm.data.tokenizer_factory import load_tokenizer
 from moevlm.errors import MoevlmError
 from moevlm.models.lora import apply_lora
-from moevlm.models.pretrained import build_model, resolve_pretrained
+from moevlm.models.factory import build_model
+from moevlm.models.hf_config import resolve_pretrained
 from moevlm.train.checkpoint import Bundle
 from moevlm.train.snapshots import has_checkpoint, load_for_resume
-from moevlm.train.stages import continue_from, pretrained_names
+from moevlm.train.stages import continue_from, moe_layers_to_train, pretrained_names
 from moevlm.train.tracking import Tracker
 from moevlm.train.trainer import Trainer
 
@@ -34,26 +37,28 @@ def dataset_for(samples: list[Sample], tokenizer, config: Config, augment: bool,
                             preload=config.data.preload)
 
 
-def _absolute_sources(config: Config) -> None:
+def _absolute_sources(config: Config) -> Config:
     """A local folder given as a relative path must still be found when the checkpoint is used
     from elsewhere."""
-    for section in (config.model.vision, config.model.decoder):
-        if section.pretrained is not None and os.path.isdir(section.pretrained):
-            section.pretrained = os.path.abspath(section.pretrained)
+    changes = {f"model.{name}.pretrained": os.path.abspath(section.pretrained)
+               for name, section in (("vision", config.model.vision), ("decoder", config.model.decoder))
+               if section.pretrained is not None and os.path.isdir(section.pretrained)}
+    return config.updated(changes) if changes else config
 
 
 def fresh_model(config: Config, train_samples: list[Sample]) -> Bundle:
     """A new model: pretrained parts from their sources, the rest initialised from train.seed."""
-    _absolute_sources(config)
-    if config.train.stage == "moe" and config.model.decoder.pretrained and config.model.decoder.moe.layers is None:
-        config.model.decoder.moe.layers = "all"  # stage moe on a dense pretrained LM: upcycle every FFN
-    config.model = resolve_pretrained(config.model)
+    config = _absolute_sources(config)
+    layers = moe_layers_to_train(config, [])
+    if layers != config.model.decoder.moe_layer_indices:  # stage moe on a dense pretrained LM: upcycle every FFN
+        config = config.updated({"model.decoder.moe.layers": layers})
+    config = dataclasses.replace(config, model=resolve_pretrained(config.model))
     if config.model.tokenizer.kind == "hf":
         tokenizer = load_tokenizer(None, config.model)  # from decoder.pretrained
     else:
         tokenizer = Tokenizer.train(tokenizer_texts(train_samples), config.model.tokenizer.kind,
                                     config.model.tokenizer.vocab_size)
-        config.model.decoder.vocab_size = tokenizer.vocab_size
+        config = config.updated({"model.decoder.vocab_size": tokenizer.vocab_size})
     torch.manual_seed(config.train.seed)  # initial weights, then router noise and dropout
     model = build_model(config.model, load_weights=True)
     if config.model.decoder.lora_rank:
@@ -75,7 +80,7 @@ def run_training(config: Config, data: Path, out: Path, val_data: Path | None = 
     elif has_checkpoint(out):
         raise MoevlmError(f"{out} already holds a checkpoint: pass --resume to continue it, or choose another --out")
     if max_steps is not None:
-        config.train.max_steps = max_steps
+        config = config.updated({"train.max_steps": max_steps})
 
     samples, skipped = read_samples(data, config.data.on_bad_row, config.data.max_rows)
     if val_data is not None:

@@ -20,13 +20,18 @@ from pathlib import Path
 
 from torch import nn
 
-from moevlm.config import STAGE_TRAINABLE, Config, ModelConfig, TrainConfig
+from moevlm.config import PARAM_GROUPS, Config, ModelConfig, TrainConfig
 from moevlm.data.images import image_preparer
 from moevlm.errors import ConfigError
 from moevlm.models.lora import apply_lora, has_lora, merge_lora, names_after_lora
 from moevlm.models.moe import MoE
 from moevlm.models.upcycle import upcycle
 from moevlm.train.checkpoint import Bundle, load_bundle, write_checkpoint
+
+
+# Which parameter groups each stage trains (train.trainable overrides it).
+STAGE_TRAINABLE = {"full": PARAM_GROUPS, "pretrain": ("projector",), "instruct": ("projector", "lm", "moe"),
+                   "moe": ("moe",)}
 
 
 def group_of_parameters(model: nn.Module) -> dict[str, str]:
@@ -70,6 +75,15 @@ def freeze_for_stage(model: nn.Module, cfg: TrainConfig) -> dict[str, list[nn.Pa
         raise ConfigError(f"train.stage {cfg.stage} trains {', '.join(chosen)}, and this model has none of those "
                           f"(it has {', '.join(present)}); for stage moe upcycle first or set moe.layers")
     return out
+
+
+def moe_layers_to_train(config: Config, existing: list[int]) -> list[int]:
+    """The MoE layers a run of ``config`` has, on a model whose MoE layers are ``existing``: those
+    moe.layers asks for, or, in stage moe on a model without any, every layer (upcycled)."""
+    layers = config.model.decoder.moe_layer_indices
+    if not layers and not existing and config.train.stage == "moe":
+        return list(range(config.model.decoder.depth))
+    return layers
 
 
 def group_lr(cfg: TrainConfig, group: str) -> float:
@@ -154,9 +168,7 @@ def continue_from(model_dir: Path, config: Config) -> Bundle:
     model, old, untouched = bundle.model, bundle.config.model, bundle.untouched
     wanted = config.model
     _check_same_model(old, wanted, model_dir)
-    layers = wanted.decoder.moe_layer_indices
-    if not layers and not old.decoder.moe_layer_indices and config.train.stage == "moe":
-        layers = list(range(wanted.decoder.depth))
+    layers = moe_layers_to_train(config, old.decoder.moe_layer_indices)
     values = config.to_dict()
     values["model"]["decoder"]["moe"]["layers"] = old.decoder.moe.layers  # what the model has, until upcycled
     values["model"]["decoder"]["lora_rank"] = 0
@@ -164,7 +176,7 @@ def continue_from(model_dir: Path, config: Config) -> Bundle:
     if layers != old.decoder.moe_layer_indices:
         model, current = upcycle(model, current, wanted.decoder.moe.num_experts, wanted.decoder.moe.top_k, layers)
     if wanted.decoder.lora_rank:
-        current.model.decoder.lora_rank = wanted.decoder.lora_rank
+        current = current.updated({"model.decoder.lora_rank": wanted.decoder.lora_rank})
         apply_lora(model.lm, current.model.decoder)
         untouched = names_after_lora(untouched, model)
     return Bundle(model, bundle.tokenizer, current, untouched)

@@ -1,0 +1,139 @@
+"""A transformers causal LM joined to a vision encoder as LLaVA does (``PretrainedVLM``).
+
+References: LLaVA-1.5 (Liu et al. 2023) and transformers' ``LlavaForConditionalGeneration``,
+whose layout this follows: placeholder ids in the text whose embeddings are replaced by the
+projected image features. litgpt's LLaVA parity tests are the model for tests/models/test_parity.py.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+from torch import nn
+
+from moevlm.config import ModelConfig
+from moevlm.models.hf_config import hf_config_object, is_resolved
+from moevlm.models.hf_vision import HFVisionTower
+from moevlm.models.moe import IMAGE, PAD, TEXT, MoE
+from moevlm.models.moe_install import install_moe_layers
+from moevlm.models.projector import build_projector
+from moevlm.models.vit import ViT
+from moevlm.models.vlm import VLMOutput, expert_load, vlm_output
+
+
+class PretrainedVLM(nn.Module):
+    """A vision encoder, a projector and a transformers causal LM (``vision``, ``projector``,
+    ``lm``), joined as LLaVA does: input_ids hold ``image_token_id`` at the image positions
+    (``num_image_tokens`` of them per sample) and their embeddings become the projected image
+    features. Same interface as ``VLM``: forward, moe_layers, expert_load, new_cache,
+    prefill, step. MoE layers (decoder.moe_layer_indices) replace the LM's dense MLPs
+    (models/moe_install.py); each learns which tokens are image / text / padding from
+    ``token_kind``, set before every LM call."""
+
+    images_in_text = True
+
+    def __init__(self, cfg: ModelConfig, vision: nn.Module | None = None, lm: nn.Module | None = None):
+        """``vision`` / ``lm`` None: random weights from the configs (a checkpoint overwrites them)."""
+        super().__init__()
+        assert is_resolved(cfg) and cfg.decoder.pretrained is not None, "resolve_pretrained(cfg) first"
+        self.cfg = cfg
+        self.num_image_tokens = cfg.vision.num_image_tokens
+        self.image_token_id = cfg.decoder.image_token_id
+        if vision is None:
+            vision = (HFVisionTower.build(cfg.vision, load_weights=False) if cfg.vision.pretrained is not None
+                      else ViT(cfg.vision))
+        self.vision = vision
+        self.projector = build_projector(cfg.projector, cfg.vision.width, cfg.decoder.width)
+        if lm is None:
+            from transformers import AutoModelForCausalLM
+
+            lm = AutoModelForCausalLM.from_config(hf_config_object(cfg.decoder.hf_config), dtype=torch.float32)
+        self.lm = lm
+        # transformers renamed past_key_values to cache during 5.x; speak whichever this LM takes.
+        self._cache_arg = "cache" if "cache" in inspect.signature(type(lm).forward).parameters else "past_key_values"
+        if cfg.decoder.moe_layer_indices:
+            install_moe_layers(self.lm, cfg.decoder)
+
+    # -- MoE bookkeeping ------------------------------------------------------------------
+    def _moe_mlps(self) -> list[nn.Module]:
+        # Looked up each time: upcycle() and LoRA wrapping change the LM after construction.
+        return [m for m in self.lm.modules() if isinstance(getattr(m, "moe", None), MoE) and hasattr(m, "token_kind")]
+
+    @property
+    def moe_layers(self) -> list[MoE]:
+        return [m.moe for m in self._moe_mlps()]
+
+    def expert_load(self) -> torch.Tensor:
+        """Routed token counts of the last forward: (MoE layers, 2 [image, text], experts)."""
+        return expert_load(self.moe_layers)
+
+    # -- the shared pieces of forward / prefill / step ------------------------------------------
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, C, S, S) in [-1, 1] -> image tokens in the LM's space (B, n_img, D)."""
+        return self.projector(self.vision(images))
+
+    def _embed(self, images: torch.Tensor | None, input_ids: torch.Tensor,
+               text_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Embeddings (B, T, D) with image features at the image ids, and token kinds (B, T)."""
+        is_image = input_ids == self.image_token_id
+        # The image id may lie outside the embedding table (default: the vocabulary size).
+        embeds = self.lm.get_input_embeddings()(input_ids.masked_fill(is_image, 0))
+        if images is not None:
+            counts = is_image.sum(1)
+            assert bool((counts == self.num_image_tokens).all()), (
+                f"every row needs {self.num_image_tokens} image ids ({self.image_token_id}), got {counts.tolist()}")
+            features = self.encode_images(images).to(embeds.dtype)  # (B, n, D), in row order
+            embeds = embeds.masked_scatter(is_image.unsqueeze(-1), features)
+        else:
+            assert not bool(is_image.any()), "image ids in input_ids but no images"
+        kind = torch.where(text_mask, torch.where(is_image, IMAGE, TEXT), PAD)
+        return embeds, kind
+
+    def _run_lm(self, embeds: torch.Tensor, key_mask: torch.Tensor, positions: torch.Tensor,
+                kind: torch.Tensor, cache=None, last_only: bool = False) -> torch.Tensor:
+        mlps = self._moe_mlps()
+        for mlp in mlps:
+            mlp.token_kind = kind
+        try:
+            extra = {self._cache_arg: cache, **({"logits_to_keep": 1} if last_only else {})}
+            out = self.lm(inputs_embeds=embeds, attention_mask=key_mask.long(), position_ids=positions,
+                          use_cache=cache is not None, **extra)
+        finally:  # a stale (B, T) would trip the next caller of the LM that does not set it
+            for mlp in mlps:
+                mlp.token_kind = None
+        return out.logits
+
+    # -- training / evaluation -------------------------------------------------------------
+    def forward(self, images: torch.Tensor | None, input_ids: torch.Tensor,
+                attention_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None) -> VLMOutput:
+        """images (B, C, S, S) (None for text only); input_ids, attention_mask, labels (B, T),
+        labels being next-token targets aligned with input_ids (-100: no loss)."""
+        mask = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+        embeds, kind = self._embed(images, input_ids, mask)
+        positions = (mask.long().cumsum(1) - 1).clamp(min=0)  # real tokens only: left padding is invisible
+        logits = self._run_lm(embeds, mask, positions, kind)
+        return vlm_output(logits, labels, self.moe_layers, self.cfg.decoder.moe)
+
+    # -- generation ------------------------------------------------------------------------
+    def new_cache(self, batch: int, max_len: int):
+        """A transformers DynamicCache (it grows as needed; batch and max_len are not used)."""
+        from transformers import DynamicCache
+
+        return DynamicCache(config=self.lm.config)
+
+    def prefill(self, images: torch.Tensor | None, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                cache=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Left-padded prompts (image ids included) -> next-token logits (B, V), key mask (B, T)."""
+        mask = attention_mask.bool()
+        embeds, kind = self._embed(images, input_ids, mask)
+        positions = (mask.long().cumsum(1) - 1).clamp(min=0)
+        logits = self._run_lm(embeds, mask, positions, kind, cache, last_only=True)
+        return logits[:, -1], mask
+
+    def step(self, token_ids: torch.Tensor, key_mask: torch.Tensor, cache) -> torch.Tensor:
+        """One cached decoding step. token_ids (B,); key_mask (B, S) includes the new token."""
+        positions = key_mask.long().sum(1, keepdim=True) - 1  # (B, 1)
+        embeds = self.lm.get_input_embeddings()(token_ids[:, None])
+        kind = torch.full_like(positions, TEXT)
+        return self._run_lm(embeds, key_mask, positions, kind, cache, last_only=True)[:, -1]

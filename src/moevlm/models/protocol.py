@@ -1,0 +1,52 @@
+"""The interface every moevlm model offers to training, generation, evaluation and checkpoints.
+
+Two classes implement it: ``VLM`` (models/vlm.py: a decoder trained from scratch, image tokens
+prepended to the text) and ``PretrainedVLM`` (models/hf_lm.py: a transformers causal LM, image
+tokens marked in the text by ``image_token_id``). Code outside models/ names this protocol, never
+one of the two classes, so either works wherever a model is expected.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import torch
+
+from moevlm.config import ModelConfig
+from moevlm.models.moe import MoE
+from moevlm.models.vlm import VLMOutput
+
+
+class VisionLanguageModel(Protocol):
+    cfg: ModelConfig
+    num_image_tokens: int
+    # True: input_ids hold num_image_tokens copies of image_token_id where the image goes;
+    # False: the model puts its image tokens before the text itself.
+    images_in_text: bool
+    image_token_id: int | None
+    training: bool
+
+    def __call__(self, images: torch.Tensor | None, input_ids: torch.Tensor,
+                 attention_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None) -> VLMOutput:
+        """Training and evaluation: logits at the text positions, loss given next-token labels."""
+
+    @property
+    def moe_layers(self) -> list[MoE]: ...
+
+    def expert_load(self) -> torch.Tensor:
+        """Routed token counts of the last forward: (MoE layers, 2 [image, text], experts)."""
+
+    def new_cache(self, batch: int, max_len: int) -> Any: ...
+
+    def prefill(self, images: torch.Tensor | None, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                cache: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Left-padded prompts -> next-token logits (B, V) and the key mask (B, S)."""
+
+    def step(self, token_ids: torch.Tensor, key_mask: torch.Tensor, cache: Any) -> torch.Tensor:
+        """One cached decoding step: token_ids (B,) -> next-token logits (B, V)."""
+
+    def parameters(self, recurse: bool = True) -> Any: ...
+
+    def eval(self) -> Any: ...
+
+    def train(self, mode: bool = True) -> Any: ...
