@@ -1,0 +1,106 @@
+"""The house rules of ARCHITECTURE.md, checked on the source: no import cycle, who may import whom,
+and imports inside functions only where they are lazy imports of heavy optional libraries."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "src" / "moevlm"
+# Imported inside functions on purpose: each takes seconds, and many runs never need it.
+LAZY_LIBRARIES = ("transformers", "huggingface_hub", "peft", "mlflow", "requests")
+# Files that wrap transformers models and so may import it at module level.
+HF_WRAPPERS = {"moevlm.models.hf_config", "moevlm.models.hf_vision", "moevlm.models.hf_lm", "moevlm.models.factory",
+               "moevlm.models.moe_install", "moevlm.models.lora"}
+INFERENCE = ("moevlm.generate", "moevlm.evaluate")
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+MODULES = {module_name(path): path for path in sorted(PACKAGE.rglob("*.py"))}
+
+
+def imports(name: str) -> list[tuple[str, bool, int]]:
+    """(imported module, inside a function, line) of every import in module ``name``."""
+    tree = ast.parse(MODULES[name].read_text())
+    in_function = {id(node) for fn in ast.walk(tree) if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef))
+                   for node in ast.walk(fn)}
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found += [(alias.name, id(node) in in_function, node.lineno) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            for alias in node.names:  # "from a import b" imports module a.b when there is one
+                target = f"{node.module}.{alias.name}"
+                found.append((target if target in MODULES else node.module, id(node) in in_function, node.lineno))
+    return found
+
+
+def own_imports(name: str, lazy: bool | None = None) -> set[str]:
+    return {target for target, inside, _ in imports(name)
+            if target.startswith("moevlm") and (lazy is None or inside == lazy)}
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    path: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        path.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == 1:
+                return path[path.index(nxt):] + [nxt]
+            if nxt not in state and (cycle := visit(nxt)):
+                return cycle
+        state[node] = 2
+        path.pop()
+        return None
+
+    for start in sorted(graph):
+        if start not in state and (cycle := visit(start)):
+            return cycle
+    return None
+
+
+def test_the_package_has_no_import_cycle():
+    graph = {name: own_imports(name) for name in MODULES}
+    assert find_cycle(graph) is None, " -> ".join(find_cycle(graph))
+
+
+def test_the_cycle_finder_finds_a_cycle():
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_imports_inside_functions_are_lazy_heavy_libraries_or_the_cli_commands():
+    offenders = [f"{name}:{line}: {target}" for name in MODULES for target, inside, line in imports(name)
+                 if inside and not target.startswith(LAZY_LIBRARIES)
+                 # cli.py: each command imports its library when it runs, so --help answers at once
+                 and not (name == "moevlm.cli" and target.startswith("moevlm."))]
+    assert not offenders
+
+
+@pytest.mark.parametrize("name", [name for name in MODULES if name.startswith("moevlm.models.")])
+def test_models_import_only_config_errors_and_models(name):
+    allowed = ("moevlm.config", "moevlm.errors", "moevlm.models")
+    assert {target for target in own_imports(name) if not target.startswith(allowed)} == set()
+    top_level = {target for target, inside, _ in imports(name) if not inside}
+    assert not {t for t in top_level if t.startswith(("torch.distributed", "fastapi"))}
+    if name not in HF_WRAPPERS:
+        assert not {t for t in top_level if t.startswith("transformers")}
+
+
+@pytest.mark.parametrize("name", [name for name in MODULES if name.startswith("moevlm.data.")])
+def test_data_imports_no_model(name):
+    assert not {target for target in own_imports(name) if target.startswith(("moevlm.models", "moevlm.train"))}
+
+
+@pytest.mark.parametrize("name", INFERENCE)
+def test_inference_never_imports_the_trainer(name):
+    assert not {target for target in own_imports(name) if target.startswith("moevlm.train")}
