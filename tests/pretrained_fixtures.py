@@ -124,7 +124,8 @@ def tiny_siglip_vision(folder: str | Path, seed: int = 0, **config) -> str:
 
 def tiny_llama(folder: str | Path, seed: int = 0, **config) -> str:
     tokenizer = llama_tokenizer()
-    model = _build(seed, lambda: LlamaForCausalLM(llama_config(_vocab_size(tokenizer), **config)))
+    values = {"vocab_size": _vocab_size(tokenizer)} | config  # a larger vocabulary leaves ids nobody uses
+    model = _build(seed, lambda: LlamaForCausalLM(llama_config(**values)))
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return str(folder)

@@ -1,0 +1,87 @@
+"""The whole staged recipe once, on random weights in real shapes: pretrain -> instruct -> moe ->
+caption and eval, through the command line, with wall time and peak memory of each step.
+
+Tiny test models hide what real shapes show (tied embeddings, grouped-query attention, hundreds of
+image tokens, long texts). This builds, from configs and offline:
+
+- a vision tower shaped like SigLIP-base-patch16-224 (width 768, 12 layers, 196 image tokens);
+- an LM shaped like SmolLM2-135M (width 576, 30 layers, 9 heads with 3 KV heads, vocabulary 49,152,
+  tied embeddings; the tests' byte tokenizer with a chat template, so texts are long in tokens);
+
+saves both to a folder and runs each stage for a few steps on 16 LLaVA-style rows. The weights are
+random, so losses and captions mean nothing; what counts is that every step runs and what it costs.
+
+    python benchmarks/real_shapes_chain.py [--out DIR] [--steps N] [--tied false]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+# The model builders and the data writer are the tests' own.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+from pretrained_fixtures import tiny_llama, tiny_siglip_vision  # noqa: E402
+from shapes import write_llava_data  # noqa: E402
+
+SIGLIP_BASE_224 = dict(image_size=224, patch_size=16, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                       num_attention_heads=12)
+SMOLLM2_135M = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                    num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=2048, rope_theta=100000.0)
+
+
+def run(label: str, args: list[str]) -> None:
+    """One moevlm command in its own process, so its peak memory is its own."""
+    began = time.perf_counter()
+    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    done = subprocess.run([sys.executable, "-m", "moevlm", *args], capture_output=True, text=True)
+    seconds = time.perf_counter() - began
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    if done.returncode != 0:
+        sys.exit(f"{label} failed (exit {done.returncode}):\n{done.stderr.strip()}")
+    # ru_maxrss of children is the largest of any child so far (KiB on Linux).
+    memory = f"{peak / 1024:,.0f} MiB" if peak > before else f"<= {before / 1024:,.0f} MiB"
+    print(f"| {label} | {seconds:,.1f} s | {memory} |", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, help="working folder (default: a temporary one)")
+    parser.add_argument("--steps", type=int, default=3, help="training steps per stage (default 3)")
+    parser.add_argument("--tied", default="true", choices=["true", "false"], help="tie the LM's embeddings")
+    args = parser.parse_args()
+    root = args.out or Path(tempfile.mkdtemp(prefix="moevlm-real-shapes-"))
+    root.mkdir(parents=True, exist_ok=True)
+    tied = args.tied == "true"
+    began = time.perf_counter()
+    vision = tiny_siglip_vision(root / "siglip", **SIGLIP_BASE_224)
+    lm = tiny_llama(root / "lm", **SMOLLM2_135M, tie_word_embeddings=tied)
+    data = write_llava_data(root, rows=16)
+    print(f"built and saved the random sources in {time.perf_counter() - began:.1f} s: {root}")
+    common = ["--preset", "llava", "--no-tracking", "--max-steps", str(args.steps),
+              "--set", "train.batch_size=4", "--set", "train.checkpoint_every=1000", "--set", "train.eval_every=1000",
+              "--set", "train.val_generate=4", "--set", "data.val_fraction=0.25", "--set", "data.num_workers=0"]
+    print("| step | wall time | peak memory |\n|---|---|---|")
+    run("pretrain", ["train", "--stage", "pretrain", "--data", str(data["captions"]), "--out", str(root / "pretrain"),
+                     "--set", f"model.vision=hf:{vision}", "--set", f"model.lm=hf:{lm}", *common])
+    run("instruct --from pretrain", ["train", "--stage", "instruct", "--data", str(data["conversations"]),
+                                     "--from", str(root / "pretrain"), "--out", str(root / "instruct"), *common])
+    run("moe --from instruct (4 experts, top-2, every other layer)",
+        ["train", "--stage", "moe", "--data", str(data["conversations"]), "--from", str(root / "instruct"),
+         "--out", str(root / "moe"), "--set", "moe.num_experts=4", "--set", "moe.top_k=2",
+         "--set", "moe.layers=every-other", *common])
+    run("caption (2 images)", ["caption", "--model", str(root / "moe"), "--max-new-tokens", "8",
+                               str(root / "000.png"), str(root / "001.png")])
+    run("eval (16 rows)", ["eval", "--model", str(root / "moe"), "--data", str(data["conversations"]), "--json"])
+
+
+if __name__ == "__main__":
+    main()
