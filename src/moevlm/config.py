@@ -93,7 +93,8 @@ class MoEConfig:
     # decoder trained from scratch, "none" for a pretrained LM (dense until upcycled).
     layers: Any = None
     shared_expert: bool = False
-    # None: dropless. Otherwise each expert takes at most ceil(factor * tokens * k / experts).
+    # None: dropless. Otherwise, in training only, each expert takes at most
+    # ceil(factor * real tokens * k / experts) assignments (models/moe.py, MoE.within_capacity).
     capacity_factor: float | None = None
     router_noise: bool = True
     aux_loss_coef: float = 0.01
