@@ -14,14 +14,16 @@ from moevlm.data.chat import HFTokenizer
 from moevlm.data.tokenizer import Tokenizer
 from moevlm.generate import generate_texts
 from moevlm.metrics import bleu4, exact_match, expert_balance
-from moevlm.models.vlm import VLM
+from moevlm.models.vlm import VLM, expert_dropped
 
 
 @torch.no_grad()
 def evaluate(model: VLM, dataset: ImageTextDataset, tokenizer: Tokenizer | HFTokenizer, *, batch_size: int = 64,
              max_generate: int | None = None, amp_dtype: torch.dtype | None = None) -> dict:
     """Returns exact_match, bleu4, loss, perplexity, num_samples, expert_load (per layer),
-    expert_balance, plus expert_load_counts (tensor) and predictions [(reference, prediction)].
+    expert_balance, with moe.capacity_factor dropped (per layer: the share of real assignments
+    training would drop; inference drops none), plus expert_load_counts (tensor) and
+    predictions [(reference, prediction)].
 
     ``max_generate`` limits how many rows are captioned (None: all); the loss uses every row.
     Each row is generated from its first turn's prompt (``<image>`` placeholder and all: the
@@ -31,7 +33,7 @@ def evaluate(model: VLM, dataset: ImageTextDataset, tokenizer: Tokenizer | HFTok
     device = next(model.parameters()).device
     autocast = partial(torch.autocast, device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None)
     loss_sum, token_count = 0.0, 0
-    load = None
+    load, dropped = None, 0
     # Its own generator, so evaluating never moves the global RNG that training uses.
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, generator=torch.Generator(),
                         collate_fn=partial(collate, pad_id=tokenizer.pad_id))
@@ -49,6 +51,7 @@ def evaluate(model: VLM, dataset: ImageTextDataset, tokenizer: Tokenizer | HFTok
         token_count += int((labels != -100).sum())
         batch_load = model.expert_load()
         load = batch_load if load is None else load + batch_load
+        dropped = dropped + expert_dropped(model.moe_layers)
 
     count = len(dataset) if max_generate is None else min(max_generate, len(dataset))
     references, predictions = [], []
@@ -76,4 +79,8 @@ def evaluate(model: VLM, dataset: ImageTextDataset, tokenizer: Tokenizer | HFTok
                                  for i, row in zip(model.cfg.decoder.moe_layer_indices, load)}
         result["expert_balance"] = expert_balance(load)
         result["expert_load_counts"] = load
+        if model.cfg.decoder.moe.capacity_factor is not None:
+            # Eval is dropless, so load counts every real assignment: the share training would drop.
+            result["dropped"] = {f"layer_{i}": d / max(1, r) for i, d, r in
+                                 zip(model.cfg.decoder.moe_layer_indices, dropped.tolist(), load.sum((1, 2)).tolist())}
     return result

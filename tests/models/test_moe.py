@@ -117,22 +117,124 @@ def test_router_noise_only_while_training():
     assert not torch.equal(moe(x), moe(x))
 
 
+def plain_capacity_rule(experts_NK, real_N, capacity_factor, num_experts):
+    """Per expert, the first ceil(factor * real tokens * K / E) real assignments in flattened
+    order (token, then slot) keep their slot; pads never do."""
+    N, K = experts_NK.shape
+    capacity = math.ceil(int(real_N.sum()) * (capacity_factor * K / num_experts))
+    taken = [0] * num_experts
+    kept = torch.zeros(N, K, dtype=torch.bool)
+    for n in range(N):
+        for k in range(K):
+            e = int(experts_NK[n, k])
+            if real_N[n] and taken[e] < capacity:
+                kept[n, k] = True
+                taken[e] += 1
+    return kept
+
+
+@pytest.mark.parametrize("factor", [0.3, 0.5, 1.0, 1.25, 4.0])
+def test_capacity_keeps_the_first_real_assignments_of_each_expert(factor):
+    moe = make_moe(num_experts=4, top_k=2, capacity_factor=factor)
+    g = torch.Generator().manual_seed(3)
+    experts_NK = torch.stack([torch.randperm(4, generator=g)[:2] for _ in range(40)])
+    real_N = torch.rand(40, generator=g) < 0.6
+    kept = moe.within_capacity(experts_NK, real_N)
+    assert torch.equal(kept, plain_capacity_rule(experts_NK, real_N, factor, 4))
+    assert not kept[~real_N].any()
+
+
 def test_capacity_factor_drops_overflow_and_keeps_the_rest_exact():
-    moe = make_moe(num_experts=2, top_k=1, capacity_factor=0.5).eval()
+    moe = make_moe(num_experts=2, top_k=1, capacity_factor=0.5)
     x_ND = torch.randn(8, 8)
     experts_NK = torch.zeros(8, 1, dtype=torch.long)  # all to expert 0; capacity = ceil(0.5*8/2) = 2
     weights_NK = torch.ones(8, 1)
-    out = moe.experts_sorted(x_ND, experts_NK, weights_NK)
+    kept_NK = moe.within_capacity(experts_NK, torch.ones(8, dtype=torch.bool))
+    out = moe.experts_sorted(x_ND, experts_NK, weights_NK, kept_NK)
     ref = moe.experts_reference(x_ND, experts_NK, weights_NK)
-    torch.testing.assert_close(out[:2], ref[:2])  # stable sort: the first two tokens are kept
+    torch.testing.assert_close(out[:2], ref[:2])  # the first two tokens are kept
     assert torch.count_nonzero(out[2:]) == 0
 
 
-def hand_moe():
+def moe_and_reference_grads(moe, x, kind, fn):
+    """Output and the gradients of input, router and experts for one forward ``fn(x_ND)``."""
+    moe.zero_grad()
+    x = x.clone().requires_grad_()
+    out = fn(x)
+    out.backward(torch.linspace(-1, 1, out.numel()).view_as(out))
+    params = [p for p in (moe.gate.weight, moe.w1_EDH, moe.b1_EH, moe.w2_EHD, moe.b2_ED) if p is not None]
+    return [out.detach(), x.grad] + [p.grad.clone() for p in params]
+
+
+@pytest.mark.parametrize("activation", ["gelu", "gelu_tanh", "swiglu"])
+@pytest.mark.parametrize("capacity_factor", [None, 0.6])
+@pytest.mark.parametrize("use_grouped", [True, False])
+def test_moe_forward_matches_per_token_reference_including_router_gradient(activation, capacity_factor,
+                                                                           use_grouped, monkeypatch):
+    monkeypatch.setattr(grouped, "grouped_mm_supported", lambda device, dtype: use_grouped)
+    moe = make_moe(activation=activation, num_experts=4, top_k=2, capacity_factor=capacity_factor,
+                   router_noise=False).train()
+    torch.nn.init.normal_(moe.gate.weight, std=1.0)  # a router whose choices matter
+    x = torch.randn(2, 13, 8)
+    kind = torch.full((2, 13), TEXT)
+    kind[:, :3], kind[0, 10:] = IMAGE, PAD
+
+    def reference(x):
+        x_ND = x.reshape(-1, 8)
+        _, experts_NK, weights_NK = moe.route(x_ND)
+        kept_NK = None
+        if capacity_factor is not None:
+            kept_NK = plain_capacity_rule(experts_NK, kind.reshape(-1) != PAD, capacity_factor, 4)
+            assert not kept_NK.reshape(-1)[kind.reshape(-1).repeat_interleave(2) != PAD].all()  # some real dropped
+        return moe.experts_reference(x_ND, experts_NK, weights_NK, kept_NK).view_as(x)
+
+    fast = moe_and_reference_grads(moe, x, kind, lambda x: moe(x, kind))
+    slow = moe_and_reference_grads(moe, x, kind, reference)
+    for got, want in zip(fast, slow):
+        torch.testing.assert_close(got, want)
+    assert fast[2].abs().sum() > 0  # the router gradient is compared, not two zeros
+
+
+def test_pads_never_take_capacity_from_real_tokens():
+    """Row 0's padding, routed where row 1's tokens go, pushes none of them out: the padded
+    batch keeps exactly the real assignments the pad-free one keeps."""
+    moe = hand_moe(capacity_factor=0.5)  # router logits = input; capacity = ceil(real tokens / 4)
+    real = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [0.0, 1.0]], [[1.0, 0.0], [1.0, 0.0], [1.0, 0.0]]])
+    pads = torch.tensor([[[3.0, 0.0]] * 4, [[3.0, 0.0]] * 4])  # to expert 0, like most real tokens
+    padded = torch.cat([real, pads], 1)
+    kind = torch.cat([torch.full((2, 3), TEXT), torch.full((2, 4), PAD)], 1)
+    plain_out = moe(real)
+    plain_load, plain_dropped = moe.last_load.clone(), int(moe.last_dropped)
+    padded_out = moe(padded, kind)
+    # 6 real tokens, capacity 2: expert 0 keeps the first token of each row, expert 1 both of its own.
+    assert plain_dropped == int(moe.last_dropped) == 2
+    assert moe.last_load.tolist() == plain_load.tolist() == [[0, 0], [2, 2]]
+    torch.testing.assert_close(padded_out[:, :3], plain_out)
+    assert torch.count_nonzero(padded_out[:, 3:]) == 0  # padding computes nothing
+
+
+def test_capacity_applies_in_training_only_and_eval_counts_what_training_would_drop():
+    moe = hand_moe(capacity_factor=0.5)
+    x = torch.tensor([[[1.0, 0.0], [2.0, 0.0], [3.0, 0.0], [0.0, 1.0]]])  # 3 tokens to expert 0, capacity 1
+    trained = moe(x)
+    assert int(moe.last_dropped) == 2 and moe.last_load.tolist() == [[0, 0], [1, 1]]
+    assert torch.count_nonzero(trained[0, 1:3]) == 0
+    moe.eval()
+    with torch.no_grad():
+        for rows in (x, x[:, :1], x[:, 1:2]):  # the few-token decoding path too: nothing is dropped
+            _, experts_NK, weights_NK = moe.route(rows[0])
+            torch.testing.assert_close(moe(rows)[0], moe.experts_reference(rows[0], experts_NK, weights_NK))
+        moe(x)
+    assert int(moe.last_dropped) == 2 and moe.last_load.tolist() == [[0, 0], [3, 1]]
+
+
+def hand_moe(**kw):
     # Training mode (aux losses are computed only there); no noise, so routing is exact.
-    moe = MoE(2, 4, MoEConfig(num_experts=2, top_k=1, router_noise=False)).train()
+    moe = MoE(2, 4, MoEConfig(num_experts=2, top_k=1, router_noise=False, **kw)).train()
     with torch.no_grad():
         moe.gate.weight.copy_(torch.eye(2))  # router logits equal the input
+        for p in (moe.w1_EDH, moe.b1_EH, moe.w2_EHD, moe.b2_ED):
+            torch.nn.init.normal_(p, std=0.3)
     return moe
 
 

@@ -42,8 +42,15 @@ def test_images_change_the_text_logits(tiny_config):
     assert not torch.allclose(model(images, ids).logits, model(-images, ids).logits)
 
 
-def test_padding_never_contributes_to_the_loss(tiny_config):
-    tiny_config = tiny_config.updated({"model.decoder.moe.router_noise": False})  # training mode, same routing
+# Every equality below holds with a capacity factor too: capacity applies in training only, and
+# padding never takes an expert's slot.
+CAPACITY = pytest.mark.parametrize("capacity_factor", [None, 0.5, 1.0])
+
+
+@CAPACITY
+def test_padding_never_contributes_to_the_loss(tiny_config, capacity_factor):
+    tiny_config = tiny_config.updated({"model.decoder.moe.router_noise": False,  # training mode, same routing
+                                       "model.decoder.moe.capacity_factor": capacity_factor})
     model = VLM(tiny_config.model).train()
     images, ids = batch(tiny_config, B=2, T=5)
     labels = torch.full_like(ids, -100)
@@ -59,7 +66,9 @@ def test_padding_never_contributes_to_the_loss(tiny_config):
     torch.testing.assert_close(plain.logits, padded.logits[:, :5])
 
 
-def test_left_padded_rows_match_unpadded_rows(tiny_config):
+@CAPACITY
+def test_left_padded_rows_match_unpadded_rows(tiny_config, capacity_factor):
+    tiny_config = tiny_config.updated({"model.decoder.moe.capacity_factor": capacity_factor})
     model = VLM(tiny_config.model).eval()
     images, ids = batch(tiny_config, B=1, T=4)
     logits_plain, _ = model.prefill(images, ids, torch.ones_like(ids, dtype=torch.bool))
@@ -77,7 +86,9 @@ def randomized_model(config):
     return model
 
 
-def test_greedy_generation_identical_with_and_without_kv_cache(tiny_config):
+@CAPACITY
+def test_greedy_generation_identical_with_and_without_kv_cache(tiny_config, capacity_factor):
+    tiny_config = tiny_config.updated({"model.decoder.moe.capacity_factor": capacity_factor})
     model = randomized_model(tiny_config)
     images, _ = batch(tiny_config)
     prompts = [[1], [1, 7, 9, 4], [1, 12]]
@@ -87,7 +98,9 @@ def test_greedy_generation_identical_with_and_without_kv_cache(tiny_config):
     assert max(len(seq) for seq in cached) > 3
 
 
-def test_batched_generation_equals_one_at_a_time(tiny_config):
+@CAPACITY
+def test_batched_generation_equals_one_at_a_time(tiny_config, capacity_factor):
+    tiny_config = tiny_config.updated({"model.decoder.moe.capacity_factor": capacity_factor})
     model = randomized_model(tiny_config)
     images, _ = batch(tiny_config)
     prompts = [[1], [1, 7, 9, 4], [1, 12]]

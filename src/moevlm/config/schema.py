@@ -128,8 +128,8 @@ class MoEConfig:
                                "indices; null: all for a decoder trained from scratch, none for a pretrained LM "
                                "(dense until upcycled)")
     shared_expert: bool = option(False, "an always-on dense expert beside the routed ones")
-    capacity_factor: float | None = option(None, "null: dropless; else each expert takes at most "
-                                                 "ceil(factor * tokens * k / experts) assignments")
+    capacity_factor: float | None = option(None, "null: dropless; else, in training only, each expert takes at "
+                                                 "most ceil(factor * real tokens * k / experts) assignments")
     router_noise: bool = option(True, "noisy top-k: learned per-expert noise on the router logits while training")
     aux_loss_coef: float = option(0.01, "weight of the Switch load-balancing loss")
     z_loss_coef: float = option(0.001, "weight of the router z-loss (ST-MoE)")

@@ -44,9 +44,11 @@ class MoE(nn.Module):
         self.b2_ED = nn.Parameter(torch.zeros(E, width)) if has_bias else None
         self.shared = FeedForward(width, hidden) if cfg.shared_expert else None
         self.dropout = nn.Dropout(dropout)
-        # Filled by every forward: aux losses (scalars with grad) and routed token counts.
+        # Filled by every forward: aux losses (scalars with grad), the token counts each expert
+        # computed and the real assignments over capacity (tensors, read only when reported).
         self.aux: dict[str, torch.Tensor] = {}
         self.last_load = torch.zeros(2, E, dtype=torch.long)  # [image, text] x experts
+        self.last_dropped = torch.zeros((), dtype=torch.long)
 
     def route(self, x_ND: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Returns clean router logits (N, E), chosen experts (N, K) and their weights (N, K)."""
@@ -59,14 +61,23 @@ class MoE(nn.Module):
         return logits_NE, experts_NK, weights_NK
 
     def forward(self, x: torch.Tensor, token_kind: torch.Tensor | None = None) -> torch.Tensor:
-        """x: (B, T, D); token_kind: (B, T) with PAD / IMAGE / TEXT (None: all text)."""
+        """x: (B, T, D); token_kind: (B, T) with PAD / IMAGE / TEXT (None: all text).
+
+        ``moe.capacity_factor`` applies in training only: inference is dropless (as Mixtral,
+        Qwen-MoE and vLLM), so what a sequence generates does not depend on its batch.
+        Eval still counts the assignments that training would drop (``last_dropped``)."""
         B, T, D = x.shape
         x_ND = x.reshape(-1, D)
         kind_N = (torch.full((B * T,), TEXT, device=x.device) if token_kind is None
                   else token_kind.reshape(-1))
         logits_NE, experts_NK, weights_NK = self.route(x_ND)
-        self._record_stats(logits_NE, experts_NK, kind_N)
-        if x_ND.size(0) * self.cfg.top_k <= self.cfg.num_experts and not torch.is_grad_enabled():
+        real_N = kind_N != PAD
+        within_NK = None if self.cfg.capacity_factor is None else self.within_capacity(experts_NK, real_N)
+        kept_NK = within_NK if self.training else None
+        self._record_stats(logits_NE, experts_NK, kind_N, within_NK, kept_NK)
+        if kept_NK is not None:
+            y_ND = self.experts_sorted(x_ND, experts_NK, weights_NK, kept_NK)
+        elif x_ND.size(0) * self.cfg.top_k <= self.cfg.num_experts and not torch.is_grad_enabled():
             y_ND = self.experts_few(x_ND, experts_NK, weights_NK)  # decoding a token or a few
         else:
             y_ND = self.experts_sorted(x_ND, experts_NK, weights_NK)
@@ -74,26 +85,42 @@ class MoE(nn.Module):
             y_ND = y_ND + self.shared(x_ND)
         return self.dropout(y_ND.view(B, T, D))
 
-    def experts_sorted(self, x_ND: torch.Tensor, experts_NK: torch.Tensor,
-                       weights_NK: torch.Tensor, use_grouped: bool | None = None) -> torch.Tensor:
-        """Dropless (or capacity-limited) dispatch: sort assignments by expert, run every
-        expert on its contiguous group (models/grouped.py), weighted scatter-add back to the
-        tokens. On a GPU where torch._grouped_mm runs there is no host sync."""
-        N, D = x_ND.shape
+    def within_capacity(self, experts_NK: torch.Tensor, real_N: torch.Tensor) -> torch.Tensor:
+        """Which assignments (N, K) keep their slot under ``moe.capacity_factor``: each expert
+        takes the first ``ceil(capacity_factor * real tokens * K / E)`` real (image or text)
+        assignments in flattened order (token, then slot). Padding never takes a slot, so
+        neither the pads nor their number change which real tokens an expert computes."""
+        N, K = experts_NK.shape
+        E = self.cfg.num_experts
+        experts_A = experts_NK.reshape(-1)
+        real_A = real_N.repeat_interleave(K)
+        # One sort puts each expert's real assignments first, in flattened order, then its pads.
+        order_A = (experts_A * 2 + (~real_A).long()).argsort(stable=True)
+        counts_E = torch.zeros(E, dtype=torch.long, device=experts_A.device).index_add_(
+            0, experts_A, torch.ones_like(experts_A))  # bincount would sync with the host on a GPU
+        starts_E = counts_E.cumsum(0) - counts_E
+        rank_A = torch.arange(N * K, device=experts_A.device) - starts_E[experts_A[order_A]]
+        # In float64, the ceil Python would take of the config's formula; a tensor: no host sync.
+        capacity = torch.ceil(real_N.sum().double() * (self.cfg.capacity_factor * K / E))
+        kept_sorted_A = real_A[order_A] & (rank_A < capacity)
+        return torch.empty_like(kept_sorted_A).scatter_(0, order_A, kept_sorted_A).view(N, K)
+
+    def experts_sorted(self, x_ND: torch.Tensor, experts_NK: torch.Tensor, weights_NK: torch.Tensor,
+                       kept_NK: torch.Tensor | None = None, use_grouped: bool | None = None) -> torch.Tensor:
+        """Dispatch: sort assignments by expert, run every expert on its contiguous group
+        (models/grouped.py), weighted scatter-add back to the tokens. ``kept_NK`` (bool, N x K;
+        None: all) drops the other assignments. Dropless, on a GPU where torch._grouped_mm
+        runs, it makes no host sync; dropping makes one (the number of kept rows)."""
         E, K = self.cfg.num_experts, self.cfg.top_k
         experts_A = experts_NK.reshape(-1)
         order_A = experts_A.argsort(stable=True)
         token_A = order_A // K
         expert_A = experts_A[order_A]
         weight_A = weights_NK.reshape(-1)[order_A]
-        counts_E = torch.bincount(experts_A, minlength=E)
-        if self.cfg.capacity_factor is not None:
-            capacity = math.ceil(self.cfg.capacity_factor * N * K / E)
-            starts_E = counts_E.cumsum(0) - counts_E
-            rank_A = torch.arange(order_A.numel(), device=x_ND.device) - starts_E[expert_A]
-            kept_A = rank_A < capacity
+        if kept_NK is not None:
+            kept_A = kept_NK.reshape(-1)[order_A]
             token_A, expert_A, weight_A = token_A[kept_A], expert_A[kept_A], weight_A[kept_A]
-            counts_E = counts_E.clamp(max=capacity)
+        counts_E = torch.bincount(expert_A, minlength=E)
         out_AD = expert_mlp(x_ND.index_select(0, token_A), expert_A, counts_E, self.w1_EDH, self.b1_EH, self.w2_EHD,
                             self.b2_ED, self.cfg.activation, use_grouped)
         y_ND = torch.zeros_like(x_ND, dtype=out_AD.dtype)
@@ -130,23 +157,31 @@ class MoE(nn.Module):
             act = F.silu(gate) * up
         return act @ self.w2_EHD[e] + (0 if self.b2_ED is None else self.b2_ED[e])
 
-    def experts_reference(self, x_ND: torch.Tensor, experts_NK: torch.Tensor,
-                          weights_NK: torch.Tensor) -> torch.Tensor:
-        """Plain per-token loop (slow): what ``experts_sorted`` must equal when dropless."""
+    def experts_reference(self, x_ND: torch.Tensor, experts_NK: torch.Tensor, weights_NK: torch.Tensor,
+                          kept_NK: torch.Tensor | None = None) -> torch.Tensor:
+        """Plain per-token loop (slow): what ``experts_sorted`` must equal."""
         rows = []
         for n in range(x_ND.size(0)):
             y_D = torch.zeros_like(x_ND[n])
             for k in range(experts_NK.size(1)):
-                y_D = y_D + weights_NK[n, k] * self._expert_reference(int(experts_NK[n, k]), x_ND[n])
+                if kept_NK is None or kept_NK[n, k]:
+                    y_D = y_D + weights_NK[n, k] * self._expert_reference(int(experts_NK[n, k]), x_ND[n])
             rows.append(y_D)
         return torch.stack(rows)
 
-    def _record_stats(self, logits_NE: torch.Tensor, experts_NK: torch.Tensor, kind_N: torch.Tensor) -> None:
-        """Routed counts split image / text and, in training, aux losses over the real
-        (non-pad) tokens."""
+    def _record_stats(self, logits_NE: torch.Tensor, experts_NK: torch.Tensor, kind_N: torch.Tensor,
+                      within_NK: torch.Tensor | None, kept_NK: torch.Tensor | None) -> None:
+        """The real assignments each expert computed, split image / text; those over capacity
+        (dropped in training); in training, aux losses over the real (non-pad) tokens, from
+        the router's choices before any drop."""
         E, K = self.cfg.num_experts, self.cfg.top_k
-        counts = torch.bincount((kind_N[:, None] * E + experts_NK).reshape(-1), minlength=3 * E)
-        self.last_load = counts.view(3, E)[1:].detach()
+        bins_NK = kind_N[:, None] * E + experts_NK  # pads fall in bins 0 .. E-1, dropped ones in 3E
+        if kept_NK is not None:
+            bins_NK = bins_NK.masked_fill(~kept_NK, 3 * E)
+        counts = torch.bincount(bins_NK.reshape(-1), minlength=3 * E + 1)
+        self.last_load = counts[E:3 * E].view(2, E).detach()
+        self.last_dropped = (torch.zeros((), dtype=torch.long, device=kind_N.device) if within_NK is None
+                             else ((kind_N != PAD)[:, None] & ~within_NK).sum())
         if not self.training:
             self.aux = {}
             return

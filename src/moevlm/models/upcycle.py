@@ -5,8 +5,8 @@ Why the upcycled model computes what the dense one did: every expert a token can
 the same function f, and the top-k weights are a softmax, so they sum to one:
 sum_k w_k f(x) = f(x). That holds whatever the fresh router picks, so training starts from
 the dense model's loss and the experts drift apart as they learn from different tokens. Two
-things break the equality: router noise (training mode only) and a capacity_factor that drops
-tokens. In eval mode with a dropless MoE it is exact up to float rounding.
+things break the equality, both in training mode only: router noise and a capacity_factor that
+drops tokens. In eval mode it is exact up to float rounding.
 
 Two kinds of model:
 - a transformers causal LM (Llama/Qwen2/Mistral, GPT-2, Phi): ``install_moe_layers``

@@ -68,17 +68,27 @@ def vlm_output(logits: torch.Tensor, labels: torch.Tensor | None, moe_layers: li
 
 
 def moe_aux(layers: list[MoE]) -> dict[str, torch.Tensor]:
-    """Balance and z losses averaged over the MoE layers; empty outside training mode."""
+    """Balance and z losses, each the mean over the MoE layers; empty outside training mode.
+
+    Switch Transformer and ST-MoE add one loss per layer instead: to match their coefficient c,
+    set moe.aux_loss_coef / moe.z_loss_coef to c x (number of MoE layers)."""
     if not layers or not layers[0].aux:  # aux losses exist in training mode only
         return {}
     return {name: torch.stack([layer.aux[name] for layer in layers]).mean() for name in ("balance", "z")}
 
 
 def expert_load(layers: list[MoE]) -> torch.Tensor:
-    """Routed token counts of the last forward: (MoE layers, 2 [image, text], experts)."""
+    """Assignments each expert computed in the last forward, padding and dropped ones not
+    counted: (MoE layers, 2 [image, text], experts)."""
     if not layers:
         return torch.zeros(0, 2, 0, dtype=torch.long)
     return torch.stack([layer.last_load.cpu() for layer in layers])
+
+
+def expert_dropped(layers: list[MoE]) -> torch.Tensor:
+    """Real assignments over moe.capacity_factor in the last forward, per MoE layer: dropped in
+    training; in eval, those training would drop (inference is dropless). (MoE layers,) long."""
+    return torch.stack([layer.last_dropped.cpu() for layer in layers]) if layers else torch.zeros(0, dtype=torch.long)
 
 
 class VLM(nn.Module):

@@ -25,6 +25,7 @@ from moevlm.data.tokenizer import Tokenizer
 from moevlm.errors import TrainingError
 from moevlm.evaluate import evaluate
 from moevlm.metrics import expert_balance
+from moevlm.models.vlm import expert_dropped
 from moevlm.train import plots
 from moevlm.train.snapshots import save_checkpoint
 from moevlm.train.stages import freeze_for_stage, group_lr, still_untouched
@@ -224,7 +225,13 @@ class Trainer:
                 tokens_per_s = window_tokens / max(1e-9, time.perf_counter() - window_start)
                 window_tokens, window_start = 0, time.perf_counter()
                 if self.model.moe_layers:  # read from the last forward, only when logged
-                    metrics["expert_balance"] = expert_balance(self.model.expert_load())
+                    load = self.model.expert_load()
+                    metrics["expert_balance"] = expert_balance(load)
+                    decoder = self.model.cfg.decoder
+                    if decoder.moe.capacity_factor is not None:  # share of real assignments dropped
+                        dropped = expert_dropped(self.model.moe_layers).tolist()
+                        for i, d, kept in zip(decoder.moe_layer_indices, dropped, load.sum((1, 2)).tolist()):
+                            metrics[f"dropped/layer_{i}"] = d / max(1, d + kept)
                 self._record({f"train/{k}": v for k, v in metrics.items()} | {"train/tokens_per_s": tokens_per_s})
                 bar.set_postfix(loss=f"{metrics['loss']:.3f}", lr=f"{metrics['lr']:.1e}",
                                 tok_s=f"{tokens_per_s:,.0f}")
