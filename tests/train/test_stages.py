@@ -2,6 +2,7 @@
 ``--from`` between stages, upcycling, LoRA."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -259,3 +260,41 @@ def test_lora_stage_after_pretrain_still_references_the_base_weights(pretrained_
     refs = json.loads((tmp_path / "lora" / PRETRAINED).read_text())
     assert any("base_layer" in n for n in refs["untouched"])
     load_model(tmp_path / "lora")
+
+
+@pytest.mark.parametrize("lm,lora", [("llama", False), ("llama_tied", False), ("llama_tied", True)])
+def test_pretrain_instruct_moe_caption_through_the_cli(pretrained_parts, data, tmp_path, lm, lora):
+    """The recipe as a user runs it. A tied LM head learns with the embedding in stage instruct
+    (unless LoRA adapters learn instead), so it is saved, not referenced, and each checkpoint loads."""
+    from moevlm.cli import main
+
+    common = ["--preset", "tiny", "--no-tracking", "--set", "train.batch_size=4", "--set", "train.max_steps=2",
+              "--set", "train.warmup_steps=1", "--set", "decoder.max_text_len=96", "--set", "train.val_generate=1"]
+    sources = ["--set", f"model.vision=hf:{pretrained_parts['siglip']}", "--set", f"model.lm=hf:{pretrained_parts[lm]}"]
+    pre, sft, moe = tmp_path / "pre", tmp_path / "sft", tmp_path / "moe"
+    conversations = str(data["conversations"])
+    assert main(["train", "--data", str(data["captions"]), "--out", str(pre), "--stage", "pretrain", *sources,
+                 *common]) == 0
+    lora_rank = ["--set", "decoder.lora_rank=2"] if lora else []
+    assert main(["train", "--data", conversations, "--out", str(sft), "--stage", "instruct", "--from", str(pre),
+                 *common, *lora_rank]) == 0
+
+    head, embedding = "lm.lm_head.weight", "lm.model.embed_tokens.weight"
+    untouched = set(json.loads((sft / PRETRAINED).read_text())["untouched"])
+    saved = set(load_file(str(sft / WEIGHTS)))
+    model = load_model(sft)[0]
+    source = load_file(str(next(Path(pretrained_parts[lm]).glob("*.safetensors"))))["model.embed_tokens.weight"]
+    if lora:
+        assert {head, embedding} <= untouched and not {head, embedding} & saved
+        assert torch.equal(model.lm.lm_head.weight, source)
+    else:
+        assert not {head, embedding} & untouched
+        assert embedding in saved and (head in saved) == (lm == "llama")
+        assert not torch.equal(model.lm.model.embed_tokens.weight, source)  # it learned
+    if lm == "llama_tied":
+        assert model.lm.lm_head.weight.data_ptr() == model.lm.model.embed_tokens.weight.data_ptr()
+
+    assert main(["eval", "--model", str(sft), "--data", conversations]) == 0
+    assert main(["train", "--data", conversations, "--out", str(moe), "--stage", "moe", "--from", str(sft),
+                 *common]) == 0
+    assert main(["caption", "--model", str(moe), str(data["captions"].parent / "000.png")]) == 0

@@ -3,7 +3,9 @@ trainer_state.json, optimizer.pt, and checksums.json (the sha256 of each of them
 built on pretrained parts adds its tokenizer's and image processor's own files, and
 pretrained.json: the pretrained weights no stage has trained, which are loaded from their
 source (hub id or folder) instead of being copied into every checkpoint, with a fingerprint
-that tells when the source no longer holds the same weights.
+(sha256 over every byte of them) that tells when the source no longer holds the same weights.
+Names tied to one tensor (an LM head tied to the input embedding) count as one tensor: trained
+or untouched together, saved and hashed once.
 
 checksums.json is written last and checked before anything is loaded, so a folder cut off
 while being written, a truncated copy or a flipped bit is reported with the file's name
@@ -17,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,7 +39,10 @@ CONFIG, WEIGHTS, TOKENIZER, STATE, OPTIMIZER, CHECKSUMS, PRETRAINED = (
     "pretrained.json")
 MODEL_FILES = (CONFIG, WEIGHTS, TOKENIZER)
 TRAINING_FILES = MODEL_FILES + (STATE, OPTIMIZER)
-_FINGERPRINT_BYTES = 4096  # per tensor: enough to tell two trainings of one architecture apart
+# pretrained.json's "fingerprint_covers" for a fingerprint of whole tensors; a file without it is
+# from a moevlm whose fingerprint hashed the first 4096 bytes of each tensor, tied copies included.
+_WHOLE = "whole tensors"
+_LEGACY_PREFIX_BYTES = 4096
 
 
 @dataclass
@@ -70,26 +76,51 @@ def _fsync_file(path: Path) -> None:
         os.fsync(handle.fileno())
 
 
+def _storage_key(name: str, tensor: torch.Tensor) -> tuple:
+    if not tensor.numel():  # empty tensors may all report the same address; none is tied to another
+        return (name,)
+    return tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape)
+
+
 def tied_copies(state: dict[str, torch.Tensor]) -> set[str]:
     """Names whose tensor is the same storage as an earlier name's (a tied LM head): safetensors
     refuses shared storage, so these are not written, and the constructor ties them again."""
     seen, copies = set(), set()
     for name, tensor in state.items():
-        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
+        key = _storage_key(name, tensor)
         if key in seen:
             copies.add(name)
         seen.add(key)
     return copies
 
 
-def fingerprint(model, names: set[str]) -> str:
-    """sha256 over name, shape, dtype and the first bytes of each named tensor."""
+def with_tied(names: set[str], state: dict[str, torch.Tensor]) -> set[str]:
+    """``names`` and every name of ``state`` tied to one of them (the same tensor under another name)."""
+    keys = {_storage_key(name, state[name]) for name in names if name in state}
+    return {name for name, tensor in state.items() if _storage_key(name, tensor) in keys}
+
+
+# model -> (what was hashed, digest): untouched tensors stay as they are through a run, so each
+# checkpoint of it need not hash them again. A tensor written to in place gets a new _version.
+_fingerprints: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def fingerprint(model, names: set[str], prefix_bytes: int | None = None) -> str:
+    """sha256 over name, shape, dtype and bytes of each named tensor, a tied tensor once; every
+    byte, or only the first ``prefix_bytes`` of each tensor (the fingerprint of older checkpoints)."""
     state = model.state_dict()
+    if prefix_bytes is None:
+        names = set(names) - tied_copies(state)
+    key = (prefix_bytes, tuple((name, state[name].data_ptr(), state[name]._version) for name in sorted(names)))
+    cached = _fingerprints.get(model)
+    if cached is not None and cached[0] == key:
+        return cached[1]
     digest = hashlib.sha256()
     for name in sorted(names):
         tensor = state[name].detach().cpu().contiguous()
         digest.update(f"{name}:{list(tensor.shape)}:{tensor.dtype}".encode())
-        digest.update(tensor.view(-1).view(torch.uint8)[:_FINGERPRINT_BYTES].numpy().tobytes())
+        digest.update(tensor.view(-1).view(torch.uint8)[:prefix_bytes].numpy())
+    _fingerprints[model] = key, digest.hexdigest()
     return digest.hexdigest()
 
 
@@ -102,7 +133,7 @@ def _state_dict_for_saving(model, skip: set[str]) -> dict[str, torch.Tensor]:
 def _pretrained_refs(config: Config, untouched: set[str], model) -> dict:
     sources = {"vision": config.model.vision.pretrained, "lm": config.model.decoder.pretrained}
     return {"sources": {k: v for k, v in sources.items() if v is not None}, "untouched": sorted(untouched),
-            "fingerprint": fingerprint(model, untouched)}
+            "fingerprint": fingerprint(model, untouched), "fingerprint_covers": _WHOLE}
 
 
 def write_checkpoint(folder: Path, model, tokenizer, config: Config, state: dict | None = None,
@@ -117,6 +148,7 @@ def write_checkpoint(folder: Path, model, tokenizer, config: Config, state: dict
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     untouched = set() if config.train.save_frozen else set(untouched)
+    assert with_tied(untouched, model.state_dict()) == untouched, "a tied tensor is untouched under one name only"
     (folder / CONFIG).write_text(config.to_json())
     names = [CONFIG, *tokenizer.save(folder)]  # an LM's tokenizer brings several files
     save_file(_state_dict_for_saving(model, untouched), str(folder / WEIGHTS),
@@ -248,7 +280,8 @@ def _load_verified_model(model_dir: Path) -> Bundle:
                               f"{', '.join(refs['sources'].values())} ({PRETRAINED}): {err}") from None
     if config.model.decoder.lora_rank:
         apply_lora(model.lm, config.model.decoder)
-    if untouched and fingerprint(model, untouched & set(model.state_dict())) != refs.get("fingerprint"):
+    prefix_bytes = None if refs.get("fingerprint_covers") == _WHOLE else _LEGACY_PREFIX_BYTES
+    if untouched and fingerprint(model, untouched & set(model.state_dict()), prefix_bytes) != refs.get("fingerprint"):
         raise CheckpointError(f"{model_dir}: the pretrained weights loaded from {', '.join(refs['sources'].values())} "
                               f"are not those this checkpoint was trained with ({PRETRAINED} fingerprint differs)")
     try:

@@ -26,7 +26,7 @@ from moevlm.errors import ConfigError
 from moevlm.models.lora import apply_lora, has_lora, merge_lora, names_after_lora
 from moevlm.models.moe import MoE
 from moevlm.models.upcycle import upcycle
-from moevlm.train.checkpoint import Bundle, load_bundle, write_checkpoint
+from moevlm.train.checkpoint import Bundle, load_bundle, with_tied, write_checkpoint
 
 
 def group_of_parameters(model: nn.Module) -> dict[str, str]:
@@ -91,9 +91,11 @@ def pretrained_names(model: nn.Module) -> set[str]:
 
 
 def still_untouched(untouched: set[str], model: nn.Module) -> set[str]:
-    """What stays untouched through a stage: present in the model and not trained."""
-    learning = {name for name, param in model.named_parameters() if param.requires_grad}
-    return {name for name in untouched if name in model.state_dict() and name not in learning}
+    """What stays untouched through a stage: present in the model and not trained. A tied LM head
+    learns with the embedding, though ``named_parameters`` lists their one tensor under the embedding's name only."""
+    state = model.state_dict()
+    learning = with_tied({name for name, param in model.named_parameters() if param.requires_grad}, state)
+    return {name for name in untouched if name in state and name not in learning}
 
 
 # Model settings a new stage may change; any other difference from the --from checkpoint would
