@@ -103,6 +103,59 @@ def test_a_changed_source_is_refused_by_name(pretrained_parts, data, tmp_path):
         load_model(tmp_path / "run")
 
 
+def test_a_source_changed_past_the_first_bytes_of_a_tensor_is_refused(pretrained_parts, data, tmp_path):
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from moevlm.train.checkpoint import CHECKSUMS, fingerprint, sha256
+
+    source = tmp_path / "llama"
+    shutil.copytree(pretrained_parts["llama"], source)
+    config = load_config("tiny", overrides=[f"model.vision=hf:{pretrained_parts['clip']}", f"model.lm=hf:{source}",
+                                            "train.stage=pretrain", "train.max_steps=1", "train.batch_size=4",
+                                            "decoder.max_text_len=96", "train.val_generate=1"])
+    trainer, _ = train(config, data["captions"], tmp_path / "run")
+    run = tmp_path / "run"
+    refs = json.loads((run / PRETRAINED).read_text())
+    # A checkpoint of a moevlm whose fingerprint hashed the first 4096 bytes of each tensor still loads.
+    legacy = shutil.copytree(run, tmp_path / "legacy")
+    old_refs = {"sources": refs["sources"], "untouched": refs["untouched"],
+                "fingerprint": fingerprint(trainer.model, set(refs["untouched"]), prefix_bytes=4096)}
+    (legacy / PRETRAINED).write_text(json.dumps(old_refs))
+    sums = json.loads((legacy / CHECKSUMS).read_text())
+    sums["sha256"][PRETRAINED] = sha256(legacy / PRETRAINED)
+    (legacy / CHECKSUMS).write_text(json.dumps(sums))
+    load_model(legacy)
+
+    weights = source / "model.safetensors"
+    tensors = load_file(str(weights))
+    name = "model.layers.1.mlp.down_proj.weight"
+    assert tensors[name].numel() * 4 > 4096
+    tensors[name][-1, -1] += 1  # its last byte lies past the 4096 bytes the old fingerprint read
+    save_file(tensors, str(weights), metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=r"pretrained\.json fingerprint differs"):
+        load_model(run)
+    load_model(legacy)  # what the old fingerprint missed
+
+
+def test_the_fingerprint_follows_a_tensor_changed_in_place(tiny_config):
+    from moevlm.models.pretrained import build_model
+    from moevlm.train.checkpoint import fingerprint
+
+    model = build_model(tiny_config.model)
+    names = set(model.state_dict())
+    before = fingerprint(model, names)
+    weight = next(model.parameters()).view(-1)
+    value = weight[-1].item()
+    with torch.no_grad():
+        weight[-1] = value + 1
+    assert fingerprint(model, names) != before
+    with torch.no_grad():
+        weight[-1] = value
+    assert fingerprint(model, names) == before
+
+
 def test_instruct_from_pretrain_trains_projector_and_lm_with_their_own_rates(pretrained_parts, data, tmp_path):
     train(stage_config(pretrained_parts, "pretrain"), data["captions"], tmp_path / "pre")
     before = weights_of(load_model(tmp_path / "pre")[0])
