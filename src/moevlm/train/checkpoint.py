@@ -45,6 +45,11 @@ _WHOLE = "whole tensors"
 _LEGACY_PREFIX_BYTES = 4096
 
 
+class DamagedCheckpointError(CheckpointError):
+    """A file of the checkpoint is missing or differs from its checksum: the only problems
+    ``--resume`` falls back past. A file that is whole but cannot be read or used is not one."""
+
+
 @dataclass
 class Bundle:
     """What a checkpoint holds besides the training state."""
@@ -175,32 +180,40 @@ def write_checkpoint(folder: Path, model, tokenizer, config: Config, state: dict
 
 def verify_checkpoint(folder: Path, required: tuple[str, ...] = MODEL_FILES) -> None:
     """Check that ``required`` files, and every other file the model needs (all listed files but the
-    training state), are there and match checksums.json; else CheckpointError naming the file."""
+    training state), are there and match checksums.json; else DamagedCheckpointError naming the file,
+    or CheckpointError where the folder or a file cannot be read at all (permissions, I/O)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise CheckpointError(f"{folder}: no such checkpoint folder")
+    try:
+        _verify(folder, required)
+    except OSError as err:
+        raise CheckpointError(f"{err.filename or folder}: cannot read ({err.strerror or err})") from None
+
+
+def _verify(folder: Path, required: tuple[str, ...]) -> None:
     missing = [name for name in required if not (folder / name).is_file()]
     if missing:
-        raise CheckpointError(f"{folder}: not a complete moevlm checkpoint ({missing[0]} is missing)")
+        raise DamagedCheckpointError(f"{folder}: not a complete moevlm checkpoint ({missing[0]} is missing)")
     manifest = folder / CHECKSUMS
     if not manifest.is_file():
-        raise CheckpointError(f"{folder}: {CHECKSUMS} is missing (a checkpoint cut off while being written, "
-                              "or one from a moevlm without checksums)")
+        raise DamagedCheckpointError(f"{folder}: {CHECKSUMS} is missing (a checkpoint cut off while being written, "
+                                     "or one from a moevlm without checksums)")
     try:
         sums = json.loads(manifest.read_text())["sha256"]
         if not isinstance(sums, dict):
             raise TypeError
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
-        raise CheckpointError(f"{manifest}: damaged (not the JSON moevlm writes)") from None
+    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
+        raise DamagedCheckpointError(f"{manifest}: damaged (not the JSON moevlm writes)") from None
     required = tuple(dict.fromkeys(required + tuple(name for name in sums if name not in (STATE, OPTIMIZER))))
     for name in required:
         if not (folder / name).is_file():
-            raise CheckpointError(f"{folder}: not a complete moevlm checkpoint ({name} is missing)")
+            raise DamagedCheckpointError(f"{folder}: not a complete moevlm checkpoint ({name} is missing)")
         if name not in sums:
-            raise CheckpointError(f"{folder}: {name} is not listed in {CHECKSUMS} (incomplete checkpoint)")
+            raise DamagedCheckpointError(f"{folder}: {name} is not listed in {CHECKSUMS} (incomplete checkpoint)")
         if sha256(folder / name) != sums[name]:
-            raise CheckpointError(f"{folder / name}: checksum mismatch (the file is corrupted, truncated "
-                                  "or from another checkpoint)")
+            raise DamagedCheckpointError(f"{folder / name}: checksum mismatch (the file is corrupted, truncated "
+                                         "or from another checkpoint)")
 
 
 def load_config_file(model_dir: Path) -> Config:
@@ -229,7 +242,9 @@ def load_bundle(model_dir: Path) -> Bundle:
 
 
 def load_training_checkpoint(model_dir: Path) -> tuple[Bundle, dict, dict]:
-    """Everything ``--resume`` needs, verified once: the bundle, trainer state and optimizer state."""
+    """Everything ``--resume`` needs, verified once: the bundle, trainer state and optimizer state.
+
+    DamagedCheckpointError for a missing or corrupted file; any other problem is CheckpointError."""
     model_dir = Path(model_dir)
     verify_checkpoint(model_dir, TRAINING_FILES)
     bundle = _load_verified_model(model_dir)
@@ -241,7 +256,9 @@ def load_training_checkpoint(model_dir: Path) -> tuple[Bundle, dict, dict]:
     optimizer_file = model_dir / OPTIMIZER
     try:
         optimizer_state = torch.load(optimizer_file, weights_only=True, map_location="cpu")
-    except Exception as err:  # noqa: BLE001  (torch.load raises many types for a damaged or unsafe file)
+    except Exception as err:  # noqa: BLE001  (torch.load raises many types for a file it refuses)
+        # The file matches its checksum, so this is no damage (an unsafe or unknown global, memory, a
+        # torch that reads it differently): the same file would fail again, and an older snapshot is no fix.
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise CheckpointError(f"{optimizer_file}: unreadable optimizer state ({reason})") from None
     return bundle, state, optimizer_state
