@@ -242,6 +242,24 @@ def test_stage_errors_are_one_line(pretrained_parts, data, tmp_path):
         upcycle_checkpoint(tmp_path / "pre", tmp_path / "pre", 2, 1, "all")
 
 
+def test_upcycle_deletes_only_a_temporary_folder_it_made(pretrained_parts, data, tmp_path):
+    train(stage_config(pretrained_parts, "pretrain"), data["captions"], tmp_path / "pre")
+    theirs = tmp_path / ".moe.tmp"
+    theirs.mkdir()
+    (theirs / "notes.txt").write_text("not moevlm's")
+    with pytest.raises(ConfigError, match=r"\.moe\.tmp is in the way and moevlm did not make it"):
+        upcycle_checkpoint(tmp_path / "pre", tmp_path / "moe", 2, 1, "all")
+    assert (theirs / "notes.txt").read_text() == "not moevlm's" and not (tmp_path / "moe").exists()
+
+    left = tmp_path / ".moe2.tmp"  # what an upcycle killed before its rename leaves
+    left.mkdir()
+    (left / ".moevlm-partial").touch()
+    (left / "model.safetensors").write_bytes(b"half")
+    upcycle_checkpoint(tmp_path / "pre", tmp_path / "moe2", 2, 1, "all")
+    assert not left.exists() and not (tmp_path / "moe2" / ".moevlm-partial").exists()
+    load_model(tmp_path / "moe2")
+
+
 def test_a_llava_checkpoint_given_as_both_sources_computes_what_transformers_llava_does(tmp_path):
     from transformers import LlavaForConditionalGeneration
 

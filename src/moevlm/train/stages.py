@@ -172,6 +172,10 @@ def continue_from(model_dir: Path, config: Config) -> Bundle:
     return Bundle(model, bundle.tokenizer, current, untouched)
 
 
+# Marks a temporary folder as moevlm's own, so that a later upcycle may delete it.
+_PARTIAL = ".moevlm-partial"
+
+
 def upcycle_checkpoint(model_dir: Path, out_dir: Path, experts: int, top_k: int, layers) -> Config:
     """``moevlm upcycle``: the checkpoint in ``model_dir`` with its dense FFNs in ``layers`` turned
     into MoE layers, written to the new folder ``out_dir`` in one rename. Returns its config."""
@@ -183,8 +187,14 @@ def upcycle_checkpoint(model_dir: Path, out_dir: Path, experts: int, top_k: int,
     untouched = bundle.untouched & set(model.state_dict())
     tmp = out_dir.with_name(f".{out_dir.name}.tmp")
     if tmp.exists():
-        shutil.rmtree(tmp)
+        if not (tmp / _PARTIAL).is_file():
+            raise ConfigError(f"--out {out_dir}: {tmp} is in the way and moevlm did not make it; move it or "
+                              "choose another --out")
+        shutil.rmtree(tmp)  # what an interrupted upcycle left
+    tmp.mkdir()
+    (tmp / _PARTIAL).touch()
     write_checkpoint(tmp, model, bundle.tokenizer, config, untouched=untouched,
                      images=image_preparer(config.model, model_dir))
     os.replace(tmp, out_dir)
+    (out_dir / _PARTIAL).unlink()
     return config
