@@ -258,6 +258,8 @@ def test_upcycle_deletes_only_a_temporary_folder_it_made(pretrained_parts, data,
     upcycle_checkpoint(tmp_path / "pre", tmp_path / "moe2", 2, 1, "all")
     assert not left.exists() and not (tmp_path / "moe2" / ".moevlm-partial").exists()
     load_model(tmp_path / "moe2")
+    upcycle_checkpoint(tmp_path / "pre", tmp_path / "new" / "moe3", 2, 1, "all")  # into a folder yet to be made
+    load_model(tmp_path / "new" / "moe3")
 
 
 def test_a_llava_checkpoint_given_as_both_sources_computes_what_transformers_llava_does(tmp_path):

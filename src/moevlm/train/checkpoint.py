@@ -115,7 +115,7 @@ def fingerprint(model, names: set[str], prefix_bytes: int | None = None) -> str:
     byte, or only the first ``prefix_bytes`` of each tensor (the fingerprint of older checkpoints)."""
     state = model.state_dict()
     if prefix_bytes is None:
-        names = set(names) - tied_copies(state)
+        names = set(names) - tied_copies({name: tensor for name, tensor in state.items() if name in names})
     key = (prefix_bytes, tuple((name, state[name].data_ptr(), state[name]._version) for name in sorted(names)))
     cached = _fingerprints.get(model)
     if cached is not None and cached[0] == key:

@@ -191,7 +191,7 @@ def upcycle_checkpoint(model_dir: Path, out_dir: Path, experts: int, top_k: int,
             raise ConfigError(f"--out {out_dir}: {tmp} is in the way and moevlm did not make it; move it or "
                               "choose another --out")
         shutil.rmtree(tmp)  # what an interrupted upcycle left
-    tmp.mkdir()
+    tmp.mkdir(parents=True)
     (tmp / _PARTIAL).touch()
     write_checkpoint(tmp, model, bundle.tokenizer, config, untouched=untouched,
                      images=image_preparer(config.model, model_dir))
