@@ -30,6 +30,7 @@ def pretrained_parts(tmp_path_factory):
     root = tmp_path_factory.mktemp("pretrained")
     return {"clip": tiny_clip_vision(root / "clip"), "siglip": tiny_siglip_vision(root / "siglip"),
             "llama": tiny_llama(root / "llama"), "gpt2": tiny_gpt2(root / "gpt2"),
+            "llama_tied": tiny_llama(root / "llama_tied", tie_word_embeddings=True),
             "llava": tiny_llava(root / "llava"), "llava_full": tiny_llava(root / "llava_full", strategy="full")}
 
 

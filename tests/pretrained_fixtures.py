@@ -9,7 +9,8 @@ left alone. Every model is a few hundred kB and builds in well under a second.
     tiny_clip_vision   CLIPVisionModel, 32 px, patch 8 (16 patches + CLS), 3 layers, width 32
     tiny_siglip_vision SiglipVisionModel, 32 px, patch 8 (16 patches, no CLS), 3 layers, width 32
     tiny_llama         LlamaForCausalLM, 2 layers, width 32, GQA (4 heads, 2 KV heads), SwiGLU,
-                       untied head; tokenizer adds <s>, has a chat template, no pad token
+                       untied head (tie_word_embeddings=True ties it, as in SmolLM2); tokenizer
+                       adds <s>, has a chat template, no pad token
     tiny_gpt2          GPT2LMHeadModel, 2 layers, width 32, gelu_new, tied head; tokenizer
                        with <|endoftext|> as bos/eos/unk, no chat template, no pad token
     tiny_llava         LlavaForConditionalGeneration: tiny CLIP tower + tiny Llama, "<image>"

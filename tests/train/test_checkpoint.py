@@ -1,5 +1,6 @@
 import json
 import logging
+import pickle
 import re
 import shutil
 
@@ -95,12 +96,17 @@ def test_caption_and_eval_loading_checks_only_the_model_files(copy):
 def test_resume_falls_back_to_the_newest_good_snapshot(run, copy, caplog):
     out, data = run
     flip_byte(copy / "checkpoints" / "step-00000004" / "model.safetensors")
+    damaged_bytes = (copy / "checkpoints" / "step-00000004" / "model.safetensors").read_bytes()
     flip_byte(copy / "model.safetensors")
     with caplog.at_level(logging.WARNING, logger="moevlm.train.snapshots"):
         trainer, _ = train(data, copy, resume=True)
     warnings = [r.getMessage() for r in caplog.records]
     assert "step-00000004/model.safetensors: checksum mismatch" in warnings[0]
-    assert warnings[-1].startswith(f"resuming from {copy / 'checkpoints' / 'step-00000003'} (step 3)")
+    assert warnings[1].startswith(f"resuming from {copy / 'checkpoints' / 'step-00000003'} (step 3)")
+    # The damaged snapshot is kept for a look, out of the way of the new step 4.
+    moved = copy / "checkpoints" / "damaged-step-00000004"
+    assert warnings[2] == f"damaged {copy / 'checkpoints' / 'step-00000004'} moved to {moved}"
+    assert (moved / "model.safetensors").read_bytes() == damaged_bytes
     # Step 4 done again from step 3 gives the very same weights as the first time.
     expected, again = load_file(str(out / "model.safetensors")), load_file(str(copy / "model.safetensors"))
     assert expected.keys() == again.keys() and all(torch.equal(expected[k], again[k]) for k in expected)
@@ -121,8 +127,49 @@ def test_resume_fails_when_no_checkpoint_passes_its_checks(run, copy):
 def test_damaged_snapshots_past_the_resume_point_do_not_push_out_good_ones(run, copy):
     _, data = run
     (copy / "checkpoints" / "step-00000009").mkdir()  # as a kill -9 can never leave, but a disk can
+    (copy / "checkpoints" / "damaged-step-00000009").mkdir()  # from an earlier resume
     train(data, copy, resume=True, max_steps=5)
     assert [step for step, _ in snapshots(copy)] == [5, 4]
+    assert (copy / "checkpoints" / "damaged-step-00000009.2").is_dir()
+
+
+@pytest.mark.parametrize("failure", [MemoryError(), pickle.UnpicklingError("Weights only load failed: unsupported "
+                                                                           "global torch.SomeNewClass")])
+def test_resume_stops_when_an_intact_optimizer_state_cannot_be_read(run, copy, monkeypatch, failure):
+    """Not damage: an older snapshot would not help, and its saves would replace the newer ones."""
+    _, data = run
+    load = torch.load
+
+    def refuse_the_newest(path, **kw):
+        if "step-00000004" in str(path):
+            raise failure
+        return load(path, **kw)
+
+    monkeypatch.setattr(torch, "load", refuse_the_newest)
+    newest = copy / "checkpoints" / "step-00000004"
+    before = {path.name: path.stat().st_ino for path in newest.iterdir()}
+    with pytest.raises(CheckpointError, match=r"step-00000004/optimizer\.pt: unreadable optimizer state \(") as info:
+        train(data, copy, resume=True)
+    assert "\n" not in str(info.value)
+    assert {path.name: path.stat().st_ino for path in newest.iterdir()} == before
+    assert [step for step, _ in snapshots(copy)] == [4, 3]
+
+
+def test_resume_stops_when_a_file_cannot_be_opened(run, copy, monkeypatch):
+    from moevlm.train import checkpoint
+
+    _, data = run
+    digest = checkpoint.sha256
+
+    def denied(path):
+        if "step-00000004" in str(path):
+            raise PermissionError(13, "Permission denied", str(path))
+        return digest(path)
+
+    monkeypatch.setattr(checkpoint, "sha256", denied)
+    with pytest.raises(CheckpointError, match=r"step-00000004/config\.json: cannot read \(Permission denied\)$"):
+        train(data, copy, resume=True)
+    assert [step for step, _ in snapshots(copy)] == [4, 3]
 
 
 def test_weights_from_a_model_with_another_config_are_refused(run, copy, tmp_path):

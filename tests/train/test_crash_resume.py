@@ -21,9 +21,11 @@ from moevlm.train.checkpoint import load_model
 from moevlm.train.run import run_training
 from moevlm.train.snapshots import snapshots
 
-SETTINGS = {"train.max_steps": 18, "train.checkpoint_every": 6, "train.eval_every": 6, "data.val_fraction": 0.25}
+SETTINGS = {"train.max_steps": 18, "train.checkpoint_every": 6, "train.eval_every": 6, "data.val_fraction": 0.25,
+            "train.keep_checkpoints": 1}
 
-# Each driver ends its own process with SIGKILL at one moment of the run (steps 6 and 12 are checkpoints).
+# Each driver ends its own process with SIGKILL at one moment of the run (steps 6 and 12 are checkpoints;
+# with one snapshot kept, saving step 12 removes step 6's).
 KILLERS = {
     # Between checkpoints: as step 9 starts.
     "training": """
@@ -47,6 +49,31 @@ KILLERS = {
                 die()
         checkpoint.save_file = half_save_file
     """,
+    # Writing snapshot 12: its weights are whole, its optimizer state is half on disk.
+    "writing the optimizer state": """
+        import torch
+        save = torch.save
+        def half_save(obj, path, *args, **kwargs):
+            save(obj, path, *args, **kwargs)
+            if ".step-00000012.tmp" in str(path):
+                with open(path, "r+b") as handle:
+                    handle.truncate(os.path.getsize(path) // 2)
+                die()
+        torch.save = half_save
+    """,
+    # Snapshot 12 is complete; publishing it to the top level, its weights are linked in as a
+    # hidden temporary file but not yet renamed over step 6's.
+    "publishing the weights": """
+        replace = os.replace
+        top_level_weights = []
+        def replace_then_die(src, dst):
+            if str(dst).endswith(os.path.join("run", "model.safetensors")):
+                top_level_weights.append(dst)
+                if len(top_level_weights) == 2:  # the first was step 6's
+                    die()
+            replace(src, dst)
+        os.replace = replace_then_die
+    """,
     # Snapshot 12 is complete; the top level has its weights but still step 6's state and checksums.
     "updating the top level": """
         replace = os.replace
@@ -58,6 +85,17 @@ KILLERS = {
                     die()
             replace(src, dst)
         os.replace = replace_then_die
+    """,
+    # Snapshot 12 is complete and published; step 6's, renamed to .step-00000006.old, is half deleted.
+    "removing the old snapshot": """
+        import shutil
+        rmtree = shutil.rmtree
+        def rmtree_then_die(path, *args, **kwargs):
+            if os.path.basename(path) == ".step-00000006.old":
+                os.unlink(os.path.join(path, "model.safetensors"))
+                die()
+            rmtree(path, *args, **kwargs)
+        shutil.rmtree = rmtree_then_die
     """,
 }
 
@@ -102,7 +140,8 @@ def kill_run(tmp_path, data, moment):
 
 
 @pytest.mark.parametrize("moment,resumes_at", [
-    ("training", 6), ("writing the snapshot", 6), ("updating the top level", 12)])
+    ("training", 6), ("writing the snapshot", 6), ("writing the optimizer state", 6), ("publishing the weights", 12),
+    ("updating the top level", 12), ("removing the old snapshot", 12)])
 def test_kill_9_then_resume_gives_bitwise_the_same_weights(straight, tmp_path, moment, resumes_at):
     reference, reference_dir, data = straight
     out = kill_run(tmp_path, data, moment)
@@ -111,9 +150,20 @@ def test_kill_9_then_resume_gives_bitwise_the_same_weights(straight, tmp_path, m
         assert (out / "checkpoints" / ".step-00000012.tmp" / "model.safetensors").is_file()  # the half file
         load_model(out)  # the top level is still step 6's, whole
         assert json.loads((out / "trainer_state.json").read_text())["step"] == 6
+    if moment == "writing the optimizer state":
+        assert (out / "checkpoints" / ".step-00000012.tmp" / "optimizer.pt").is_file()
+        assert json.loads((out / "trainer_state.json").read_text())["step"] == 6
+    if moment == "publishing the weights":
+        assert (out / ".model.safetensors.tmp").is_file()
+        load_model(out)  # the top level is still step 6's: its weights and checksums were not replaced yet
+        assert json.loads((out / "trainer_state.json").read_text())["step"] == 6
     if moment == "updating the top level":
         with pytest.raises(CheckpointError, match="checksum mismatch"):
             load_model(out)  # caught half updated: refused, not loaded
+    if moment == "removing the old snapshot":
+        assert (out / "checkpoints" / ".step-00000006.old").is_dir()
+        load_model(out)
+        assert json.loads((out / "trainer_state.json").read_text())["step"] == 12
 
     resumed, _ = run_training(config(), data, out, resume=True, tracking=False, progress=False)
 
@@ -125,3 +175,4 @@ def test_kill_9_then_resume_gives_bitwise_the_same_weights(straight, tmp_path, m
     assert expected.keys() == got.keys()
     assert all(torch.equal(expected[name], got[name]) for name in expected)
     assert not [p for p in (out / "checkpoints").iterdir() if p.name.startswith(".")]
+    assert [step for step, _ in snapshots(out)] == [18] and not list(out.glob(".*.tmp"))

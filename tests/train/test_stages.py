@@ -2,6 +2,7 @@
 ``--from`` between stages, upcycling, LoRA."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -102,6 +103,59 @@ def test_a_changed_source_is_refused_by_name(pretrained_parts, data, tmp_path):
         load_model(tmp_path / "run")
 
 
+def test_a_source_changed_past_the_first_bytes_of_a_tensor_is_refused(pretrained_parts, data, tmp_path):
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from moevlm.train.checkpoint import CHECKSUMS, fingerprint, sha256
+
+    source = tmp_path / "llama"
+    shutil.copytree(pretrained_parts["llama"], source)
+    config = load_config("tiny", overrides=[f"model.vision=hf:{pretrained_parts['clip']}", f"model.lm=hf:{source}",
+                                            "train.stage=pretrain", "train.max_steps=1", "train.batch_size=4",
+                                            "decoder.max_text_len=96", "train.val_generate=1"])
+    trainer, _ = train(config, data["captions"], tmp_path / "run")
+    run = tmp_path / "run"
+    refs = json.loads((run / PRETRAINED).read_text())
+    # A checkpoint of a moevlm whose fingerprint hashed the first 4096 bytes of each tensor still loads.
+    legacy = shutil.copytree(run, tmp_path / "legacy")
+    old_refs = {"sources": refs["sources"], "untouched": refs["untouched"],
+                "fingerprint": fingerprint(trainer.model, set(refs["untouched"]), prefix_bytes=4096)}
+    (legacy / PRETRAINED).write_text(json.dumps(old_refs))
+    sums = json.loads((legacy / CHECKSUMS).read_text())
+    sums["sha256"][PRETRAINED] = sha256(legacy / PRETRAINED)
+    (legacy / CHECKSUMS).write_text(json.dumps(sums))
+    load_model(legacy)
+
+    weights = source / "model.safetensors"
+    tensors = load_file(str(weights))
+    name = "model.layers.1.mlp.down_proj.weight"
+    assert tensors[name].numel() * 4 > 4096
+    tensors[name][-1, -1] += 1  # its last byte lies past the 4096 bytes the old fingerprint read
+    save_file(tensors, str(weights), metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=r"pretrained\.json fingerprint differs"):
+        load_model(run)
+    load_model(legacy)  # what the old fingerprint missed
+
+
+def test_the_fingerprint_follows_a_tensor_changed_in_place(tiny_config):
+    from moevlm.models.pretrained import build_model
+    from moevlm.train.checkpoint import fingerprint
+
+    model = build_model(tiny_config.model)
+    names = set(model.state_dict())
+    before = fingerprint(model, names)
+    weight = next(model.parameters()).view(-1)
+    value = weight[-1].item()
+    with torch.no_grad():
+        weight[-1] = value + 1
+    assert fingerprint(model, names) != before
+    with torch.no_grad():
+        weight[-1] = value
+    assert fingerprint(model, names) == before
+
+
 def test_instruct_from_pretrain_trains_projector_and_lm_with_their_own_rates(pretrained_parts, data, tmp_path):
     train(stage_config(pretrained_parts, "pretrain"), data["captions"], tmp_path / "pre")
     before = weights_of(load_model(tmp_path / "pre")[0])
@@ -188,6 +242,26 @@ def test_stage_errors_are_one_line(pretrained_parts, data, tmp_path):
         upcycle_checkpoint(tmp_path / "pre", tmp_path / "pre", 2, 1, "all")
 
 
+def test_upcycle_deletes_only_a_temporary_folder_it_made(pretrained_parts, data, tmp_path):
+    train(stage_config(pretrained_parts, "pretrain"), data["captions"], tmp_path / "pre")
+    theirs = tmp_path / ".moe.tmp"
+    theirs.mkdir()
+    (theirs / "notes.txt").write_text("not moevlm's")
+    with pytest.raises(ConfigError, match=r"\.moe\.tmp is in the way and moevlm did not make it"):
+        upcycle_checkpoint(tmp_path / "pre", tmp_path / "moe", 2, 1, "all")
+    assert (theirs / "notes.txt").read_text() == "not moevlm's" and not (tmp_path / "moe").exists()
+
+    left = tmp_path / ".moe2.tmp"  # what an upcycle killed before its rename leaves
+    left.mkdir()
+    (left / ".moevlm-partial").touch()
+    (left / "model.safetensors").write_bytes(b"half")
+    upcycle_checkpoint(tmp_path / "pre", tmp_path / "moe2", 2, 1, "all")
+    assert not left.exists() and not (tmp_path / "moe2" / ".moevlm-partial").exists()
+    load_model(tmp_path / "moe2")
+    upcycle_checkpoint(tmp_path / "pre", tmp_path / "new" / "moe3", 2, 1, "all")  # into a folder yet to be made
+    load_model(tmp_path / "new" / "moe3")
+
+
 def test_a_llava_checkpoint_given_as_both_sources_computes_what_transformers_llava_does(tmp_path):
     from transformers import LlavaForConditionalGeneration
 
@@ -260,3 +334,41 @@ def test_lora_stage_after_pretrain_still_references_the_base_weights(pretrained_
     refs = json.loads((tmp_path / "lora" / PRETRAINED).read_text())
     assert any("base_layer" in n for n in refs["untouched"])
     load_model(tmp_path / "lora")
+
+
+@pytest.mark.parametrize("lm,lora", [("llama", False), ("llama_tied", False), ("llama_tied", True)])
+def test_pretrain_instruct_moe_caption_through_the_cli(pretrained_parts, data, tmp_path, lm, lora):
+    """The recipe as a user runs it. A tied LM head learns with the embedding in stage instruct
+    (unless LoRA adapters learn instead), so it is saved, not referenced, and each checkpoint loads."""
+    from moevlm.cli import main
+
+    common = ["--preset", "tiny", "--no-tracking", "--set", "train.batch_size=4", "--set", "train.max_steps=2",
+              "--set", "train.warmup_steps=1", "--set", "decoder.max_text_len=96", "--set", "train.val_generate=1"]
+    sources = ["--set", f"model.vision=hf:{pretrained_parts['siglip']}", "--set", f"model.lm=hf:{pretrained_parts[lm]}"]
+    pre, sft, moe = tmp_path / "pre", tmp_path / "sft", tmp_path / "moe"
+    conversations = str(data["conversations"])
+    assert main(["train", "--data", str(data["captions"]), "--out", str(pre), "--stage", "pretrain", *sources,
+                 *common]) == 0
+    lora_rank = ["--set", "decoder.lora_rank=2"] if lora else []
+    assert main(["train", "--data", conversations, "--out", str(sft), "--stage", "instruct", "--from", str(pre),
+                 *common, *lora_rank]) == 0
+
+    head, embedding = "lm.lm_head.weight", "lm.model.embed_tokens.weight"
+    untouched = set(json.loads((sft / PRETRAINED).read_text())["untouched"])
+    saved = set(load_file(str(sft / WEIGHTS)))
+    model = load_model(sft)[0]
+    source = load_file(str(next(Path(pretrained_parts[lm]).glob("*.safetensors"))))["model.embed_tokens.weight"]
+    if lora:
+        assert {head, embedding} <= untouched and not {head, embedding} & saved
+        assert torch.equal(model.lm.lm_head.weight, source)
+    else:
+        assert not {head, embedding} & untouched
+        assert embedding in saved and (head in saved) == (lm == "llama")
+        assert not torch.equal(model.lm.model.embed_tokens.weight, source)  # it learned
+    if lm == "llama_tied":
+        assert model.lm.lm_head.weight.data_ptr() == model.lm.model.embed_tokens.weight.data_ptr()
+
+    assert main(["eval", "--model", str(sft), "--data", conversations]) == 0
+    assert main(["train", "--data", conversations, "--out", str(moe), "--stage", "moe", "--from", str(sft),
+                 *common]) == 0
+    assert main(["caption", "--model", str(moe), str(data["captions"].parent / "000.png")]) == 0

@@ -3,7 +3,9 @@ trainer_state.json, optimizer.pt, and checksums.json (the sha256 of each of them
 built on pretrained parts adds its tokenizer's and image processor's own files, and
 pretrained.json: the pretrained weights no stage has trained, which are loaded from their
 source (hub id or folder) instead of being copied into every checkpoint, with a fingerprint
-that tells when the source no longer holds the same weights.
+(sha256 over every byte of them) that tells when the source no longer holds the same weights.
+Names tied to one tensor (an LM head tied to the input embedding) count as one tensor: trained
+or untouched together, saved and hashed once.
 
 checksums.json is written last and checked before anything is loaded, so a folder cut off
 while being written, a truncated copy or a flipped bit is reported with the file's name
@@ -17,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,7 +39,15 @@ CONFIG, WEIGHTS, TOKENIZER, STATE, OPTIMIZER, CHECKSUMS, PRETRAINED = (
     "pretrained.json")
 MODEL_FILES = (CONFIG, WEIGHTS, TOKENIZER)
 TRAINING_FILES = MODEL_FILES + (STATE, OPTIMIZER)
-_FINGERPRINT_BYTES = 4096  # per tensor: enough to tell two trainings of one architecture apart
+# pretrained.json's "fingerprint_covers" for a fingerprint of whole tensors; a file without it is
+# from a moevlm whose fingerprint hashed the first 4096 bytes of each tensor, tied copies included.
+_WHOLE = "whole tensors"
+_LEGACY_PREFIX_BYTES = 4096
+
+
+class DamagedCheckpointError(CheckpointError):
+    """A file of the checkpoint is missing or differs from its checksum: the only problems
+    ``--resume`` falls back past. A file that is whole but cannot be read or used is not one."""
 
 
 @dataclass
@@ -70,26 +81,51 @@ def _fsync_file(path: Path) -> None:
         os.fsync(handle.fileno())
 
 
+def _storage_key(name: str, tensor: torch.Tensor) -> tuple:
+    if not tensor.numel():  # empty tensors may all report the same address; none is tied to another
+        return (name,)
+    return tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape)
+
+
 def tied_copies(state: dict[str, torch.Tensor]) -> set[str]:
     """Names whose tensor is the same storage as an earlier name's (a tied LM head): safetensors
     refuses shared storage, so these are not written, and the constructor ties them again."""
     seen, copies = set(), set()
     for name, tensor in state.items():
-        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
+        key = _storage_key(name, tensor)
         if key in seen:
             copies.add(name)
         seen.add(key)
     return copies
 
 
-def fingerprint(model, names: set[str]) -> str:
-    """sha256 over name, shape, dtype and the first bytes of each named tensor."""
+def with_tied(names: set[str], state: dict[str, torch.Tensor]) -> set[str]:
+    """``names`` and every name of ``state`` tied to one of them (the same tensor under another name)."""
+    keys = {_storage_key(name, state[name]) for name in names if name in state}
+    return {name for name, tensor in state.items() if _storage_key(name, tensor) in keys}
+
+
+# model -> (what was hashed, digest): untouched tensors stay as they are through a run, so each
+# checkpoint of it need not hash them again. A tensor written to in place gets a new _version.
+_fingerprints: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def fingerprint(model, names: set[str], prefix_bytes: int | None = None) -> str:
+    """sha256 over name, shape, dtype and bytes of each named tensor, a tied tensor once; every
+    byte, or only the first ``prefix_bytes`` of each tensor (the fingerprint of older checkpoints)."""
     state = model.state_dict()
+    if prefix_bytes is None:
+        names = set(names) - tied_copies({name: tensor for name, tensor in state.items() if name in names})
+    key = (prefix_bytes, tuple((name, state[name].data_ptr(), state[name]._version) for name in sorted(names)))
+    cached = _fingerprints.get(model)
+    if cached is not None and cached[0] == key:
+        return cached[1]
     digest = hashlib.sha256()
     for name in sorted(names):
         tensor = state[name].detach().cpu().contiguous()
         digest.update(f"{name}:{list(tensor.shape)}:{tensor.dtype}".encode())
-        digest.update(tensor.view(-1).view(torch.uint8)[:_FINGERPRINT_BYTES].numpy().tobytes())
+        digest.update(tensor.view(-1).view(torch.uint8)[:prefix_bytes].numpy())
+    _fingerprints[model] = key, digest.hexdigest()
     return digest.hexdigest()
 
 
@@ -102,7 +138,7 @@ def _state_dict_for_saving(model, skip: set[str]) -> dict[str, torch.Tensor]:
 def _pretrained_refs(config: Config, untouched: set[str], model) -> dict:
     sources = {"vision": config.model.vision.pretrained, "lm": config.model.decoder.pretrained}
     return {"sources": {k: v for k, v in sources.items() if v is not None}, "untouched": sorted(untouched),
-            "fingerprint": fingerprint(model, untouched)}
+            "fingerprint": fingerprint(model, untouched), "fingerprint_covers": _WHOLE}
 
 
 def write_checkpoint(folder: Path, model, tokenizer, config: Config, state: dict | None = None,
@@ -117,6 +153,7 @@ def write_checkpoint(folder: Path, model, tokenizer, config: Config, state: dict
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     untouched = set() if config.train.save_frozen else set(untouched)
+    assert with_tied(untouched, model.state_dict()) == untouched, "a tied tensor is untouched under one name only"
     (folder / CONFIG).write_text(config.to_json())
     names = [CONFIG, *tokenizer.save(folder)]  # an LM's tokenizer brings several files
     save_file(_state_dict_for_saving(model, untouched), str(folder / WEIGHTS),
@@ -143,32 +180,40 @@ def write_checkpoint(folder: Path, model, tokenizer, config: Config, state: dict
 
 def verify_checkpoint(folder: Path, required: tuple[str, ...] = MODEL_FILES) -> None:
     """Check that ``required`` files, and every other file the model needs (all listed files but the
-    training state), are there and match checksums.json; else CheckpointError naming the file."""
+    training state), are there and match checksums.json; else DamagedCheckpointError naming the file,
+    or CheckpointError where the folder or a file cannot be read at all (permissions, I/O)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise CheckpointError(f"{folder}: no such checkpoint folder")
+    try:
+        _verify(folder, required)
+    except OSError as err:
+        raise CheckpointError(f"{err.filename or folder}: cannot read ({err.strerror or err})") from None
+
+
+def _verify(folder: Path, required: tuple[str, ...]) -> None:
     missing = [name for name in required if not (folder / name).is_file()]
     if missing:
-        raise CheckpointError(f"{folder}: not a complete moevlm checkpoint ({missing[0]} is missing)")
+        raise DamagedCheckpointError(f"{folder}: not a complete moevlm checkpoint ({missing[0]} is missing)")
     manifest = folder / CHECKSUMS
     if not manifest.is_file():
-        raise CheckpointError(f"{folder}: {CHECKSUMS} is missing (a checkpoint cut off while being written, "
-                              "or one from a moevlm without checksums)")
+        raise DamagedCheckpointError(f"{folder}: {CHECKSUMS} is missing (a checkpoint cut off while being written, "
+                                     "or one from a moevlm without checksums)")
     try:
         sums = json.loads(manifest.read_text())["sha256"]
         if not isinstance(sums, dict):
             raise TypeError
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
-        raise CheckpointError(f"{manifest}: damaged (not the JSON moevlm writes)") from None
+    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
+        raise DamagedCheckpointError(f"{manifest}: damaged (not the JSON moevlm writes)") from None
     required = tuple(dict.fromkeys(required + tuple(name for name in sums if name not in (STATE, OPTIMIZER))))
     for name in required:
         if not (folder / name).is_file():
-            raise CheckpointError(f"{folder}: not a complete moevlm checkpoint ({name} is missing)")
+            raise DamagedCheckpointError(f"{folder}: not a complete moevlm checkpoint ({name} is missing)")
         if name not in sums:
-            raise CheckpointError(f"{folder}: {name} is not listed in {CHECKSUMS} (incomplete checkpoint)")
+            raise DamagedCheckpointError(f"{folder}: {name} is not listed in {CHECKSUMS} (incomplete checkpoint)")
         if sha256(folder / name) != sums[name]:
-            raise CheckpointError(f"{folder / name}: checksum mismatch (the file is corrupted, truncated "
-                                  "or from another checkpoint)")
+            raise DamagedCheckpointError(f"{folder / name}: checksum mismatch (the file is corrupted, truncated "
+                                         "or from another checkpoint)")
 
 
 def load_config_file(model_dir: Path) -> Config:
@@ -197,7 +242,9 @@ def load_bundle(model_dir: Path) -> Bundle:
 
 
 def load_training_checkpoint(model_dir: Path) -> tuple[Bundle, dict, dict]:
-    """Everything ``--resume`` needs, verified once: the bundle, trainer state and optimizer state."""
+    """Everything ``--resume`` needs, verified once: the bundle, trainer state and optimizer state.
+
+    DamagedCheckpointError for a missing or corrupted file; any other problem is CheckpointError."""
     model_dir = Path(model_dir)
     verify_checkpoint(model_dir, TRAINING_FILES)
     bundle = _load_verified_model(model_dir)
@@ -209,7 +256,9 @@ def load_training_checkpoint(model_dir: Path) -> tuple[Bundle, dict, dict]:
     optimizer_file = model_dir / OPTIMIZER
     try:
         optimizer_state = torch.load(optimizer_file, weights_only=True, map_location="cpu")
-    except Exception as err:  # noqa: BLE001  (torch.load raises many types for a damaged or unsafe file)
+    except Exception as err:  # noqa: BLE001  (torch.load raises many types for a file it refuses)
+        # The file matches its checksum, so this is no damage (an unsafe or unknown global, memory, a
+        # torch that reads it differently): the same file would fail again, and an older snapshot is no fix.
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise CheckpointError(f"{optimizer_file}: unreadable optimizer state ({reason})") from None
     return bundle, state, optimizer_state
@@ -248,7 +297,8 @@ def _load_verified_model(model_dir: Path) -> Bundle:
                               f"{', '.join(refs['sources'].values())} ({PRETRAINED}): {err}") from None
     if config.model.decoder.lora_rank:
         apply_lora(model.lm, config.model.decoder)
-    if untouched and fingerprint(model, untouched & set(model.state_dict())) != refs.get("fingerprint"):
+    prefix_bytes = None if refs.get("fingerprint_covers") == _WHOLE else _LEGACY_PREFIX_BYTES
+    if untouched and fingerprint(model, untouched & set(model.state_dict()), prefix_bytes) != refs.get("fingerprint"):
         raise CheckpointError(f"{model_dir}: the pretrained weights loaded from {', '.join(refs['sources'].values())} "
                               f"are not those this checkpoint was trained with ({PRETRAINED} fingerprint differs)")
     try:

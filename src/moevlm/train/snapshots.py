@@ -8,7 +8,10 @@ whole, so ``step-*`` folders are only ever complete (a kill -9 leaves a hidden t
 cleared on the next save). Its files are then linked (copied where links are not possible)
 into DIR one by one, checksums.json last: a crash in between leaves DIR's files out of step
 with its checksums, which loading reports, while the snapshot stays intact. ``--resume``
-takes the newest snapshot that passes its checksums, then DIR itself.
+takes the newest snapshot that passes its checksums, then DIR itself; the damaged snapshots it
+passes over are renamed ``checkpoints/damaged-step-N/`` (kept, out of the count). Any other
+problem loading a checkpoint stops the resume: an older snapshot would not fix it, and the saves
+that follow would replace the newer ones.
 """
 
 from __future__ import annotations
@@ -23,7 +26,8 @@ import torch
 
 from moevlm.config import Config
 from moevlm.errors import CheckpointError
-from moevlm.train.checkpoint import Bundle, CONFIG, STATE, fsync_dir, load_training_checkpoint, write_checkpoint
+from moevlm.train.checkpoint import (Bundle, CONFIG, STATE, DamagedCheckpointError, fsync_dir,
+                                     load_training_checkpoint, write_checkpoint)
 
 log = logging.getLogger(__name__)
 
@@ -59,10 +63,10 @@ def save_checkpoint(out_dir: Path, keep: int, model, tokenizer, config: Config, 
             shutil.rmtree(stale)
         files = write_checkpoint(tmp, model, tokenizer, config, state, optimizer, untouched, images)
         for later, folder in snapshots(out_dir):
-            # Snapshots from this step on can only be damaged ones a resume passed over; kept,
-            # they would count towards `keep` and push out the good ones.
+            # A resume set aside the damaged ones it passed over; any left from this step on (put
+            # there by hand?) would count towards `keep` and push out the good ones, or block step-N.
             if later >= step:
-                _discard(folder)
+                log.warning("%s is at or past step %d of this run: moved to %s", folder, step, _set_aside(folder))
         os.replace(tmp, final)
         fsync_dir(root)
         _publish(final, out_dir, files)
@@ -87,6 +91,17 @@ def _publish(snapshot: Path, out_dir: Path, files: list[str]) -> None:
     fsync_dir(out_dir)
 
 
+def _set_aside(folder: Path) -> Path:
+    """Rename a snapshot to damaged-step-N (or damaged-step-N.2, ...): out of the candidates, not deleted."""
+    target, n = folder.with_name(f"damaged-{folder.name}"), 1
+    while target.exists():
+        n += 1
+        target = folder.with_name(f"damaged-{folder.name}.{n}")
+    os.replace(folder, target)
+    fsync_dir(folder.parent)
+    return target
+
+
 def _discard(folder: Path) -> None:
     """Take a snapshot out of the candidates in one rename, then delete it."""
     trash = folder.with_name(f".{folder.name}.old")
@@ -97,7 +112,8 @@ def _discard(folder: Path) -> None:
 def load_for_resume(out_dir: Path) -> tuple[Bundle, dict, dict]:
     """The newest checkpoint of the run that passes its checksums, as ``load_training_checkpoint`` returns it.
 
-    Falls back past damaged snapshots with a warning naming each problem and the one used.
+    Falls back past damaged snapshots (a missing or corrupted file) with a warning naming each
+    problem and the one used, and moves them aside; any other problem stops with its CheckpointError.
     """
     out_dir = Path(out_dir)
     candidates = [folder for _, folder in snapshots(out_dir)]
@@ -105,16 +121,23 @@ def load_for_resume(out_dir: Path) -> tuple[Bundle, dict, dict]:
         candidates.append(out_dir)
     if not candidates:
         raise CheckpointError(f"{out_dir}: nothing to resume (no checkpoint); train without --resume first")
-    problems = []
+    problems, damaged = [], []
     for folder in candidates:
         try:
             loaded = load_training_checkpoint(folder)
-        except CheckpointError as err:
+        except DamagedCheckpointError as err:
             log.warning("cannot resume from %s: %s", folder, err)
             problems.append(err)
+            damaged.append(folder)
             continue
         if problems:
             log.warning("resuming from %s (step %s), the newest checkpoint that passed its checks",
                         folder, loaded[1].get("step"))
+        for folder in damaged:  # snapshots only: DIR itself is the last candidate
+            try:
+                log.warning("damaged %s moved to %s", folder, _set_aside(folder))
+            except OSError as err:
+                raise CheckpointError(f"{folder}: cannot move the damaged snapshot aside: "
+                                      f"{err.strerror or err}") from None
         return loaded
     raise CheckpointError(f"{out_dir}: no checkpoint to resume from passed its checks (newest: {problems[0]})")

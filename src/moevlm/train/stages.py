@@ -26,7 +26,7 @@ from moevlm.errors import ConfigError
 from moevlm.models.lora import apply_lora, has_lora, merge_lora, names_after_lora
 from moevlm.models.moe import MoE
 from moevlm.models.upcycle import upcycle
-from moevlm.train.checkpoint import Bundle, load_bundle, write_checkpoint
+from moevlm.train.checkpoint import Bundle, load_bundle, with_tied, write_checkpoint
 
 
 # Which parameter groups each stage trains (train.trainable overrides it).
@@ -105,9 +105,11 @@ def pretrained_names(model: nn.Module) -> set[str]:
 
 
 def still_untouched(untouched: set[str], model: nn.Module) -> set[str]:
-    """What stays untouched through a stage: present in the model and not trained."""
-    learning = {name for name, param in model.named_parameters() if param.requires_grad}
-    return {name for name in untouched if name in model.state_dict() and name not in learning}
+    """What stays untouched through a stage: present in the model and not trained. A tied LM head
+    learns with the embedding, though ``named_parameters`` lists their one tensor under the embedding's name only."""
+    state = model.state_dict()
+    learning = with_tied({name for name, param in model.named_parameters() if param.requires_grad}, state)
+    return {name for name in untouched if name in state and name not in learning}
 
 
 # Model settings a new stage may change; any other difference from the --from checkpoint would
@@ -182,6 +184,10 @@ def continue_from(model_dir: Path, config: Config) -> Bundle:
     return Bundle(model, bundle.tokenizer, current, untouched)
 
 
+# Marks a temporary folder as moevlm's own, so that a later upcycle may delete it.
+_PARTIAL = ".moevlm-partial"
+
+
 def upcycle_checkpoint(model_dir: Path, out_dir: Path, experts: int, top_k: int, layers) -> Config:
     """``moevlm upcycle``: the checkpoint in ``model_dir`` with its dense FFNs in ``layers`` turned
     into MoE layers, written to the new folder ``out_dir`` in one rename. Returns its config."""
@@ -193,8 +199,14 @@ def upcycle_checkpoint(model_dir: Path, out_dir: Path, experts: int, top_k: int,
     untouched = bundle.untouched & set(model.state_dict())
     tmp = out_dir.with_name(f".{out_dir.name}.tmp")
     if tmp.exists():
-        shutil.rmtree(tmp)
+        if not (tmp / _PARTIAL).is_file():
+            raise ConfigError(f"--out {out_dir}: {tmp} is in the way and moevlm did not make it; move it or "
+                              "choose another --out")
+        shutil.rmtree(tmp)  # what an interrupted upcycle left
+    tmp.mkdir(parents=True)
+    (tmp / _PARTIAL).touch()
     write_checkpoint(tmp, model, bundle.tokenizer, config, untouched=untouched,
                      images=image_preparer(config.model, model_dir))
     os.replace(tmp, out_dir)
+    (out_dir / _PARTIAL).unlink()
     return config
