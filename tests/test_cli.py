@@ -33,6 +33,7 @@ def test_train_logs_to_an_mlflow_store_inside_the_run(trained):
     run = client.get_run(state["mlflow_run_id"])
     assert run.data.params["train.max_steps"] == "6"
     assert "train/loss" in run.data.metrics and "val/exact_match" in run.data.metrics
+    assert run.data.metrics["val/seconds"] > 0
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"loss.png", "expert_load.png", "config.json", "samples.txt"} <= artifacts
 
@@ -58,7 +59,52 @@ def test_eval_json_has_the_contract_keys(trained, capsys):
     assert len(result["expert_load"]["layer_0"]["image"]) == 4
 
 
+@pytest.fixture
+def generations(monkeypatch):
+    """(max_new_tokens, texts) of every batch ``evaluate`` captions."""
+    import moevlm.evaluate
+
+    calls, real = [], moevlm.evaluate.generate_texts
+
+    def spy(*args, max_new_tokens, **kwargs):
+        texts = real(*args, max_new_tokens=max_new_tokens, **kwargs)
+        calls.append((max_new_tokens, texts))
+        return texts
+
+    monkeypatch.setattr(moevlm.evaluate, "generate_texts", spy)
+    return calls
+
+
+def test_eval_generates_as_far_as_the_references_need(trained, tmp_path, capsys, generations):
+    # Batches of 8 rows; the tiny preset's char tokenizer writes one character per token. The
+    # run is too short to have learnt <eos>: without a cap it writes decoder.max_text_len tokens.
+    rows = (trained / "shapes.csv").read_text().splitlines()
+    data = tmp_path / "d.csv"
+    data.write_text("\n".join(rows[:1] + [row.split(",")[0] + ("," + "red" if i < 8 else ",a red bar")
+                                          for i, row in enumerate(rows[1:])]) + "\n")
+    code, out, _ = run_cli(capsys, "eval", "--model", trained / "run", "--data", data, "--json")
+    assert code == 0 and {"exact_match", "bleu4"} <= set(json.loads(out))
+    assert [limit for limit, _ in generations] == [2 * len("red") + 8, 2 * len("a red bar") + 8]
+    assert max(len(text) for text in generations[0][1]) <= 14
+    generations.clear()
+    code, _, _ = run_cli(capsys, "eval", "--model", trained / "run", "--data", data, "--max-new-tokens", "3")
+    assert code == 0 and [limit for limit, _ in generations] == [3, 3]
+    assert max(len(text) for _, texts in generations for text in texts) <= 3
+
+
+def test_eval_without_generating_reports_loss_and_perplexity_only(trained, capsys, generations):
+    code, out, _ = run_cli(capsys, "eval", "--model", trained / "run", "--data", trained / "shapes.csv", "--json",
+                           "--no-generate")
+    assert code == 0 and generations == []
+    result = json.loads(out)
+    assert {"loss", "perplexity", "num_samples"} <= set(result) and not {"exact_match", "bleu4"} & set(result)
+    code, out, _ = run_cli(capsys, "eval", "--model", trained / "run", "--data", trained / "shapes.csv",
+                           "--no-generate")
+    assert code == 0 and "perplexity" in out and "exact_match" not in out
+
+
 @pytest.mark.parametrize("argv,message", [
+    (["eval", "--model", "{run}", "--data", "{data}", "--max-new-tokens", "0"], "--max-new-tokens must be at least 1"),
     (["caption", "--model", "{run}", "{tmp}/missing.png"], "missing.png: no such image file"),
     (["caption", "--model", "{tmp}/nowhere", "x.png"], "nowhere: no such checkpoint folder"),
     (["eval", "--model", "{run}", "--data", "{tmp}/data.txt"], "data.txt"),

@@ -5,6 +5,7 @@ import base64
 import csv
 import io
 import json
+import re
 import shutil
 
 import pytest
@@ -127,6 +128,44 @@ def test_odd_but_valid_data_trains(tmp_path, capsys):
     code, out, err = train(capsys, path, tmp_path / "run", "--set", "data.val_fraction=0.3")
     assert code == 0, err
     assert "validation loss" in out and "on 2 rows" in out  # floor(7 unique rows * 0.3), not floor(14 * 0.3)
+    assert re.search(r"^step 1: val loss [0-9.]+, exact match [0-9.]+ on 2 rows \(validation took [0-9.]+ s\)$",
+                     out, re.MULTILINE), out
+
+
+def test_skipped_rows_are_counted_by_reason(tmp_path, capsys, caplog):
+    cut = png(size=(64, 64))[:80]
+    for name in ("cut1.png", "cut2.png"):
+        (tmp_path / name).write_bytes(cut)
+    data = image_csv(tmp_path, [("cut1.png", "a cut one"), ("ok.png", " "), ("cut2.png", "another"),
+                                ("../x.png", "outside"), ("ok.png", "a red square again")])
+    code, _, err = train(capsys, data, tmp_path / "run", "--set", "data.on_bad_row=skip")
+    assert code == 0, err
+    assert [r.getMessage() for r in caplog.records if "skipped" in r.getMessage()] == [
+        f"data.on_bad_row=skip: skipped 4 bad rows: 2 cannot decode image (first: {data} row 2: cannot decode image: "
+        f"image file is truncated), 1 empty caption (first: {data} row 3), 1 image path ... points outside the data "
+        f"folder (first: {data} row 5: image path '../x.png' points outside the data folder)"]
+
+
+@pytest.mark.parametrize("preload,workers", [(True, 0), (False, 0), (False, 1)])
+def test_an_image_file_that_cannot_be_read_stops_the_run_even_when_skipping(tmp_path, capsys, monkeypatch,
+                                                                            preload, workers):
+    from moevlm.data import images
+
+    data = with_file(tmp_path, "locked.png", png())
+    reads = []
+
+    def locked(path, *args, **kwargs):  # root reads any file, whatever its mode
+        if path.endswith("locked.png"):
+            reads.append(path)
+            if preload or len(reads) > 1:  # without preload: there when checked, gone when decoded
+                raise PermissionError(13, "Permission denied", path)
+        return open(path, *args, **kwargs)
+
+    monkeypatch.setattr(images, "open", locked, raising=False)
+    code, _, err = train(capsys, data, tmp_path / "r", "--set", "data.on_bad_row=skip", "--set", "data.val_fraction=0",
+                         "--set", f"data.preload={str(preload).lower()}", "--set", f"data.num_workers={workers}")
+    assert_one_line_error(code, err, f"{data}: row 2", f"cannot read image file {tmp_path / 'locked.png'}: "
+                                                       "Permission denied")
 
 
 @pytest.fixture(scope="module")

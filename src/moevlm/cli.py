@@ -64,6 +64,12 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--model", required=True, type=Path, help="checkpoint folder")
     evaluate.add_argument("--data", required=True, type=Path, help="data file with reference captions")
     evaluate.add_argument("--json", action="store_true", help="print one JSON object")
+    generation = evaluate.add_mutually_exclusive_group()
+    generation.add_argument("--max-new-tokens", type=int, metavar="N",
+                            help="most tokens to generate per row (default: twice the longest reference "
+                                 "of the batch plus 8)")
+    generation.add_argument("--no-generate", action="store_true",
+                            help="loss and perplexity only: no captions, no exact match or BLEU")
 
     demo = sub.add_parser("demo", help="build a handwritten-digit scene task and train on it (a few minutes)")
     demo.add_argument("--out", type=Path, default=Path("runs/demo"), help="where data, checkpoint and plots go")
@@ -147,14 +153,23 @@ def _public_result(result: dict) -> dict:
 
 def _cmd_eval(args) -> int:
     from moevlm.data.records import read_samples
+    from moevlm.errors import ConfigError
     from moevlm.evaluate import evaluate
     from moevlm.train.checkpoint import load_model
     from moevlm.train.run import dataset_for
 
+    if args.max_new_tokens is not None and args.max_new_tokens < 1:
+        raise ConfigError(f"--max-new-tokens must be at least 1, not {args.max_new_tokens}")
     model, tokenizer, config = load_model(args.model)
-    samples, _ = read_samples(args.data, config.data.on_bad_row)
-    result = evaluate(model, dataset_for(samples, tokenizer, config, augment=False, folder=args.model), tokenizer,
-                      batch_size=config.train.batch_size)
+    samples, skipped = read_samples(args.data, config.data.on_bad_row)
+    dataset = dataset_for(samples, tokenizer, config, augment=False, folder=args.model)
+    skipped.update(dataset.skipped)
+    if skipped:
+        logging.getLogger(__name__).warning("data.on_bad_row=skip: skipped %s", skipped)
+    result = evaluate(model, dataset, tokenizer, batch_size=config.train.batch_size,
+                      max_generate=0 if args.no_generate else None, max_new_tokens=args.max_new_tokens)
+    if args.no_generate:  # nothing was captioned: no scores to report
+        del result["exact_match"], result["bleu4"]
     if args.json:
         print(json.dumps(_public_result(result)))
         return 0

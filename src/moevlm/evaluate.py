@@ -17,17 +17,32 @@ from moevlm.metrics import bleu4, exact_match, expert_balance
 from moevlm.models.vlm import VLM, expert_dropped
 
 
+# Room past the reference's length: end-of-turn and special tokens that decoding drops.
+_SPARE_TOKENS = 8
+
+
+def generation_limit(tokenizer: Tokenizer | HFTokenizer, references: list[str]) -> int:
+    """New tokens to generate for rows scored against ``references``: twice the longest in
+    tokens, plus a few. By then a caption is far from an exact match, and an untrained model,
+    which never writes <eos>, would otherwise run on to decoder.max_text_len (1,024 in llava)."""
+    return 2 * max(len(tokenizer.encode(text)) for text in references) + _SPARE_TOKENS
+
+
 @torch.no_grad()
 def evaluate(model: VLM, dataset: ImageTextDataset, tokenizer: Tokenizer | HFTokenizer, *, batch_size: int = 64,
-             max_generate: int | None = None, amp_dtype: torch.dtype | None = None) -> dict:
+             max_generate: int | None = None, max_new_tokens: int | None = None,
+             amp_dtype: torch.dtype | None = None) -> dict:
     """Returns exact_match, bleu4, loss, perplexity, num_samples, expert_load (per layer),
     expert_balance, with moe.capacity_factor dropped (per layer: the share of real assignments
     training would drop; inference drops none), plus expert_load_counts (tensor) and
     predictions [(reference, prediction)].
 
-    ``max_generate`` limits how many rows are captioned (None: all); the loss uses every row.
-    Each row is generated from its first turn's prompt (``<image>`` placeholder and all: the
-    tokenizer places or drops it as in training) and scored against that turn's answer.
+    ``max_generate`` limits how many rows are captioned (None: all, 0: none, and exact_match
+    and bleu4 are then 0 over no rows); the loss uses every row. Each row is generated from its
+    first turn's prompt (``<image>`` placeholder and all: the tokenizer places or drops it as in
+    training) and scored against that turn's answer. Generation stops at ``max_new_tokens``
+    (None: twice the longest reference of the batch, in tokens, plus a few, see
+    ``generation_limit``) or at ``decoder.max_text_len``, whichever comes first.
     """
     model.eval()
     device = next(model.parameters()).device
@@ -60,10 +75,12 @@ def evaluate(model: VLM, dataset: ImageTextDataset, tokenizer: Tokenizer | HFTok
         if not rows:
             continue
         turns = [dataset.samples[i].turns[0] for i in rows]
+        answers = [answer for _, answer in turns]
+        limit = generation_limit(tokenizer, answers) if max_new_tokens is None else max_new_tokens
         with autocast():
             predictions += generate_texts(model, tokenizer, images, [prompt for prompt, _ in turns],
-                                          max_new_tokens=model.cfg.decoder.max_text_len)
-        references += [answer for _, answer in turns]
+                                          max_new_tokens=limit)
+        references += answers
 
     loss = loss_sum / max(1, token_count)
     result = {

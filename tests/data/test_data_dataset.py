@@ -1,4 +1,6 @@
 import base64
+import logging
+import math
 
 import pytest
 import torch
@@ -7,7 +9,8 @@ from PIL import Image
 from moevlm.data import dataset as dataset_module
 from moevlm.data.dataset import (EpochBatchSampler, ImageTextDataset, collate, usable_batch,
                                  split_samples, tokenizer_texts, unique_samples)
-from moevlm.data.images import ScratchImages
+from moevlm.data import images as images_module
+from moevlm.data.images import ScratchImages, image_key
 from moevlm.data.records import Sample
 from moevlm.data.tokenizer import Tokenizer
 from moevlm.errors import DataError
@@ -71,6 +74,30 @@ def test_split_is_deterministic_and_never_leaks_duplicates():
     other_seed = split_samples(rows, val_fraction=0.3, seed=6)[1]
     assert [key(s) for s in other_seed] != [key(s) for s in val]
     assert len(split_samples(rows[:10], val_fraction=0.3, seed=0)[1]) == 3  # 10 * 0.3 is 3.0000000000000004
+
+
+@pytest.mark.parametrize("fraction,seed", [(0.3, 5), (0.1, 0), (0.5, 1)])
+def test_split_keeps_every_caption_of_an_image_on_one_side(tmp_path, image_bytes, fraction, seed):
+    # 20 pictures with 5 captions each, as COCO has. Even pictures are files, named directly or
+    # through a symlink; odd ones are pasted inline, as base64 or as a data: URL of the same bytes.
+    rows = []
+    for i in range(20):
+        data = image_bytes((i * 12, 0, 0))
+        (tmp_path / f"{i}.png").write_bytes(data)
+        (tmp_path / f"link{i}.png").symlink_to(tmp_path / f"{i}.png")
+        spellings = ([str(tmp_path / f"{i}.png"), str(tmp_path / f"link{i}.png")] if i % 2 == 0 else
+                     [base64.b64encode(data).decode(), "data:image/png;base64," + base64.b64encode(data).decode()])
+        rows += [Sample(spellings[k % 2], [("", f"picture {i} caption {k}")], "d.csv", 5 * i + k + 1)
+                 for k in range(5)]
+    train, val = split_samples(rows, val_fraction=fraction, seed=seed)
+    pictures = lambda side: {image_key(s.image) for s in side}  # noqa: E731
+    assert len(pictures(train) | pictures(val)) == 20
+    assert not pictures(train) & pictures(val)
+    assert len(pictures(val)) == math.floor(20 * fraction) and len(val) == 5 * len(pictures(val))
+    assert sorted(train + val, key=lambda s: s.row) == rows
+    assert [s.row for s in train] == sorted(s.row for s in train)  # the data's order kept
+    assert split_samples(list(rows), val_fraction=fraction, seed=seed) == (train, val)
+    assert pictures(split_samples(rows, val_fraction=fraction, seed=seed + 1)[1]) != pictures(val)
 
 
 def test_collate_pads_right_and_masks(tok):
@@ -178,9 +205,39 @@ def test_dataset_bad_rows_name_file_and_row(tok, image_bytes, tmp_path):
         assert str(info.value).startswith(f"{row.source}: row {row.row}: "), str(info.value)
         assert problem in str(info.value)
     ds = ImageTextDataset([sample(0, "ab", good)] + bad + [bad[2]], tok, ScratchImages(4), 8, on_bad_row="skip")
-    assert ds.skipped == 6 and len(ds) == 1 and ds.samples[0].row == 1
-    with pytest.raises(DataError, match="no usable rows"):
+    assert len(ds.skipped) == 6 and len(ds) == 1 and ds.samples[0].row == 1
+    assert str(ds.skipped) == (
+        "6 bad rows: 5 cannot decode image (first: seed.csv row 2: cannot decode image: not in an image format "
+        "Pillow can read), 1 text is N tokens, longer than decoder.max_text_len N (first: d.json row 6: text is "
+        "22 tokens, longer than decoder.max_text_len 8)")
+    with pytest.raises(DataError, match=r"^d.json, d.jsonl, seed.csv: no usable rows \(skipped 5 bad rows: 4 cannot "
+                                        r"decode image \(first: seed.csv row 2: .*\), 1 text is N tokens"):
         ImageTextDataset(bad, tok, ScratchImages(4), 8, on_bad_row="skip")
+
+
+def test_an_image_file_that_cannot_be_read_stops_even_when_bad_rows_are_skipped(tok, tmp_path, monkeypatch):
+    rows = gradient_rows(tmp_path, n=2)
+    problem = f"d.csv: row 2: cannot read image file {rows[1].image}: Permission denied"
+
+    def locked(path, *args, **kwargs):  # root reads any file, whatever its mode
+        if path == rows[1].image:
+            raise PermissionError(13, "Permission denied", path)
+        return open(path, *args, **kwargs)
+
+    monkeypatch.setattr(images_module, "open", locked, raising=False)
+    for preload in (True, False):
+        with pytest.raises(DataError, match=f"^{problem}$"):
+            ImageTextDataset(rows, tok, ScratchImages(4), 8, on_bad_row="skip", preload=preload)
+    # Readable when checked up front, no longer when its batch is built (in a DataLoader worker).
+    monkeypatch.undo()
+    ds = ImageTextDataset(rows, tok, ScratchImages(4), 8, on_bad_row="skip", preload=False)
+    monkeypatch.setattr(images_module, "open", locked, raising=False)
+    batch = collate([ds[0], ds[1]], pad_id=0)
+    assert batch["bad_rows"] == [] and batch["unreadable_rows"] == [("d.csv", 2, problem[len("d.csv: row 2: "):])]
+    with pytest.raises(DataError, match=f"^{problem}$"):
+        usable_batch(batch, "skip")
+    with pytest.raises(DataError, match=f"^{problem}$"):
+        ds.images_of([0, 1])
 
 
 def gradient_rows(tmp_path, n=4):
@@ -251,7 +308,8 @@ def test_a_dataset_that_does_not_preload_gives_the_items_of_one_that_does(tok, t
     assert torch.equal(eager.images_of([2, 0])[0], lazy.images_of([2, 0])[0])
 
 
-def test_without_preload_headers_are_checked_up_front_and_undecodable_images_set_aside(tok, image_bytes, tmp_path):
+def test_without_preload_headers_are_checked_up_front_and_undecodable_images_set_aside(tok, image_bytes, tmp_path,
+                                                                                        caplog):
     (tmp_path / "empty.png").write_bytes(b"")
     (tmp_path / "cut.png").write_bytes(image_bytes(size=(64, 64))[:70])  # a whole header, the pixels cut off
     good = png_ref(image_bytes, (0, 255, 0))
@@ -265,7 +323,12 @@ def test_without_preload_headers_are_checked_up_front_and_undecodable_images_set
     assert batch["images"].shape[0] == 1 and batch["bad_rows"][0][:2] == ("d.jsonl", 4)
     with pytest.raises(DataError, match="d.jsonl: row 4: cannot decode image"):
         usable_batch(dict(batch), "error")
-    assert usable_batch(dict(batch), "skip")["images"].shape[0] == 1
+    with caplog.at_level(logging.WARNING, logger="moevlm"):
+        assert usable_batch(dict(batch), "skip")["images"].shape[0] == 1
+        assert usable_batch(collate([ds[1], ds[0], ds[1]], pad_id=0), "skip")["images"].shape[0] == 1
+    assert [r.getMessage() for r in caplog.records] == [
+        f"skipped 1 bad row: 1 cannot decode image (first: d.jsonl row 4: {ds[1]['bad'][2]})",
+        f"skipped 2 bad rows: 2 cannot decode image (first: d.jsonl row 4: {ds[1]['bad'][2]})"]
     assert usable_batch(collate([ds[1]], pad_id=0), "skip") is None
     with pytest.raises(DataError, match="d.jsonl: row 4: cannot decode image"):
         ds.images_of([0, 1])

@@ -1,14 +1,17 @@
 import base64
 import io
+import struct
 import urllib.parse
+import zlib
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageFile
 
 from hostile import huge_png
-from moevlm.data.images import image_to_tensor, normalize, open_image
+from moevlm.data import images as images_module
+from moevlm.data.images import check_image, image_key, image_to_tensor, normalize, open_image
 
 
 def save(img: Image.Image, fmt="PNG", **kwargs) -> bytes:
@@ -103,6 +106,69 @@ def test_undecodable_inputs_raise_value_error_with_a_reason(tmp_path, image_byte
         assert str(info.value).startswith("cannot decode image: "), ref
         assert reason in str(info.value), (ref, str(info.value))
         assert "\n" not in str(info.value)
+
+
+def dds_of_an_unknown_pixel_format() -> bytes:
+    data = bytearray(save(Image.new("RGBA", (4, 4)), "DDS"))
+    data[80:84] = struct.pack("<I", 130)  # the pixel format flags: a combination Pillow does not know
+    return bytes(data)
+
+
+def test_what_pillow_raises_for_corrupt_bytes_is_a_bad_image(monkeypatch, image_bytes):
+    with pytest.raises(ValueError, match="^cannot decode image: Unknown pixel format flags 130$"):
+        open_image(b64(dds_of_an_unknown_pixel_format()))  # Pillow raises NotImplementedError
+    png = b64(image_bytes())
+    # Seen when Pillow reads garbled files of some format: header fields of the wrong type
+    # (TypeError, struct.error, AttributeError), short reads, bad compressed streams.
+    for error in (SyntaxError("broken PNG file"), TypeError("bad tag"), struct.error("unpack requires 4 bytes"),
+                  AttributeError("no attribute 'tile'"), IndexError("index out of range"), KeyError(37),
+                  EOFError(), zlib.error("invalid distance"), ZeroDivisionError("division by zero")):
+        def fail(self, error=error):
+            raise error
+        monkeypatch.setattr(ImageFile.ImageFile, "load", fail)
+        with pytest.raises(ValueError, match="^cannot decode image: ") as info:
+            open_image(png)
+        assert "\n" not in str(info.value)
+
+
+def test_running_out_of_memory_is_not_a_bad_image(monkeypatch, image_bytes):
+    def out_of_memory(self):
+        raise MemoryError
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", out_of_memory)
+    with pytest.raises(MemoryError):
+        open_image(b64(image_bytes()))
+
+
+def test_a_file_that_is_there_but_cannot_be_read_is_not_a_bad_image(monkeypatch, tmp_path, image_bytes):
+    (tmp_path / "locked.png").write_bytes(image_bytes())
+
+    def locked(path, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(images_module, "open", locked, raising=False)  # root reads any file, whatever its mode
+    for read in (open_image, check_image):
+        with pytest.raises(PermissionError):
+            read(str(tmp_path / "locked.png"))
+    # A missing file (or a folder, or a name too long for one) is the data's mistake: a bad row.
+    monkeypatch.undo()
+    (tmp_path / "folder.png").mkdir()
+    for ref, reason in ((tmp_path / "gone.png", "No such file or directory"),
+                        (tmp_path / "folder.png", "Is a directory"),
+                        (tmp_path / ("x" * 300 + ".png"), "File name too long")):
+        with pytest.raises(ValueError, match=f"^cannot decode image: cannot read {ref}: {reason}$"):
+            open_image(str(ref))
+
+
+def test_image_key_names_the_picture_not_the_spelling(tmp_path, image_bytes):
+    red, blue = image_bytes((255, 0, 0)), image_bytes((0, 0, 255))
+    (tmp_path / "red.png").write_bytes(red)
+    (tmp_path / "link.png").symlink_to(tmp_path / "red.png")
+    assert image_key(str(tmp_path / "link.png")) == image_key(str(tmp_path / "red.png")) == str(tmp_path / "red.png")
+    inline = {image_key(b64(red)), image_key("data:image/png;base64," + b64(red)),
+              image_key("data:image/png," + urllib.parse.quote_from_bytes(red)), image_key(b64(red).rstrip("=") + "\n")}
+    assert len(inline) == 1 and inline != {image_key(b64(blue))}
+    assert image_key("data:image/png;base64,@@@") == "data:image/png;base64,@@@"  # a bad row, kept apart
 
 
 @pytest.mark.parametrize("side", [12, 20])  # 144 px: Pillow only warns; 400 px: Pillow raises

@@ -46,7 +46,7 @@ def check_rows(folder, name, data, rows, expected_turns):
     path, (samples, skipped) = read(folder, name, data)
     assert [(s.row, s.image, s.turns) for s in samples] == [
         (row, os.path.join(folder, image.strip()), turns) for row, image, turns in good]
-    assert skipped == len(rows) - len(good)
+    assert len(skipped) == len(rows) - len(good)
     bad_rows = sorted(set(range(1, len(rows) + 1)) - {row for row, _, _ in good})
     if bad_rows:  # stopping instead of skipping: at the first bad row
         with pytest.raises(DataError, match=f"^{path}: row {bad_rows[0]}: "):

@@ -40,7 +40,7 @@ def test_seed_base64_csv_with_large_cells_and_extra_columns(tmp_path, image_byte
     path = write_csv(tmp_path / "seed.csv", ["id", "b64string_images", "caption"],
                      [["1", big, " noise "], ["2", small, "a blue square"]])
     samples, skipped = read_samples(path)
-    assert skipped == 0
+    assert len(skipped) == 0
     assert samples == [Sample("data:;base64," + big, [("", "noise")], str(path), 1),
                        Sample("data:;base64," + small, [("", "a blue square")], str(path), 2)]
     assert open_image(samples[0].image).size == (300, 300)
@@ -78,7 +78,7 @@ def test_jsonl_captions_and_conversations_with_blank_lines(tmp_path):
             {"from": "human", "value": "<image>\nWhat is it?"}, {"from": "gpt", "value": " A dog. "}]}) + "\n",
         encoding="utf-8")
     samples, skipped = read_samples(path)
-    assert skipped == 0
+    assert len(skipped) == 0
     assert [(s.row, s.turns) for s in samples] == [(1, [("", "a cat")]), (4, [("<image>\nWhat is it?", "A dog.")])]
 
 
@@ -178,7 +178,7 @@ def test_bad_rows_name_file_and_row_or_are_skipped_and_counted(tmp_path, build, 
     assert problem in message
     assert "\n" not in message
     samples, skipped = read_samples(path, on_bad_row="skip")
-    assert skipped == 1
+    assert len(skipped) == 1
     assert len(samples) == 1 and samples[0].turns == [("", "fine")]
 
 
@@ -218,3 +218,24 @@ def test_absolute_paths_inside_the_data_folder_are_kept(tmp_path):
     inside = str(tmp_path / "imgs" / "a.png")
     samples, _ = read_samples(_json(tmp_path, [{"image": inside, "caption": "x"}]))
     assert samples[0].image == inside
+
+
+def test_skipped_rows_are_counted_by_reason_with_the_first_of_each(tmp_path):
+    lines = [json.dumps(GOOD), json.dumps({"image": "a.png", "caption": " "}), "{oops",
+             json.dumps({"image": "b.png", "caption": ""}), json.dumps({"image": "../c.png", "caption": "x"}),
+             json.dumps({"image": "d.png", "caption": "\t"}), '{"image": 1,', json.dumps({"caption": "x"})]
+    path = _raw(tmp_path / "d.jsonl", "\n".join(lines).encode())
+    samples, skipped = read_samples(path, on_bad_row="skip")
+    assert len(samples) == 1 and len(skipped) == 7
+    # The particulars of a problem (column, quoted path) do not make it another reason.
+    assert str(skipped) == (
+        f"7 bad rows: 3 empty caption (first: {path} row 2), "
+        f"2 not valid JSON (first: {path} row 3: not valid JSON: Expecting property name enclosed in double "
+        f"quotes at column 2), "
+        f"1 image path ... points outside the data folder (first: {path} row 5: image path '../c.png' points "
+        f"outside the data folder), "
+        f"1 missing image (first: {path} row 8)")
+    with pytest.raises(DataError, match=re.escape(f"{path}: no usable rows (skipped 3 bad rows: 2 empty caption "
+                                                  f"(first: {path} row 1), 1 missing image (first: {path} row 3))")):
+        read_samples(_raw(tmp_path / "d.jsonl", b'{"image": "a.png", "caption": ""}\n{"image": "b.png", '
+                          b'"caption": " "}\n{"caption": "x"}\n'), on_bad_row="skip")

@@ -2,7 +2,8 @@
 
 The seed re-decoded base64 images on every batch, duplicated rows before splitting (so
 validation saw training rows) and trained on padding. Here images are decoded once, the
-split is made on unique rows, and labels are -100 everywhere except answer tokens.
+split is made on images (all rows of a picture on one side), and labels are -100 everywhere
+except answer tokens.
 """
 
 from __future__ import annotations
@@ -15,8 +16,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from moevlm.data.images import check_image, normalize, open_image
-from moevlm.data.records import Sample, clean_prompt
+from moevlm.data.images import check_image, image_key, normalize, open_image
+from moevlm.data.records import Sample, SkippedRows, clean_prompt
 from moevlm.data.tokenizer import IGNORE_INDEX  # noqa: F401  (callers import it from here)
 from moevlm.errors import DataError
 
@@ -37,15 +38,20 @@ def unique_samples(samples: list[Sample]) -> list[Sample]:
 
 def split_samples(samples: list[Sample], val_fraction: float,
                   seed: int) -> tuple[list[Sample], list[Sample]]:
-    """Deterministic (train, val) split of the unique rows; val gets floor(n * fraction)."""
+    """Deterministic (train, val) split of the unique rows by image: val gets every row of
+    floor(n_images * fraction) images, so a picture with several captions (COCO has five) is
+    never scored on captions of it that were trained on. ``images.image_key`` says which
+    references are the same image. Both sides keep the rows' order."""
     unique = unique_samples(samples)
+    group_of: dict[str, int] = {}  # image key -> its number, in order of first appearance
+    groups = [group_of.setdefault(image_key(s.image), len(group_of)) for s in unique]
     # The epsilon keeps 0.3 * 10 = 3.0000000000000004 and 0.29 * 100 = 28.999999999999996
     # at the counts a person would expect.
-    num_val = math.floor(len(unique) * val_fraction + 1e-9)
-    order = torch.randperm(len(unique), generator=torch.Generator().manual_seed(seed)).tolist()
-    val_rows = set(order[:num_val])
-    train = [s for i, s in enumerate(unique) if i not in val_rows]
-    val = [s for i, s in enumerate(unique) if i in val_rows]
+    num_val = math.floor(len(group_of) * val_fraction + 1e-9)
+    order = torch.randperm(len(group_of), generator=torch.Generator().manual_seed(seed)).tolist()
+    val_groups = set(order[:num_val])
+    train = [s for s, group in zip(unique, groups) if group not in val_groups]
+    val = [s for s, group in zip(unique, groups) if group in val_groups]
     return train, val
 
 
@@ -65,6 +71,9 @@ class ImageTextDataset(Dataset):
     ``images.image_preparer``). An image that passes the check but still fails to decode
     gives an item ``{"bad": (file, row, problem), "index": i}``, which ``collate`` sets
     aside: an exception raised in a DataLoader worker would reach the user as a traceback.
+    A file that is there but cannot be read (permissions, I/O) is not a bad row: it stops
+    the run even with on_bad_row "skip" (its item is also marked ``"unreadable": True``).
+    ``skipped`` counts the rows skipped here, by reason.
     """
 
     def __init__(self, samples: list[Sample], tokenizer, prepare_image, max_text_len: int, *,
@@ -75,8 +84,7 @@ class ImageTextDataset(Dataset):
         self.augment, self.seed, self.epoch = augment, seed, 0
         self.prepare_image = prepare_image  # kept: a checkpoint saves it (its image processor)
         self.samples: list[Sample] = []
-        self.skipped = 0
-        self.first_skipped = ""  # "row N: problem" of the first skipped row, for messages
+        self.skipped = SkippedRows()
         self._input_ids: list[torch.Tensor] = []
         self._labels: list[torch.Tensor] = []
         images: list[torch.Tensor] = []
@@ -96,6 +104,8 @@ class ImageTextDataset(Dataset):
                         check_image(sample.image)
                 except ValueError as err:
                     decoded[sample.image] = str(err)
+                except OSError as err:
+                    raise DataError(sample.source, sample.row, _unreadable(err)) from None
             image = decoded[sample.image]
             if isinstance(image, str):
                 self._bad(sample, image, on_bad_row)
@@ -108,16 +118,13 @@ class ImageTextDataset(Dataset):
             self._labels.append(torch.tensor(labels, dtype=torch.int32))
         if not self.samples:
             sources = ", ".join(sorted({s.source for s in samples})) or "data"
-            raise DataError(sources, None, f"no usable rows ({self.skipped} bad rows skipped; "
-                                           f"the first, {self.first_skipped})")
+            raise DataError(sources, None, f"no usable rows (skipped {self.skipped})")
         self.images = torch.stack(images) if preload else None
 
     def _bad(self, sample: Sample, problem: str, on_bad_row: str) -> None:
         if on_bad_row == "error":
             raise DataError(sample.source, sample.row, problem)
-        self.skipped += 1
-        if not self.first_skipped:
-            self.first_skipped = f"row {sample.row}: {problem}"
+        self.skipped.add(sample.source, sample.row, problem)
 
     def set_epoch(self, epoch: int) -> None:
         """Choose the augmentation of this epoch.
@@ -131,7 +138,8 @@ class ImageTextDataset(Dataset):
         return len(self.samples)
 
     def image(self, index: int) -> torch.Tensor:
-        """The prepared uint8 image of row ``index``; ValueError if it cannot be decoded."""
+        """The prepared uint8 image of row ``index``; ValueError if it cannot be decoded, OSError
+        if its file cannot be read."""
         if self.preload:
             return self.images[index]
         return self.prepare_image(open_image(self.samples[index].image))
@@ -147,6 +155,8 @@ class ImageTextDataset(Dataset):
             except ValueError as err:
                 if self.on_bad_row == "error":
                     raise DataError(self.samples[index].source, self.samples[index].row, str(err)) from None
+            except OSError as err:
+                raise DataError(self.samples[index].source, self.samples[index].row, _unreadable(err)) from None
         return (torch.stack(images) if images else torch.empty(0, dtype=torch.uint8)), kept
 
     def __getitem__(self, index: int) -> dict:
@@ -155,6 +165,9 @@ class ImageTextDataset(Dataset):
         except ValueError as err:
             sample = self.samples[index]
             return {"bad": (sample.source, sample.row, str(err)), "index": index}
+        except OSError as err:
+            sample = self.samples[index]
+            return {"bad": (sample.source, sample.row, _unreadable(err)), "index": index, "unreadable": True}
         if self.augment:
             image = self._shift(image, index)
         return {"image": image, "input_ids": self._input_ids[index],
@@ -175,15 +188,22 @@ class ImageTextDataset(Dataset):
         return image[:, rows][:, :, cols]
 
 
+def _unreadable(err: OSError) -> str:
+    name = f" {err.filename}" if err.filename else ""
+    return f"cannot read image file{name}: {err.strerror or err}"
+
+
 def collate(batch: list[dict], pad_id: int) -> dict:
     """Stack items into a batch: images normalized to [-1, 1], text right-padded.
 
-    Items whose image failed to decode are left out and listed under ``bad_rows`` as
-    (file, row, problem); a batch of only such items has nothing else (see ``usable_batch``)."""
-    bad_rows = [item["bad"] for item in batch if "bad" in item]
+    Items whose image failed to decode are left out and listed as (file, row, problem) under
+    ``bad_rows``, or ``unreadable_rows`` when the file could not be read; a batch of only such
+    items has nothing else (see ``usable_batch``)."""
+    bad = {"bad_rows": [item["bad"] for item in batch if "bad" in item and not item.get("unreadable")],
+           "unreadable_rows": [item["bad"] for item in batch if item.get("unreadable")]}
     batch = [item for item in batch if "bad" not in item]
     if not batch:
-        return {"bad_rows": bad_rows}
+        return bad
     lengths = [len(item["input_ids"]) for item in batch]
     size = (len(batch), max(lengths))
     input_ids = torch.full(size, pad_id, dtype=torch.long)
@@ -195,18 +215,23 @@ def collate(batch: list[dict], pad_id: int) -> dict:
         attention_mask[row, :length] = True
     return {"images": normalize(torch.stack([item["image"] for item in batch])),
             "input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
-            "index": torch.tensor([item["index"] for item in batch], dtype=torch.long), "bad_rows": bad_rows}
+            "index": torch.tensor([item["index"] for item in batch], dtype=torch.long)} | bad
 
 
 def usable_batch(batch: dict, on_bad_row: str) -> dict | None:
     """The batch without its ``bad_rows`` (None when no row is left); with on_bad_row "error"
-    the first bad row raises its DataError here, in the main process."""
-    bad_rows = batch.pop("bad_rows")
+    the first bad row raises its DataError here, in the main process. An unreadable file
+    raises whatever on_bad_row says; skipped rows are logged, counted by reason."""
+    bad_rows, unreadable = batch.pop("bad_rows"), batch.pop("unreadable_rows")
+    if unreadable:
+        raise DataError(*unreadable[0])
     if bad_rows and on_bad_row == "error":
         raise DataError(*bad_rows[0])
     if bad_rows:
-        log.warning("skipped %d rows whose image failed to decode (first: %s row %s: %s)",
-                    len(bad_rows), *bad_rows[0])
+        skipped = SkippedRows()
+        for bad in bad_rows:
+            skipped.add(*bad)
+        log.warning("skipped %s", skipped)
     return batch if "images" in batch else None
 
 

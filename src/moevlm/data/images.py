@@ -6,11 +6,15 @@ from __future__ import annotations
 
 import base64
 import binascii
+import errno
+import hashlib
 import io
 import os
 import re
+import struct
 import urllib.parse
 import warnings
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +29,20 @@ _MIN_BASE64_CHARS = 64
 _BASE64 = re.compile(r"[A-Za-z0-9+/_\-\s]+=*\s*")
 
 
+# What Pillow raises for bytes it cannot decode, found by feeding it truncated and garbled
+# files of every format it writes: OSError (truncated, broken stream, unknown format),
+# ValueError, SyntaxError, RuntimeError (NotImplementedError: an unknown compression), and
+# TypeError, AttributeError and struct.error from header fields of the wrong kind, plus the
+# lookup, EOF, arithmetic and zlib errors its plugins let through. The bytes are in memory by
+# then, so none of these is about the disk; MemoryError is not about the data and stops the run.
+_BAD_DATA = (OSError, ValueError, SyntaxError, RuntimeError, TypeError, AttributeError, LookupError, EOFError,
+             ArithmeticError, struct.error, zlib.error)
+# A path that names no readable image file is a bad row; other errors reading one
+# (permissions, I/O) are the machine's, and stop the run even with on_bad_row=skip.
+_MISSING_FILE = (FileNotFoundError, IsADirectoryError, NotADirectoryError)
+_MISSING_ERRNOS = (errno.ENAMETOOLONG, errno.ELOOP)
+
+
 def looks_like_base64(ref: str) -> bool:
     """Whether a reference reads as inline base64 rather than a file name."""
     return len(ref) >= _MIN_BASE64_CHARS and "." not in ref and _BASE64.fullmatch(ref) is not None
@@ -33,9 +51,24 @@ def looks_like_base64(ref: str) -> bool:
 def open_image(ref: str) -> Image.Image:
     """Decode a path, base64 string or data: URL into an upright RGB image.
 
-    Raises ValueError("cannot decode image: REASON") for anything unreadable.
+    Raises ValueError("cannot decode image: REASON") for data that is not a usable image (a
+    missing file included), OSError for a file that is there but cannot be read.
     """
     return _open(ref, decode=True)
+
+
+def image_key(ref: str) -> str:
+    """Which picture a reference names, for keeping it on one side of the train/validation
+    split without decoding it: a file's real path (symlinks followed), or for base64 and data:
+    URLs a hash of the image bytes, so one picture pasted into several rows counts once. A
+    file and the same bytes pasted inline are two pictures here."""
+    if _is_path(ref):
+        return os.path.realpath(ref)
+    try:
+        data = _read_bytes(ref)
+    except ValueError:  # not even base64: a bad row, found when the dataset decodes it
+        return ref
+    return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
 def check_image(ref: str) -> None:
@@ -65,9 +98,7 @@ def _open(ref: str, decode: bool) -> Image.Image | None:
                          "(a decompression bomb?)") from None
     except Image.UnidentifiedImageError:
         raise ValueError("cannot decode image: not in an image format Pillow can read") from None
-    except Exception as err:  # noqa: BLE001
-        # Pillow's decoders signal corrupt input with many exception types (OSError,
-        # SyntaxError, struct.error, IndexError ...); all of them mean "bad image data".
+    except _BAD_DATA as err:
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise ValueError(f"cannot decode image: {reason}") from None
 
@@ -173,7 +204,9 @@ def _read_bytes(ref: str) -> bytes:
             with open(ref, "rb") as f:
                 return f.read()
         except OSError as err:
-            raise ValueError(f"cannot decode image: cannot read {ref}: {err.strerror or err}") from None
+            if isinstance(err, _MISSING_FILE) or err.errno in _MISSING_ERRNOS:
+                raise ValueError(f"cannot decode image: cannot read {ref}: {err.strerror or err}") from None
+            raise
     return _b64decode(ref)
 
 

@@ -41,6 +41,41 @@ class Sample:
     row: int  # 1-based: CSV record after the header, JSONL line, JSON list item
 
 
+class SkippedRows:
+    """Rows skipped with ``on_bad_row=skip``, counted by reason, each reason with its first row.
+
+    The reason is the problem without its particulars (what follows the first ": ", numbers,
+    quoted names), so "text is 30 tokens, longer than ..." rows of any length count together.
+    """
+
+    _QUOTED = re.compile(r"'[^']*'|\"[^\"]*\"")
+    _NUMBER = re.compile(r"(?<![\w-])\d+(?![\w-])")  # not the 8 of UTF-8
+
+    def __init__(self) -> None:
+        self.counts: dict[str, int] = {}
+        self.first: dict[str, str] = {}  # reason -> "FILE row N" and the problem where it says more
+
+    def add(self, source, row, problem: str) -> None:
+        reason = self._NUMBER.sub("N", self._QUOTED.sub("...", problem).split(": ", 1)[0])
+        self.counts[reason] = self.counts.get(reason, 0) + 1
+        self.first.setdefault(reason, f"{source} row {row}" + ("" if problem == reason else f": {problem}"))
+
+    def update(self, other: SkippedRows) -> None:
+        for reason, count in other.counts.items():
+            self.counts[reason] = self.counts.get(reason, 0) + count
+            self.first.setdefault(reason, other.first[reason])
+
+    def __len__(self) -> int:
+        return sum(self.counts.values())
+
+    def __str__(self) -> str:
+        """E.g. ``3 bad rows: 2 cannot decode image (first: d.csv row 4: cannot decode image: image
+        file is truncated), 1 empty caption (first: d.csv row 9)``."""
+        reasons = sorted(self.counts, key=lambda reason: -self.counts[reason])
+        parts = ", ".join(f"{self.counts[r]} {r} (first: {self.first[r]})" for r in reasons)
+        return f"{len(self)} bad row{'s' if len(self) != 1 else ''}: {parts}"
+
+
 class _BadRow(Exception):
     """A row that cannot be used; the reader decides whether to stop or skip."""
 
@@ -51,8 +86,8 @@ def clean_prompt(text: str) -> str:
 
 
 def read_samples(path: str | Path, on_bad_row: str = "error",
-                 max_rows: int | None = None) -> tuple[list[Sample], int]:
-    """Read a data file into samples; returns ``(samples, skipped_rows)``.
+                 max_rows: int | None = None) -> tuple[list[Sample], SkippedRows]:
+    """Read a data file into samples; returns ``(samples, skipped)``.
 
     ``max_rows`` caps the number of samples kept (bad rows skipped on the way don't count).
     """
@@ -66,8 +101,7 @@ def read_samples(path: str | Path, on_bad_row: str = "error",
                                     "(use .csv, .jsonl or .json)")
     folder = os.path.abspath(path.parent)
     samples: list[Sample] = []
-    skipped = 0
-    first_skipped = ""
+    skipped = SkippedRows()
     try:
         for row, parse in reader(path):
             if max_rows is not None and len(samples) >= max_rows:
@@ -77,14 +111,13 @@ def read_samples(path: str | Path, on_bad_row: str = "error",
             except _BadRow as bad:
                 if on_bad_row == "error":
                     raise DataError(path, row, str(bad)) from None
-                skipped += 1
-                first_skipped = first_skipped or f"row {row}: {bad}"
+                skipped.add(path, row, str(bad))
                 continue
             samples.append(Sample(image=image, turns=turns, source=str(path), row=row))
     except OSError as err:
         raise DataError(path, None, f"cannot read data file: {err.strerror or err}") from None
     if not samples:
-        problem = "no usable rows" + (f" ({skipped} bad rows skipped; the first, {first_skipped})" if skipped else "")
+        problem = "no usable rows" + (f" (skipped {skipped})" if skipped else "")
         raise DataError(path, None, problem)
     return samples, skipped
 

@@ -86,7 +86,7 @@ def run_training(config: Config, data: Path, out: Path, val_data: Path | None = 
     if val_data is not None:
         train_samples = unique_samples(samples)
         val_samples, val_skipped = read_samples(val_data, config.data.on_bad_row, config.data.max_rows)
-        skipped += val_skipped
+        skipped.update(val_skipped)
     else:
         train_samples, val_samples = split_samples(samples, config.data.val_fraction, config.train.seed)
     if bundle is None:
@@ -100,9 +100,11 @@ def run_training(config: Config, data: Path, out: Path, val_data: Path | None = 
     folder = out if resume else from_dir
     train_set = dataset_for(train_samples, tokenizer, config, config.data.augment, folder)
     val_set = dataset_for(val_samples, tokenizer, config, False, folder) if val_samples else None
-    skipped += train_set.skipped + (val_set.skipped if val_set else 0)
+    skipped.update(train_set.skipped)
+    if val_set is not None:
+        skipped.update(val_set.skipped)
     if skipped:
-        log.warning("skipped %d bad rows (data.on_bad_row=skip)", skipped)
+        log.warning("data.on_bad_row=skip: skipped %s", skipped)
 
     out.mkdir(parents=True, exist_ok=True)
     tracker = Tracker(out, tracking_uri, enabled=tracking, run_id=(state or {}).get("mlflow_run_id"))
@@ -112,7 +114,7 @@ def run_training(config: Config, data: Path, out: Path, val_data: Path | None = 
             params["model"][section].pop("hf_config")
         params["data"].update(train_file=str(data), val_file=str(val_data or ""), from_checkpoint=str(from_dir or ""),
                               train_rows=len(train_set),
-                              val_rows=len(val_set) if val_set else 0, skipped_rows=skipped)
+                              val_rows=len(val_set) if val_set else 0, skipped_rows=len(skipped))
         tracker.log_params(params)
     trainer = Trainer(config, model, tokenizer, train_set, val_set, out, tracker, state, optimizer_state,
                       progress=progress, untouched=bundle.untouched)

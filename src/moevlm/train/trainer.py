@@ -204,10 +204,15 @@ class Trainer:
     def validate(self) -> dict | None:
         if self.val_set is None or len(self.val_set) == 0:
             return None
+        start = time.perf_counter()
         result = evaluate(self.model, self.val_set, self.tokenizer, batch_size=self.config.train.batch_size,
                           max_generate=self.config.train.val_generate, amp_dtype=self.amp_dtype)
+        result["seconds"] = time.perf_counter() - start
         self._record({"val/loss": result["loss"], "val/exact_match": result["exact_match"],
                       "val/bleu4": result["bleu4"]})
+        # A duration, not a result: logged beside train/tokens_per_s but kept out of the history,
+        # which a resumed run must reproduce exactly.
+        self.tracker.log_metrics({"val/seconds": result["seconds"]}, self.step)
         return result
 
     def fit(self) -> dict:
@@ -240,7 +245,8 @@ class Trainer:
                 last_val = self.validate()
                 if last_val is not None:
                     bar.write(f"step {self.step}: val loss {last_val['loss']:.4f}, exact match "
-                              f"{last_val['exact_match']:.3f} on {len(last_val['predictions'])} rows")
+                              f"{last_val['exact_match']:.3f} on {len(last_val['predictions'])} rows "
+                              f"(validation took {last_val['seconds']:.1f} s)")
             if self.step % tc.checkpoint_every == 0 or self.step == tc.max_steps:
                 self.save()
         bar.close()
