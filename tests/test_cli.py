@@ -173,6 +173,35 @@ def test_train_resume_takes_the_same_command_line_for_the_first_run_and_each_res
                 "(on resume only train.max_steps, " in err)
 
 
+def test_train_resume_on_pretrained_parts_and_from_an_earlier_stage(tmp_path, capsys, pretrained_parts, offline):
+    # Building the model fills in what the sources say (sizes, their configs, absolute paths):
+    # the same command line must still match the run it started.
+    from shapes import write_llava_data
+
+    data = write_llava_data(tmp_path)
+    common = ["--preset", "tiny", "--set", "decoder.max_text_len=128", "--no-tracking", "--resume"]
+    pretrain = ["train", "--stage", "pretrain", "--set", f"model.vision=hf:{pretrained_parts['siglip']}",
+                "--set", f"model.lm=hf:{pretrained_parts['llama']}", "--data", data["captions"],
+                "--out", tmp_path / "pretrain", *common]
+    instruct = ["train", "--stage", "instruct", "--from", tmp_path / "pretrain", "--data", data["conversations"],
+                "--set", "decoder.lora_rank=4", "--out", tmp_path / "instruct", *common]
+    for argv in (pretrain, instruct):
+        for steps in (1, 2):
+            code, out, err = run_cli(capsys, *argv, "--max-steps", steps)
+            assert code == 0 and f"trained to step {steps}" in out, err
+        code, _, err = run_cli(capsys, *argv, "--max-steps", 3, "--set", "train.lr=0.5")
+        assert code == 2 and "train.lr 0.001 (checkpoint) vs 0.5 (now)" in err and "model." not in err
+
+
+def test_train_help_names_the_keys_a_resume_may_change():
+    from moevlm.cli import build_parser
+    from moevlm.train.run import RESUME_MAY_DIFFER
+
+    train = build_parser()._subparsers._group_actions[0].choices["train"]
+    help_text = " ".join(train.format_help().split())
+    assert all(key.split(".")[1] in help_text for key in RESUME_MAY_DIFFER)
+
+
 def test_corrupt_image_for_caption(trained, tmp_path, capsys):
     (tmp_path / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
     code, _, err = run_cli(capsys, "caption", "--model", trained / "run", tmp_path / "bad.png")

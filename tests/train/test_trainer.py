@@ -98,6 +98,39 @@ def test_refuses_to_overwrite_and_resuming_nothing_starts_fresh(shapes_csv, tmp_
 
 
 
+def test_resume_holds_the_command_line_to_the_config_the_run_started_with(shapes_csv, tmp_path, monkeypatch):
+    train(tiny(**{"train.max_steps": 2}), shapes_csv, tmp_path / "run")
+    # A resume's config is held against the config as given, not as the built model filled it in.
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["model"]["decoder"]["vocab_size"] > 0
+    state = json.loads((tmp_path / "run" / "trainer_state.json").read_text())
+    assert state["command_config"] == tiny(**{"train.max_steps": 2}).to_dict()
+    more = {"train.max_steps": 3, "train.eval_every": 1, "train.log_every": 1, "data.num_workers": 1}
+    trainer, _ = train(tiny(**more), shapes_csv, tmp_path / "run", resume=True, compare_config=True)
+    assert trainer.step == 3 and trainer.config.train.eval_every == 1 and trainer.config.data.num_workers == 1
+    with pytest.raises(ConfigError) as info:
+        train(tiny(**{"moe.router_noise": False, "data.val_fraction": 0.5}), shapes_csv, tmp_path / "run",
+              resume=True, compare_config=True)
+    assert str(info.value) == (
+        f"--resume: the command line's config differs from the run in {tmp_path / 'run'}: "
+        "data.val_fraction 0.25 (checkpoint) vs 0.5 (now); model.decoder.moe.router_noise True (checkpoint) vs "
+        "False (now) (on resume only train.max_steps, train.log_every, train.eval_every, train.checkpoint_every, "
+        "train.keep_checkpoints, train.max_bad_steps, train.val_generate, data.num_workers may change)")
+    # Without compare_config (the command line gave no config) the checkpoint's own config is used.
+    trainer, _ = train(tiny(**{"moe.router_noise": False}), shapes_csv, tmp_path / "run", resume=True, max_steps=4)
+    assert trainer.step == 4 and trainer.config.model.decoder.moe.router_noise
+
+
+def test_resume_refuses_flags_for_a_checkpoint_that_does_not_record_them(shapes_csv, tmp_path, monkeypatch):
+    state = trainer_module.Trainer._state
+    monkeypatch.setattr(trainer_module.Trainer, "_state",
+                        lambda self: {k: v for k, v in state(self).items() if k != "command_config"})
+    train(tiny(**{"train.max_steps": 2}), shapes_csv, tmp_path / "run")
+    monkeypatch.undo()
+    with pytest.raises(ConfigError, match="does not record the config its run was started with"):
+        train(tiny(), shapes_csv, tmp_path / "run", resume=True, compare_config=True)
+    assert train(tiny(), shapes_csv, tmp_path / "run", resume=True, max_steps=3)[0].step == 3
+
+
 def _equal_length_captions(path, rows):
     """Shapes images captioned "item 00", "item 01" ...: every row has as many answer tokens."""
     lines = path.read_text().splitlines()
