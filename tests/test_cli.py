@@ -111,7 +111,9 @@ def test_eval_without_generating_reports_loss_and_perplexity_only(trained, capsy
     (["train", "--data", "{data}", "--out", "{tmp}/o", "--set", "train.lr=fast"], "train.lr must be float"),
     (["train", "--data", "{data}", "--out", "{tmp}/o", "--set", "train.nope=1"], "unknown config key train.nope"),
     (["train", "--data", "{data}", "--out", "{run}"], "already holds a checkpoint"),
-    (["train", "--data", "{data}", "--out", "{run}", "--resume", "--set", "train.lr=1"], "--resume continues"),
+    (["train", "--data", "{data}", "--out", "{run}", "--resume", "--set", "train.lr=1"],
+     "train.lr 0.001 (checkpoint) vs 1.0 (now)"),
+    (["caption", "--model", "{run}", "{tmp}/data.txt", "--batch-size", "0"], "--batch-size must be >= 1, not 0"),
 ])
 def test_user_mistakes_give_one_line_and_exit_2(trained, tmp_path, capsys, argv, message):
     (tmp_path / "data.txt").write_text("hello")
@@ -119,6 +121,131 @@ def test_user_mistakes_give_one_line_and_exit_2(trained, tmp_path, capsys, argv,
     code, _, err = run_cli(capsys, *argv)
     assert code == 2
     assert err.count("\n") == 1 and message in err and "Traceback" not in err
+
+
+def test_caption_and_eval_run_on_the_device_asked_for(trained, tmp_path, capsys):
+    Image.new("RGB", (30, 20), (200, 10, 10)).save(tmp_path / "a.png")
+    code, out, _ = run_cli(capsys, "caption", "--model", trained / "run", tmp_path / "a.png", "--device", "cpu")
+    assert code == 0 and out.startswith(f"{tmp_path / 'a.png'}: ")
+    code, out, _ = run_cli(capsys, "eval", "--model", trained / "run", "--data", trained / "shapes.csv", "--json",
+                           "--device", "cpu")
+    assert code == 0 and json.loads(out)["num_samples"] == 12
+
+
+@pytest.mark.parametrize("command", ["caption", "eval"])
+def test_device_auto_loads_the_model_on_cuda_then_mps(trained, tmp_path, capsys, monkeypatch, command):
+    import torch
+
+    from moevlm.train import checkpoint
+
+    Image.new("RGB", (30, 20), (200, 10, 10)).save(tmp_path / "a.png")
+    argv = {"caption": ["caption", "--model", trained / "run", tmp_path / "a.png"],
+            "eval": ["eval", "--model", trained / "run", "--data", trained / "shapes.csv"]}[command]
+    loaded_on = []
+
+    def load_model(model_dir, device="cpu"):
+        loaded_on.append(torch.device(device))
+        raise checkpoint.CheckpointError("stop here")  # this machine may have neither device
+
+    monkeypatch.setattr(checkpoint, "load_model", load_model)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    monkeypatch.setattr(torch.backends.mps, "is_macos_or_newer", lambda major, minor: True)
+    for cuda, mps in ((True, True), (False, True), (False, False)):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+        monkeypatch.setattr(torch.backends.mps, "is_available", lambda: mps)
+        assert run_cli(capsys, *argv)[0] == 2
+    assert loaded_on == [torch.device("cuda"), torch.device("mps"), torch.device("cpu")]
+
+
+def test_a_device_the_machine_lacks_ends_in_one_line(trained, capsys, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    code, _, err = run_cli(capsys, "eval", "--model", trained / "run", "--data", trained / "shapes.csv",
+                           "--device", "cuda")
+    assert code == 2
+    assert err == "moevlm: error: --device cuda: this machine has no CUDA device (auto picks what it has)\n"
+
+
+def test_caption_batch_size_captions_in_batches_and_prints_the_same(trained, tmp_path, capsys, monkeypatch):
+    from moevlm import generate
+
+    paths = []
+    for i, color in enumerate([(200, 10, 10), (10, 200, 10), (10, 10, 200), (240, 240, 20), (0, 0, 0)]):
+        Image.new("RGB", (24, 24), color).save(tmp_path / f"{i}.png")
+        paths.append(tmp_path / f"{i}.png")
+    code, together, _ = run_cli(capsys, "caption", "--model", trained / "run", *paths)
+    assert code == 0
+    batch_sizes = []
+    generate_texts = generate.generate_texts
+
+    def counting_generate_texts(model, tokenizer, images, prompts, **options):
+        batch_sizes.append(len(images))
+        return generate_texts(model, tokenizer, images, prompts, **options)
+
+    monkeypatch.setattr(generate, "generate_texts", counting_generate_texts)
+    code, in_twos, _ = run_cli(capsys, "caption", "--model", trained / "run", *paths, "--batch-size", "2")
+    assert code == 0 and batch_sizes == [2, 2, 1]
+    assert in_twos == together and len(together.splitlines()) == 5
+
+
+def test_train_resume_takes_the_same_command_line_for_the_first_run_and_each_restart(tmp_path, capsys, caplog):
+    from shapes import write_shapes_csv
+
+    data = write_shapes_csv(tmp_path / "shapes.csv")
+    run = tmp_path / "run"
+    same = ["train", "--data", data, "--preset", "tiny", "--set", "train.checkpoint_every=2", "--out", run,
+            "--no-tracking", "--resume"]
+    code, out, _ = run_cli(capsys, *same, "--max-steps", "2")
+    assert code == 0 and "trained to step 2" in out
+    assert f"{run} holds no checkpoint yet: starting a fresh run" in caplog.text
+    caplog.clear()
+    # A restart: the same flags again; --max-steps, and the keys that only say when to log,
+    # validate or checkpoint, may change.
+    code, out, _ = run_cli(capsys, *same, "--max-steps", "4", "--set", "train.checkpoint_every=1")
+    assert code == 0 and "trained to step 4" in out and "no checkpoint yet" not in caplog.text
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-00000002", "step-00000003",
+                                                                      "step-00000004"]
+    assert json.loads((run / "config.json").read_text())["train"]["checkpoint_every"] == 1
+    # --resume alone keeps working, with the checkpoint's own config.
+    code, out, _ = run_cli(capsys, "train", "--data", data, "--out", run, "--no-tracking", "--resume",
+                           "--max-steps", "5")
+    assert code == 0 and "trained to step 5" in out
+    # A real difference is refused, naming each key with both values.
+    code, _, err = run_cli(capsys, *same, "--set", "train.lr=0.01", "--set", "moe.top_k=1", "--stage", "full")
+    assert code == 2 and err.count("\n") == 1
+    assert ("the command line's config differs from the run in" in err
+            and "model.decoder.moe.top_k 2 (checkpoint) vs 1 (now); train.lr 0.001 (checkpoint) vs 0.01 (now) "
+                "(on resume only train.max_steps, " in err)
+
+
+def test_train_resume_on_pretrained_parts_and_from_an_earlier_stage(tmp_path, capsys, pretrained_parts, offline):
+    # Building the model fills in what the sources say (sizes, their configs, absolute paths):
+    # the same command line must still match the run it started.
+    from shapes import write_llava_data
+
+    data = write_llava_data(tmp_path)
+    common = ["--preset", "tiny", "--set", "decoder.max_text_len=128", "--no-tracking", "--resume"]
+    pretrain = ["train", "--stage", "pretrain", "--set", f"model.vision=hf:{pretrained_parts['siglip']}",
+                "--set", f"model.lm=hf:{pretrained_parts['llama']}", "--data", data["captions"],
+                "--out", tmp_path / "pretrain", *common]
+    instruct = ["train", "--stage", "instruct", "--from", tmp_path / "pretrain", "--data", data["conversations"],
+                "--set", "decoder.lora_rank=4", "--out", tmp_path / "instruct", *common]
+    for argv in (pretrain, instruct):
+        for steps in (1, 2):
+            code, out, err = run_cli(capsys, *argv, "--max-steps", steps)
+            assert code == 0 and f"trained to step {steps}" in out, err
+        code, _, err = run_cli(capsys, *argv, "--max-steps", 3, "--set", "train.lr=0.5")
+        assert code == 2 and "train.lr 0.001 (checkpoint) vs 0.5 (now)" in err and "model." not in err
+
+
+def test_train_help_names_the_keys_a_resume_may_change():
+    from moevlm.cli import build_parser
+    from moevlm.train.run import RESUME_MAY_DIFFER
+
+    train = build_parser()._subparsers._group_actions[0].choices["train"]
+    help_text = " ".join(train.format_help().split())
+    assert all(key.split(".")[1] in help_text for key in RESUME_MAY_DIFFER)
 
 
 def test_corrupt_image_for_caption(trained, tmp_path, capsys):

@@ -26,6 +26,12 @@ def _add_sampling_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=None, help="random seed for sampling")
 
 
+def _add_device_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default="auto", metavar="auto|cpu|cuda|mps",
+                        help="where the model runs: auto (default) picks CUDA, then Apple MPS, then the CPU; "
+                             "bf16 autocast where the device supports it (cuda:N names one card)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moevlm", description="Mixture-of-Experts vision-language models.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -35,14 +41,19 @@ def build_parser() -> argparse.ArgumentParser:
                                        "JSONL or LLaVA-style JSON.")
     train.add_argument("--data", required=True, type=Path, help="training data file (.csv, .jsonl, .json)")
     train.add_argument("--val-data", type=Path, help="validation data (default: split off data.val_fraction)")
-    train.add_argument("--preset", default="default", choices=sorted(PRESETS), help="starting config (default)")
+    train.add_argument("--preset", choices=sorted(PRESETS), help="starting config (default: default)")
     train.add_argument("--config", type=Path, help="YAML file of config values over the preset")
     train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override a config value, e.g. --set train.lr=3e-4 (repeatable)")
     train.add_argument("--out", type=Path, default=Path("runs/latest"),
                        help="output and checkpoint folder (default runs/latest)")
     train.add_argument("--max-steps", type=int, help="shorthand for --set train.max_steps=N")
-    train.add_argument("--resume", action="store_true", help="continue the checkpoint in --out")
+    train.add_argument("--resume", action="store_true",
+                       help="continue the checkpoint in --out, or start the run there if it holds none yet, so one "
+                            "command line serves the first run and every restart. --preset/--config/--set/--stage/"
+                            "--from may be given again: they must give the config the run was started with, except "
+                            "train.max_steps, log_every, eval_every, checkpoint_every, keep_checkpoints, "
+                            "max_bad_steps, val_generate and data.num_workers, which take the new value")
     train.add_argument("--stage", choices=STAGES, help="what learns: pretrain (projector), instruct (projector + "
                                                        "LM), moe (MoE layers; upcycles a dense LM), full (all; "
                                                        "default); shorthand for --set train.stage=NAME")
@@ -58,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     caption.add_argument("images", nargs="+", type=Path, metavar="IMAGE")
     caption.add_argument("--prompt", default="", help="text prompt (default: none, plain captioning)")
     _add_sampling_flags(caption)
+    _add_device_flag(caption)
+    caption.add_argument("--batch-size", type=int, default=32,
+                         help="images read and captioned together; captions print batch by batch (default 32)")
     caption.add_argument("--json", action="store_true", help='one {"image", "text"} JSON object per line')
 
     evaluate = sub.add_parser("eval", help="evaluate a model on a data set")
@@ -70,6 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
                                  "of the batch plus 8)")
     generation.add_argument("--no-generate", action="store_true",
                             help="loss and perplexity only: no captions, no exact match or BLEU")
+    _add_device_flag(evaluate)
 
     demo = sub.add_parser("demo", help="build a handwritten-digit scene task and train on it (a few minutes)")
     demo.add_argument("--out", type=Path, default=Path("runs/demo"), help="where data, checkpoint and plots go")
@@ -97,12 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _cmd_train(args) -> int:
     from moevlm.config import load_config
-    from moevlm.errors import ConfigError
     from moevlm.train.run import run_training
 
-    if args.resume and (args.overrides or args.config or args.preset != "default" or args.stage or args.from_dir):
-        raise ConfigError("--resume continues with the checkpoint's own config: drop --preset/--config/--set/"
-                          "--stage/--from (--max-steps N may extend the run)")
+    config_given = bool(args.overrides or args.config or args.preset or args.stage or args.from_dir)
     overrides = args.overrides + ([f"train.stage={args.stage}"] if args.stage else [])
     model = None
     if args.from_dir is not None:
@@ -110,11 +122,11 @@ def _cmd_train(args) -> int:
 
         verify_checkpoint(args.from_dir)
         model = load_config_file(args.from_dir).to_dict()["model"]
-    config = load_config(args.preset, args.config, overrides, model=model)
+    config = load_config(args.preset or "default", args.config, overrides, model=model)
     trainer, result = run_training(config, args.data, args.out, val_data=args.val_data, resume=args.resume,
                                    max_steps=args.max_steps, tracking_uri=args.tracking_uri,
                                    tracking=not args.no_tracking, progress=sys.stderr.isatty(),
-                                   from_dir=args.from_dir)
+                                   from_dir=args.from_dir, compare_config=config_given)
     rows = "validation" if trainer.val_set else "training"
     print(f"trained to step {trainer.step}: {rows} loss {result['loss']:.4f} on {result['num_samples']} rows, "
           f"exact match {result['exact_match']:.3f} on {len(result['predictions'])} of them")
@@ -124,26 +136,51 @@ def _cmd_train(args) -> int:
     return 0
 
 
-def _cmd_caption(args) -> int:
-    from moevlm.data.images import image_preparer, open_image
-    from moevlm.errors import DataError
-    from moevlm.generate import caption
-    from moevlm.train.checkpoint import load_model
+def _inference_device(name: str):
+    """The device for ``--device`` and the autocast that goes with it (None: fp32)."""
+    from moevlm.train.trainer import autocast_dtype, resolve_device
 
-    model, tokenizer, config = load_model(args.model)
+    device = resolve_device(name, key="--device")
+    return device, autocast_dtype("auto", device)
+
+
+def _open_images(paths: list[Path]) -> list:
+    from moevlm.data.images import open_image
+    from moevlm.errors import DataError
+
     images = []
-    for path in args.images:
-        if not path.is_file():
-            raise DataError(path, None, "a folder, not an image file" if path.is_dir() else "no such image file")
+    for path in paths:
         try:
             images.append(open_image(str(path)))
         except ValueError as err:
             raise DataError(path, None, str(err)) from None
-    texts = caption(model, tokenizer, images, prompt=args.prompt, prepare_image=image_preparer(config.model, args.model),
-                    max_new_tokens=args.max_new_tokens,
-                    temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
-    for path, text in zip(args.images, texts):
-        print(json.dumps({"image": str(path), "text": text}) if args.json else f"{path}: {text}")
+    return images
+
+
+def _cmd_caption(args) -> int:
+    import torch
+
+    from moevlm.data.images import image_preparer
+    from moevlm.errors import ConfigError, DataError
+    from moevlm.generate import caption
+    from moevlm.train.checkpoint import load_model
+
+    if args.batch_size < 1:
+        raise ConfigError(f"--batch-size must be >= 1, not {args.batch_size}")
+    device, amp_dtype = _inference_device(args.device)
+    model, tokenizer, config = load_model(args.model, device=device)
+    for path in args.images:  # every path before the first caption, so a typo does not end a long job
+        if not path.is_file():
+            raise DataError(path, None, "a folder, not an image file" if path.is_dir() else "no such image file")
+    prepare_image = image_preparer(config.model, args.model)
+    for start in range(0, len(args.images), args.batch_size):
+        paths = args.images[start:start + args.batch_size]
+        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            texts = caption(model, tokenizer, _open_images(paths), prompt=args.prompt, batch_size=args.batch_size,
+                            prepare_image=prepare_image, max_new_tokens=args.max_new_tokens,
+                            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+        for path, text in zip(paths, texts):
+            print(json.dumps({"image": str(path), "text": text}) if args.json else f"{path}: {text}", flush=True)
     return 0
 
 
@@ -160,13 +197,14 @@ def _cmd_eval(args) -> int:
 
     if args.max_new_tokens is not None and args.max_new_tokens < 1:
         raise ConfigError(f"--max-new-tokens must be at least 1, not {args.max_new_tokens}")
-    model, tokenizer, config = load_model(args.model)
+    device, amp_dtype = _inference_device(args.device)
+    model, tokenizer, config = load_model(args.model, device=device)
     samples, skipped = read_samples(args.data, config.data.on_bad_row)
     dataset = dataset_for(samples, tokenizer, config, augment=False, folder=args.model)
     skipped.update(dataset.skipped)
     if skipped:
         logging.getLogger(__name__).warning("data.on_bad_row=skip: skipped %s", skipped)
-    result = evaluate(model, dataset, tokenizer, batch_size=config.train.batch_size,
+    result = evaluate(model, dataset, tokenizer, batch_size=config.train.batch_size, amp_dtype=amp_dtype,
                       max_generate=0 if args.no_generate else None, max_new_tokens=args.max_new_tokens)
     if args.no_generate:  # nothing was captioned: no scores to report
         del result["exact_match"], result["bleu4"]

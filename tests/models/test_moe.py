@@ -71,12 +71,24 @@ def test_gelu_tanh_experts_use_the_tanh_approximation_with_biases():
 def test_grouped_experts_under_bf16_autocast_keep_fp32_gradients():
     moe = make_moe(router_noise=False).train()
     x = torch.randn(2, 16, 8)
+    upstream = torch.linspace(-1, 1, x.numel()).view_as(x)
     reference = moe(x)
+    (reference * upstream).sum().backward()
+    fp32_grads = {name: p.grad.clone() for name, p in moe.named_parameters()}
+    moe.zero_grad(set_to_none=True)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = moe(x)
-    out.float().sum().backward()
-    assert moe.w1_EDH.grad.dtype == torch.float32
+    (out.float() * upstream).sum().backward()
     torch.testing.assert_close(out.float(), reference, atol=0.05, rtol=0.05)
+    # Every weight, fp32, gets an fp32 gradient with the fp32 gradient's values up to bf16 rounding
+    # (about 3 significant digits): the gradients reach the weights through the casts.
+    assert fp32_grads.keys() == {name for name, p in moe.named_parameters() if p.grad is not None}
+    assert {"w1_EDH", "w2_EHD", "b1_EH", "b2_ED"} <= fp32_grads.keys()
+    for name, p in moe.named_parameters():
+        assert p.dtype == p.grad.dtype == torch.float32, name
+        assert fp32_grads[name].abs().max() > 0, name
+        torch.testing.assert_close(p.grad, fp32_grads[name], atol=0.02 * fp32_grads[name].abs().max().item(),
+                                   rtol=0.05, msg=name)
 
 
 @pytest.mark.parametrize("top_k", [1, 2, 3])

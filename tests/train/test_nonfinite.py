@@ -61,17 +61,41 @@ def poison(monkeypatch):
     return arm
 
 
+def _weights_and_adam_state(trainer) -> dict[str, torch.Tensor]:
+    out = {f"weight {name}": p.detach().clone() for name, p in trainer.model.named_parameters()}
+    names = {id(p): name for name, p in trainer.model.named_parameters()}
+    for p, state in trainer.optimizer.state.items():
+        out.update({f"adam {key} {names[id(p)]}": value.clone() for key, value in state.items()})
+    return out
+
+
 @pytest.mark.parametrize("where,problem", [("loss", "loss is nan"), ("grad", "gradient norm is inf")])
-def test_a_non_finite_step_is_skipped_and_training_goes_on(shapes_csv, tmp_path, poison, caplog, where, problem):
+def test_a_non_finite_step_is_skipped_and_training_goes_on(shapes_csv, tmp_path, poison, caplog, monkeypatch,
+                                                          where, problem):
     poison({3}, where)
+    before_and_after = {}  # step -> (weights and Adam state before the step, after it)
+    train_step = trainer_module.Trainer.train_step
+
+    def recording_train_step(self, batches):
+        before = _weights_and_adam_state(self)
+        result = train_step(self, batches)
+        before_and_after[self.step] = (before, _weights_and_adam_state(self))
+        return result
+
+    monkeypatch.setattr(trainer_module.Trainer, "train_step", recording_train_step)
     with caplog.at_level(logging.WARNING, logger="moevlm.train.trainer"):
         trainer, _ = train(tiny(), shapes_csv, tmp_path / "run")
     assert trainer.step == 6 and trainer.skipped_steps == [3] and trainer.bad_in_a_row == 0
     assert [m for m in caplog.messages if "skipped" in m] == [
         f"step 3: {problem}; update skipped (1 in a row, train.max_bad_steps=10)"]
     assert [step for step, _ in trainer.history["train/loss"]] == [1, 2, 4, 5, 6]  # nothing logged for step 3
-    adam_steps = {int(s["step"]) for s in trainer.optimizer.state.values()}
-    assert adam_steps == {5}  # five updates in six steps
+    assert sorted(before_and_after) == [1, 2, 3, 4, 5, 6]
+    for step, (before, after) in before_and_after.items():
+        changed = {key for key in before if not torch.equal(before[key], after[key])}
+        if step == 3:  # the skipped step: every weight and every Adam moment bit for bit as before
+            assert before.keys() == after.keys() and len(before) > 40 and changed == set(), changed
+        else:
+            assert any(key.startswith("weight ") for key in changed), step
     assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
 
 

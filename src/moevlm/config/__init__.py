@@ -19,7 +19,8 @@ from moevlm.config.schema import (
                                   VisionConfig,
                                   moe_layer_indices,
 )
+from moevlm.config.values import flat_keys
 
 __all__ = ["ACTIVATIONS", "ALIASES", "PARAM_GROUPS", "PRESETS", "STAGES", "Config", "DataConfig", "DecoderConfig",
            "ModelConfig", "MoEConfig", "ProjectorConfig", "TokenizerConfig", "TrainConfig", "VisionConfig",
-           "describe_fields", "load_config", "moe_layer_indices", "parse_override"]
+           "describe_fields", "flat_keys", "load_config", "moe_layer_indices", "parse_override"]

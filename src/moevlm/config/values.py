@@ -101,6 +101,17 @@ def merge(base: dict, extra: dict) -> dict:
     return out
 
 
+def flat_keys(values: dict, prefix: str = "") -> dict[str, Any]:
+    """``{"train": {"lr": 1}}`` -> ``{"train.lr": 1}``; a pretrained part's ``hf_config`` stays one value."""
+    out = {}
+    for key, value in values.items():
+        if isinstance(value, dict) and key != "hf_config":
+            out.update(flat_keys(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
 def set_dotted(values: dict, dotted_key: str, value: Any) -> None:
     """``values["a"]["b"]["c"] = value`` for ``"a.b.c"``, creating sections on the way."""
     *sections, leaf = dotted_key.split(".")

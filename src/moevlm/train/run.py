@@ -10,13 +10,13 @@ from pathlib import Path
 
 import torch
 
-from moevlm.config import Config
+from moevlm.config import Config, flat_keys
 from moevlm.data.dataset import ImageTextDataset, split_samples, tokenizer_texts, unique_samples
 from moevlm.data.images import image_preparer
 from moevlm.data.records import Sample, read_samples
 from moevlm.data.tokenizer import Tokenizer
 from moevlm.data.tokenizer_factory import load_tokenizer
-from moevlm.errors import MoevlmError
+from moevlm.errors import ConfigError, MoevlmError
 from moevlm.models.lora import apply_lora
 from moevlm.models.factory import build_model
 from moevlm.models.hf_config import resolve_pretrained
@@ -27,6 +27,11 @@ from moevlm.train.tracking import Tracker
 from moevlm.train.trainer import Trainer
 
 log = logging.getLogger(__name__)
+
+# Keys a resumed run may change: when to stop, log, validate and checkpoint, and how many workers
+# load the data. None of them changes the model, the batches or an update.
+RESUME_MAY_DIFFER = ("train.max_steps", "train.log_every", "train.eval_every", "train.checkpoint_every",
+                     "train.keep_checkpoints", "train.max_bad_steps", "train.val_generate", "data.num_workers")
 
 
 def dataset_for(samples: list[Sample], tokenizer, config: Config, augment: bool,
@@ -66,16 +71,47 @@ def fresh_model(config: Config, train_samples: list[Sample]) -> Bundle:
     return Bundle(model, tokenizer, config, pretrained_names(model))
 
 
+def _check_resume_config(asked: dict, state: dict, out: Path) -> None:
+    """``asked`` (the command line's config) must be the one the run was started with, but for
+    RESUME_MAY_DIFFER; each other difference is named with both values."""
+    if "command_config" not in state:
+        raise ConfigError(f"{out}: the checkpoint does not record the config its run was started with (written by "
+                          f"an older moevlm): resume it with --resume and no --preset/--config/--set/--stage/--from")
+    started, now = flat_keys(state["command_config"]), flat_keys(asked)
+    differ = [f"{key} {started.get(key)!r} (checkpoint) vs {now.get(key)!r} (now)" for key in sorted(started | now)
+              if key not in RESUME_MAY_DIFFER and started.get(key) != now.get(key)]
+    if differ:
+        raise ConfigError(f"--resume: the command line's config differs from the run in {out}: {'; '.join(differ)} "
+                          f"(on resume only {', '.join(RESUME_MAY_DIFFER)} may change)")
+
+
 def run_training(config: Config, data: Path, out: Path, val_data: Path | None = None, resume: bool = False,
                  max_steps: int | None = None, tracking_uri: str | None = None, tracking: bool = True,
-                 progress: bool = True, from_dir: Path | None = None) -> tuple[Trainer, dict]:
+                 progress: bool = True, from_dir: Path | None = None,
+                 compare_config: bool = False) -> tuple[Trainer, dict]:
     """``from_dir``: start this stage from an earlier stage's checkpoint (its model and tokenizer,
-    with ``config``'s data and train sections); the run itself starts at step 0."""
+    with ``config``'s data and train sections); the run itself starts at step 0.
+
+    ``resume``: continue the checkpoint in ``out`` with its own config, or start a fresh run with
+    ``config`` when ``out`` holds none yet. ``compare_config``: ``config`` came from the command
+    line and must equal the config the run was started with, except the keys in RESUME_MAY_DIFFER,
+    which take ``config``'s values; without it, ``config`` is only used for a fresh start."""
     out = Path(out)
     state = optimizer_state = None
     bundle = None
+    if resume and not has_checkpoint(out):
+        log.warning("%s holds no checkpoint yet: starting a fresh run (--resume will continue it)", out)
+        resume = False
+    # What the command line asked for, before building the model fills in derived values
+    # (vocabulary size, a pretrained part's sizes): what a resume's command line is held against.
+    command_config = config.to_dict()
     if resume:
         bundle, state, optimizer_state = load_for_resume(out)
+        if compare_config:
+            _check_resume_config(command_config, state, out)
+            asked = flat_keys(command_config)
+            bundle.config = bundle.config.updated({key: asked[key] for key in RESUME_MAY_DIFFER})
+        command_config = state.get("command_config")
         config = bundle.config
     elif has_checkpoint(out):
         raise MoevlmError(f"{out} already holds a checkpoint: pass --resume to continue it, or choose another --out")
@@ -117,7 +153,7 @@ def run_training(config: Config, data: Path, out: Path, val_data: Path | None = 
                               val_rows=len(val_set) if val_set else 0, skipped_rows=len(skipped))
         tracker.log_params(params)
     trainer = Trainer(config, model, tokenizer, train_set, val_set, out, tracker, state, optimizer_state,
-                      progress=progress, untouched=bundle.untouched)
+                      progress=progress, untouched=bundle.untouched, command_config=command_config)
     try:
         result = trainer.fit()
     except KeyboardInterrupt:

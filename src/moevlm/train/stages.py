@@ -20,7 +20,7 @@ from pathlib import Path
 
 from torch import nn
 
-from moevlm.config import PARAM_GROUPS, Config, ModelConfig, TrainConfig
+from moevlm.config import PARAM_GROUPS, Config, ModelConfig, TrainConfig, flat_keys
 from moevlm.data.images import image_preparer
 from moevlm.errors import ConfigError
 from moevlm.models.lora import apply_lora, has_lora, merge_lora, names_after_lora
@@ -118,18 +118,8 @@ _STAGE_SETTINGS = ("decoder.moe.", "decoder.lora_", "decoder.dropout", "vision.d
 _MOE_STRUCTURE = ("num_experts", "top_k", "shared_expert", "router_noise", "activation")
 
 
-def _flat(values: dict, prefix: str = "") -> dict[str, object]:
-    out = {}
-    for key, value in values.items():
-        if isinstance(value, dict) and key != "hf_config":
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
 def _check_same_model(old: ModelConfig, new: ModelConfig, model_dir: Path) -> None:
-    before, after = _flat(_input_dict(old)), _flat(_input_dict(new))
+    before, after = flat_keys(_input_dict(old)), flat_keys(_input_dict(new))
     changeable = _STAGE_SETTINGS + (("decoder.max_text_len",) if old.decoder.pretrained else ())
     for key in before:
         if before[key] != after.get(key) and not key.startswith(changeable):

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from moevlm.config import Config
 from moevlm.data.dataset import EpochBatchSampler, ImageTextDataset, collate, usable_batch
 from moevlm.data.tokenizer import Tokenizer
-from moevlm.errors import TrainingError
+from moevlm.errors import ConfigError, TrainingError
 from moevlm.evaluate import evaluate
 from moevlm.metrics import expert_balance
 from moevlm.models.vlm import expert_dropped
@@ -57,16 +57,34 @@ def build_optimizer(trainable: dict[str, list[torch.nn.Parameter]], cfg) -> torc
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=True)
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, key: str = "train.device") -> torch.device:
+    """``auto``: CUDA, else Apple's MPS, else the CPU. A named device this machine lacks is refused
+    (``key`` names the setting in the message)."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"{key} {name!r}: expected auto, cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"{key} {name}: this machine has no CUDA device (auto picks what it has)")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"{key} {name}: this machine has no Apple MPS device (auto picks what it has)")
+    return device
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """bf16 when asked for, or with ``auto`` on a device whose kernels support it (a CUDA card that
+    has bf16; MPS from macOS 14); None: fp32."""
     if precision == "bf16":
         return torch.bfloat16
-    if precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported():
+    if precision != "auto":
+        return None
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    if device.type == "mps" and torch.backends.mps.is_macos_or_newer(14, 0):
         return torch.bfloat16
     return None
 
@@ -89,9 +107,10 @@ class Trainer:
     def __init__(self, config: Config, model, tokenizer: Tokenizer, train_set: ImageTextDataset,
                  val_set: ImageTextDataset | None, out_dir: Path, tracker: Tracker,
                  state: dict | None = None, optimizer_state: dict | None = None, progress: bool = True,
-                 untouched: set[str] = frozenset()):
+                 untouched: set[str] = frozenset(), command_config: dict | None = None):
         """``model`` is a VLM or PretrainedVLM; ``untouched`` names the pretrained tensors no stage
-        has trained so far (kept out of checkpoints, see train/checkpoint.py)."""
+        has trained so far (kept out of checkpoints, see train/checkpoint.py); ``command_config``:
+        the config as the command line gave it, kept in the trainer state for ``--resume`` to check."""
         self.config, self.tokenizer = config, tokenizer
         self.train_set, self.val_set = train_set, val_set
         self.out_dir, self.tracker, self.progress = Path(out_dir), tracker, progress
@@ -120,6 +139,7 @@ class Trainer:
         self.bad_in_a_row = state.get("bad_in_a_row", 0)
         self.skipped_steps: list[int] = state.get("skipped_steps", [])
         self.saved_step = state.get("step")  # None until this run writes a checkpoint
+        self.command_config = command_config
         if "rng" in state:
             _set_rng_state(state["rng"], self.device)
 
@@ -145,7 +165,7 @@ class Trainer:
         return {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
                 "rng": _rng_state(self.device), "history": self.history,
                 "bad_in_a_row": self.bad_in_a_row, "skipped_steps": self.skipped_steps,
-                "mlflow_run_id": self.tracker.run_id}
+                "mlflow_run_id": self.tracker.run_id, "command_config": self.command_config}
 
     def save(self) -> None:
         save_checkpoint(self.out_dir, self.config.train.keep_checkpoints, self.model, self.tokenizer, self.config,
