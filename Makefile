@@ -20,4 +20,5 @@ demo: $(STAMP)
 	$(VENV)/bin/moevlm demo
 
 test: $(STAMP)
+	$(VENV)/bin/ruff check src tests benchmarks
 	$(VENV)/bin/python -m pytest

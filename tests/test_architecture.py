@@ -81,8 +81,8 @@ def test_the_cycle_finder_finds_a_cycle():
 def test_imports_inside_functions_are_lazy_heavy_libraries_or_the_cli_commands():
     offenders = [f"{name}:{line}: {target}" for name in MODULES for target, inside, line in imports(name)
                  if inside and not target.startswith(LAZY_LIBRARIES)
-                 # cli.py: each command imports its library when it runs, so --help answers at once
-                 and not (name == "moevlm.cli" and target.startswith("moevlm."))]
+                 # cli.py: each command imports its library (and torch) when it runs, so --help answers at once
+                 and not (name == "moevlm.cli" and target.startswith(("moevlm.", "torch")))]
     assert not offenders
 
 

@@ -6,7 +6,8 @@ from moevlm.errors import ConfigError
 
 def test_seed_preset_has_the_original_sizes():
     c = load_config("seed").model
-    assert (c.vision.image_size, c.vision.patch_size, c.vision.width, c.vision.depth, c.vision.heads) == (96, 16, 512, 3, 8)
+    vision = c.vision
+    assert (vision.image_size, vision.patch_size, vision.width, vision.depth, vision.heads) == (96, 16, 512, 3, 8)
     assert (c.decoder.width, c.decoder.depth, c.decoder.heads) == (128, 8, 8)
     assert (c.decoder.moe.num_experts, c.decoder.moe.top_k, c.vision.num_image_tokens) == (8, 2, 1)
     assert c.tokenizer.kind == "char"

@@ -1,8 +1,9 @@
 """``moevlm demo``: a real-image captioning task built on the spot, trained in a few minutes.
 
 Scenes of two or three handwritten digits side by side at random heights (scikit-learn's
-bundled UCI scans, no download), captioned by naming the digits from left to right. Validation scenes are built from scans
-that no training scene uses, so the held-out exact match measures generalization.
+bundled UCI scans, no download), captioned by naming the digits from left to right. Validation
+scenes are built from scans that no training scene uses, so the held-out exact match measures
+generalization.
 """
 
 from __future__ import annotations

@@ -9,13 +9,12 @@ from functools import partial
 import torch
 from torch.utils.data import DataLoader
 
-from moevlm.data.dataset import ImageTextDataset, collate, usable_batch
 from moevlm.data.chat import HFTokenizer
+from moevlm.data.dataset import ImageTextDataset, collate, usable_batch
 from moevlm.data.tokenizer import Tokenizer
 from moevlm.generate import generate_texts
 from moevlm.metrics import bleu4, exact_match, expert_balance
 from moevlm.models.vlm import VLM, expert_dropped
-
 
 # Room past the reference's length: end-of-turn and special tokens that decoding drops.
 _SPARE_TOKENS = 8

@@ -44,7 +44,8 @@ def save_tokenizer(folder, template=TEMPLATE, eos="<eos>", bos="<bos>", pad="<pa
     backend = Tokenizer(models.WordLevel(V, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
     fast = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=bos, eos_token=eos, pad_token=pad,
-                                   unk_token="<unk>", additional_special_tokens=["<|user|>", "<|assistant|>", "<|end|>"])
+                                   unk_token="<unk>",
+                                   additional_special_tokens=["<|user|>", "<|assistant|>", "<|end|>"])
     if template is not None:
         fast.chat_template = template
     fast.save_pretrained(str(folder))

@@ -7,9 +7,16 @@ import torch
 from PIL import Image
 
 from moevlm.data import dataset as dataset_module
-from moevlm.data.dataset import (EpochBatchSampler, ImageTextDataset, collate, usable_batch,
-                                 split_samples, tokenizer_texts, unique_samples)
 from moevlm.data import images as images_module
+from moevlm.data.dataset import (
+    EpochBatchSampler,
+    ImageTextDataset,
+    collate,
+    split_samples,
+    tokenizer_texts,
+    unique_samples,
+    usable_batch,
+)
 from moevlm.data.images import ScratchImages, image_key
 from moevlm.data.records import Sample
 from moevlm.data.tokenizer import Tokenizer

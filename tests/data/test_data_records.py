@@ -63,7 +63,7 @@ def test_image_column_takes_relative_paths_base64_and_data_urls(tmp_path, image_
 
 def test_paths_are_resolved_against_the_data_folder_not_the_working_directory(tmp_path, monkeypatch):
     (tmp_path / "sub").mkdir()
-    path = write_csv(tmp_path / "sub" / "d.csv", ["image", "caption"], [["./a/../x.png", "x"]])
+    write_csv(tmp_path / "sub" / "d.csv", ["image", "caption"], [["./a/../x.png", "x"]])
     monkeypatch.chdir(tmp_path)
     samples, _ = read_samples("sub/d.csv")
     assert samples[0].image == str(tmp_path / "sub" / "x.png")

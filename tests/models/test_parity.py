@@ -12,7 +12,6 @@ from moevlm.models.factory import build_model, import_llava
 from moevlm.models.hf_config import resolve_pretrained
 from pretrained_fixtures import IMAGE_TOKEN_ID, NUM_PATCHES
 
-
 pytestmark = pytest.mark.usefixtures("offline")
 
 

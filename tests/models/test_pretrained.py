@@ -17,7 +17,6 @@ from moevlm.models.vit import ViT
 from moevlm.models.vlm import VLM
 from pretrained_fixtures import NUM_PATCHES
 
-
 pytestmark = pytest.mark.usefixtures("offline")
 
 

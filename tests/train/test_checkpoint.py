@@ -10,8 +10,14 @@ from safetensors.torch import load_file
 
 from moevlm.config import load_config
 from moevlm.errors import CheckpointError
-from moevlm.train.checkpoint import (CHECKSUMS, load_model, load_training_checkpoint, sha256,
-                                     verify_checkpoint, TRAINING_FILES)
+from moevlm.train.checkpoint import (
+    CHECKSUMS,
+    TRAINING_FILES,
+    load_model,
+    load_training_checkpoint,
+    sha256,
+    verify_checkpoint,
+)
 from moevlm.train.run import run_training
 from moevlm.train.snapshots import snapshots
 

@@ -16,7 +16,6 @@ from moevlm.train.stages import upcycle_checkpoint
 from pretrained_fixtures import tiny_llama
 from shapes import write_llava_data
 
-
 pytestmark = pytest.mark.usefixtures("offline")
 
 
@@ -140,7 +139,7 @@ def test_a_source_changed_past_the_first_bytes_of_a_tensor_is_refused(pretrained
 
 
 def test_the_fingerprint_follows_a_tensor_changed_in_place(tiny_config):
-    from moevlm.models.pretrained import build_model
+    from moevlm.models.factory import build_model
     from moevlm.train.checkpoint import fingerprint
 
     model = build_model(tiny_config.model)
@@ -183,9 +182,9 @@ def test_stage_moe_upcycles_and_the_cli_upcycle_keeps_the_eval_loss(pretrained_p
     assert bundle.config.model.decoder.moe.activation == "swiglu"
 
     def eval_loss(folder):
+        from moevlm.data.records import read_samples
         from moevlm.evaluate import evaluate
         from moevlm.train.run import dataset_for
-        from moevlm.data.records import read_samples
         model, tokenizer, config = load_model(folder)
         samples, _ = read_samples(data["conversations"])
         dataset = dataset_for(samples, tokenizer, config, False, folder)

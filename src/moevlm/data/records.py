@@ -13,8 +13,8 @@ import os
 import re
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 from functools import partial
+from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from moevlm.data.images import looks_like_base64

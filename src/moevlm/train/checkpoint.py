@@ -31,8 +31,8 @@ from moevlm.config import Config
 from moevlm.data.images import image_preparer
 from moevlm.data.tokenizer_factory import load_tokenizer
 from moevlm.errors import CheckpointError, ConfigError, MoevlmError
-from moevlm.models.lora import apply_lora
 from moevlm.models.factory import build_model
+from moevlm.models.lora import apply_lora
 
 CONFIG, WEIGHTS, TOKENIZER, STATE, OPTIMIZER, CHECKSUMS, PRETRAINED = (
     "config.json", "model.safetensors", "tokenizer.json", "trainer_state.json", "optimizer.pt", "checksums.json",

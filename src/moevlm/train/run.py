@@ -17,9 +17,9 @@ from moevlm.data.records import Sample, read_samples
 from moevlm.data.tokenizer import Tokenizer
 from moevlm.data.tokenizer_factory import load_tokenizer
 from moevlm.errors import ConfigError, MoevlmError
-from moevlm.models.lora import apply_lora
 from moevlm.models.factory import build_model
 from moevlm.models.hf_config import resolve_pretrained
+from moevlm.models.lora import apply_lora
 from moevlm.train.checkpoint import Bundle
 from moevlm.train.snapshots import has_checkpoint, load_for_resume
 from moevlm.train.stages import continue_from, moe_layers_to_train, pretrained_names

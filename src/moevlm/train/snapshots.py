@@ -26,8 +26,15 @@ import torch
 
 from moevlm.config import Config
 from moevlm.errors import CheckpointError
-from moevlm.train.checkpoint import (Bundle, CONFIG, STATE, DamagedCheckpointError, fsync_dir,
-                                     load_training_checkpoint, write_checkpoint)
+from moevlm.train.checkpoint import (
+    CONFIG,
+    STATE,
+    Bundle,
+    DamagedCheckpointError,
+    fsync_dir,
+    load_training_checkpoint,
+    write_checkpoint,
+)
 
 log = logging.getLogger(__name__)
 

@@ -28,7 +28,6 @@ from moevlm.models.moe import MoE
 from moevlm.models.upcycle import upcycle
 from moevlm.train.checkpoint import Bundle, load_bundle, with_tied, write_checkpoint
 
-
 # Which parameter groups each stage trains (train.trainable overrides it).
 STAGE_TRAINABLE = {"full": PARAM_GROUPS, "pretrain": ("projector",), "instruct": ("projector", "lm", "moe"),
                    "moe": ("moe",)}
