@@ -136,7 +136,7 @@ def test_caption_and_eval_run_on_the_device_asked_for(trained, tmp_path, capsys)
 def test_device_auto_loads_the_model_on_cuda_then_mps(trained, tmp_path, capsys, monkeypatch, command):
     import torch
 
-    from moevlm.train import checkpoint
+    from moevlm import checkpoint
 
     Image.new("RGB", (30, 20), (200, 10, 10)).save(tmp_path / "a.png")
     argv = {"caption": ["caption", "--model", trained / "run", tmp_path / "a.png"],

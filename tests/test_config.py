@@ -95,3 +95,31 @@ def test_a_model_section_from_a_checkpoint_replaces_the_presets():
     config = load_config("tiny", overrides=["moe.num_experts=2", "moe.top_k=1"], model=model)
     assert config.model.vision.image_size == 96 and config.model.decoder.moe.num_experts == 2
     assert config.train.batch_size == load_config("tiny").train.batch_size
+
+
+def test_every_key_has_its_help_and_the_cli_lists_them(capsys):
+    from moevlm.cli import main
+    from moevlm.config import describe_fields
+
+    rows = describe_fields()
+    assert all(text for _, _, text in rows), [key for key, _, text in rows if not text]
+    keys = {key for key, _, _ in rows}
+    assert {"train.lr", "model.decoder.moe.capacity_factor", "data.on_bad_row"} <= keys
+    assert not {key for key in keys if key.endswith(("num_image_tokens", "moe_layer_indices"))}  # derived
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--help-config"])
+    assert exit_info.value.code == 0
+    printed = capsys.readouterr().out
+    assert "model.decoder.moe.capacity_factor" in printed and "train.lr " in printed
+
+
+def test_configs_are_frozen_and_updated_through_validation():
+    import dataclasses
+
+    config = load_config("tiny")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.train.lr = 1.0
+    changed = config.updated({"model.decoder.moe.layers": "every-other"})
+    assert changed.model.decoder.moe_layer_indices == [1] and config.model.decoder.moe_layer_indices == [0, 1]
+    with pytest.raises(ConfigError, match="decoder.heads"):
+        config.updated({"model.decoder.heads": 5})

@@ -12,8 +12,8 @@ import pytest
 from PIL import Image
 
 from hostile import huge_png
+from moevlm.checkpoint import CHECKSUMS, sha256
 from moevlm.cli import main
-from moevlm.train.checkpoint import CHECKSUMS, sha256
 
 
 def png(color=(200, 30, 30), size=(16, 16), mode="RGB", fmt="PNG", **save_args) -> bytes:

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from moevlm.checkpoint import load_checkpoint
 from moevlm.cli import main
-from moevlm.train.checkpoint import load_bundle
 from shapes import write_llava_data
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -67,7 +67,7 @@ def test_the_readme_walkthrough_runs_on_tiny_models(stand_ins, tmp_path, capsys)
         assert main(argv) == 0, command
     out = capsys.readouterr().out
     assert f"{stand_ins['photo.jpg']}: " in out and '"exact_match"' not in out and "exact_match" in out
-    moe = load_bundle(tmp_path / "runs" / "moe")
+    moe = load_checkpoint(tmp_path / "runs" / "moe")
     assert moe.config.model.decoder.moe_layer_indices == [1]
     assert (moe.config.model.decoder.moe.num_experts, moe.config.model.decoder.moe.top_k) == (4, 2)
-    assert moe.config.train.stage == "moe" and moe.untouched  # the SigLIP tower is still referenced
+    assert moe.config.train.stage == "moe" and moe.from_source  # the SigLIP tower is still referenced

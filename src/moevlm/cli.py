@@ -1,4 +1,4 @@
-"""Command line: ``moevlm train | caption | eval | demo | upcycle | bench`` (design.md §2).
+"""Command line: ``moevlm train | caption | eval | demo | upcycle | bench`` (README, "Usage").
 
 User mistakes end with one line on stderr and exit code 2; no traceback.
 """
@@ -13,7 +13,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from moevlm.config import PRESETS, STAGES
+from moevlm.config import PRESETS, STAGES, describe_fields
 
 EXIT_USER_ERROR = 2
 
@@ -32,6 +32,20 @@ def _add_device_flag(parser: argparse.ArgumentParser) -> None:
                              "bf16 autocast where the device supports it (cuda:N names one card)")
 
 
+class _HelpConfig(argparse.Action):
+    """``train --help-config``: every config key with its default and meaning, then exit (like --help)."""
+
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        rows = describe_fields()
+        width = max(len(key) for key, _, _ in rows)
+        for key, default, text in rows:
+            print(f"{key:<{width}}  {default:<10}  {text}")
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moevlm", description="Mixture-of-Experts vision-language models.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -43,6 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--val-data", type=Path, help="validation data (default: split off data.val_fraction)")
     train.add_argument("--preset", choices=sorted(PRESETS), help="starting config (default: default)")
     train.add_argument("--config", type=Path, help="YAML file of config values over the preset")
+    train.add_argument("--help-config", action=_HelpConfig, help="list every config key (--set KEY=VALUE) with its "
+                                                                 "default and meaning, then exit")
     train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override a config value, e.g. --set train.lr=3e-4 (repeatable)")
     train.add_argument("--out", type=Path, default=Path("runs/latest"),
@@ -111,18 +127,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _cmd_train(args) -> int:
-    from moevlm.config import load_config
-    from moevlm.train.run import run_training
+    from moevlm.train.run import config_from_command_line, run_training
 
-    config_given = bool(args.overrides or args.config or args.preset or args.stage or args.from_dir)
-    overrides = args.overrides + ([f"train.stage={args.stage}"] if args.stage else [])
-    model = None
-    if args.from_dir is not None:
-        from moevlm.train.checkpoint import load_config_file, verify_checkpoint
-
-        verify_checkpoint(args.from_dir)
-        model = load_config_file(args.from_dir).to_dict()["model"]
-    config = load_config(args.preset or "default", args.config, overrides, model=model)
+    config, config_given = config_from_command_line(args.preset, args.config, args.overrides, args.stage,
+                                                    args.from_dir)
     trainer, result = run_training(config, args.data, args.out, val_data=args.val_data, resume=args.resume,
                                    max_steps=args.max_steps, tracking_uri=args.tracking_uri,
                                    tracking=not args.no_tracking, progress=sys.stderr.isatty(),
@@ -160,10 +168,10 @@ def _open_images(paths: list[Path]) -> list:
 def _cmd_caption(args) -> int:
     import torch
 
+    from moevlm.checkpoint import load_model
     from moevlm.data.images import image_preparer
     from moevlm.errors import ConfigError, DataError
     from moevlm.generate import caption
-    from moevlm.train.checkpoint import load_model
 
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size must be >= 1, not {args.batch_size}")
@@ -189,11 +197,11 @@ def _public_result(result: dict) -> dict:
 
 
 def _cmd_eval(args) -> int:
+    from moevlm.checkpoint import load_model
     from moevlm.data.records import read_samples
+    from moevlm.data.training_data import dataset_for
     from moevlm.errors import ConfigError
     from moevlm.evaluate import evaluate
-    from moevlm.train.checkpoint import load_model
-    from moevlm.train.run import dataset_for
 
     if args.max_new_tokens is not None and args.max_new_tokens < 1:
         raise ConfigError(f"--max-new-tokens must be at least 1, not {args.max_new_tokens}")
@@ -226,16 +234,9 @@ def _cmd_demo(args) -> int:
 
 
 def _cmd_upcycle(args) -> int:
-    from moevlm.errors import ConfigError
-    from moevlm.train.stages import upcycle_checkpoint
+    from moevlm.train.upcycling import layer_spec, upcycle_checkpoint
 
-    layers = args.layers
-    if layers not in ("all", "every-other"):
-        try:
-            layers = [int(part) for part in layers.split(",")]
-        except ValueError:
-            raise ConfigError(f"--layers {args.layers!r}: expected all, every-other or a list like 0,2,5") from None
-    config = upcycle_checkpoint(args.model, args.out, args.experts, args.top_k, layers)
+    config = upcycle_checkpoint(args.model, args.out, args.experts, args.top_k, layer_spec(args.layers))
     moe = config.model.decoder.moe
     print(f"upcycled {len(config.model.decoder.moe_layer_indices)} layers {config.model.decoder.moe_layer_indices} "
           f"to {moe.num_experts} {moe.activation} experts, top-{moe.top_k}: {args.out}")

@@ -27,5 +27,10 @@ class CheckpointError(MoevlmError):
     """A checkpoint folder that is missing, incomplete or does not fit the model."""
 
 
+class DamagedCheckpointError(CheckpointError):
+    """A file of the checkpoint is missing or differs from its checksum: the only problems
+    ``--resume`` falls back past. A file that is whole but cannot be read or used is not one."""
+
+
 class TrainingError(MoevlmError):
     """A run that cannot go on, e.g. a loss that stays NaN; its last good checkpoint is kept."""

@@ -9,18 +9,18 @@ from functools import partial
 import torch
 from torch.utils.data import DataLoader
 
-from moevlm.data.chat import HFTokenizer
 from moevlm.data.dataset import ImageTextDataset, collate, usable_batch
-from moevlm.data.tokenizer import Tokenizer
+from moevlm.data.tokenizer_factory import TextTokenizer
 from moevlm.generate import generate_texts
 from moevlm.metrics import bleu4, exact_match, expert_balance
-from moevlm.models.vlm import VLM, expert_dropped
+from moevlm.models.protocol import VisionLanguageModel
+from moevlm.models.vlm import expert_dropped
 
 # Room past the reference's length: end-of-turn and special tokens that decoding drops.
 _SPARE_TOKENS = 8
 
 
-def generation_limit(tokenizer: Tokenizer | HFTokenizer, references: list[str]) -> int:
+def generation_limit(tokenizer: TextTokenizer, references: list[str]) -> int:
     """New tokens to generate for rows scored against ``references``: twice the longest in
     tokens, plus a few. By then a caption is far from an exact match, and an untrained model,
     which never writes <eos>, would otherwise run on to decoder.max_text_len (1,024 in llava)."""
@@ -28,7 +28,7 @@ def generation_limit(tokenizer: Tokenizer | HFTokenizer, references: list[str]) 
 
 
 @torch.no_grad()
-def evaluate(model: VLM, dataset: ImageTextDataset, tokenizer: Tokenizer | HFTokenizer, *, batch_size: int = 64,
+def evaluate(model: VisionLanguageModel, dataset: ImageTextDataset, tokenizer: TextTokenizer, *, batch_size: int = 64,
              max_generate: int | None = None, max_new_tokens: int | None = None,
              amp_dtype: torch.dtype | None = None) -> dict:
     """Returns exact_match, bleu4, loss, perplexity, num_samples, expert_load (per layer),

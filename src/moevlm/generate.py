@@ -12,7 +12,8 @@ from collections.abc import Iterator
 import torch
 
 from moevlm.data.images import image_preparer, normalize
-from moevlm.models.vlm import VLM
+from moevlm.data.tokenizer_factory import TextTokenizer
+from moevlm.models.protocol import VisionLanguageModel
 
 
 def _left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -45,7 +46,8 @@ def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: int | Non
 
 
 @torch.no_grad()
-def generate_stream(model: VLM, images: torch.Tensor, prompts: list[list[int]], *, eos_id: int, pad_id: int,
+def generate_stream(model: VisionLanguageModel, images: torch.Tensor, prompts: list[list[int]], *, eos_id: int,
+                    pad_id: int,
                     max_new_tokens: int = 32, temperature: float = 0.0, top_k: int | None = None,
                     top_p: float | None = None, seed: int | None = None,
                     use_cache: bool = True) -> Iterator[torch.Tensor]:
@@ -86,7 +88,7 @@ def generate_stream(model: VLM, images: torch.Tensor, prompts: list[list[int]], 
             logits, key_mask = model.prefill(images, ids, text_mask)
 
 
-def generate(model: VLM, images: torch.Tensor, prompts: list[list[int]], *, eos_id: int, pad_id: int,
+def generate(model: VisionLanguageModel, images: torch.Tensor, prompts: list[list[int]], *, eos_id: int, pad_id: int,
              **options) -> list[list[int]]:
     """The generated token ids of each sequence, without the prompt and without <eos>."""
     out: list[list[int]] = [[] for _ in prompts]
@@ -102,7 +104,7 @@ def generate(model: VLM, images: torch.Tensor, prompts: list[list[int]], *, eos_
     return out
 
 
-def generate_texts(model: VLM, tokenizer, images_uint8: torch.Tensor, prompts: list[str],
+def generate_texts(model: VisionLanguageModel, tokenizer: TextTokenizer, images_uint8: torch.Tensor, prompts: list[str],
                    **options) -> list[str]:
     """Decoded text for a batch of uint8 (B, C, S, S) images, one prompt per image."""
     device = next(model.parameters()).device
@@ -111,7 +113,7 @@ def generate_texts(model: VLM, tokenizer, images_uint8: torch.Tensor, prompts: l
     return [tokenizer.decode(ids) for ids in outputs]
 
 
-def caption(model: VLM, tokenizer, images: list, prompt: str = "", batch_size: int = 32,
+def caption(model: VisionLanguageModel, tokenizer: TextTokenizer, images: list, prompt: str = "", batch_size: int = 32,
             prepare_image=None, **options) -> list[str]:
     """Captions PIL images (any size or mode), prepared like the training data.
 

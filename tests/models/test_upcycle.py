@@ -10,7 +10,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 from moevlm.config import Config, DecoderConfig, MoEConfig, load_config
 from moevlm.errors import ConfigError, MoevlmError
 from moevlm.models.moe import IMAGE, TEXT, MoE
-from moevlm.models.moe_install import MoEMLP, decoder_layers, install_moe_layers, mlp_activation
+from moevlm.models.moe_install import MoEMLP, TokenKinds, decoder_layers, install_moe_layers, mlp_activation
 from moevlm.models.upcycle import upcycle
 from moevlm.models.vlm import VLM
 
@@ -99,12 +99,14 @@ def test_install_is_idempotent():
 
 def test_upcycled_lm_trains_experts_and_router_and_reports_aux_losses():
     lm = hf_lm("llama")
-    install_moe_layers(lm, lm_decoder_cfg("every-other", experts=4, top_k=2, activation="swiglu"))
+    kinds = TokenKinds()
+    install_moe_layers(lm, lm_decoder_cfg("every-other", experts=4, top_k=2, activation="swiglu"), kinds)
     mlp = decoder_layers(lm)[1].mlp
-    mlp.token_kind = torch.full(IDS.shape, TEXT)
-    mlp.token_kind[:, :3] = IMAGE
+    token_kind = torch.full(IDS.shape, TEXT)
+    token_kind[:, :3] = IMAGE
     lm.train()
-    logits = lm(IDS).logits
+    with kinds.given(token_kind):
+        logits = lm(IDS).logits
     assert set(mlp.moe.aux) == {"balance", "z"}
     assert mlp.moe.last_load.sum(1).tolist() == [2 * 3 * 2, 2 * 6 * 2]  # image, text assignments
     loss = F.cross_entropy(logits[:, :-1].reshape(-1, VOCAB), IDS[:, 1:].reshape(-1))
@@ -115,18 +117,18 @@ def test_upcycled_lm_trains_experts_and_router_and_reports_aux_losses():
     # Identical experts: the main loss cannot tell the router's choices apart; the aux losses can.
     assert mlp.moe.gate.weight.grad.abs().sum() > 0
     lm.eval()
-    mlp.token_kind = None
     with torch.no_grad():
         lm(IDS)
     assert mlp.moe.aux == {}
 
 
-def test_token_kind_of_another_shape_is_a_bug_not_silently_ignored():
+def test_token_kinds_of_another_shape_are_a_bug_not_silently_ignored():
     lm = hf_lm("gpt2")
-    install_moe_layers(lm, lm_decoder_cfg([0], activation="gelu_tanh"))
-    decoder_layers(lm)[0].mlp.token_kind = torch.full((2, 4), TEXT)
-    with pytest.raises(AssertionError, match="token_kind"):
+    kinds = TokenKinds()
+    install_moe_layers(lm, lm_decoder_cfg([0], activation="gelu_tanh"), kinds)
+    with kinds.given(torch.full((2, 4), TEXT)), pytest.raises(AssertionError, match="token kinds given have shape"):
         lm(IDS)
+    lm(IDS)  # outside the call they were given for, every token counts as text
 
 
 @pytest.mark.parametrize("family,overrides,message", [
@@ -254,11 +256,11 @@ def test_shared_expert_is_refused():
 # --- a model with a transformers LM (the PretrainedVLM shape: .lm and .cfg) -----------------------
 
 class LMHolder(nn.Module):
-    """Stands in for PretrainedVLM: upcycle only uses .lm and .cfg."""
+    """Stands in for PretrainedVLM: upcycle only uses .lm, .cfg and .token_kinds."""
 
     def __init__(self, lm, cfg):
         super().__init__()
-        self.lm, self.cfg = lm, cfg
+        self.lm, self.cfg, self.token_kinds = lm, cfg, TokenKinds()
 
 
 def test_upcycle_on_a_pretrained_lm_model_installs_in_place_and_describes_it():

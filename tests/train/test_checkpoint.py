@@ -8,9 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from moevlm.config import load_config
-from moevlm.errors import CheckpointError
-from moevlm.train.checkpoint import (
+from moevlm.checkpoint import (
     CHECKSUMS,
     TRAINING_FILES,
     load_model,
@@ -18,8 +16,10 @@ from moevlm.train.checkpoint import (
     sha256,
     verify_checkpoint,
 )
+from moevlm.config import load_config
+from moevlm.errors import CheckpointError
 from moevlm.train.run import run_training
-from moevlm.train.snapshots import snapshots
+from moevlm.train.snapshots import RunCheckpoints
 
 
 def tiny(**overrides):
@@ -65,7 +65,7 @@ def rewrite_checksums(folder):
 
 def test_the_last_k_snapshots_are_kept_and_the_top_level_is_the_newest(run):
     out, _ = run
-    assert [step for step, _ in snapshots(out)] == [4, 3]
+    assert [step for step, _ in RunCheckpoints(out).snapshots()] == [4, 3]
     assert not [p for p in (out / "checkpoints").iterdir() if p.name.startswith(".")]
     newest = out / "checkpoints" / "step-00000004"
     for name in TRAINING_FILES + (CHECKSUMS,):
@@ -116,7 +116,7 @@ def test_resume_falls_back_to_the_newest_good_snapshot(run, copy, caplog):
     # Step 4 done again from step 3 gives the very same weights as the first time.
     expected, again = load_file(str(out / "model.safetensors")), load_file(str(copy / "model.safetensors"))
     assert expected.keys() == again.keys() and all(torch.equal(expected[k], again[k]) for k in expected)
-    assert [step for step, _ in snapshots(copy)] == [4, 3]
+    assert [step for step, _ in RunCheckpoints(copy).snapshots()] == [4, 3]
     verify_checkpoint(copy / "checkpoints" / "step-00000004", TRAINING_FILES)
 
 
@@ -135,7 +135,7 @@ def test_damaged_snapshots_past_the_resume_point_do_not_push_out_good_ones(run, 
     (copy / "checkpoints" / "step-00000009").mkdir()  # as a kill -9 can never leave, but a disk can
     (copy / "checkpoints" / "damaged-step-00000009").mkdir()  # from an earlier resume
     train(data, copy, resume=True, max_steps=5)
-    assert [step for step, _ in snapshots(copy)] == [5, 4]
+    assert [step for step, _ in RunCheckpoints(copy).snapshots()] == [5, 4]
     assert (copy / "checkpoints" / "damaged-step-00000009.2").is_dir()
 
 
@@ -158,11 +158,11 @@ def test_resume_stops_when_an_intact_optimizer_state_cannot_be_read(run, copy, m
         train(data, copy, resume=True)
     assert "\n" not in str(info.value)
     assert {path.name: path.stat().st_ino for path in newest.iterdir()} == before
-    assert [step for step, _ in snapshots(copy)] == [4, 3]
+    assert [step for step, _ in RunCheckpoints(copy).snapshots()] == [4, 3]
 
 
 def test_resume_stops_when_a_file_cannot_be_opened(run, copy, monkeypatch):
-    from moevlm.train import checkpoint
+    from moevlm import checkpoint
 
     _, data = run
     digest = checkpoint.sha256
@@ -175,7 +175,7 @@ def test_resume_stops_when_a_file_cannot_be_opened(run, copy, monkeypatch):
     monkeypatch.setattr(checkpoint, "sha256", denied)
     with pytest.raises(CheckpointError, match=r"step-00000004/config\.json: cannot read \(Permission denied\)$"):
         train(data, copy, resume=True)
-    assert [step for step, _ in snapshots(copy)] == [4, 3]
+    assert [step for step, _ in RunCheckpoints(copy).snapshots()] == [4, 3]
 
 
 def test_weights_from_a_model_with_another_config_are_refused(run, copy, tmp_path):

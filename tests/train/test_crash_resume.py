@@ -15,11 +15,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from moevlm.checkpoint import load_model
 from moevlm.config import load_config
 from moevlm.errors import CheckpointError
-from moevlm.train.checkpoint import load_model
 from moevlm.train.run import run_training
-from moevlm.train.snapshots import snapshots
+from moevlm.train.snapshots import RunCheckpoints
 
 SETTINGS = {"train.max_steps": 18, "train.checkpoint_every": 6, "train.eval_every": 6, "data.val_fraction": 0.25,
             "train.keep_checkpoints": 1}
@@ -39,7 +39,7 @@ KILLERS = {
     """,
     # Writing snapshot 12: its weights file is half on disk.
     "writing the snapshot": """
-        from moevlm.train import checkpoint
+        from moevlm import checkpoint
         save_file = checkpoint.save_file
         def half_save_file(tensors, path, metadata):
             save_file(tensors, path, metadata=metadata)
@@ -145,7 +145,7 @@ def kill_run(tmp_path, data, moment):
 def test_kill_9_then_resume_gives_bitwise_the_same_weights(straight, tmp_path, moment, resumes_at):
     reference, reference_dir, data = straight
     out = kill_run(tmp_path, data, moment)
-    assert snapshots(out)[0][0] == resumes_at
+    assert RunCheckpoints(out).snapshots()[0][0] == resumes_at
     if moment == "writing the snapshot":
         assert (out / "checkpoints" / ".step-00000012.tmp" / "model.safetensors").is_file()  # the half file
         load_model(out)  # the top level is still step 6's, whole
@@ -175,4 +175,4 @@ def test_kill_9_then_resume_gives_bitwise_the_same_weights(straight, tmp_path, m
     assert expected.keys() == got.keys()
     assert all(torch.equal(expected[name], got[name]) for name in expected)
     assert not [p for p in (out / "checkpoints").iterdir() if p.name.startswith(".")]
-    assert [step for step, _ in snapshots(out)] == [18] and not list(out.glob(".*.tmp"))
+    assert [step for step, _ in RunCheckpoints(out).snapshots()] == [18] and not list(out.glob(".*.tmp"))

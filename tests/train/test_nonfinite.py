@@ -9,12 +9,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from moevlm.checkpoint import load_model
 from moevlm.cli import main
 from moevlm.config import load_config
 from moevlm.errors import TrainingError
 from moevlm.models.vlm import VLM
 from moevlm.train import trainer as trainer_module
-from moevlm.train.checkpoint import load_model
 from moevlm.train.run import run_training
 
 

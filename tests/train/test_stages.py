@@ -8,11 +8,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from moevlm.checkpoint import PRETRAINED, WEIGHTS, load_checkpoint, load_model
 from moevlm.config import load_config
 from moevlm.errors import CheckpointError, ConfigError
-from moevlm.train.checkpoint import PRETRAINED, WEIGHTS, load_bundle, load_model
 from moevlm.train.run import run_training
-from moevlm.train.stages import upcycle_checkpoint
+from moevlm.train.upcycling import upcycle_checkpoint
 from pretrained_fixtures import tiny_llama
 from shapes import write_llava_data
 
@@ -54,7 +54,7 @@ def test_pretrain_changes_only_the_projector(pretrained_parts, data, tmp_path, v
                                            f"model.lm=hf:{pretrained_parts[lm]}"])
     from moevlm.train.run import fresh_model
     fresh = fresh.updated({"train.seed": config.train.seed})
-    before = weights_of(fresh_model(fresh, []).model)
+    before = weights_of(fresh_model(fresh).model)
     after = weights_of(trainer.model)
     assert changed(before, after) and all(name.startswith("projector.") for name in changed(before, after))
     assert {n for n in before if n.startswith("projector.")} == changed(before, after)
@@ -107,7 +107,7 @@ def test_a_source_changed_past_the_first_bytes_of_a_tensor_is_refused(pretrained
 
     from safetensors.torch import save_file
 
-    from moevlm.train.checkpoint import CHECKSUMS, fingerprint, sha256
+    from moevlm.checkpoint import CHECKSUMS, fingerprint, sha256
 
     source = tmp_path / "llama"
     shutil.copytree(pretrained_parts["llama"], source)
@@ -139,8 +139,8 @@ def test_a_source_changed_past_the_first_bytes_of_a_tensor_is_refused(pretrained
 
 
 def test_the_fingerprint_follows_a_tensor_changed_in_place(tiny_config):
+    from moevlm.checkpoint import fingerprint
     from moevlm.models.factory import build_model
-    from moevlm.train.checkpoint import fingerprint
 
     model = build_model(tiny_config.model)
     names = set(model.state_dict())
@@ -177,14 +177,14 @@ def test_stage_moe_upcycles_and_the_cli_upcycle_keeps_the_eval_loss(pretrained_p
     train(stage_config(pretrained_parts, "instruct"), data["conversations"], tmp_path / "sft")
     assert main(["upcycle", "--model", str(tmp_path / "sft"), "--experts", "4", "--top-k", "2",
                  "--layers", "every-other", "--out", str(tmp_path / "moe0")]) == 0
-    bundle = load_bundle(tmp_path / "moe0")
+    bundle = load_checkpoint(tmp_path / "moe0")
     assert bundle.config.model.decoder.moe_layer_indices == [1] and len(bundle.model.moe_layers) == 1
     assert bundle.config.model.decoder.moe.activation == "swiglu"
 
     def eval_loss(folder):
         from moevlm.data.records import read_samples
+        from moevlm.data.training_data import dataset_for
         from moevlm.evaluate import evaluate
-        from moevlm.train.run import dataset_for
         model, tokenizer, config = load_model(folder)
         samples, _ = read_samples(data["conversations"])
         dataset = dataset_for(samples, tokenizer, config, False, folder)
@@ -269,7 +269,7 @@ def test_a_llava_checkpoint_given_as_both_sources_computes_what_transformers_lla
 
     folder = tiny_llava(tmp_path / "llava", strategy="full", feature_layer=-1)
     config = load_config("tiny", overrides=[f"model.vision=hf:{folder}", f"model.lm=hf:{folder}"])
-    bundle = fresh_model(config, [])
+    bundle = fresh_model(config)
     model = bundle.model.eval()
     assert (bundle.config.model.vision.feature_layer, bundle.config.model.vision.keep_cls) == (-1, True)
     reference = LlavaForConditionalGeneration.from_pretrained(folder).eval()
@@ -288,7 +288,7 @@ def test_stage_moe_on_a_fresh_dense_lm_upcycles_every_ffn_and_starts_where_the_d
     def build(stage):
         config = load_config("tiny", overrides=[f"model.vision=hf:{pretrained_parts['clip']}",
                                                 f"model.lm=hf:{pretrained_parts['gpt2']}", f"train.stage={stage}"])
-        return fresh_model(config, [])
+        return fresh_model(config)
 
     dense, moe = build("pretrain"), build("moe")
     assert moe.config.model.decoder.moe_layer_indices == [0, 1] and not dense.model.moe_layers

@@ -21,11 +21,11 @@ from moevlm.bench.harness import device_name, gemm_gflops, seconds, time_ratio
 from moevlm.config import Config, MoEConfig, load_config
 from moevlm.data.records import Sample
 from moevlm.data.tokenizer import Tokenizer
+from moevlm.data.training_data import dataset_for
 from moevlm.generate import generate
 from moevlm.models.mlp import FeedForward
 from moevlm.models.moe import MoE
 from moevlm.models.vlm import VLM
-from moevlm.train.run import dataset_for
 from moevlm.train.tracking import Tracker
 from moevlm.train.trainer import Trainer
 

@@ -306,7 +306,9 @@ class Config:
         return from_dict(cls, values)
 
     def updated(self, changes: dict[str, Any]) -> "Config":
-        """A new, validated config with ``{"model.decoder.vocab_size": 300, ...}`` changed."""
+        """A new, validated config with ``{"model.decoder.vocab_size": 300, ...}`` changed. Derived
+        fields follow; a field that was filled in from others (``ffn_hidden`` left null) keeps the
+        value it was given, as it does in the config.json of a checkpoint."""
         values = self.to_dict()
         for key, value in changes.items():
             set_dotted(values, key, value)

@@ -16,7 +16,7 @@ from moevlm.config import ModelConfig
 from moevlm.models.hf_config import hf_config_object, is_resolved
 from moevlm.models.hf_vision import HFVisionTower
 from moevlm.models.moe import IMAGE, PAD, TEXT, MoE
-from moevlm.models.moe_install import install_moe_layers
+from moevlm.models.moe_install import MoEMLP, TokenKinds, install_moe_layers
 from moevlm.models.projector import build_projector
 from moevlm.models.vit import ViT
 from moevlm.models.vlm import VLMOutput, expert_load, vlm_output
@@ -29,7 +29,7 @@ class PretrainedVLM(nn.Module):
     features. Same interface as ``VLM``: forward, moe_layers, expert_load, new_cache,
     prefill, step. MoE layers (decoder.moe_layer_indices) replace the LM's dense MLPs
     (models/moe_install.py); each learns which tokens are image / text / padding from
-    ``token_kind``, set before every LM call."""
+    ``token_kind``, handed over for each LM call (``TokenKinds``)."""
 
     images_in_text = True
 
@@ -52,17 +52,15 @@ class PretrainedVLM(nn.Module):
         self.lm = lm
         # transformers renamed past_key_values to cache during 5.x; speak whichever this LM takes.
         self._cache_arg = "cache" if "cache" in inspect.signature(type(lm).forward).parameters else "past_key_values"
+        self.token_kinds = TokenKinds()  # shared with the MoE layers installed in the LM
         if cfg.decoder.moe_layer_indices:
-            install_moe_layers(self.lm, cfg.decoder)
+            install_moe_layers(self.lm, cfg.decoder, self.token_kinds)
 
     # -- MoE bookkeeping ------------------------------------------------------------------
-    def _moe_mlps(self) -> list[nn.Module]:
-        # Looked up each time: upcycle() and LoRA wrapping change the LM after construction.
-        return [m for m in self.lm.modules() if isinstance(getattr(m, "moe", None), MoE) and hasattr(m, "token_kind")]
-
     @property
     def moe_layers(self) -> list[MoE]:
-        return [m.moe for m in self._moe_mlps()]
+        # Looked up each time: upcycle() and LoRA wrapping change the LM after construction.
+        return [m.moe for m in self.lm.modules() if isinstance(m, MoEMLP)]
 
     def expert_load(self) -> torch.Tensor:
         """Routed token counts of the last forward: (MoE layers, 2 [image, text], experts)."""
@@ -92,16 +90,10 @@ class PretrainedVLM(nn.Module):
 
     def _run_lm(self, embeds: torch.Tensor, key_mask: torch.Tensor, positions: torch.Tensor,
                 kind: torch.Tensor, cache=None, last_only: bool = False) -> torch.Tensor:
-        mlps = self._moe_mlps()
-        for mlp in mlps:
-            mlp.token_kind = kind
-        try:
-            extra = {self._cache_arg: cache, **({"logits_to_keep": 1} if last_only else {})}
+        extra = {self._cache_arg: cache, **({"logits_to_keep": 1} if last_only else {})}
+        with self.token_kinds.given(kind):
             out = self.lm(inputs_embeds=embeds, attention_mask=key_mask.long(), position_ids=positions,
                           use_cache=cache is not None, **extra)
-        finally:  # a stale (B, T) would trip the next caller of the LM that does not set it
-            for mlp in mlps:
-                mlp.token_kind = None
         return out.logits
 
     # -- training / evaluation -------------------------------------------------------------

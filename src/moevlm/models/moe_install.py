@@ -11,6 +11,7 @@ function f and the top-k weights sum to one, so sum_k w_k f(x) = f(x) whatever t
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -22,25 +23,43 @@ from moevlm.errors import ConfigError, MoevlmError
 from moevlm.models.moe import MoE
 
 
+class TokenKinds:
+    """Which positions of the LM call in progress are image, text or padding (moe.PAD / IMAGE /
+    TEXT, (B, T)), for the MoE layers installed in that LM: their load statistics, aux losses and
+    capacity leave padding out. A transformers decoder layer calls ``mlp(hidden_states)`` and nothing
+    more, so the model that owns the LM hands the kinds over for the length of one call:
+    ``with kinds.given(token_kind): lm(...)``. Outside such a call every token counts as text."""
+
+    def __init__(self):
+        self._current: torch.Tensor | None = None
+
+    @contextlib.contextmanager
+    def given(self, token_kind: torch.Tensor):
+        previous, self._current = self._current, token_kind
+        try:
+            yield
+        finally:
+            self._current = previous
+
+    def for_positions(self, shape: torch.Size) -> torch.Tensor | None:
+        kind = self._current
+        assert kind is None or kind.shape == shape, (
+            f"the token kinds given have shape {tuple(kind.shape)} but the MoE layer got hidden states of "
+            f"{tuple(shape)} positions: give the kinds of this call")
+        return kind
+
+
 class MoEMLP(nn.Module):
-    """Drop-in for a transformers decoder layer's ``mlp``: (B, T, D) -> (B, T, D).
+    """Drop-in for a transformers decoder layer's ``mlp``: (B, T, D) -> (B, T, D), with the token
+    kinds of the call from the ``TokenKinds`` its model shares with it."""
 
-    The decoder layer calls ``mlp(hidden_states)`` and nothing more, so which tokens are
-    image, text or padding (for the load statistics and the aux losses) comes in through
-    ``token_kind`` (B, T) with moe.PAD / IMAGE / TEXT, set by the model before each LM call.
-    None: every token counts as text."""
-
-    def __init__(self, moe: MoE):
+    def __init__(self, moe: MoE, kinds: TokenKinds):
         super().__init__()
         self.moe = moe
-        self.token_kind: torch.Tensor | None = None
+        self.kinds = kinds
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        kind = self.token_kind
-        assert kind is None or kind.shape == hidden_states.shape[:2], (
-            f"MoEMLP.token_kind has shape {tuple(kind.shape)} but the layer got hidden states "
-            f"{tuple(hidden_states.shape)}: set token_kind for this call (or None)")
-        return self.moe(hidden_states, kind)
+        return self.moe(hidden_states, self.kinds.for_positions(hidden_states.shape[:2]))
 
 
 @dataclass
@@ -173,7 +192,7 @@ def experts_from_dense(dense: DenseMLP, cfg: MoEConfig, router_std: float = 0.02
     return moe
 
 
-def install_moe_layers(lm: nn.Module, decoder_cfg: DecoderConfig) -> None:
+def install_moe_layers(lm: nn.Module, decoder_cfg: DecoderConfig, kinds: TokenKinds | None = None) -> None:
     """Replace the MLP of each layer in ``decoder_cfg.moe_layer_indices`` of a transformers
     causal LM with ``MoEMLP`` (experts copied from the dense MLP, fresh router), in place.
 
@@ -194,7 +213,8 @@ def install_moe_layers(lm: nn.Module, decoder_cfg: DecoderConfig) -> None:
                               f"not {decoder_cfg.moe.activation}")
     router_std = getattr(getattr(lm, "config", None), "initializer_range", 0.02)
     for i, mlp in dense.items():  # in the replaced MLP's mode: a fresh module would be training
-        layers[i].mlp = MoEMLP(experts_from_dense(mlp, decoder_cfg.moe, router_std)).train(layers[i].mlp.training)
+        moe = experts_from_dense(mlp, decoder_cfg.moe, router_std)
+        layers[i].mlp = MoEMLP(moe, kinds or TokenKinds()).train(layers[i].mlp.training)
 
 
 def _dense_mlps(lm: nn.Module, indices: list[int]) -> dict[int, DenseMLP]:

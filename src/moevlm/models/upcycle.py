@@ -82,7 +82,7 @@ def upcycle(model: nn.Module, config: Config, experts: int, top_k: int,
     if isinstance(model, VLM):
         return _upcycled_vlm(model, new_config, chosen), new_config
     model.cfg = new_config.model
-    install_moe_layers(model.lm, model.cfg.decoder)
+    install_moe_layers(model.lm, model.cfg.decoder, model.token_kinds)
     for layer in decoder_layers(model.lm):  # MoE layers from before share the new moe section
         if isinstance(layer.mlp, MoEMLP):
             layer.mlp.moe.cfg = model.cfg.decoder.moe

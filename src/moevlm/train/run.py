@@ -1,5 +1,6 @@
-"""``moevlm train``: reads the data, splits it, builds the model (fresh, from pretrained parts, from an
-earlier stage's checkpoint with ``--from``, or restored with ``--resume``), trains."""
+"""``moevlm train``: the config from the command line, then the model (fresh, from pretrained parts,
+from an earlier stage's checkpoint with ``--from``, or restored with ``--resume``), the data
+(``data.training_data``), and the trainer."""
 
 from __future__ import annotations
 
@@ -10,18 +11,15 @@ from pathlib import Path
 
 import torch
 
-from moevlm.config import Config, flat_keys
-from moevlm.data.dataset import ImageTextDataset, split_samples, tokenizer_texts, unique_samples
-from moevlm.data.images import image_preparer
-from moevlm.data.records import Sample, read_samples
-from moevlm.data.tokenizer import Tokenizer
-from moevlm.data.tokenizer_factory import load_tokenizer
+from moevlm.checkpoint import PreparedModel, read_config, verify_checkpoint
+from moevlm.config import Config, flat_keys, load_config
+from moevlm.data.tokenizer_factory import TextTokenizer
+from moevlm.data.training_data import load_training_data, new_tokenizer
 from moevlm.errors import ConfigError, MoevlmError
 from moevlm.models.factory import build_model
 from moevlm.models.hf_config import resolve_pretrained
 from moevlm.models.lora import apply_lora
-from moevlm.train.checkpoint import Bundle
-from moevlm.train.snapshots import has_checkpoint, load_for_resume
+from moevlm.train.snapshots import RunCheckpoints
 from moevlm.train.stages import continue_from, moe_layers_to_train, pretrained_names
 from moevlm.train.tracking import Tracker
 from moevlm.train.trainer import Trainer
@@ -34,12 +32,17 @@ RESUME_MAY_DIFFER = ("train.max_steps", "train.log_every", "train.eval_every", "
                      "train.keep_checkpoints", "train.max_bad_steps", "train.val_generate", "data.num_workers")
 
 
-def dataset_for(samples: list[Sample], tokenizer, config: Config, augment: bool,
-                folder: Path | None = None) -> ImageTextDataset:
-    """``folder``: a checkpoint whose image processor to use (else the vision tower's source)."""
-    return ImageTextDataset(samples, tokenizer, image_preparer(config.model, folder), config.model.decoder.max_text_len,
-                            on_bad_row=config.data.on_bad_row, augment=augment, seed=config.train.seed,
-                            preload=config.data.preload)
+def config_from_command_line(preset: str | None, config_file: Path | None, overrides: list[str],
+                             stage: str | None = None, from_dir: Path | None = None) -> tuple[Config, bool]:
+    """The config ``moevlm train`` asks for (``--from DIR``: that checkpoint's model section instead of
+    the preset's), and whether the command line gave any of it (what ``--resume`` then checks)."""
+    given = bool(overrides or config_file or preset or stage or from_dir)
+    overrides = list(overrides) + ([f"train.stage={stage}"] if stage else [])
+    model = None
+    if from_dir is not None:
+        verify_checkpoint(from_dir)
+        model = read_config(from_dir).to_dict()["model"]
+    return load_config(preset or "default", config_file, overrides, model=model), given
 
 
 def _absolute_sources(config: Config) -> Config:
@@ -51,24 +54,28 @@ def _absolute_sources(config: Config) -> Config:
     return config.updated(changes) if changes else config
 
 
-def fresh_model(config: Config, train_samples: list[Sample]) -> Bundle:
-    """A new model: pretrained parts from their sources, the rest initialised from train.seed."""
+def prepare_config(config: Config) -> Config:
+    """A fresh run's config, complete: sources as absolute folders, the MoE layers of its stage, and
+    what the pretrained sources say (``resolve_pretrained``)."""
     config = _absolute_sources(config)
     layers = moe_layers_to_train(config, [])
     if layers != config.model.decoder.moe_layer_indices:  # stage moe on a dense pretrained LM: upcycle every FFN
         config = config.updated({"model.decoder.moe.layers": layers})
-    config = dataclasses.replace(config, model=resolve_pretrained(config.model))
-    if config.model.tokenizer.kind == "hf":
-        tokenizer = load_tokenizer(None, config.model)  # from decoder.pretrained
-    else:
-        tokenizer = Tokenizer.train(tokenizer_texts(train_samples), config.model.tokenizer.kind,
-                                    config.model.tokenizer.vocab_size)
+    return dataclasses.replace(config, model=resolve_pretrained(config.model))
+
+
+def fresh_model(config: Config, tokenizer: TextTokenizer | None = None) -> PreparedModel:
+    """A new model for ``config``: pretrained parts from their sources, the rest initialised from
+    train.seed. ``tokenizer`` None: a new one (the LM's own, or char/BPE trained on nothing)."""
+    config = prepare_config(config)
+    tokenizer = tokenizer or new_tokenizer(config, [])
+    if config.model.tokenizer.kind != "hf":
         config = config.updated({"model.decoder.vocab_size": tokenizer.vocab_size})
     torch.manual_seed(config.train.seed)  # initial weights, then router noise and dropout
     model = build_model(config.model, load_weights=True)
     if config.model.decoder.lora_rank:
         apply_lora(model.lm, config.model.decoder)
-    return Bundle(model, tokenizer, config, pretrained_names(model))
+    return PreparedModel(model, tokenizer, config, pretrained_names(model))
 
 
 def _check_resume_config(asked: dict, state: dict, out: Path) -> None:
@@ -97,50 +104,39 @@ def run_training(config: Config, data: Path, out: Path, val_data: Path | None = 
     line and must equal the config the run was started with, except the keys in RESUME_MAY_DIFFER,
     which take ``config``'s values; without it, ``config`` is only used for a fresh start."""
     out = Path(out)
+    checkpoints = RunCheckpoints(out)
     state = optimizer_state = None
-    bundle = None
-    if resume and not has_checkpoint(out):
+    prepared = None
+    if resume and not checkpoints.exists():
         log.warning("%s holds no checkpoint yet: starting a fresh run (--resume will continue it)", out)
         resume = False
     # What the command line asked for, before building the model fills in derived values
     # (vocabulary size, a pretrained part's sizes): what a resume's command line is held against.
     command_config = config.to_dict()
     if resume:
-        bundle, state, optimizer_state = load_for_resume(out)
+        prepared, state, optimizer_state = checkpoints.load()
         if compare_config:
             _check_resume_config(command_config, state, out)
             asked = flat_keys(command_config)
-            bundle.config = bundle.config.updated({key: asked[key] for key in RESUME_MAY_DIFFER})
+            prepared.config = prepared.config.updated({key: asked[key] for key in RESUME_MAY_DIFFER})
         command_config = state.get("command_config")
-        config = bundle.config
-    elif has_checkpoint(out):
+        config = prepared.config
+    elif checkpoints.exists():
         raise MoevlmError(f"{out} already holds a checkpoint: pass --resume to continue it, or choose another --out")
+    elif from_dir is not None:
+        torch.manual_seed(config.train.seed)  # new routers, then router noise and dropout
+        prepared = continue_from(from_dir, config)
+        config = prepared.config
+    else:
+        config = prepare_config(config)
     if max_steps is not None:
         config = config.updated({"train.max_steps": max_steps})
-
-    samples, skipped = read_samples(data, config.data.on_bad_row, config.data.max_rows)
-    if val_data is not None:
-        train_samples = unique_samples(samples)
-        val_samples, val_skipped = read_samples(val_data, config.data.on_bad_row, config.data.max_rows)
-        skipped.update(val_skipped)
-    else:
-        train_samples, val_samples = split_samples(samples, config.data.val_fraction, config.train.seed)
-    if bundle is None:
-        if from_dir is not None:
-            torch.manual_seed(config.train.seed)  # new routers, then router noise and dropout
-            bundle = continue_from(from_dir, config)
-        else:
-            bundle = fresh_model(config, train_samples)
-        config = bundle.config
-    model, tokenizer = bundle.model, bundle.tokenizer
-    folder = out if resume else from_dir
-    train_set = dataset_for(train_samples, tokenizer, config, config.data.augment, folder)
-    val_set = dataset_for(val_samples, tokenizer, config, False, folder) if val_samples else None
-    skipped.update(train_set.skipped)
-    if val_set is not None:
-        skipped.update(val_set.skipped)
-    if skipped:
-        log.warning("data.on_bad_row=skip: skipped %s", skipped)
+    training_data = load_training_data(config, data, val_data, prepared.tokenizer if prepared else None,
+                                       folder=out if resume else from_dir)
+    if prepared is None:
+        prepared = fresh_model(config, training_data.tokenizer)
+        config = prepared.config
+    train_set, val_set = training_data.train_set, training_data.val_set
 
     out.mkdir(parents=True, exist_ok=True)
     tracker = Tracker(out, tracking_uri, enabled=tracking, run_id=(state or {}).get("mlflow_run_id"))
@@ -150,10 +146,11 @@ def run_training(config: Config, data: Path, out: Path, val_data: Path | None = 
             params["model"][section].pop("hf_config")
         params["data"].update(train_file=str(data), val_file=str(val_data or ""), from_checkpoint=str(from_dir or ""),
                               train_rows=len(train_set),
-                              val_rows=len(val_set) if val_set else 0, skipped_rows=len(skipped))
+                              val_rows=len(val_set) if val_set else 0, skipped_rows=len(training_data.skipped))
         tracker.log_params(params)
-    trainer = Trainer(config, model, tokenizer, train_set, val_set, out, tracker, state, optimizer_state,
-                      progress=progress, untouched=bundle.untouched, command_config=command_config)
+    trainer = Trainer(config, prepared.model, prepared.tokenizer, train_set, val_set, out, tracker, state,
+                      optimizer_state, progress=progress, from_source=prepared.from_source,
+                      command_config=command_config)
     try:
         result = trainer.fit()
     except KeyboardInterrupt:

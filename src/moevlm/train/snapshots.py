@@ -1,4 +1,5 @@
-"""The last ``train.keep_checkpoints`` checkpoints of a run, and the one ``--resume`` starts from.
+"""``RunCheckpoints``: the last ``train.keep_checkpoints`` checkpoints of a run folder, saving the
+next one, and the one ``--resume`` starts from.
 
     DIR/                           the newest checkpoint (what caption and eval read)
     DIR/checkpoints/step-00000500/ one complete checkpoint per kept step
@@ -24,17 +25,8 @@ from pathlib import Path
 
 import torch
 
-from moevlm.config import Config
-from moevlm.errors import CheckpointError
-from moevlm.train.checkpoint import (
-    CONFIG,
-    STATE,
-    Bundle,
-    DamagedCheckpointError,
-    fsync_dir,
-    load_training_checkpoint,
-    write_checkpoint,
-)
+from moevlm.checkpoint import CONFIG, STATE, PreparedModel, fsync_dir, load_training_checkpoint, write_checkpoint
+from moevlm.errors import CheckpointError, DamagedCheckpointError
 
 log = logging.getLogger(__name__)
 
@@ -42,46 +34,87 @@ SNAPSHOTS = "checkpoints"
 _NAME = re.compile(r"step-(\d+)")
 
 
-def snapshots(out_dir: Path) -> list[tuple[int, Path]]:
-    """(step, folder) of the complete snapshots, newest first."""
-    root = Path(out_dir) / SNAPSHOTS
-    if not root.is_dir():
-        return []
-    found = [(int(m.group(1)), path) for path in root.iterdir()
-             if path.is_dir() and (m := _NAME.fullmatch(path.name))]
-    return sorted(found, reverse=True)
+class RunCheckpoints:
+    """The checkpoints of the run folder ``out_dir``; ``keep``: snapshots kept by ``save``."""
 
+    def __init__(self, out_dir: str | Path, keep: int = 3):
+        self.out_dir, self.keep = Path(out_dir), keep
+        self.root = self.out_dir / SNAPSHOTS
 
-def has_checkpoint(out_dir: Path) -> bool:
-    out_dir = Path(out_dir)
-    return (out_dir / CONFIG).exists() or bool(snapshots(out_dir))
+    def snapshots(self) -> list[tuple[int, Path]]:
+        """(step, folder) of the complete snapshots, newest first."""
+        if not self.root.is_dir():
+            return []
+        found = [(int(m.group(1)), path) for path in self.root.iterdir()
+                 if path.is_dir() and (m := _NAME.fullmatch(path.name))]
+        return sorted(found, reverse=True)
 
+    def exists(self) -> bool:
+        """Whether the folder holds a checkpoint (complete or not)."""
+        return (self.out_dir / CONFIG).exists() or bool(self.snapshots())
 
-def save_checkpoint(out_dir: Path, keep: int, model, tokenizer, config: Config, state: dict,
-                    optimizer: torch.optim.Optimizer, untouched: set[str] = frozenset(), images=None) -> Path:
-    """Write snapshot ``step-N`` of ``state["step"]``, make it DIR's top level, keep the newest ``keep``."""
-    out_dir = Path(out_dir)
-    root = out_dir / SNAPSHOTS
-    step = state["step"]
-    final, tmp = root / f"step-{step:08d}", root / f".step-{step:08d}.tmp"
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-        for stale in root.glob(".step-*"):  # what an earlier kill left half written or half deleted
-            shutil.rmtree(stale)
-        files = write_checkpoint(tmp, model, tokenizer, config, state, optimizer, untouched, images)
-        for later, folder in snapshots(out_dir):
-            # A resume set aside the damaged ones it passed over; any left from this step on (put
-            # there by hand?) would count towards `keep` and push out the good ones, or block step-N.
-            if later >= step:
-                log.warning("%s is at or past step %d of this run: moved to %s", folder, step, _set_aside(folder))
-        os.replace(tmp, final)
-        fsync_dir(root)
-        _publish(final, out_dir, files)
-        for _, old in snapshots(out_dir)[keep:]:
-            _discard(old)
-    except OSError as err:
-        raise CheckpointError(f"{out_dir}: cannot write checkpoint: {err.strerror or err}") from None
-    return final
+    def latest(self) -> int | None:
+        """The step of the newest snapshot, None before the first."""
+        found = self.snapshots()
+        return found[0][0] if found else None
+
+    def save(self, prepared: PreparedModel, state: dict, optimizer: torch.optim.Optimizer, images=None) -> Path:
+        """Write snapshot ``step-N`` of ``state["step"]``, make it the folder's top level, keep the newest ``keep``."""
+        step = state["step"]
+        final, tmp = self.root / f"step-{step:08d}", self.root / f".step-{step:08d}.tmp"
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            for stale in self.root.glob(".step-*"):  # what an earlier kill left half written or half deleted
+                shutil.rmtree(stale)
+            files = write_checkpoint(tmp, prepared, state, optimizer, images)
+            for later, folder in self.snapshots():
+                # A resume set aside the damaged ones it passed over; any left from this step on (put
+                # there by hand?) would count towards `keep` and push out the good ones, or block step-N.
+                if later >= step:
+                    log.warning("%s is at or past step %d of this run: moved to %s", folder, step, _set_aside(folder))
+            os.replace(tmp, final)
+            fsync_dir(self.root)
+            _publish(final, self.out_dir, files)
+            for _, old in self.snapshots()[self.keep:]:
+                _discard(old)
+        except OSError as err:
+            raise CheckpointError(f"{self.out_dir}: cannot write checkpoint: {err.strerror or err}") from None
+        return final
+
+    def load(self, step: int | None = None) -> tuple[PreparedModel, dict, dict]:
+        """The checkpoint to resume from, as ``load_training_checkpoint`` returns it: snapshot ``step``,
+        or (None) the newest that passes its checksums.
+
+        Falls back past damaged snapshots (a missing or corrupted file) with a warning naming each
+        problem and the one used, and moves them aside; any other problem stops with its CheckpointError.
+        """
+        candidates = [folder for at, folder in self.snapshots() if step is None or at == step]
+        if step is None and (self.out_dir / STATE).is_file():
+            candidates.append(self.out_dir)
+        if not candidates:
+            which = "no checkpoint" if step is None else f"no snapshot of step {step}"
+            raise CheckpointError(f"{self.out_dir}: nothing to resume ({which}); train without --resume first")
+        problems, damaged = [], []
+        for folder in candidates:
+            try:
+                loaded = load_training_checkpoint(folder)
+            except DamagedCheckpointError as err:
+                log.warning("cannot resume from %s: %s", folder, err)
+                problems.append(err)
+                damaged.append(folder)
+                continue
+            if problems:
+                log.warning("resuming from %s (step %s), the newest checkpoint that passed its checks",
+                            folder, loaded[1].get("step"))
+            for folder in damaged:  # snapshots only: the run folder itself is the last candidate
+                try:
+                    log.warning("damaged %s moved to %s", folder, _set_aside(folder))
+                except OSError as err:
+                    raise CheckpointError(f"{folder}: cannot move the damaged snapshot aside: "
+                                          f"{err.strerror or err}") from None
+            return loaded
+        raise CheckpointError(f"{self.out_dir}: no checkpoint to resume from passed its checks "
+                              f"(newest: {problems[0]})")
 
 
 def _publish(snapshot: Path, out_dir: Path, files: list[str]) -> None:
@@ -114,37 +147,3 @@ def _discard(folder: Path) -> None:
     trash = folder.with_name(f".{folder.name}.old")
     os.replace(folder, trash)
     shutil.rmtree(trash)
-
-
-def load_for_resume(out_dir: Path) -> tuple[Bundle, dict, dict]:
-    """The newest checkpoint of the run that passes its checksums, as ``load_training_checkpoint`` returns it.
-
-    Falls back past damaged snapshots (a missing or corrupted file) with a warning naming each
-    problem and the one used, and moves them aside; any other problem stops with its CheckpointError.
-    """
-    out_dir = Path(out_dir)
-    candidates = [folder for _, folder in snapshots(out_dir)]
-    if (out_dir / STATE).is_file():
-        candidates.append(out_dir)
-    if not candidates:
-        raise CheckpointError(f"{out_dir}: nothing to resume (no checkpoint); train without --resume first")
-    problems, damaged = [], []
-    for folder in candidates:
-        try:
-            loaded = load_training_checkpoint(folder)
-        except DamagedCheckpointError as err:
-            log.warning("cannot resume from %s: %s", folder, err)
-            problems.append(err)
-            damaged.append(folder)
-            continue
-        if problems:
-            log.warning("resuming from %s (step %s), the newest checkpoint that passed its checks",
-                        folder, loaded[1].get("step"))
-        for folder in damaged:  # snapshots only: DIR itself is the last candidate
-            try:
-                log.warning("damaged %s moved to %s", folder, _set_aside(folder))
-            except OSError as err:
-                raise CheckpointError(f"{folder}: cannot move the damaged snapshot aside: "
-                                      f"{err.strerror or err}") from None
-        return loaded
-    raise CheckpointError(f"{out_dir}: no checkpoint to resume from passed its checks (newest: {problems[0]})")

@@ -14,19 +14,16 @@ trains the adapters too.
 
 from __future__ import annotations
 
-import os
-import shutil
 from pathlib import Path
 
 from torch import nn
 
+from moevlm.checkpoint import PreparedModel, load_checkpoint, with_tied
 from moevlm.config import PARAM_GROUPS, Config, ModelConfig, TrainConfig, flat_keys
-from moevlm.data.images import image_preparer
 from moevlm.errors import ConfigError
 from moevlm.models.lora import apply_lora, has_lora, merge_lora, names_after_lora
 from moevlm.models.moe import MoE
 from moevlm.models.upcycle import upcycle
-from moevlm.train.checkpoint import Bundle, load_bundle, with_tied, write_checkpoint
 
 # Which parameter groups each stage trains (train.trainable overrides it).
 STAGE_TRAINABLE = {"full": PARAM_GROUPS, "pretrain": ("projector",), "instruct": ("projector", "lm", "moe"),
@@ -103,12 +100,12 @@ def pretrained_names(model: nn.Module) -> set[str]:
             and groups.get(name) != "moe" and "lora_" not in name}
 
 
-def still_untouched(untouched: set[str], model: nn.Module) -> set[str]:
-    """What stays untouched through a stage: present in the model and not trained. A tied LM head
+def still_from_source(from_source: set[str], model: nn.Module) -> set[str]:
+    """What stays from_source through a stage: present in the model and not trained. A tied LM head
     learns with the embedding, though ``named_parameters`` lists their one tensor under the embedding's name only."""
     state = model.state_dict()
     learning = with_tied({name for name, param in model.named_parameters() if param.requires_grad}, state)
-    return {name for name in untouched if name in state and name not in learning}
+    return {name for name in from_source if name in state and name not in learning}
 
 
 # Model settings a new stage may change; any other difference from the --from checkpoint would
@@ -138,25 +135,23 @@ def _input_dict(model_cfg: ModelConfig) -> dict:
     return Config(model=model_cfg).to_dict()["model"]
 
 
-def _load_merged(model_dir: Path) -> Bundle:
+def load_merged(model_dir: Path) -> PreparedModel:
     """A checkpoint with its LoRA adapters, if any, folded into their weights (which have then learned)."""
-    bundle = load_bundle(model_dir)
-    if not has_lora(bundle.model):
-        return bundle
-    merge_lora(bundle.model)
-    values = bundle.config.to_dict()
-    values["model"]["decoder"]["lora_rank"] = 0
-    return Bundle(bundle.model, bundle.tokenizer, Config.from_dict(values),
-                  bundle.untouched & set(bundle.model.state_dict()))
+    prepared = load_checkpoint(model_dir)
+    if not has_lora(prepared.model):
+        return prepared
+    merge_lora(prepared.model)
+    return PreparedModel(prepared.model, prepared.tokenizer, prepared.config.updated({"model.decoder.lora_rank": 0}),
+                         prepared.from_source & set(prepared.model.state_dict()))
 
 
-def continue_from(model_dir: Path, config: Config) -> Bundle:
+def continue_from(model_dir: Path, config: Config) -> PreparedModel:
     """The model of an earlier stage's checkpoint, made ready for ``config``'s stage: LoRA adapters
     merged into their weights, dense FFNs upcycled to MoE where ``config`` asks for MoE layers the
     checkpoint does not have (stage moe on a dense model: all layers unless moe.layers says
     otherwise), new LoRA adapters added. The returned config describes the model as it now is."""
-    bundle = _load_merged(model_dir)
-    model, old, untouched = bundle.model, bundle.config.model, bundle.untouched
+    prepared = load_merged(model_dir)
+    model, old, from_source = prepared.model, prepared.config.model, prepared.from_source
     wanted = config.model
     _check_same_model(old, wanted, model_dir)
     layers = moe_layers_to_train(config, old.decoder.moe_layer_indices)
@@ -169,33 +164,8 @@ def continue_from(model_dir: Path, config: Config) -> Bundle:
     if wanted.decoder.lora_rank:
         current = current.updated({"model.decoder.lora_rank": wanted.decoder.lora_rank})
         apply_lora(model.lm, current.model.decoder)
-        untouched = names_after_lora(untouched, model)
-    return Bundle(model, bundle.tokenizer, current, untouched)
+        from_source = names_after_lora(from_source, model)
+    return PreparedModel(model, prepared.tokenizer, current, from_source)
 
 
 # Marks a temporary folder as moevlm's own, so that a later upcycle may delete it.
-_PARTIAL = ".moevlm-partial"
-
-
-def upcycle_checkpoint(model_dir: Path, out_dir: Path, experts: int, top_k: int, layers) -> Config:
-    """``moevlm upcycle``: the checkpoint in ``model_dir`` with its dense FFNs in ``layers`` turned
-    into MoE layers, written to the new folder ``out_dir`` in one rename. Returns its config."""
-    out_dir = Path(out_dir)
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        raise ConfigError(f"--out {out_dir}: already exists and is not an empty folder")
-    bundle = _load_merged(model_dir)
-    model, config = upcycle(bundle.model, bundle.config, experts, top_k, layers)
-    untouched = bundle.untouched & set(model.state_dict())
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp")
-    if tmp.exists():
-        if not (tmp / _PARTIAL).is_file():
-            raise ConfigError(f"--out {out_dir}: {tmp} is in the way and moevlm did not make it; move it or "
-                              "choose another --out")
-        shutil.rmtree(tmp)  # what an interrupted upcycle left
-    tmp.mkdir(parents=True)
-    (tmp / _PARTIAL).touch()
-    write_checkpoint(tmp, model, bundle.tokenizer, config, untouched=untouched,
-                     images=image_preparer(config.model, model_dir))
-    os.replace(tmp, out_dir)
-    (out_dir / _PARTIAL).unlink()
-    return config

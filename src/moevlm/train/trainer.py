@@ -19,16 +19,18 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from moevlm.checkpoint import PreparedModel
 from moevlm.config import Config
 from moevlm.data.dataset import EpochBatchSampler, ImageTextDataset, collate, usable_batch
-from moevlm.data.tokenizer import Tokenizer
+from moevlm.data.tokenizer_factory import TextTokenizer
 from moevlm.errors import ConfigError, TrainingError
 from moevlm.evaluate import evaluate
 from moevlm.metrics import expert_balance
+from moevlm.models.protocol import VisionLanguageModel
 from moevlm.models.vlm import expert_dropped
 from moevlm.train import plots
-from moevlm.train.snapshots import save_checkpoint
-from moevlm.train.stages import freeze_for_stage, group_lr, still_untouched
+from moevlm.train.snapshots import RunCheckpoints
+from moevlm.train.stages import freeze_for_stage, group_lr, still_from_source
 from moevlm.train.tracking import Tracker
 
 log = logging.getLogger(__name__)
@@ -104,16 +106,17 @@ def _set_rng_state(state: dict, device: torch.device) -> None:
 
 
 class Trainer:
-    def __init__(self, config: Config, model, tokenizer: Tokenizer, train_set: ImageTextDataset,
-                 val_set: ImageTextDataset | None, out_dir: Path, tracker: Tracker,
+    def __init__(self, config: Config, model: VisionLanguageModel, tokenizer: TextTokenizer,
+                 train_set: ImageTextDataset, val_set: ImageTextDataset | None, out_dir: Path, tracker: Tracker,
                  state: dict | None = None, optimizer_state: dict | None = None, progress: bool = True,
-                 untouched: set[str] = frozenset(), command_config: dict | None = None):
-        """``model`` is a VLM or PretrainedVLM; ``untouched`` names the pretrained tensors no stage
-        has trained so far (kept out of checkpoints, see train/checkpoint.py); ``command_config``:
+                 from_source: set[str] = frozenset(), command_config: dict | None = None):
+        """``from_source`` names the pretrained tensors no stage has trained so far (kept out of
+        checkpoints, see moevlm/checkpoint.py); ``command_config``:
         the config as the command line gave it, kept in the trainer state for ``--resume`` to check."""
         self.config, self.tokenizer = config, tokenizer
         self.train_set, self.val_set = train_set, val_set
         self.out_dir, self.tracker, self.progress = Path(out_dir), tracker, progress
+        self.checkpoints = RunCheckpoints(self.out_dir, config.train.keep_checkpoints)
         tc = config.train
         self.device = resolve_device(tc.device)
         self.amp_dtype = autocast_dtype(tc.precision, self.device)
@@ -122,7 +125,7 @@ class Trainer:
         # checkpoints, evaluation and generation use the plain one.
         self.forward = torch.compile(self.model) if tc.compile else self.model
         trainable = freeze_for_stage(self.model, tc)
-        self.untouched = still_untouched(set(untouched), self.model)
+        self.from_source = still_from_source(set(from_source), self.model)
         self.optimizer = build_optimizer(trainable, tc)
         if optimizer_state is not None:
             self.optimizer.load_state_dict(optimizer_state)
@@ -168,8 +171,8 @@ class Trainer:
                 "mlflow_run_id": self.tracker.run_id, "command_config": self.command_config}
 
     def save(self) -> None:
-        save_checkpoint(self.out_dir, self.config.train.keep_checkpoints, self.model, self.tokenizer, self.config,
-                        self._state(), self.optimizer, self.untouched, self.train_set.prepare_image)
+        prepared = PreparedModel(self.model, self.tokenizer, self.config, self.from_source)
+        self.checkpoints.save(prepared, self._state(), self.optimizer, self.train_set.prepare_image)
         self.saved_step = self.step
 
     def train_step(self, batches) -> dict[str, float] | None:

@@ -1,17 +1,21 @@
-"""One checkpoint folder (design.md §2): config.json, model.safetensors, tokenizer.json,
+"""The format of one checkpoint folder (README, "Checkpoints"): config.json, model.safetensors, tokenizer.json,
 trainer_state.json, optimizer.pt, and checksums.json (the sha256 of each of them). A model
 built on pretrained parts adds its tokenizer's and image processor's own files, and
 pretrained.json: the pretrained weights no stage has trained, which are loaded from their
 source (hub id or folder) instead of being copied into every checkpoint, with a fingerprint
 (sha256 over every byte of them) that tells when the source no longer holds the same weights.
 Names tied to one tensor (an LM head tied to the input embedding) count as one tensor: trained
-or untouched together, saved and hashed once.
+or loaded from the source together, saved and hashed once.
 
 checksums.json is written last and checked before anything is loaded, so a folder cut off
 while being written, a truncated copy or a flipped bit is reported with the file's name
 instead of being loaded. Weights are safetensors and the optimizer state is read with
-``weights_only=True``: loading never runs pickled code. Keeping several checkpoints and
-choosing one to resume from is ``moevlm.train.snapshots``.
+``weights_only=True``: loading never runs pickled code. Keeping a run's checkpoints and
+choosing one to resume from is ``moevlm.train.snapshots.RunCheckpoints``.
+
+Loading: ``load_model`` (inference: model, tokenizer, config), ``load_checkpoint`` (the same as a
+``PreparedModel``, which also names the weights read from a source) and
+``load_training_checkpoint`` (plus the trainer and optimizer state, for ``--resume``).
 """
 
 from __future__ import annotations
@@ -29,10 +33,11 @@ from safetensors.torch import load_file, save_file
 
 from moevlm.config import Config
 from moevlm.data.images import image_preparer
-from moevlm.data.tokenizer_factory import load_tokenizer
-from moevlm.errors import CheckpointError, ConfigError, MoevlmError
+from moevlm.data.tokenizer_factory import TextTokenizer, load_tokenizer
+from moevlm.errors import CheckpointError, ConfigError, DamagedCheckpointError, MoevlmError
 from moevlm.models.factory import build_model
 from moevlm.models.lora import apply_lora
+from moevlm.models.protocol import VisionLanguageModel
 
 CONFIG, WEIGHTS, TOKENIZER, STATE, OPTIMIZER, CHECKSUMS, PRETRAINED = (
     "config.json", "model.safetensors", "tokenizer.json", "trainer_state.json", "optimizer.pt", "checksums.json",
@@ -45,18 +50,15 @@ _WHOLE = "whole tensors"
 _LEGACY_PREFIX_BYTES = 4096
 
 
-class DamagedCheckpointError(CheckpointError):
-    """A file of the checkpoint is missing or differs from its checksum: the only problems
-    ``--resume`` falls back past. A file that is whole but cannot be read or used is not one."""
-
-
 @dataclass
-class Bundle:
-    """What a checkpoint holds besides the training state."""
-    model: object  # VLM or PretrainedVLM
-    tokenizer: object
+class PreparedModel:
+    """A model ready to train or use, as a checkpoint holds it besides the training state: the
+    network, its tokenizer, the config that describes both, and the pretrained tensors that still
+    equal their source (loaded from it, not saved in checkpoints)."""
+    model: VisionLanguageModel
+    tokenizer: TextTokenizer
     config: Config
-    untouched: set[str] = field(default_factory=set)  # pretrained tensors loaded from their source
+    from_source: set[str] = field(default_factory=set)
 
 
 def sha256(path: Path) -> str:
@@ -105,7 +107,7 @@ def with_tied(names: set[str], state: dict[str, torch.Tensor]) -> set[str]:
     return {name for name, tensor in state.items() if _storage_key(name, tensor) in keys}
 
 
-# model -> (what was hashed, digest): untouched tensors stay as they are through a run, so each
+# model -> (what was hashed, digest): from_source tensors stay as they are through a run, so each
 # checkpoint of it need not hash them again. A tensor written to in place gets a new _version.
 _fingerprints: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
@@ -135,32 +137,32 @@ def _state_dict_for_saving(model, skip: set[str]) -> dict[str, torch.Tensor]:
     return {name: tensor.detach().contiguous().cpu() for name, tensor in state.items() if name not in skip}
 
 
-def _pretrained_refs(config: Config, untouched: set[str], model) -> dict:
+def _pretrained_refs(config: Config, from_source: set[str], model) -> dict:
     sources = {"vision": config.model.vision.pretrained, "lm": config.model.decoder.pretrained}
-    return {"sources": {k: v for k, v in sources.items() if v is not None}, "untouched": sorted(untouched),
-            "fingerprint": fingerprint(model, untouched), "fingerprint_covers": _WHOLE}
+    return {"sources": {k: v for k, v in sources.items() if v is not None}, "untouched": sorted(from_source),
+            "fingerprint": fingerprint(model, from_source), "fingerprint_covers": _WHOLE}
 
 
-def write_checkpoint(folder: Path, model, tokenizer, config: Config, state: dict | None = None,
-                     optimizer: torch.optim.Optimizer | None = None, untouched: set[str] = frozenset(),
-                     images=None) -> list[str]:
+def write_checkpoint(folder: Path, prepared: PreparedModel, state: dict | None = None,
+                     optimizer: torch.optim.Optimizer | None = None, images=None) -> list[str]:
     """Write a checkpoint into ``folder`` (a fresh, private folder: files are written in place).
 
-    ``untouched``: pretrained tensors to reference instead of writing (none with train.save_frozen).
-    ``images``: the image preparer in use (data/images.py), whose processor files are saved.
-    Returns the names written, checksums.json last.
+    ``prepared.from_source``: pretrained tensors to reference instead of writing (none with
+    train.save_frozen). ``images``: the image preparer in use (data/images.py), whose processor
+    files are saved. Returns the names written, checksums.json last.
     """
+    model, tokenizer, config = prepared.model, prepared.tokenizer, prepared.config
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    untouched = set() if config.train.save_frozen else set(untouched)
-    assert with_tied(untouched, model.state_dict()) == untouched, "a tied tensor is untouched under one name only"
+    from_source = set() if config.train.save_frozen else set(prepared.from_source)
+    assert with_tied(from_source, model.state_dict()) == from_source, "a tied tensor is from its source under one name"
     (folder / CONFIG).write_text(config.to_json())
     names = [CONFIG, *tokenizer.save(folder)]  # an LM's tokenizer brings several files
-    save_file(_state_dict_for_saving(model, untouched), str(folder / WEIGHTS),
+    save_file(_state_dict_for_saving(model, from_source), str(folder / WEIGHTS),
               metadata={"format": "pt", "step": str((state or {}).get("step", 0))})
     names.append(WEIGHTS)
     if config.model.uses_pretrained:
-        (folder / PRETRAINED).write_text(json.dumps(_pretrained_refs(config, untouched, model), indent=1))
+        (folder / PRETRAINED).write_text(json.dumps(_pretrained_refs(config, from_source, model), indent=1))
         names += [PRETRAINED, *(images or image_preparer(config.model)).save(folder)]
     if optimizer is not None:
         torch.save(optimizer.state_dict(), folder / OPTIMIZER)
@@ -216,7 +218,7 @@ def _verify(folder: Path, required: tuple[str, ...]) -> None:
                                          "or from another checkpoint)")
 
 
-def load_config_file(model_dir: Path) -> Config:
+def read_config(model_dir: Path) -> Config:
     path = Path(model_dir) / CONFIG
     try:
         return Config.from_dict(json.loads(path.read_text()))
@@ -229,19 +231,20 @@ def load_config_file(model_dir: Path) -> Config:
 def load_model(model_dir: Path, device: str | torch.device = "cpu"):
     """Verify the checksums, then rebuild the model from config.json and load weights and tokenizer.
 
-    Returns (model, tokenizer, config); ``load_bundle`` also says which weights came from a source.
+    Returns (model, tokenizer, config); ``load_checkpoint`` also says which weights came from a source.
     """
-    bundle = load_bundle(model_dir)
+    bundle = load_checkpoint(model_dir)
     return bundle.model.to(device).eval(), bundle.tokenizer, bundle.config
 
 
-def load_bundle(model_dir: Path) -> Bundle:
+def load_checkpoint(model_dir: Path) -> PreparedModel:
+    """Verify the checksums, then rebuild the model from config.json with its weights and tokenizer."""
     model_dir = Path(model_dir)
     verify_checkpoint(model_dir, MODEL_FILES)
     return _load_verified_model(model_dir)
 
 
-def load_training_checkpoint(model_dir: Path) -> tuple[Bundle, dict, dict]:
+def load_training_checkpoint(model_dir: Path) -> tuple[PreparedModel, dict, dict]:
     """Everything ``--resume`` needs, verified once: the bundle, trainer state and optimizer state.
 
     DamagedCheckpointError for a missing or corrupted file; any other problem is CheckpointError."""
@@ -277,11 +280,11 @@ def _read_refs(model_dir: Path) -> dict:
         raise CheckpointError(f"{path}: damaged (not the JSON moevlm writes)") from None
 
 
-def _load_verified_model(model_dir: Path) -> Bundle:
-    config = load_config_file(model_dir)
+def _load_verified_model(model_dir: Path) -> PreparedModel:
+    config = read_config(model_dir)
     weights = model_dir / WEIGHTS
     refs = _read_refs(model_dir)
-    untouched = set(refs["untouched"])
+    from_source = set(refs["untouched"])
     try:
         tokenizer = load_tokenizer(model_dir, config.model)
     except MoevlmError as err:
@@ -291,14 +294,15 @@ def _load_verified_model(model_dir: Path) -> Bundle:
                               f"config.json expects {config.model.decoder.vocab_size}")
     try:
         # Weights no stage trained come from their source; everything else is in model.safetensors.
-        model = build_model(config.model, load_weights=bool(untouched))
+        model = build_model(config.model, load_weights=bool(from_source))
     except MoevlmError as err:
         raise CheckpointError(f"{model_dir}: this checkpoint loads its untrained pretrained weights from "
                               f"{', '.join(refs['sources'].values())} ({PRETRAINED}): {err}") from None
     if config.model.decoder.lora_rank:
         apply_lora(model.lm, config.model.decoder)
     prefix_bytes = None if refs.get("fingerprint_covers") == _WHOLE else _LEGACY_PREFIX_BYTES
-    if untouched and fingerprint(model, untouched & set(model.state_dict()), prefix_bytes) != refs.get("fingerprint"):
+    present = from_source & set(model.state_dict())
+    if from_source and fingerprint(model, present, prefix_bytes) != refs.get("fingerprint"):
         raise CheckpointError(f"{model_dir}: the pretrained weights loaded from {', '.join(refs['sources'].values())} "
                               f"are not those this checkpoint was trained with ({PRETRAINED} fingerprint differs)")
     try:
@@ -313,8 +317,8 @@ def _load_verified_model(model_dir: Path) -> Bundle:
                                   f"{list(tensor.shape)} in the weights, {list(expected[name].shape)} in the model)")
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = tied_copies(expected)
-    missing = [name for name in missing if name not in untouched and name not in tied]
+    missing = [name for name in missing if name not in from_source and name not in tied]
     if missing or unexpected:
         detail = f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}"
         raise CheckpointError(f"{weights}: weights do not fit config.json ({detail})")
-    return Bundle(model, tokenizer, config, untouched)
+    return PreparedModel(model, tokenizer, config, from_source)

@@ -1,0 +1,63 @@
+"""From ``--data`` (and ``--val-data``) to what training needs, in one call: the rows read, the
+validation rows held out (by image, data/dataset.py), a tokenizer trained on the training rows when
+the model has none yet, and the two datasets."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from moevlm.config import Config
+from moevlm.data.dataset import ImageTextDataset, split_samples, tokenizer_texts, unique_samples
+from moevlm.data.images import image_preparer
+from moevlm.data.records import Sample, SkippedRows, read_samples
+from moevlm.data.tokenizer import Tokenizer
+from moevlm.data.tokenizer_factory import TextTokenizer, load_tokenizer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainingData:
+    train_set: ImageTextDataset
+    val_set: ImageTextDataset | None
+    tokenizer: TextTokenizer
+    skipped: SkippedRows  # rows skipped with data.on_bad_row=skip, by reason
+
+
+def dataset_for(samples: list[Sample], tokenizer: TextTokenizer, config: Config, augment: bool,
+                folder: Path | None = None) -> ImageTextDataset:
+    """``folder``: a checkpoint whose image processor to use (else the vision tower's source)."""
+    return ImageTextDataset(samples, tokenizer, image_preparer(config.model, folder), config.model.decoder.max_text_len,
+                            on_bad_row=config.data.on_bad_row, augment=augment, seed=config.train.seed,
+                            preload=config.data.preload)
+
+
+def new_tokenizer(config: Config, samples: list[Sample]) -> TextTokenizer:
+    """A model's first tokenizer: the pretrained LM's own, or char/BPE trained on ``samples``."""
+    if config.model.tokenizer.kind == "hf":
+        return load_tokenizer(None, config.model)  # from decoder.pretrained
+    return Tokenizer.train(tokenizer_texts(samples), config.model.tokenizer.kind, config.model.tokenizer.vocab_size)
+
+
+def load_training_data(config: Config, data: Path, val_data: Path | None = None,
+                       tokenizer: TextTokenizer | None = None, folder: Path | None = None) -> TrainingData:
+    """Read and split the data and build the datasets. ``tokenizer`` None: a new one (``new_tokenizer``);
+    ``folder``: a checkpoint whose image processor the datasets use."""
+    samples, skipped = read_samples(data, config.data.on_bad_row, config.data.max_rows)
+    if val_data is not None:
+        train_samples = unique_samples(samples)
+        val_samples, val_skipped = read_samples(val_data, config.data.on_bad_row, config.data.max_rows)
+        skipped.update(val_skipped)
+    else:
+        train_samples, val_samples = split_samples(samples, config.data.val_fraction, config.train.seed)
+    tokenizer = tokenizer or new_tokenizer(config, train_samples)
+    train_set = dataset_for(train_samples, tokenizer, config, config.data.augment, folder)
+    val_set = dataset_for(val_samples, tokenizer, config, False, folder) if val_samples else None
+    skipped.update(train_set.skipped)
+    if val_set is not None:
+        skipped.update(val_set.skipped)
+    if skipped:
+        log.warning("data.on_bad_row=skip: skipped %s", skipped)
+    return TrainingData(train_set, val_set, tokenizer, skipped)
