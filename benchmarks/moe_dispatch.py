@@ -23,7 +23,7 @@ from moevlm.models.moe import MoE
 
 
 def autograd_slices(moe: MoE, x_ND, experts_NK, weights_NK):
-    """Sorted dispatch with autograd through w1_EDH[e] etc. (each slice's gradient is a full
+    """Sorted dispatch with autograd through w1_EDF[e] etc. (each slice's gradient is a full
     zero-filled (E, D, H) tensor that autograd then adds up)."""
     K = moe.cfg.top_k
     experts_A = experts_NK.reshape(-1)
@@ -32,7 +32,7 @@ def autograd_slices(moe: MoE, x_ND, experts_NK, weights_NK):
     counts = torch.bincount(experts_A, minlength=moe.cfg.num_experts).tolist()
     x_AD, outs, start = x_ND[token_A], [], 0
     for e, count in enumerate(counts):
-        h = F.gelu(torch.addmm(moe.b1_EH[e], x_AD[start:start + count], moe.w1_EDH[e]))
+        h = F.gelu(torch.addmm(moe.b1_EF[e], x_AD[start:start + count], moe.w1_EDF[e]))
         outs.append(torch.addmm(moe.b2_ED[e], h, moe.w2_EHD[e]))
         start += count
     out_AD = torch.cat(outs) * weights_NK.reshape(-1)[order_A].unsqueeze(1)
@@ -46,7 +46,7 @@ def main() -> None:
         tokens, width, hidden, experts, k = shape
         torch.manual_seed(0)
         moe = MoE(width, hidden, MoEConfig(num_experts=experts, top_k=k)).train()
-        for param in (moe.w1_EDH, moe.w2_EHD, moe.gate.weight):
+        for param in (moe.w1_EDF, moe.w2_EHD, moe.gate.weight):
             torch.nn.init.normal_(param, std=0.02)
         dense = FeedForward(width, k * hidden).train()
         x = torch.randn(tokens, width, requires_grad=True)

@@ -24,7 +24,7 @@ def test_swiglu_moe_computes_what_the_mixtral_block_computes_forward_and_backwar
     ours_out.backward(grad)
     torch.testing.assert_close(x_ours.grad, x_theirs.grad)
     torch.testing.assert_close(ours.w2_EHD.grad, block.experts.down_proj.grad.transpose(1, 2))
-    torch.testing.assert_close(ours.w1_EDH.grad, block.experts.gate_up_proj.grad.transpose(1, 2))  # [gate | up]
+    torch.testing.assert_close(ours.w1_EDF.grad, block.experts.gate_up_proj.grad.transpose(1, 2))  # [gate | up]
     torch.testing.assert_close(ours.gate.weight.grad, block.gate.weight.grad)
     assert ours.gate.weight.grad.abs().sum() > 0
 

@@ -267,6 +267,16 @@ def load_training_checkpoint(model_dir: Path) -> tuple[PreparedModel, dict, dict
     return bundle, state, optimizer_state
 
 
+# Expert tensors as checkpoints written before they were named for their F columns (H, or 2H for
+# swiglu) call them.
+_OLD_NAMES = {"w1_EDH": "w1_EDF", "b1_EH": "b1_EF"}
+
+
+def _current_name(name: str) -> str:
+    head, _, leaf = name.rpartition(".")
+    return f"{head}.{_OLD_NAMES[leaf]}" if leaf in _OLD_NAMES else name
+
+
 def _read_refs(model_dir: Path) -> dict:
     path = model_dir / PRETRAINED
     if not path.is_file():
@@ -306,7 +316,7 @@ def _load_verified_model(model_dir: Path) -> PreparedModel:
         raise CheckpointError(f"{model_dir}: the pretrained weights loaded from {', '.join(refs['sources'].values())} "
                               f"are not those this checkpoint was trained with ({PRETRAINED} fingerprint differs)")
     try:
-        state = load_file(str(weights))
+        state = {_current_name(name): tensor for name, tensor in load_file(str(weights)).items()}
     except (SafetensorError, OSError) as err:
         raise CheckpointError(f"{weights}: unreadable weights ({err})") from None
     expected = model.state_dict()

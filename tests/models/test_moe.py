@@ -11,7 +11,7 @@ from moevlm.models.moe import IMAGE, PAD, TEXT, MoE
 def make_moe(width=8, hidden=16, **kw):
     cfg = MoEConfig(**{"num_experts": 4, "top_k": 2, **kw})
     moe = MoE(width, hidden, cfg)
-    for p in (moe.w1_EDH, moe.w2_EHD, moe.b1_EH, moe.b2_ED):
+    for p in (moe.w1_EDF, moe.w2_EHD, moe.b1_EF, moe.b2_ED):
         if p is not None:
             torch.nn.init.normal_(p, std=0.3)
     return moe
@@ -22,7 +22,7 @@ def expert_grads(moe, x_ND, experts_NK, weights_NK, fn):
     x_ND = x_ND.clone().requires_grad_()
     out = fn(x_ND, experts_NK, weights_NK)
     out.backward(torch.linspace(-1, 1, out.numel()).view_as(out))
-    params = [p for p in (moe.w1_EDH, moe.b1_EH, moe.w2_EHD, moe.b2_ED) if p is not None]
+    params = [p for p in (moe.w1_EDF, moe.b1_EF, moe.w2_EHD, moe.b2_ED) if p is not None]
     return out.detach(), [x_ND.grad] + [p.grad.clone() for p in params]
 
 
@@ -83,7 +83,7 @@ def test_grouped_experts_under_bf16_autocast_keep_fp32_gradients():
     # Every weight, fp32, gets an fp32 gradient with the fp32 gradient's values up to bf16 rounding
     # (about 3 significant digits): the gradients reach the weights through the casts.
     assert fp32_grads.keys() == {name for name, p in moe.named_parameters() if p.grad is not None}
-    assert {"w1_EDH", "w2_EHD", "b1_EH", "b2_ED"} <= fp32_grads.keys()
+    assert {"w1_EDF", "w2_EHD", "b1_EF", "b2_ED"} <= fp32_grads.keys()
     for name, p in moe.named_parameters():
         assert p.dtype == p.grad.dtype == torch.float32, name
         assert fp32_grads[name].abs().max() > 0, name
@@ -174,7 +174,7 @@ def moe_and_reference_grads(moe, x, kind, fn):
     x = x.clone().requires_grad_()
     out = fn(x)
     out.backward(torch.linspace(-1, 1, out.numel()).view_as(out))
-    params = [p for p in (moe.gate.weight, moe.w1_EDH, moe.b1_EH, moe.w2_EHD, moe.b2_ED) if p is not None]
+    params = [p for p in (moe.gate.weight, moe.w1_EDF, moe.b1_EF, moe.w2_EHD, moe.b2_ED) if p is not None]
     return [out.detach(), x.grad] + [p.grad.clone() for p in params]
 
 
@@ -245,7 +245,7 @@ def hand_moe(**kw):
     moe = MoE(2, 4, MoEConfig(num_experts=2, top_k=1, router_noise=False, **kw)).train()
     with torch.no_grad():
         moe.gate.weight.copy_(torch.eye(2))  # router logits equal the input
-        for p in (moe.w1_EDH, moe.b1_EH, moe.w2_EHD, moe.b2_ED):
+        for p in (moe.w1_EDF, moe.b1_EF, moe.w2_EHD, moe.b2_ED):
             torch.nn.init.normal_(p, std=0.3)
     return moe
 
@@ -287,4 +287,4 @@ def test_shared_expert_adds_dense_path():
 def test_moe_backward_reaches_every_routed_expert():
     moe = make_moe(num_experts=4, top_k=4).train()
     moe(torch.randn(2, 5, 8)).sum().backward()
-    assert (moe.w1_EDH.grad.abs().sum(dim=(1, 2)) > 0).all()
+    assert (moe.w1_EDF.grad.abs().sum(dim=(1, 2)) > 0).all()

@@ -148,7 +148,7 @@ def test_cached_decoding_equals_recomputing_and_rows_decode_as_alone(pretrained_
     assert len(model.moe_layers) == (2 if moe == "all" else 0)
     with torch.no_grad():  # upcycled experts are identical copies: routing would change nothing
         for layer in model.moe_layers:
-            for w in (layer.w1_EDH, layer.w2_EHD):
+            for w in (layer.w1_EDF, layer.w2_EHD):
                 w.add_(torch.randn_like(w) * w.std())
     images = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
     prompts = [[40, 41, 42, 43, 44], [50], [60, 61]]

@@ -69,7 +69,7 @@ def test_installed_moe_layers_compute_what_the_dense_lm_did(family, activation, 
     torch.testing.assert_close(F.cross_entropy(upcycled[:, :-1].reshape(-1, VOCAB), IDS[:, 1:].reshape(-1)),
                                F.cross_entropy(dense[:, :-1].reshape(-1, VOCAB), IDS[:, 1:].reshape(-1)))
     moe = blocks[expected[0]].mlp.moe
-    assert moe.cfg.activation == activation and moe.w1_EDH.shape[0] == 4
+    assert moe.cfg.activation == activation and moe.w1_EDF.shape[0] == 4
     # The MLPs matter to the logits: an assert_close above would catch a wrong expert.
     for i in expected:
         blocks[i].mlp.moe.w2_EHD.data.mul_(1.5)
@@ -112,7 +112,7 @@ def test_upcycled_lm_trains_experts_and_router_and_reports_aux_losses():
     loss = F.cross_entropy(logits[:, :-1].reshape(-1, VOCAB), IDS[:, 1:].reshape(-1))
     (loss + mlp.moe.aux["balance"] + mlp.moe.aux["z"]).backward()
     used = mlp.moe.last_load.sum(0) > 0
-    assert (mlp.moe.w1_EDH.grad.abs().sum((1, 2))[used] > 0).all()
+    assert (mlp.moe.w1_EDF.grad.abs().sum((1, 2))[used] > 0).all()
     assert mlp.moe.w2_EHD.grad.abs().sum() > 0
     # Identical experts: the main loss cannot tell the router's choices apart; the aux losses can.
     assert mlp.moe.gate.weight.grad.abs().sum() > 0
@@ -212,7 +212,7 @@ def test_upcycled_vlm_trains_experts_and_router_with_aux_losses():
     assert set(out.aux) == {"balance", "z"}
     out.loss.backward()
     moe = new_model.decoder.blocks[1].ffn
-    assert moe.w1_EDH.grad.abs().sum() > 0 and moe.b2_ED.grad.abs().sum() > 0
+    assert moe.w1_EDF.grad.abs().sum() > 0 and moe.b2_ED.grad.abs().sum() > 0
     assert moe.gate.weight.grad.abs().sum() > 0
 
 

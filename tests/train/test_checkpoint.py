@@ -220,3 +220,18 @@ def test_a_checkpoint_that_cannot_be_written_is_a_one_line_error(run, tmp_path):
     (tmp_path / "run" / "checkpoints").write_text("a file where the snapshots folder goes")
     with pytest.raises(CheckpointError, match=r"run: cannot write checkpoint: File exists"):
         train(data, tmp_path / "run", config=tiny(**{"train.max_steps": 1}))
+
+
+def test_a_checkpoint_with_the_old_expert_tensor_names_still_loads(copy):
+    from safetensors.torch import save_file
+
+    weights = copy / "model.safetensors"
+    current = load_file(str(weights))
+    renamed = {name.replace("w1_EDF", "w1_EDH").replace("b1_EF", "b1_EH"): t for name, t in current.items()}
+    assert renamed.keys() != current.keys()
+    save_file(renamed, str(weights), metadata={"format": "pt"})
+    rewrite_checksums(copy)
+    model, _, _ = load_model(copy)
+    for name, tensor in model.state_dict().items():
+        if name in current:
+            torch.testing.assert_close(tensor, current[name], rtol=0, atol=0)

@@ -56,7 +56,7 @@ def moe_vs_dense(device: torch.device, shapes=MOE_SHAPES, rounds: int = 5) -> di
         tokens, width, hidden, experts, k = shape
         torch.manual_seed(0)
         moe = MoE(width, hidden, MoEConfig(num_experts=experts, top_k=k)).to(device).train()
-        for param in (moe.w1_EDH, moe.w2_EHD, moe.gate.weight):
+        for param in (moe.w1_EDF, moe.w2_EHD, moe.gate.weight):
             torch.nn.init.normal_(param, std=0.02)
         dense = FeedForward(width, k * hidden).to(device).train()
         x = torch.randn(1, tokens, width, device=device, requires_grad=True)
@@ -83,7 +83,7 @@ def moe_like_mixtral(block, hidden: int) -> MoE:
     moe = MoE(width, hidden, MoEConfig(num_experts=E, top_k=block.top_k, activation="swiglu", router_noise=False))
     with torch.no_grad():
         moe.gate.weight.copy_(block.gate.weight)
-        moe.w1_EDH.copy_(experts.gate_up_proj.transpose(1, 2))  # (E, 2H, D) -> (E, D, 2H), gate then up
+        moe.w1_EDF.copy_(experts.gate_up_proj.transpose(1, 2))  # (E, 2H, D) -> (E, D, 2H), gate then up
         moe.w2_EHD.copy_(experts.down_proj.transpose(1, 2))  # (E, D, H) -> (E, H, D)
     return moe
 

@@ -54,7 +54,7 @@ class Decoder(nn.Module):
                 nn.init.normal_(param, mean=0.0, std=0.02 / math.sqrt(2 * cfg.depth))
         for block in self.blocks:
             if isinstance(block.ffn, MoE):
-                nn.init.normal_(block.ffn.w1_EDH, std=0.02)
+                nn.init.normal_(block.ffn.w1_EDF, std=0.02)
                 nn.init.normal_(block.ffn.gate.weight, std=0.02)
                 if block.ffn.noise is not None:
                     nn.init.zeros_(block.ffn.noise.weight)

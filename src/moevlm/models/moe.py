@@ -7,6 +7,7 @@ al. 2022); stacked expert weights with sort-based dispatch (transformers v5 MoE,
 Tensor names carry their shapes (torchtitan style):
     N  tokens in the batch (B * T, flattened)      D  model width
     E  experts                                     H  expert hidden width
+    F  w1's columns: H, or 2H for swiglu (gate and up side by side)
     K  experts per token (top-k)                   A  assignments, N * K (or fewer if dropped)
 """
 
@@ -37,10 +38,10 @@ class MoE(nn.Module):
         # gelu / gelu_tanh experts: act(x @ w1 + b1) @ w2 + b2. swiglu experts hold gate and up
         # side by side in w1 ([gate | up], F = 2H) and have no biases, as Llama / Mixtral FFNs.
         inner = 2 * hidden if cfg.activation == "swiglu" else hidden
-        self.w1_EDH = nn.Parameter(torch.empty(E, width, inner))
+        self.w1_EDF = nn.Parameter(torch.empty(E, width, inner))
         self.w2_EHD = nn.Parameter(torch.empty(E, hidden, width))
         has_bias = cfg.activation in GELU_APPROXIMATE
-        self.b1_EH = nn.Parameter(torch.zeros(E, inner)) if has_bias else None
+        self.b1_EF = nn.Parameter(torch.zeros(E, inner)) if has_bias else None
         self.b2_ED = nn.Parameter(torch.zeros(E, width)) if has_bias else None
         self.shared = FeedForward(width, hidden) if cfg.shared_expert else None
         self.dropout = nn.Dropout(dropout)
@@ -78,7 +79,7 @@ class MoE(nn.Module):
         if kept_NK is not None:
             y_ND = self.experts_sorted(x_ND, experts_NK, weights_NK, kept_NK)
         elif x_ND.size(0) * self.cfg.top_k <= self.cfg.num_experts and not torch.is_grad_enabled():
-            y_ND = self.experts_few(x_ND, experts_NK, weights_NK)  # decoding a token or a few
+            y_ND = self.experts_per_token(x_ND, experts_NK, weights_NK)  # decoding a token or a few
         else:
             y_ND = self.experts_sorted(x_ND, experts_NK, weights_NK)
         if self.shared is not None:
@@ -121,15 +122,15 @@ class MoE(nn.Module):
             kept_A = kept_NK.reshape(-1)[order_A]
             token_A, expert_A, weight_A = token_A[kept_A], expert_A[kept_A], weight_A[kept_A]
         counts_E = torch.bincount(expert_A, minlength=E)
-        out_AD = expert_mlp(x_ND.index_select(0, token_A), expert_A, counts_E, self.w1_EDH, self.b1_EH, self.w2_EHD,
+        out_AD = expert_mlp(x_ND.index_select(0, token_A), expert_A, counts_E, self.w1_EDF, self.b1_EF, self.w2_EHD,
                             self.b2_ED, self.cfg.activation, use_grouped)
         y_ND = torch.zeros_like(x_ND, dtype=out_AD.dtype)
         return y_ND.index_add_(0, token_A, out_AD * weight_A.unsqueeze(1).to(out_AD.dtype))
 
-    def experts_few(self, x_ND: torch.Tensor, experts_NK: torch.Tensor, weights_NK: torch.Tensor) -> torch.Tensor:
+    def experts_per_token(self, x_ND: torch.Tensor, experts_NK: torch.Tensor, weights_NK: torch.Tensor) -> torch.Tensor:
         """Inference on a handful of tokens (a decoding step): each token straight through its
         k experts. Sorting and grouping would cost more than the matmuls here."""
-        w1, w2, b1, b2 = self.w1_EDH, self.w2_EHD, self.b1_EH, self.b2_ED
+        w1, w2, b1, b2 = self.w1_EDF, self.w2_EHD, self.b1_EF, self.b2_ED
         rows = []
         for n, (experts, weights) in enumerate(zip(experts_NK.tolist(), weights_NK.to(x_ND.dtype).unbind())):
             x_1D = x_ND[n:n + 1]
@@ -147,7 +148,7 @@ class MoE(nn.Module):
 
     def _expert_reference(self, e: int, x_D: torch.Tensor) -> torch.Tensor:
         """Expert e on a row vector (D,) or rows (M, D)."""
-        pre = x_D @ self.w1_EDH[e] + (0 if self.b1_EH is None else self.b1_EH[e])
+        pre = x_D @ self.w1_EDF[e] + (0 if self.b1_EF is None else self.b1_EF[e])
         if self.cfg.activation == "gelu":
             act = F.gelu(pre)
         elif self.cfg.activation == "gelu_tanh":  # written out, as GPT-2's gelu_new

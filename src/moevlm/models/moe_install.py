@@ -63,7 +63,7 @@ class MoEMLP(nn.Module):
 
 
 @dataclass
-class DenseMLP:
+class DenseWeights:
     """A dense MLP's weights in our expert layout: act(x @ w1 + b1) @ w2 + b2."""
     w1_DF: torch.Tensor  # (D, F); swiglu: F = 2H, [gate | up] side by side
     b1_F: torch.Tensor | None
@@ -102,7 +102,7 @@ def activation_of(act: nn.Module) -> str | None:
     return None
 
 
-def read_dense_mlp(mlp: nn.Module) -> DenseMLP:
+def read_dense_mlp(mlp: nn.Module) -> DenseWeights:
     """The weights of a transformers MLP, or a one-line MoevlmError naming its class."""
     from transformers.pytorch_utils import Conv1D  # here: importing transformers takes seconds
 
@@ -111,10 +111,10 @@ def read_dense_mlp(mlp: nn.Module) -> DenseMLP:
     def fail(problem: str):
         raise MoevlmError(f"cannot upcycle {name}: {problem}")
 
-    def linear(attr: str, kinds: tuple[type, ...] = (nn.Linear,)) -> nn.Module:
+    def linear(attr: str, classes: tuple[type, ...] = (nn.Linear,)) -> nn.Module:
         module = getattr(mlp, attr)
-        if type(module) not in kinds:  # a LoRA-wrapped projection is not a plain Linear
-            fail(f"{attr} is a {type(module).__name__}, not {' or '.join(k.__name__ for k in kinds)} "
+        if type(module) not in classes:  # a LoRA-wrapped projection is not a plain Linear
+            fail(f"{attr} is a {type(module).__name__}, not {' or '.join(k.__name__ for k in classes)} "
                  "(merge LoRA adapters before upcycling)")
         return module
 
@@ -130,26 +130,26 @@ def read_dense_mlp(mlp: nn.Module) -> DenseMLP:
         gate, up, down = linear("gate_proj"), linear("up_proj"), linear("down_proj")
         if any(p.bias is not None for p in (gate, up, down)):
             fail("its projections have biases (mlp_bias=True); swiglu experts have none")
-        act, kind = act_module("act_fn", "act", "activation_fn")
-        if kind != "silu":
+        act, activation = act_module("act_fn", "act", "activation_fn")
+        if activation != "silu":
             fail(f"gated MLP with activation {type(act).__name__}; only silu (SwiGLU) experts exist")
         w1 = torch.cat([gate.weight.t(), up.weight.t()], dim=1)  # (D, 2H): [gate | up], as moe.py
-        return DenseMLP(w1, None, down.weight.t(), None, "swiglu", dropout)
+        return DenseWeights(w1, None, down.weight.t(), None, "swiglu", dropout)
     if hasattr(mlp, "c_fc") and hasattr(mlp, "c_proj"):  # GPT-2: Conv1D holds weight as (in, out)
         fc, proj = linear("c_fc", (Conv1D,)), linear("c_proj", (Conv1D,))
         w1, b1, w2, b2 = fc.weight, fc.bias, proj.weight, proj.bias
-        act, kind = act_module("act", "act_fn", "activation_fn")
+        act, activation = act_module("act", "act_fn", "activation_fn")
     elif hasattr(mlp, "fc1") and hasattr(mlp, "fc2"):  # Phi: nn.Linear holds weight as (out, in)
         fc, proj = linear("fc1"), linear("fc2")
         w1, b1, w2, b2 = fc.weight.t(), fc.bias, proj.weight.t(), proj.bias
-        act, kind = act_module("activation_fn", "act", "act_fn")
+        act, activation = act_module("activation_fn", "act", "act_fn")
     else:
         fail("unknown MLP layout (expected gate_proj/up_proj/down_proj, c_fc/c_proj or fc1/fc2)")
-    if kind not in ("gelu", "gelu_tanh"):
+    if activation not in ("gelu", "gelu_tanh"):
         fail(f"activation {type(act).__name__} is not GELU or GELU-tanh, the two-matrix experts there are")
     if b1 is None or b2 is None:
         fail("two-matrix MLP without biases; gelu experts have biases")
-    return DenseMLP(w1, b1, w2, b2, kind, dropout)
+    return DenseWeights(w1, b1, w2, b2, activation, dropout)
 
 
 def decoder_layers(lm: nn.Module) -> nn.ModuleList:
@@ -169,7 +169,7 @@ def decoder_layers(lm: nn.Module) -> nn.ModuleList:
                       "(looked for model.layers and transformer.h)")
 
 
-def experts_from_dense(dense: DenseMLP, cfg: MoEConfig, router_std: float = 0.02) -> MoE:
+def experts_from_dense(dense: DenseWeights, cfg: MoEConfig, router_std: float = 0.02) -> MoE:
     """An MoE layer whose experts are all copies of ``dense``, with a fresh router: a small
     normal gate and a zero noise projection (as decoder.py initialises them)."""
     assert cfg.activation == dense.activation, (cfg.activation, dense.activation)
@@ -181,10 +181,10 @@ def experts_from_dense(dense: DenseMLP, cfg: MoEConfig, router_std: float = 0.02
     moe.to(dtype)
     E = cfg.num_experts
     with torch.no_grad():
-        moe.w1_EDH.copy_(dense.w1_DF.expand(E, -1, -1))
+        moe.w1_EDF.copy_(dense.w1_DF.expand(E, -1, -1))
         moe.w2_EHD.copy_(dense.w2_HD.expand(E, -1, -1))
-        if moe.b1_EH is not None:
-            moe.b1_EH.copy_(dense.b1_F.expand(E, -1))
+        if moe.b1_EF is not None:
+            moe.b1_EF.copy_(dense.b1_F.expand(E, -1))
             moe.b2_ED.copy_(dense.b2_D.expand(E, -1))
         nn.init.normal_(moe.gate.weight, std=router_std)
         if moe.noise is not None:
@@ -217,7 +217,7 @@ def install_moe_layers(lm: nn.Module, decoder_cfg: DecoderConfig, kinds: TokenKi
         layers[i].mlp = MoEMLP(moe, kinds or TokenKinds()).train(layers[i].mlp.training)
 
 
-def _dense_mlps(lm: nn.Module, indices: list[int]) -> dict[int, DenseMLP]:
+def _dense_mlps(lm: nn.Module, indices: list[int]) -> dict[int, DenseWeights]:
     """The dense MLPs of ``indices`` (layers that are MoE already left out), read before anything changes."""
     layers = decoder_layers(lm)
     bad = [i for i in indices if not 0 <= i < len(layers)]
@@ -226,11 +226,11 @@ def _dense_mlps(lm: nn.Module, indices: list[int]) -> dict[int, DenseMLP]:
     return {i: read_dense_mlp(layers[i].mlp) for i in indices if not isinstance(layers[i].mlp, MoEMLP)}
 
 
-def _one_activation(lm: nn.Module, dense: dict[int, DenseMLP]) -> str:
-    kinds = sorted({mlp.activation for mlp in dense.values()})
-    if len(kinds) > 1:
-        raise MoevlmError(f"cannot upcycle {type(lm).__name__}: its MLPs mix activations {kinds}")
-    return kinds[0] if kinds else ""
+def _one_activation(lm: nn.Module, dense: dict[int, DenseWeights]) -> str:
+    activations = sorted({mlp.activation for mlp in dense.values()})
+    if len(activations) > 1:
+        raise MoevlmError(f"cannot upcycle {type(lm).__name__}: its MLPs mix activations {activations}")
+    return activations[0] if activations else ""
 
 
 def mlp_activation(lm: nn.Module, indices: list[int]) -> str:

@@ -102,8 +102,8 @@ def _upcycled_vlm(model: VLM, config: Config, chosen: list[int]) -> VLM:
     for i in chosen:
         ffn = f"decoder.blocks.{i}.ffn."
         # FeedForward is nn.Linear, weight (out, in); experts hold (in, out) per expert.
-        state[ffn + "w1_EDH"] = old_state[ffn + "fc.weight"].t().expand(E, -1, -1)
-        state[ffn + "b1_EH"] = old_state[ffn + "fc.bias"].expand(E, -1)
+        state[ffn + "w1_EDF"] = old_state[ffn + "fc.weight"].t().expand(E, -1, -1)
+        state[ffn + "b1_EF"] = old_state[ffn + "fc.bias"].expand(E, -1)
         state[ffn + "w2_EHD"] = old_state[ffn + "proj.weight"].t().expand(E, -1, -1)
         state[ffn + "b2_ED"] = old_state[ffn + "proj.bias"].expand(E, -1)
         converted |= {ffn + p for p in ("fc.weight", "fc.bias", "proj.weight", "proj.bias")}
