@@ -147,7 +147,9 @@ def test_device_auto_loads_the_model_on_cuda_then_mps(trained, tmp_path, capsys,
         loaded_on.append(torch.device(device))
         raise checkpoint.CheckpointError("stop here")  # this machine may have neither device
 
-    monkeypatch.setattr(checkpoint, "load_model", load_model)
+    from moevlm import evaluate, generate
+
+    monkeypatch.setattr({"caption": generate, "eval": evaluate}[command], "load_model", load_model)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
     monkeypatch.setattr(torch.backends.mps, "is_macos_or_newer", lambda major, minor: True)
     for cuda, mps in ((True, True), (False, True), (False, False)):

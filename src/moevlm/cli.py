@@ -144,51 +144,14 @@ def _cmd_train(args) -> int:
     return 0
 
 
-def _inference_device(name: str):
-    """The device for ``--device`` and the autocast that goes with it (None: fp32)."""
-    from moevlm.train.trainer import autocast_dtype, resolve_device
-
-    device = resolve_device(name, key="--device")
-    return device, autocast_dtype("auto", device)
-
-
-def _open_images(paths: list[Path]) -> list:
-    from moevlm.data.images import open_image
-    from moevlm.errors import DataError
-
-    images = []
-    for path in paths:
-        try:
-            images.append(open_image(str(path)))
-        except ValueError as err:
-            raise DataError(path, None, str(err)) from None
-    return images
-
-
 def _cmd_caption(args) -> int:
-    import torch
+    from moevlm.generate import caption_files
 
-    from moevlm.checkpoint import load_model
-    from moevlm.data.images import image_preparer
-    from moevlm.errors import ConfigError, DataError
-    from moevlm.generate import caption
-
-    if args.batch_size < 1:
-        raise ConfigError(f"--batch-size must be >= 1, not {args.batch_size}")
-    device, amp_dtype = _inference_device(args.device)
-    model, tokenizer, config = load_model(args.model, device=device)
-    for path in args.images:  # every path before the first caption, so a typo does not end a long job
-        if not path.is_file():
-            raise DataError(path, None, "a folder, not an image file" if path.is_dir() else "no such image file")
-    prepare_image = image_preparer(config.model, args.model)
-    for start in range(0, len(args.images), args.batch_size):
-        paths = args.images[start:start + args.batch_size]
-        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            texts = caption(model, tokenizer, _open_images(paths), prompt=args.prompt, batch_size=args.batch_size,
-                            prepare_image=prepare_image, max_new_tokens=args.max_new_tokens,
-                            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
-        for path, text in zip(paths, texts):
-            print(json.dumps({"image": str(path), "text": text}) if args.json else f"{path}: {text}", flush=True)
+    captions = caption_files(args.model, args.images, prompt=args.prompt, device=args.device,
+                             batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+                             temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    for path, text in captions:
+        print(json.dumps({"image": str(path), "text": text}) if args.json else f"{path}: {text}", flush=True)
     return 0
 
 
@@ -197,25 +160,10 @@ def _public_result(result: dict) -> dict:
 
 
 def _cmd_eval(args) -> int:
-    from moevlm.checkpoint import load_model
-    from moevlm.data.records import read_samples
-    from moevlm.data.training_data import dataset_for
-    from moevlm.errors import ConfigError
-    from moevlm.evaluate import evaluate
+    from moevlm.evaluate import evaluate_file
 
-    if args.max_new_tokens is not None and args.max_new_tokens < 1:
-        raise ConfigError(f"--max-new-tokens must be at least 1, not {args.max_new_tokens}")
-    device, amp_dtype = _inference_device(args.device)
-    model, tokenizer, config = load_model(args.model, device=device)
-    samples, skipped = read_samples(args.data, config.data.on_bad_row)
-    dataset = dataset_for(samples, tokenizer, config, augment=False, folder=args.model)
-    skipped.update(dataset.skipped)
-    if skipped:
-        logging.getLogger(__name__).warning("data.on_bad_row=skip: skipped %s", skipped)
-    result = evaluate(model, dataset, tokenizer, batch_size=config.train.batch_size, amp_dtype=amp_dtype,
-                      max_generate=0 if args.no_generate else None, max_new_tokens=args.max_new_tokens)
-    if args.no_generate:  # nothing was captioned: no scores to report
-        del result["exact_match"], result["bleu4"]
+    result = evaluate_file(args.model, args.data, device=args.device, max_new_tokens=args.max_new_tokens,
+                           generate=not args.no_generate)
     if args.json:
         print(json.dumps(_public_result(result)))
         return 0

@@ -3,18 +3,27 @@ and BLEU-4, and per-layer expert load split into image and text tokens."""
 
 from __future__ import annotations
 
+import logging
 import math
 from functools import partial
+from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader
 
+from moevlm.checkpoint import load_model
 from moevlm.data.dataset import ImageTextDataset, collate, usable_batch
+from moevlm.data.records import read_samples
 from moevlm.data.tokenizer_factory import TextTokenizer
+from moevlm.data.training_data import dataset_for
+from moevlm.device import autocast_dtype, resolve_device
+from moevlm.errors import ConfigError
 from moevlm.generate import generate_texts
 from moevlm.metrics import bleu4, exact_match, expert_balance
 from moevlm.models.protocol import VisionLanguageModel
 from moevlm.models.vlm import expert_dropped
+
+log = logging.getLogger(__name__)
 
 # Room past the reference's length: end-of-turn and special tokens that decoding drops.
 _SPARE_TOKENS = 8
@@ -99,4 +108,25 @@ def evaluate(model: VisionLanguageModel, dataset: ImageTextDataset, tokenizer: T
             # Eval is dropless, so load counts every real assignment: the share training would drop.
             result["dropped"] = {f"layer_{i}": d / max(1, r) for i, d, r in
                                  zip(model.cfg.decoder.moe_layer_indices, dropped.tolist(), load.sum((1, 2)).tolist())}
+    return result
+
+
+def evaluate_file(model_dir: str | Path, data: str | Path, *, device: str = "auto", max_new_tokens: int | None = None,
+                  generate: bool = True) -> dict:
+    """``moevlm eval``: ``evaluate`` of the checkpoint in ``model_dir`` on a data file, on ``device``.
+    ``generate`` False: loss and perplexity only (no exact match or BLEU in the result)."""
+    if max_new_tokens is not None and max_new_tokens < 1:
+        raise ConfigError(f"--max-new-tokens must be at least 1, not {max_new_tokens}")
+    where = resolve_device(device, key="--device")
+    model, tokenizer, config = load_model(model_dir, device=where)
+    samples, skipped = read_samples(data, config.data.on_bad_row)
+    dataset = dataset_for(samples, tokenizer, config, augment=False, folder=model_dir)
+    skipped.update(dataset.skipped)
+    if skipped:
+        log.warning("data.on_bad_row=skip: skipped %s", skipped)
+    result = evaluate(model, dataset, tokenizer, batch_size=config.train.batch_size,
+                      amp_dtype=autocast_dtype("auto", where), max_generate=None if generate else 0,
+                      max_new_tokens=max_new_tokens)
+    if not generate:  # nothing was captioned: no scores to report
+        del result["exact_match"], result["bleu4"]
     return result

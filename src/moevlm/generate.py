@@ -8,11 +8,15 @@ reference the cached path is tested against.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import torch
 
-from moevlm.data.images import image_preparer, normalize
+from moevlm.checkpoint import load_model
+from moevlm.data.images import image_preparer, normalize, open_image
 from moevlm.data.tokenizer_factory import TextTokenizer
+from moevlm.device import autocast_dtype, resolve_device
+from moevlm.errors import ConfigError, DataError
 from moevlm.models.protocol import VisionLanguageModel
 
 
@@ -128,3 +132,31 @@ def caption(model: VisionLanguageModel, tokenizer: TextTokenizer, images: list, 
         pixels = torch.stack([prepare_image(img) for img in chunk])
         texts += generate_texts(model, tokenizer, pixels, [prompt] * len(chunk), **options)
     return texts
+
+
+def caption_files(model_dir: str | Path, paths: list[Path], *, prompt: str = "", device: str = "auto",
+                  batch_size: int = 32, **options) -> Iterator[tuple[Path, str]]:
+    """``moevlm caption``: (path, caption) of each image file with the checkpoint in ``model_dir``, on
+    ``device`` (``--device``: auto, cpu, cuda, mps; bf16 where it has it), ``batch_size`` at a time.
+    Every path is checked before the first caption, so a typo does not end a long job halfway."""
+    if batch_size < 1:
+        raise ConfigError(f"--batch-size must be >= 1, not {batch_size}")
+    where = resolve_device(device, key="--device")
+    amp_dtype = autocast_dtype("auto", where)
+    model, tokenizer, config = load_model(model_dir, device=where)
+    for path in paths:
+        if not Path(path).is_file():
+            raise DataError(path, None, "a folder, not an image file" if Path(path).is_dir() else "no such image file")
+    prepare_image = image_preparer(config.model, model_dir)
+    for start in range(0, len(paths), batch_size):
+        chunk = paths[start:start + batch_size]
+        images = []
+        for path in chunk:
+            try:
+                images.append(open_image(str(path)))
+            except ValueError as err:
+                raise DataError(path, None, str(err)) from None
+        with torch.autocast(where.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            texts = caption(model, tokenizer, images, prompt=prompt, batch_size=batch_size,
+                            prepare_image=prepare_image, **options)
+        yield from zip(chunk, texts)

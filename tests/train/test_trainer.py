@@ -7,11 +7,12 @@ from safetensors.torch import load_file
 
 from moevlm.checkpoint import load_model
 from moevlm.config import load_config
+from moevlm.device import autocast_dtype, resolve_device
 from moevlm.errors import ConfigError, MoevlmError
 from moevlm.models.vlm import VLM
 from moevlm.train import trainer as trainer_module
 from moevlm.train.run import run_training
-from moevlm.train.trainer import autocast_dtype, lr_factor, resolve_device
+from moevlm.train.trainer import lr_factor
 
 
 def tiny(**overrides):

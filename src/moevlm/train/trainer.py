@@ -23,7 +23,8 @@ from moevlm.checkpoint import PreparedModel
 from moevlm.config import Config
 from moevlm.data.dataset import EpochBatchSampler, ImageTextDataset, collate, usable_batch
 from moevlm.data.tokenizer_factory import TextTokenizer
-from moevlm.errors import ConfigError, TrainingError
+from moevlm.device import autocast_dtype, resolve_device
+from moevlm.errors import TrainingError
 from moevlm.evaluate import evaluate
 from moevlm.metrics import expert_balance
 from moevlm.models.protocol import VisionLanguageModel
@@ -57,38 +58,6 @@ def build_optimizer(trainable: dict[str, list[torch.nn.Parameter]], cfg) -> torc
                 groups.append({"params": chosen, "weight_decay": decay, "lr": lr, "base_lr": lr, "group": name})
     # The fused kernel updates every tensor in one pass: about half the optimizer time on CPU.
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=True)
-
-
-def resolve_device(name: str, key: str = "train.device") -> torch.device:
-    """``auto``: CUDA, else Apple's MPS, else the CPU. A named device this machine lacks is refused
-    (``key`` names the setting in the message)."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"{key} {name!r}: expected auto, cpu, cuda, cuda:N or mps") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"{key} {name}: this machine has no CUDA device (auto picks what it has)")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise ConfigError(f"{key} {name}: this machine has no Apple MPS device (auto picks what it has)")
-    return device
-
-
-def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """bf16 when asked for, or with ``auto`` on a device whose kernels support it (a CUDA card that
-    has bf16; MPS from macOS 14); None: fp32."""
-    if precision == "bf16":
-        return torch.bfloat16
-    if precision != "auto":
-        return None
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    if device.type == "mps" and torch.backends.mps.is_macos_or_newer(14, 0):
-        return torch.bfloat16
-    return None
 
 
 def _rng_state(device: torch.device) -> dict:
