@@ -14,7 +14,7 @@ LAZY_LIBRARIES = ("transformers", "huggingface_hub", "peft", "mlflow", "requests
 # Files that wrap transformers models and so may import it at module level.
 HF_WRAPPERS = {"moevlm.models.hf_config", "moevlm.models.hf_vision", "moevlm.models.hf_lm", "moevlm.models.factory",
                "moevlm.models.moe_install", "moevlm.models.lora"}
-INFERENCE = ("moevlm.generate", "moevlm.evaluate")
+INFERENCE = ("moevlm.generate", "moevlm.evaluate", "moevlm.checkpoint", "moevlm.device", "moevlm.metrics")
 
 
 def module_name(path: Path) -> str:
@@ -104,3 +104,21 @@ def test_data_imports_no_model(name):
 @pytest.mark.parametrize("name", INFERENCE)
 def test_inference_never_imports_the_trainer(name):
     assert not {target for target in own_imports(name) if target.startswith("moevlm.train")}
+
+
+def test_every_lazy_import_says_why():
+    missing = []
+    for name, path in MODULES.items():
+        lines = path.read_text().split("\n")
+        tree = ast.parse("\n".join(lines))
+        for fn in ast.walk(tree):
+            if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            lazy = [node for node in ast.walk(fn) if isinstance(node, (ast.Import, ast.ImportFrom))
+                    and (node.module if isinstance(node, ast.ImportFrom) else node.names[0].name)
+                    .startswith(LAZY_LIBRARIES)]
+            if lazy:
+                first = min(node.lineno for node in lazy)
+                if "#" not in lines[first - 1] and not lines[first - 2].strip().startswith("#"):
+                    missing.append(f"{name}:{first}")
+    assert not missing

@@ -26,6 +26,21 @@ SETTINGS = {"train.max_steps": 18, "train.checkpoint_every": 6, "train.eval_ever
 
 # Each driver ends its own process with SIGKILL at one moment of the run (steps 6 and 12 are checkpoints;
 # with one snapshot kept, saving step 12 removes step 6's).
+def die_publishing(name: str) -> str:
+    """A killer for the moment snapshot 12's ``name`` is about to replace step 6's at the top level."""
+    return f"""
+        replace = os.replace
+        seen = []
+        def replace_then_die(src, dst):
+            if str(dst).endswith(os.path.join("run", "{name}")):
+                seen.append(dst)
+                if len(seen) == 2:  # the first was step 6's
+                    die()
+            replace(src, dst)
+        os.replace = replace_then_die
+    """
+
+
 KILLERS = {
     # Between checkpoints: as step 9 starts.
     "training": """
@@ -63,29 +78,9 @@ KILLERS = {
     """,
     # Snapshot 12 is complete; publishing it to the top level, its weights are linked in as a
     # hidden temporary file but not yet renamed over step 6's.
-    "publishing the weights": """
-        replace = os.replace
-        top_level_weights = []
-        def replace_then_die(src, dst):
-            if str(dst).endswith(os.path.join("run", "model.safetensors")):
-                top_level_weights.append(dst)
-                if len(top_level_weights) == 2:  # the first was step 6's
-                    die()
-            replace(src, dst)
-        os.replace = replace_then_die
-    """,
+    "publishing the weights": die_publishing("model.safetensors"),
     # Snapshot 12 is complete; the top level has its weights but still step 6's state and checksums.
-    "updating the top level": """
-        replace = os.replace
-        top_level_states = []
-        def replace_then_die(src, dst):
-            if str(dst).endswith(os.path.join("run", "trainer_state.json")):
-                top_level_states.append(dst)
-                if len(top_level_states) == 2:  # the first was step 6's
-                    die()
-            replace(src, dst)
-        os.replace = replace_then_die
-    """,
+    "updating the top level": die_publishing("trainer_state.json"),
     # Snapshot 12 is complete and published; step 6's, renamed to .step-00000006.old, is half deleted.
     "removing the old snapshot": """
         import shutil

@@ -67,6 +67,7 @@ def moe_vs_dense(device: torch.device, shapes=MOE_SHAPES, rounds: int = 5) -> di
 
 
 def _mixtral_block(width: int, hidden: int, experts: int, k: int):
+    # Lazy: transformers takes seconds to import.
     from transformers import MixtralConfig
     from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
 

@@ -52,6 +52,7 @@ class HFTokenizer:
 
     @classmethod
     def from_pretrained(cls, source: str | Path, num_image_tokens: int, image_token_id: int) -> "HFTokenizer":
+        # Lazy: transformers takes seconds to import.
         from transformers import AutoTokenizer
 
         try:

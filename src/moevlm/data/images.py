@@ -168,6 +168,7 @@ def image_preparer(model_cfg, folder: str | Path | None = None) -> ScratchImages
     vision = model_cfg.vision
     if vision.pretrained is None:
         return ScratchImages(vision.image_size, vision.channels)
+    # Lazy: transformers takes seconds to import.
     from transformers import AutoImageProcessor  # only for pretrained towers
 
     source = str(folder) if folder is not None and (Path(folder) / PROCESSOR_FILE).is_file() else vision.pretrained

@@ -38,6 +38,7 @@ class LlavaSources:
         if source is None or source_config(source, key).model_type != "llava":
             return None
         if source not in self.loaded:
+            # Lazy: transformers takes seconds to import.
             from transformers import LlavaForConditionalGeneration
 
             self.loaded[source] = load_pretrained(LlavaForConditionalGeneration, source, key)
@@ -68,6 +69,7 @@ def build_model(cfg: ModelConfig, load_weights: bool = True) -> VLM | Pretrained
 
 
 def _load_lm(decoder: DecoderConfig, llava: nn.Module | None) -> nn.Module:
+    # Lazy: transformers takes seconds to import.
     from transformers import AutoModelForCausalLM
 
     if llava is None:

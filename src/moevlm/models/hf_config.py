@@ -30,6 +30,7 @@ def first_line(err: Exception) -> str:
 
 def source_config(source: str, key: str):
     """The transformers config of a hub id or local folder, or a one-line MoevlmError."""
+    # Lazy: transformers takes seconds to import.
     from huggingface_hub import constants
     from transformers import AutoConfig
 
@@ -57,6 +58,7 @@ def as_dict(config) -> dict:
 
 
 def hf_config_object(values: dict):
+    # Lazy: transformers takes seconds to import.
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
     return CONFIG_MAPPING[values["model_type"]].from_dict(values)
@@ -73,6 +75,7 @@ def _vision_hf_config(source: str) -> dict:
 
 
 def _lm_hf_config(source: str) -> dict:
+    # Lazy: transformers takes seconds to import.
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     config = source_config(source, LM_KEY)
@@ -124,7 +127,8 @@ def resolve_pretrained(cfg: ModelConfig) -> ModelConfig:
 
 def _lm_skeleton(config) -> nn.Module:
     """The LM's modules without weights (on the meta device): enough to read what its MLPs compute."""
-    from transformers import AutoModelForCausalLM  # lazy: transformers takes seconds to import
+    # Lazy: transformers takes seconds to import.
+    from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(config)

@@ -46,6 +46,7 @@ class PretrainedVLM(nn.Module):
         self.vision = vision
         self.projector = build_projector(cfg.projector, cfg.vision.width, cfg.decoder.width)
         if lm is None:
+            # Lazy: transformers takes seconds to import.
             from transformers import AutoModelForCausalLM
 
             lm = AutoModelForCausalLM.from_config(hf_config_object(cfg.decoder.hf_config), dtype=torch.float32)
@@ -110,6 +111,7 @@ class PretrainedVLM(nn.Module):
     # -- generation ------------------------------------------------------------------------
     def new_cache(self, batch: int, max_len: int):
         """A transformers DynamicCache (it grows as needed; batch and max_len are not used)."""
+        # Lazy: transformers takes seconds to import.
         from transformers import DynamicCache
 
         return DynamicCache(config=self.lm.config)

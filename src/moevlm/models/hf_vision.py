@@ -20,6 +20,7 @@ DEFAULT_PIXEL_STATS = {
 
 
 def vision_classes() -> dict[str, type]:
+    # Lazy: transformers takes seconds to import.
     from transformers import CLIPVisionModel, SiglipVisionModel
 
     return {"clip_vision_model": CLIPVisionModel, "siglip_vision_model": SiglipVisionModel}
@@ -69,6 +70,7 @@ class HFVisionTower(nn.Module):
 
 def pixel_stats(source: str, model_type: str) -> tuple[list[float], list[float]]:
     """image_mean / image_std from the source's preprocessor_config.json, else the family's."""
+    # Lazy: transformers takes seconds to import.
     from transformers.image_processing_base import ImageProcessingMixin
 
     try:

@@ -25,6 +25,7 @@ def _projection_names(lm: nn.Module) -> list[str]:
 
 
 def _conv1d() -> type:
+    # Lazy: transformers takes seconds to import.
     from transformers.pytorch_utils import Conv1D  # GPT-2's linear layers, weights stored (in, out)
 
     return Conv1D
@@ -32,6 +33,7 @@ def _conv1d() -> type:
 
 def apply_lora(lm: nn.Module, cfg: DecoderConfig) -> None:
     """Add rank ``cfg.lora_rank`` adapters; the LM computes exactly what it did (lora_B starts at zero)."""
+    # Lazy: only LoRA needs peft.
     from peft import LoraConfig, inject_adapter_in_model
 
     targets = _projection_names(lm)
@@ -43,6 +45,7 @@ def apply_lora(lm: nn.Module, cfg: DecoderConfig) -> None:
 
 
 def has_lora(model: nn.Module) -> bool:
+    # Lazy: only LoRA needs peft.
     from peft.tuners.lora import LoraLayer
 
     return any(isinstance(module, LoraLayer) for module in model.modules())
@@ -50,6 +53,7 @@ def has_lora(model: nn.Module) -> bool:
 
 def merge_lora(model: nn.Module) -> None:
     """Fold every adapter into its base weight and put the plain layer back in its place."""
+    # Lazy: only LoRA needs peft.
     from peft.tuners.lora import LoraLayer
 
     for name, module in list(model.named_modules()):

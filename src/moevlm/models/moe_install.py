@@ -104,7 +104,8 @@ def activation_of(act: nn.Module) -> str | None:
 
 def read_dense_mlp(mlp: nn.Module) -> DenseWeights:
     """The weights of a transformers MLP, or a one-line MoevlmError naming its class."""
-    from transformers.pytorch_utils import Conv1D  # here: importing transformers takes seconds
+    # Lazy: transformers takes seconds to import.
+    from transformers.pytorch_utils import Conv1D
 
     name = type(mlp).__name__
 

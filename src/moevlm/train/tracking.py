@@ -43,6 +43,7 @@ def _chunks(items: list, size: int) -> Iterator[list]:
 
 def _probe(uri: str) -> None:
     """Fail fast on an unreachable server: mlflow itself retries for minutes before giving up."""
+    # Lazy: only a tracking server needs it.
     import requests
 
     try:
@@ -71,6 +72,7 @@ class Tracker:
         if not enabled:
             return
 
+        # Lazy: only tracking needs mlflow, which takes seconds to import.
         from mlflow import MlflowClient
         from mlflow.exceptions import MlflowException
 
@@ -113,6 +115,7 @@ class Tracker:
         return self._client.create_run(experiment_id, run_name=run_name).info.run_id
 
     def _resume_run(self, run_id: str) -> None:
+        # Lazy: only tracking needs mlflow, which takes seconds to import.
         from mlflow.exceptions import MlflowException
 
         try:
@@ -127,6 +130,7 @@ class Tracker:
         """Log (possibly nested) params as ``a.b.c`` keys, stringified and length-capped."""
         if not self.enabled:
             return
+        # Lazy: only tracking needs mlflow, which takes seconds to import.
         from mlflow.entities import Param
         from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH, MAX_PARAMS_TAGS_PER_BATCH
 
@@ -147,6 +151,7 @@ class Tracker:
         """Log finite metrics at ``step`` in one request; NaN/inf values are skipped."""
         if not self.enabled:
             return
+        # Lazy: only tracking needs mlflow, which takes seconds to import.
         from mlflow.entities import Metric
         from mlflow.utils.validation import MAX_METRICS_PER_BATCH
 
