@@ -268,3 +268,17 @@ def test_demo_end_to_end_with_few_steps(tmp_path, capsys):
     assert "held-out exact match" in out
     assert (tmp_path / "demo" / "model" / "model.safetensors").is_file()
     assert (tmp_path / "demo" / "data" / "train.csv").is_file()
+
+
+def test_caption_of_an_image_that_cannot_be_read_is_one_line(trained, tmp_path, capsys, monkeypatch):
+    from moevlm.data import images
+
+    Image.new("RGB", (30, 20), (200, 10, 10)).save(tmp_path / "locked.png")
+
+    def refuse(ref):
+        raise PermissionError(13, "Permission denied", ref)
+
+    monkeypatch.setattr(images, "_read_bytes", refuse)
+    code, out, err = run_cli(capsys, "caption", "--model", trained / "run", tmp_path / "locked.png")
+    assert code == 2 and out == ""
+    assert err.strip() == f"moevlm: error: {tmp_path / 'locked.png'}: cannot read image file: Permission denied"

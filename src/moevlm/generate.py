@@ -156,6 +156,8 @@ def caption_files(model_dir: str | Path, paths: list[Path], *, prompt: str = "",
                 images.append(open_image(str(path)))
             except ValueError as err:
                 raise DataError(path, None, str(err)) from None
+            except OSError as err:  # there, but not readable: nothing to caption it from
+                raise DataError(path, None, f"cannot read image file: {err.strerror or err}") from None
         with torch.autocast(where.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
             texts = caption(model, tokenizer, images, prompt=prompt, batch_size=batch_size,
                             prepare_image=prepare_image, **options)
