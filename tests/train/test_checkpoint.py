@@ -235,3 +235,13 @@ def test_a_checkpoint_with_the_old_expert_tensor_names_still_loads(copy):
     for name, tensor in model.state_dict().items():
         if name in current:
             torch.testing.assert_close(tensor, current[name], rtol=0, atol=0)
+
+
+def test_run_checkpoints_load_a_chosen_step_and_name_the_latest(copy):
+    checkpoints = RunCheckpoints(copy)
+    assert checkpoints.exists() and checkpoints.latest() == 4
+    _, state, _ = checkpoints.load(step=3)
+    assert state["step"] == 3
+    with pytest.raises(CheckpointError, match="nothing to resume \\(no snapshot of step 2\\)"):
+        checkpoints.load(step=2)  # kept 2: step 2's was removed
+    assert not RunCheckpoints(copy / "nothing").exists() and RunCheckpoints(copy / "nothing").latest() is None
