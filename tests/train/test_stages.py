@@ -2,6 +2,7 @@
 ``--from`` between stages, upcycling, LoRA."""
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -72,8 +73,6 @@ def test_pretrain_checkpoint_references_frozen_weights_and_reloads_exactly(pretr
 
 
 def test_save_frozen_writes_everything_and_needs_no_source(pretrained_parts, data, tmp_path):
-    import shutil
-
     source = tmp_path / "llama"
     shutil.copytree(pretrained_parts["llama"], source)
     config = stage_config(pretrained_parts, "pretrain", extra=["train.save_frozen=true"])
@@ -87,15 +86,19 @@ def test_save_frozen_writes_everything_and_needs_no_source(pretrained_parts, dat
     assert torch.equal(model.lm.lm_head.weight, trainer.model.lm.lm_head.weight)
 
 
-def test_a_changed_source_is_refused_by_name(pretrained_parts, data, tmp_path):
-    import shutil
-
+def pretrain_on_a_copy_of_llama(pretrained_parts, data, tmp_path):
+    """One pretrain step on a copy of the tiny Llama (in tmp_path/llama, free to change) into tmp_path/run."""
     source = tmp_path / "llama"
     shutil.copytree(pretrained_parts["llama"], source)
     config = load_config("tiny", overrides=[f"model.vision=hf:{pretrained_parts['clip']}", f"model.lm=hf:{source}",
                                             "train.stage=pretrain", "train.max_steps=1", "train.batch_size=4",
                                             "decoder.max_text_len=96", "train.val_generate=1"])
-    train(config, data["captions"], tmp_path / "run")
+    trainer, _ = train(config, data["captions"], tmp_path / "run")
+    return source, trainer
+
+
+def test_a_changed_source_is_refused_by_name(pretrained_parts, data, tmp_path):
+    source, _ = pretrain_on_a_copy_of_llama(pretrained_parts, data, tmp_path)
     shutil.rmtree(source)
     tiny_llama(source, seed=1)  # same architecture, other weights
     with pytest.raises(CheckpointError, match="fingerprint differs"):
@@ -103,18 +106,11 @@ def test_a_changed_source_is_refused_by_name(pretrained_parts, data, tmp_path):
 
 
 def test_a_source_changed_past_the_first_bytes_of_a_tensor_is_refused(pretrained_parts, data, tmp_path):
-    import shutil
-
     from safetensors.torch import save_file
 
     from moevlm.checkpoint import CHECKSUMS, fingerprint, sha256
 
-    source = tmp_path / "llama"
-    shutil.copytree(pretrained_parts["llama"], source)
-    config = load_config("tiny", overrides=[f"model.vision=hf:{pretrained_parts['clip']}", f"model.lm=hf:{source}",
-                                            "train.stage=pretrain", "train.max_steps=1", "train.batch_size=4",
-                                            "decoder.max_text_len=96", "train.val_generate=1"])
-    trainer, _ = train(config, data["captions"], tmp_path / "run")
+    source, trainer = pretrain_on_a_copy_of_llama(pretrained_parts, data, tmp_path)
     run = tmp_path / "run"
     refs = json.loads((run / PRETRAINED).read_text())
     # A checkpoint of a moevlm whose fingerprint hashed the first 4096 bytes of each tensor still loads.
