@@ -119,8 +119,8 @@ def resolve_pretrained(cfg: ModelConfig) -> ModelConfig:
             decoder["image_token_id"] = _llava_image_token_id(cfg.decoder.pretrained, cfg.decoder.hf_config)
             if decoder["image_token_id"] is None:
                 decoder["image_token_id"] = config.vocab_size  # an id no text token has
-        if cfg.decoder.hf_config is None:  # read once; a checkpoint's config already says it
-            indices = Config.from_dict({"model": values}).model.decoder.moe_layer_indices
+        indices = Config.from_dict({"model": values}).model.decoder.moe_layer_indices
+        if indices and cfg.decoder.hf_config is None:  # read once; a checkpoint's config already says it
             decoder["moe"]["activation"] = mlp_activation(_lm_skeleton(config), indices) or decoder["moe"]["activation"]
     return Config.from_dict({"model": values}).model
 
