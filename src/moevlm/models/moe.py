@@ -75,7 +75,7 @@ class MoE(nn.Module):
         real_N = kind_N != PAD
         within_NK = None if self.cfg.capacity_factor is None else self.within_capacity(experts_NK, real_N)
         kept_NK = within_NK if self.training else None
-        self._record_stats(logits_NE, experts_NK, kind_N, within_NK, kept_NK)
+        self._record_stats(logits_NE, experts_NK, kind_N, real_N, within_NK, kept_NK)
         if kept_NK is not None:
             y_ND = self.experts_sorted(x_ND, experts_NK, weights_NK, kept_NK)
         elif x_ND.size(0) * self.cfg.top_k <= self.cfg.num_experts and not torch.is_grad_enabled():
@@ -171,7 +171,7 @@ class MoE(nn.Module):
         return torch.stack(rows)
 
     def _record_stats(self, logits_NE: torch.Tensor, experts_NK: torch.Tensor, kind_N: torch.Tensor,
-                      within_NK: torch.Tensor | None, kept_NK: torch.Tensor | None) -> None:
+                      real_N: torch.Tensor, within_NK: torch.Tensor | None, kept_NK: torch.Tensor | None) -> None:
         """The real assignments each expert computed, split image / text; those over capacity
         (dropped in training); in training, aux losses over the real (non-pad) tokens, from
         the router's choices before any drop."""
@@ -182,11 +182,11 @@ class MoE(nn.Module):
         counts = torch.bincount(bins_NK.reshape(-1), minlength=3 * E + 1)
         self.last_load = counts[E:3 * E].view(2, E).detach()
         self.last_dropped = (torch.zeros((), dtype=torch.long, device=kind_N.device) if within_NK is None
-                             else ((kind_N != PAD)[:, None] & ~within_NK).sum())
+                             else (real_N[:, None] & ~within_NK).sum())
         if not self.training:
             self.aux = {}
             return
-        real_N = (kind_N != PAD).to(logits_NE.dtype)
+        real_N = real_N.to(logits_NE.dtype)
         num_real = real_N.sum().clamp(min=1)
         probs_NE = logits_NE.float().softmax(dim=-1)
         # Switch/GShard balance: E * sum_e f_e * P_e, with f_e the fraction of assignments and
