@@ -16,6 +16,7 @@ import urllib.parse
 import warnings
 import zlib
 from pathlib import Path
+from typing import Protocol, Union
 
 import numpy as np
 import torch
@@ -43,13 +44,31 @@ _MISSING_FILE = (FileNotFoundError, IsADirectoryError, NotADirectoryError)
 _MISSING_ERRNOS = (errno.ENAMETOOLONG, errno.ELOOP)
 
 
+class StoredImage(Protocol):
+    """An image inside a container file (a tar shard, an Arrow table), read only when decoded.
+
+    Implementations are small picklable values (a path and where the bytes are), so they travel
+    to DataLoader workers, and hashable, so rows can share one decoded copy."""
+
+    def read_bytes(self) -> bytes:
+        """The encoded image; ValueError("cannot decode image: ...") if it is not there."""
+
+    @property
+    def key(self) -> str:
+        """Which picture this is, for the image-level train/validation split (e.g. "a.tar#0007")."""
+
+
+# What a data row names its image with: a path, base64 string or data: URL, or a stored image.
+ImageRef = Union[str, StoredImage]
+
+
 def looks_like_base64(ref: str) -> bool:
     """Whether a reference reads as inline base64 rather than a file name."""
     return len(ref) >= _MIN_BASE64_CHARS and "." not in ref and _BASE64.fullmatch(ref) is not None
 
 
-def open_image(ref: str) -> Image.Image:
-    """Decode a path, base64 string or data: URL into an upright RGB image.
+def open_image(ref: ImageRef) -> Image.Image:
+    """Decode a path, base64 string, data: URL or stored image into an upright RGB image.
 
     Raises ValueError("cannot decode image: REASON") for data that is not a usable image (a
     missing file included), OSError for a file that is there but cannot be read.
@@ -57,11 +76,13 @@ def open_image(ref: str) -> Image.Image:
     return _open(ref, decode=True)
 
 
-def image_key(ref: str) -> str:
+def image_key(ref: ImageRef) -> str:
     """Which picture a reference names, for keeping it on one side of the train/validation
     split without decoding it: a file's real path (symlinks followed), or for base64 and data:
     URLs a hash of the image bytes, so one picture pasted into several rows counts once. A
-    file and the same bytes pasted inline are two pictures here."""
+    file and the same bytes pasted inline are two pictures here. A stored image: its own key."""
+    if not isinstance(ref, str):
+        return ref.key
     if _is_path(ref):
         return os.path.realpath(ref)
     try:
@@ -71,13 +92,13 @@ def image_key(ref: str) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
-def check_image(ref: str) -> None:
+def check_image(ref: ImageRef) -> None:
     """What can be told without decoding the pixels: the bytes are there, in a format Pillow
     reads, with a size under the pixel limit. Raises ValueError as ``open_image`` does."""
     _open(ref, decode=False)
 
 
-def _open(ref: str, decode: bool) -> Image.Image | None:
+def _open(ref: ImageRef, decode: bool) -> Image.Image | None:
     data = _read_bytes(ref)
     if not data:
         raise ValueError("cannot decode image: empty file" if _is_path(ref) else
@@ -188,11 +209,15 @@ def normalize(images_uint8: torch.Tensor) -> torch.Tensor:
     return images_uint8.float().div_(127.5).sub_(1.0)
 
 
-def _is_path(ref: str) -> bool:
-    return not ref.startswith("data:") and not (looks_like_base64(ref) and not os.path.isfile(ref))
+def _is_path(ref: ImageRef) -> bool:
+    if not isinstance(ref, str) or ref.startswith("data:"):
+        return False
+    return not (looks_like_base64(ref) and not os.path.isfile(ref))
 
 
-def _read_bytes(ref: str) -> bytes:
+def _read_bytes(ref: ImageRef) -> bytes:
+    if not isinstance(ref, str):
+        return ref.read_bytes()
     if ref.startswith("data:"):
         header, sep, payload = ref.partition(",")
         if not sep:

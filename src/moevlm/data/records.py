@@ -17,7 +17,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from moevlm.data.images import looks_like_base64
+from moevlm.data.images import ImageRef, looks_like_base64
 from moevlm.errors import DataError
 
 # The seed's base64 cells are far over the csv module's default 128 KiB field limit; the
@@ -32,7 +32,7 @@ _TOO_DEEP = "not valid JSON: nested too deeply"
 
 @dataclass
 class Sample:
-    image: str  # absolute path, base64 string or data: URL (not decoded yet)
+    image: ImageRef  # absolute path, base64 string, data: URL or stored image (not decoded yet)
     # (prompt, answer); caption data gives [("", caption)]. A conversation's prompts keep
     # LLaVA's ``<image>`` placeholder (exactly one over the row): the tokenizer decides where
     # the image goes (a chat template places it there; the scratch model drops it).
