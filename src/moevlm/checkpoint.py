@@ -35,7 +35,7 @@ from moevlm.config import Config
 from moevlm.data.images import image_preparer
 from moevlm.data.tokenizer_factory import TextTokenizer, load_tokenizer
 from moevlm.errors import CheckpointError, ConfigError, DamagedCheckpointError, MoevlmError
-from moevlm.models.factory import build_model
+from moevlm.models.factory import build_model, import_llava
 from moevlm.models.lora import apply_lora
 from moevlm.models.protocol import VisionLanguageModel
 
@@ -238,10 +238,34 @@ def load_model(model_dir: Path, device: str | torch.device = "cpu"):
 
 
 def load_checkpoint(model_dir: Path) -> PreparedModel:
-    """Verify the checksums, then rebuild the model from config.json with its weights and tokenizer."""
+    """Verify the checksums, then rebuild the model from config.json with its weights and tokenizer.
+
+    A transformers ``LlavaForConditionalGeneration`` folder (``moevlm export``'s, or llava-hf's) is
+    read through ``import_llava`` instead: its weights all come from that folder."""
     model_dir = Path(model_dir)
+    if is_transformers_llava(model_dir):
+        return _load_transformers_llava(model_dir)
     verify_checkpoint(model_dir, MODEL_FILES)
     return _load_verified_model(model_dir)
+
+
+def is_transformers_llava(model_dir: Path) -> bool:
+    """A folder that transformers wrote (no checksums.json) holding a LLaVA model."""
+    if (model_dir / CHECKSUMS).is_file() or not (model_dir / CONFIG).is_file():
+        return False
+    try:
+        return json.loads((model_dir / CONFIG).read_text()).get("model_type") == "llava"
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _load_transformers_llava(model_dir: Path) -> PreparedModel:
+    model, model_cfg = import_llava(str(model_dir))
+    try:
+        tokenizer = load_tokenizer(model_dir, model_cfg)
+    except MoevlmError as err:
+        raise CheckpointError(str(err)) from None
+    return PreparedModel(model, tokenizer, Config(model=model_cfg), set(model.state_dict()))
 
 
 def load_training_checkpoint(model_dir: Path) -> tuple[PreparedModel, dict, dict]:

@@ -1,4 +1,4 @@
-"""Command line: ``moevlm train | caption | eval | demo | upcycle | bench`` (README, "Usage").
+"""Command line: ``moevlm train | caption | eval | demo | upcycle | export | bench`` (README, "Usage").
 
 User mistakes end with one line on stderr and exit code 2; no traceback.
 """
@@ -117,6 +117,21 @@ def build_parser() -> argparse.ArgumentParser:
                          help="all (default), every-other, or a comma-separated list of layer indices")
     upcycle.add_argument("--out", required=True, type=Path, help="folder for the upcycled checkpoint (new)")
 
+    export = sub.add_parser("export", help="write a model as a transformers LLaVA folder (AutoModelForImageTextToText, "
+                                           "vLLM)",
+                            description="Export a checkpoint to transformers' LlavaForConditionalGeneration with a "
+                                        "Mixtral / Qwen2-MoE / Qwen3-MoE text model, its processor, generation "
+                                        "config and model card. A model no HF class computes exactly is refused.")
+    export.add_argument("--model", required=True, type=Path, help="checkpoint folder")
+    export.add_argument("--to", choices=["hf"], default="hf", help="format: hf (transformers' LLaVA layout)")
+    export.add_argument("--out", required=True, type=Path, help="the folder to write (new or empty)")
+    export.add_argument("--register", metavar="NAME",
+                        help="log the folder to the training run's MLflow run and register it as a new version of "
+                             "model NAME")
+    export.add_argument("--tracking-uri", help="MLflow tracking URI for --register (default: the run's own mlflow.db)")
+    export.add_argument("--push-to-hub", metavar="REPO_ID",
+                        help="upload the folder to this Hugging Face Hub repository (token: HF_TOKEN or the login)")
+
     bench = sub.add_parser("bench", help="measure training, MoE and generation speed on this machine",
                            description="Speed figures on this machine (a few minutes on 2 CPU cores); on a "
                                        "GPU also bf16 figures for the ~100M-parameter base preset.")
@@ -191,6 +206,20 @@ def _cmd_upcycle(args) -> int:
     return 0
 
 
+def _cmd_export(args) -> int:
+    from moevlm.export.hf import export_hf
+
+    result = export_hf(args.model, args.out, register=args.register, tracking_uri=args.tracking_uri,
+                       hub_repo=args.push_to_hub)
+    print(f"exported to {result.out}: LlavaForConditionalGeneration with a {result.text_model} text model, "
+          f"{result.parameters:,} parameters ({result.active_parameters:,} active per token)")
+    if result.registered_version is not None:
+        print(f"registered in MLflow as {args.register} version {result.registered_version}")
+    if result.hub_url is not None:
+        print(f"pushed to the Hub: {result.hub_url}")
+    return 0
+
+
 def _cmd_bench(args) -> int:
     from moevlm.bench.harness import format_table
     from moevlm.bench.scenarios import run_bench
@@ -201,7 +230,7 @@ def _cmd_bench(args) -> int:
 
 
 COMMANDS = {"train": _cmd_train, "caption": _cmd_caption, "eval": _cmd_eval, "demo": _cmd_demo,
-            "upcycle": _cmd_upcycle, "bench": _cmd_bench}
+            "upcycle": _cmd_upcycle, "export": _cmd_export, "bench": _cmd_bench}
 
 
 def main(argv: list[str] | None = None) -> int:

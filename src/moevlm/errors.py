@@ -34,3 +34,7 @@ class DamagedCheckpointError(CheckpointError):
 
 class TrainingError(MoevlmError):
     """A run that cannot go on, e.g. a loss that stays NaN; its last good checkpoint is kept."""
+
+
+class ExportError(MoevlmError):
+    """A model that no transformers class computes exactly: names each blocker on one line."""

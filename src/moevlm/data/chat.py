@@ -31,6 +31,9 @@ from moevlm.data.records import IMAGE_PLACEHOLDER, clean_prompt
 from moevlm.data.tokenizer import IGNORE_INDEX
 from moevlm.errors import MoevlmError
 
+# In the chat template of a model trained from scratch and exported (``moevlm export``): the template
+# writes moevlm's own layout (image, <bos>, prompt, <sep>), plain captions included.
+MOEVLM_LAYOUT_MARKER = "moevlm prompt layout"
 # Files a saved transformers tokenizer has at least one of.
 _TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json")
 # (text or token ids, is_target); text pieces may still hold the image placeholder.
@@ -88,6 +91,11 @@ class HFTokenizer:
     def has_chat_template(self) -> bool:
         return bool(getattr(self._tok, "chat_template", None))
 
+    @property
+    def _template_says_all(self) -> bool:
+        """The template lays out plain captions too (an exported scratch model's)."""
+        return self.has_chat_template and MOEVLM_LAYOUT_MARKER in self._tok.chat_template
+
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False)
 
@@ -108,7 +116,7 @@ class HFTokenizer:
 
         ``max_text_len`` counts text tokens only; a longer row raises ValueError.
         """
-        if _is_caption(turns):
+        if _is_caption(turns) and not self._template_says_all:
             pieces = self._caption_prefix() + [(self.encode(turns[0][1]) + [self.eos_id], True)]
         else:
             pieces = self._conversation_pieces(turns)
@@ -123,7 +131,10 @@ class HFTokenizer:
         """The prefix generation starts from: what a training row with this first prompt has
         before its first answer token (image ids and the template's generation prompt included)."""
         turns = [(prompt, "")]
-        pieces = self._caption_prefix() if _is_caption(turns) else self._conversation_pieces(turns, prefix_only=True)
+        if _is_caption(turns) and not self._template_says_all:
+            pieces = self._caption_prefix()
+        else:
+            pieces = self._conversation_pieces(turns, prefix_only=True)
         return self._tokenize(pieces)[0]
 
     def _caption_prefix(self) -> list[Piece]:

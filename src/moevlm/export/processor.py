@@ -1,0 +1,129 @@
+"""The files beside the weights that make the export usable on its own: the tokenizer with an
+``<image>`` token and a chat template that lays out a prompt as moevlm does, the image processor
+that resizes as moevlm does, ``LlavaProcessor``'s config and ``generation_config.json``.
+
+Prompt layouts, as ``input_ids`` (``<image>`` expanded to the image tokens by the processor):
+- a model trained from scratch: ``<image> <bos> prompt <sep>`` (no ``<sep>`` for an empty prompt:
+  plain captioning), then ``answer <eos>``, and further turns ``prompt <sep> answer <eos>``;
+- a pretrained LM: its own chat template with ``<image>\\n`` before the first user text, or, for
+  plain captioning (one user message with no text), ``<bos> <image>``, as moevlm trains it.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+from moevlm.data.chat import MOEVLM_LAYOUT_MARKER
+from moevlm.export.vision import VisionPart
+
+IMAGE_TOKEN = "<image>"
+
+# Message content is a string or OpenAI-style parts; text parts are joined, image parts placed
+# where the layout puts the image.
+_TEXT_OF = """{%- if message['content'] is string -%}{%- set text = message['content'] -%}
+{%- else -%}
+{%- set text = message['content'] | selectattr('type', 'equalto', 'text') | map(attribute='text') | join(' ') -%}
+{%- endif -%}"""
+
+SCRATCH_TEMPLATE = ("{#- " + MOEVLM_LAYOUT_MARKER + ": the image, <bos>, then per turn: prompt <sep> (if any), "
+                    "answer <eos> -#}\n{{- '" + IMAGE_TOKEN + "' + bos_token -}}\n"
+                    "{%- for message in messages -%}\n" + _TEXT_OF + """
+{%- set text = text | replace('<image>', ' ') | trim -%}
+{%- if message['role'] == 'assistant' -%}{{- text + eos_token -}}
+{%- elif message['role'] == 'user' and text -%}{{- text + '<sep>' -}}
+{%- endif -%}
+{%- endfor -%}""")
+
+# Before a pretrained LM's own template: list contents become strings with the image
+# placeholder in front of the first user text, as moevlm renders them.
+_PRETRAINED_PREFIX = """{%- set moevlm_ns = namespace(messages=[], text=0) -%}
+{%- for message in messages -%}""" + _TEXT_OF + """
+{%- if message['content'] is not string and message['content'] | selectattr('type', 'equalto', 'image') | list -%}
+{%- set text = '<image>\\n' + text -%}{%- endif -%}
+{%- if text | replace('<image>', '') | trim -%}{%- set moevlm_ns.text = moevlm_ns.text + 1 -%}{%- endif -%}
+{%- set moevlm_ns.messages = moevlm_ns.messages + [{'role': message['role'], 'content': text}] -%}
+{%- endfor -%}
+{%- set messages = moevlm_ns.messages -%}
+{%- if messages | length == 1 and moevlm_ns.text == 0 -%}{{- (bos_token or '') + '<image>' -}}{%- else -%}
+"""
+
+
+def pretrained_template(own: str | None) -> str | None:
+    if not own:
+        return None
+    return _PRETRAINED_PREFIX + own + "\n{%- endif -%}"
+
+
+def scratch_tokenizer(tokenizer):
+    """moevlm's char/BPE ``Tokenizer`` as a transformers fast tokenizer with ``<image>`` (the next id)."""
+    # Lazy: transformers takes seconds to import.
+    import tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = tokenizers.Tokenizer.from_str(tokenizer._backend.to_str())
+    backend.add_special_tokens([IMAGE_TOKEN])
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
+                                   unk_token="<unk>", sep_token="<sep>", padding_side="left",
+                                   extra_special_tokens={"image_token": IMAGE_TOKEN})
+
+
+def pretrained_tokenizer(hf_tokenizer):
+    """A copy of the LM's tokenizer with ``<image>`` added when it has none, padding on the left."""
+    tok = copy.deepcopy(hf_tokenizer)
+    if IMAGE_TOKEN not in tok.get_vocab():
+        tok.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
+    if tok.pad_token is None:  # batched prompts need one; moevlm pads with eos then (never attended to)
+        tok.pad_token = tok.eos_token
+    tok.padding_side = tok.init_kwargs["padding_side"] = "left"  # init_kwargs: what save_pretrained writes
+    _no_automatic_bos(tok)
+    return tok
+
+
+def _no_automatic_bos(tok) -> None:
+    """The chat template writes <bos> itself, and LlavaProcessor tokenizes its text with the special
+    tokens the tokenizer adds: without this, prompts would start with two."""
+    if tok.bos_token_id is None or tok("a")["input_ids"][:1] != [tok.bos_token_id]:
+        return
+    if hasattr(tok, "add_bos_token"):
+        tok.add_bos_token = False
+    if tok("a")["input_ids"][:1] == [tok.bos_token_id]:
+        tok.backend_tokenizer.post_processor = None
+    assert tok("a")["input_ids"][:1] != [tok.bos_token_id], "the tokenizer still adds <bos>"
+
+
+def image_processor(vision: VisionPart, size: int, source_processor=None):
+    """``source_processor``: the checkpoint's own (pretrained tower); else SigLIP's with moevlm's resize
+    (PIL bicubic to size x size, no crop)."""
+    if source_processor is not None:
+        processor = copy.deepcopy(source_processor)
+        processor.image_mean, processor.image_std = vision.pixel_mean, vision.pixel_std
+        processor.do_rescale = processor.do_normalize = True
+        return processor
+    # Lazy: transformers takes seconds to import.
+    from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
+
+    return SiglipImageProcessorPil(size={"height": size, "width": size}, resample=3, image_mean=vision.pixel_mean,
+                                   image_std=vision.pixel_std, do_convert_rgb=True)
+
+
+def write_processor(out: Path, tokenizer, images, vision: VisionPart, patch_size: int, chat_template: str | None):
+    # Lazy: transformers takes seconds to import.
+    from transformers import LlavaProcessor
+
+    extra = 1 if vision.config["model_type"] == "clip_vision_model" else 0  # CLIP's CLS, dropped by "default"
+    processor = LlavaProcessor(image_processor=images, tokenizer=tokenizer, patch_size=patch_size,
+                               vision_feature_select_strategy=vision.select_strategy, chat_template=chat_template,
+                               image_token=IMAGE_TOKEN, num_additional_image_tokens=extra)
+    processor.save_pretrained(str(out))
+    return processor
+
+
+def write_generation_config(out: Path, special: dict[str, int | None], max_length: int,
+                            suppress: list[int]) -> None:
+    # Lazy: transformers takes seconds to import.
+    from transformers import GenerationConfig
+
+    config = GenerationConfig(bos_token_id=special["bos"], eos_token_id=special["eos"], pad_token_id=special["pad"],
+                              max_length=max_length, do_sample=False, suppress_tokens=suppress or None)
+    config.save_pretrained(str(out))
