@@ -261,11 +261,20 @@ def is_transformers_llava(model_dir: Path) -> bool:
 
 def _load_transformers_llava(model_dir: Path) -> PreparedModel:
     model, model_cfg = import_llava(str(model_dir))
+    config = Config(model=model_cfg)
+    # moevlm export writes the text length cap as generation_config.json's max_length.
     try:
-        tokenizer = load_tokenizer(model_dir, model_cfg)
+        max_length = json.loads((model_dir / "generation_config.json").read_text()).get("max_length")
+    except (OSError, ValueError, AttributeError):
+        max_length = None
+    if isinstance(max_length, int) and max_length - model_cfg.vision.num_image_tokens >= 3:
+        config = config.updated({"model.decoder.max_text_len": max_length - model_cfg.vision.num_image_tokens})
+        model.cfg = config.model
+    try:
+        tokenizer = load_tokenizer(model_dir, config.model)
     except MoevlmError as err:
         raise CheckpointError(str(err)) from None
-    return PreparedModel(model, tokenizer, Config(model=model_cfg), set(model.state_dict()))
+    return PreparedModel(model, tokenizer, config, set(model.state_dict()))
 
 
 def load_training_checkpoint(model_dir: Path) -> tuple[PreparedModel, dict, dict]:

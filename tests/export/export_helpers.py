@@ -45,7 +45,7 @@ def pretrained_checkpoint(folder: Path, vision: str, lm: str, experts: int = 4, 
     return folder
 
 
-def test_images(size: int = 32) -> list[Image.Image]:
+def sample_images(size: int = 32) -> list[Image.Image]:
     """Two different pictures (gradients in other directions), at a size the processors resize."""
     ramp = torch.linspace(0, 255, size + 8).to(torch.uint8)
     first = torch.stack([ramp[None, :].expand(size + 8, -1), ramp[:, None].expand(-1, size + 8),
@@ -78,7 +78,7 @@ def assert_export_matches(checkpoint: Path, out: Path, prompts: tuple[str, str],
     hf.eval()
     assert not info["missing_keys"] and not info["unexpected_keys"], info
     processor = AutoProcessor.from_pretrained(out, backend="pil")
-    images = test_images(config.model.vision.image_size + 8)
+    images = sample_images(config.model.vision.image_size + 8)
     n = config.model.vision.num_image_tokens
     ours_pixels = moevlm_pixels(config, checkpoint, images)
     texts = [processor.apply_chat_template(hf_messages(p), add_generation_prompt=True) for p in prompts]

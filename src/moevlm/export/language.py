@@ -79,6 +79,22 @@ def _swiglu_halves(fc_weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     return fc_weight[:hidden], fc_weight[hidden:]
 
 
+def _classic_expert_names(weights: dict[str, torch.Tensor], model_type: str) -> None:
+    """transformers 5 holds a native MoE LM's experts stacked (``mlp.experts.gate_up_proj`` (E, 2H, D),
+    ``mlp.experts.down_proj`` (E, D, H)); written back per expert, in the layout vLLM reads."""
+    for name in [n for n in weights if n.endswith(".mlp.experts.gate_up_proj")]:
+        layer = name.removesuffix("mlp.experts.gate_up_proj")
+        gate_up, down = weights.pop(name), weights.pop(layer + "mlp.experts.down_proj")
+        prefix = layer + ("block_sparse_moe." if model_type == "mixtral" else "mlp.")
+        if model_type == "mixtral":
+            weights[prefix + "gate.weight"] = weights.pop(layer + "mlp.gate.weight")
+        names = ("w1", "w3", "w2") if model_type == "mixtral" else ("gate_proj", "up_proj", "down_proj")
+        hidden = down.size(2)
+        for e in range(gate_up.size(0)):
+            for part, tensor in zip(names, (gate_up[e, :hidden], gate_up[e, hidden:], down[e])):
+                weights[f"{prefix}experts.{e}.{part}.weight"] = tensor
+
+
 def _with_image_row(weights: dict[str, torch.Tensor], config: dict, image_token_id: int, copy_row: int) -> None:
     """Append the image token's row to both embedding tables when ``image_token_id`` is past them."""
     embed = weights["model.embed_tokens.weight"]
@@ -163,6 +179,7 @@ def pretrained_text_part(lm: nn.Module, model_cfg: ModelConfig, image_token_id: 
     config = {key: value for key, value in source.items() if key not in ("transformers_version", "_name_or_path")}
     if not moe_layers:
         config.setdefault("architectures", [type(lm).__name__])
+        _classic_expert_names(weights, config["model_type"])
     else:
         every, some = MOE_TARGETS[source["model_type"]]
         target = every if len(moe_layers) == len(layers) else some

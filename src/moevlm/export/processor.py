@@ -37,7 +37,8 @@ SCRATCH_TEMPLATE = ("{#- " + MOEVLM_LAYOUT_MARKER + ": the image, <bos>, then pe
 
 # Before a pretrained LM's own template: list contents become strings with the image
 # placeholder in front of the first user text, as moevlm renders them.
-_PRETRAINED_PREFIX = """{%- set moevlm_ns = namespace(messages=[], text=0) -%}
+_WRAPPED_MARKER = "moevlm image placement"
+_PRETRAINED_PREFIX = "{#- " + _WRAPPED_MARKER + " -#}\n" + """{%- set moevlm_ns = namespace(messages=[], text=0) -%}
 {%- for message in messages -%}""" + _TEXT_OF + """
 {%- if message['content'] is not string and message['content'] | selectattr('type', 'equalto', 'image') | list -%}
 {%- set text = '<image>\\n' + text -%}{%- endif -%}
@@ -50,8 +51,10 @@ _PRETRAINED_PREFIX = """{%- set moevlm_ns = namespace(messages=[], text=0) -%}
 
 
 def pretrained_template(own: str | None) -> str | None:
-    if not own:
-        return None
+    """The LM's own template with the image placed as moevlm does; a template that places it
+    already (an export exported again) stays as it is."""
+    if not own or _WRAPPED_MARKER in own or MOEVLM_LAYOUT_MARKER in own:
+        return own
     return _PRETRAINED_PREFIX + own + "\n{%- endif -%}"
 
 
