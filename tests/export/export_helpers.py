@@ -15,6 +15,7 @@ from moevlm.data.images import image_preparer, normalize
 from moevlm.data.tokenizer_factory import load_tokenizer
 from moevlm.models.factory import build_model
 from moevlm.models.hf_config import resolve_pretrained
+from moevlm.models.lora import apply_lora
 from moevlm.models.upcycle import upcycle
 
 
@@ -37,6 +38,12 @@ def pretrained_checkpoint(folder: Path, vision: str, lm: str, experts: int = 4, 
     config = Config(model=resolve_pretrained(config.model), data=config.data, train=config.train)
     model = build_model(config.model)
     tokenizer = load_tokenizer(None, config.model)
+    if lora_rank:
+        apply_lora(model.lm, config.model.decoder)
+        with torch.no_grad():  # adapters that changed something, so merging them matters
+            for name, param in model.lm.named_parameters():
+                if "lora_B" in name:
+                    param.normal_(std=0.05)
     if layers:
         model, config = upcycle(model, config, experts, top_k, layers)
         perturb_experts(model)

@@ -71,3 +71,13 @@ def test_an_export_reads_back_into_moevlm_and_exports_again_to_the_same_files(pr
         ours = list(caption_files(checkpoint, [image], prompt=prompt, device="cpu", max_new_tokens=8))
         exported = list(caption_files(tmp_path / "one", [image], prompt=prompt, device="cpu", max_new_tokens=8))
         assert exported == ours
+
+
+def test_a_dense_lm_with_lora_exports_merged_as_its_own_architecture(pretrained_parts, tmp_path):
+    checkpoint = pretrained_checkpoint(tmp_path / "ckpt", pretrained_parts["clip"], pretrained_parts["llama_tied"],
+                                       layers=None, lora_rank=2)
+    assert export_hf(checkpoint, tmp_path / "hf").text_model == "llama"
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert config["text_config"]["architectures"] == ["LlamaForCausalLM"]
+    assert config["vision_feature_select_strategy"] == "default"  # CLIP's CLS dropped, as moevlm does
+    assert_export_matches(checkpoint, tmp_path / "hf", ("", "What is it?"))
