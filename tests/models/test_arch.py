@@ -4,7 +4,7 @@ parameters carry the names the export maps."""
 
 import pytest
 import torch
-from transformers import LlamaConfig, MixtralConfig
+from transformers import LlamaConfig, MixtralConfig, MixtralForCausalLM, SiglipVisionConfig, SiglipVisionModel
 from transformers.models.llama.modeling_llama import LlamaRMSNorm, LlamaRotaryEmbedding, apply_rotary_pos_emb
 from transformers.models.mixtral.modeling_mixtral import MixtralTopKRouter
 
@@ -15,6 +15,7 @@ from moevlm.models.attention import SelfAttention
 from moevlm.models.moe import MoE
 from moevlm.models.norm import RMSNorm
 from moevlm.models.rope import apply_rope, rope_cos_sin
+from moevlm.models.vit import ViT
 from moevlm.models.vlm import VLM
 
 MODERN = ["decoder.arch=llama", "vision.arch=siglip", "vision.image_tokens=patches", "decoder.vocab_size=23"]
@@ -209,3 +210,63 @@ def test_a_config_without_the_new_keys_is_the_gpt_vit_model_it_always_was():
     names = set(VLM(config.model).state_dict())
     assert {"decoder.pos_emb.weight", "decoder.ln_f.bias", "vision.cls", "vision.ln.weight",
             "decoder.blocks.0.attn.qkv.bias", "decoder.blocks.0.ffn.b1_EF"} <= names
+
+
+def test_llama_decoder_equals_transformers_mixtral_on_the_same_weights():
+    """The renaming the export does (fused qkv split into q/k/v rows, experts transposed) gives
+    Mixtral exactly this decoder: RoPE, RMSNorm, GQA, SwiGLU experts and routing all agree."""
+    config = modern_config("decoder.ffn_hidden=48", "decoder.rope_theta=300.0", "decoder.tie_embeddings=false")
+    ours = scrambled(VLM(config.model)).decoder
+    hf = MixtralForCausalLM(MixtralConfig(
+        vocab_size=23, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, rope_theta=300.0, rms_norm_eps=1e-5,
+        tie_word_embeddings=False)).eval()
+    sd = ours.state_dict()
+    state = {"model.embed_tokens.weight": sd["tok_emb.weight"], "model.norm.weight": sd["ln_f.weight"],
+             "lm_head.weight": sd["lm_head.weight"]}
+    for i in range(2):
+        ours_, theirs = f"blocks.{i}.", f"model.layers.{i}."
+        q, k, v = sd[ours_ + "attn.qkv.weight"].split([32, 16, 16])
+        state |= {theirs + "self_attn.q_proj.weight": q, theirs + "self_attn.k_proj.weight": k,
+                  theirs + "self_attn.v_proj.weight": v,
+                  theirs + "self_attn.o_proj.weight": sd[ours_ + "attn.proj.weight"],
+                  theirs + "input_layernorm.weight": sd[ours_ + "ln1.weight"],
+                  theirs + "post_attention_layernorm.weight": sd[ours_ + "ln2.weight"],
+                  theirs + "mlp.gate.weight": sd[ours_ + "ffn.gate.weight"],
+                  theirs + "mlp.experts.gate_up_proj": sd[ours_ + "ffn.w1_EDF"].transpose(1, 2),
+                  theirs + "mlp.experts.down_proj": sd[ours_ + "ffn.w2_EHD"].transpose(1, 2)}
+    hf.load_state_dict(state, strict=True)
+    ids = torch.randint(3, 23, (2, 9), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        logits = ours.lm_head(ours(ours.tok_emb(ids), torch.arange(9).expand(2, 9)))
+        torch.testing.assert_close(logits, hf(ids).logits, atol=1e-5, rtol=0)
+
+
+def test_siglip_encoder_equals_transformers_siglip_on_the_same_weights():
+    """Image tokens are the last hidden state before SigLIP's post_layernorm (what LLaVA takes)."""
+    vision = modern_config("vision.depth=2", "vision.heads=4").model.vision
+    ours = scrambled(ViT(vision))
+    W = vision.width
+    hf = SiglipVisionModel(SiglipVisionConfig(
+        hidden_size=W, intermediate_size=4 * W, num_hidden_layers=2, num_attention_heads=4, image_size=16,
+        patch_size=8, hidden_act="gelu", layer_norm_eps=1e-5, vision_use_head=False)).eval()
+    sd = ours.state_dict()
+    state = {"embeddings.patch_embedding.weight": sd["patch_embed.weight"],
+             "embeddings.patch_embedding.bias": sd["patch_embed.bias"],
+             "embeddings.position_embedding.weight": sd["pos"][0]}
+    for i in range(2):
+        ours_, theirs = f"blocks.{i}.", f"encoder.layers.{i}."
+        for kind in ("weight", "bias"):
+            q, k, v = sd[ours_ + "attn.qkv." + kind].split(W)
+            state |= {theirs + "self_attn.q_proj." + kind: q, theirs + "self_attn.k_proj." + kind: k,
+                      theirs + "self_attn.v_proj." + kind: v,
+                      theirs + "self_attn.out_proj." + kind: sd[ours_ + "attn.proj." + kind],
+                      theirs + "layer_norm1." + kind: sd[ours_ + "ln1." + kind],
+                      theirs + "layer_norm2." + kind: sd[ours_ + "ln2." + kind],
+                      theirs + "mlp.fc1." + kind: sd[ours_ + "mlp.fc." + kind],
+                      theirs + "mlp.fc2." + kind: sd[ours_ + "mlp.proj." + kind]}
+    assert set(hf.load_state_dict(state, strict=False).missing_keys) == {"post_layernorm.weight", "post_layernorm.bias"}
+    images = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(4)) * 2 - 1
+    with torch.no_grad():
+        expected = hf(pixel_values=images, output_hidden_states=True).hidden_states[-1]
+        torch.testing.assert_close(ours(images), expected, atol=1e-5, rtol=0)
