@@ -179,7 +179,7 @@ class DecoderConfig:
                               "llama (RMSNorm, RoPE, no biases, SwiGLU everywhere; transformers' Llama/Mixtral layout)")
     rope_theta: float = option(10000.0, "arch=llama: RoPE base frequency")
     kv_heads: int | None = option(None, "key/value heads (grouped-query attention when fewer than decoder.heads); "
-                                        "null: decoder.heads")
+                                        "null: decoder.heads; a pretrained LM's own are filled in")
     moe_layer_indices: list = derived()
 
     def __post_init__(self):
