@@ -30,12 +30,13 @@ def test_resolve_fills_the_sizes_from_the_sources(pretrained_parts):
     assert (v.image_size, v.patch_size, v.width, v.depth, v.heads, v.channels) == (32, 8, 32, 3, 2, 3)
     assert (v.image_tokens, v.num_image_tokens) == ("patches", NUM_PATCHES)
     assert v.hf_config["model_type"] == "clip_vision_model"
-    assert (d.width, d.depth, d.heads, d.ffn_hidden, d.vocab_size) == (32, 2, 4, 64, 260)
+    assert (d.width, d.depth, d.heads, d.kv_heads, d.ffn_hidden, d.vocab_size) == (32, 2, 4, 2, 64, 260)
     assert (d.image_token_id, d.max_text_len, d.moe_layer_indices, cfg.tokenizer.kind) == (260, 24, [], "hf")
     assert d.hf_config["model_type"] == "llama"
-    gpt2 = resolved(f"model.lm=hf:{pretrained_parts['gpt2']}", "vision.keep_cls=true").decoder
-    assert (gpt2.width, gpt2.depth, gpt2.heads, gpt2.ffn_hidden, gpt2.vocab_size, gpt2.tie_embeddings) == (
-        32, 2, 2, 128, 257, True)  # GPT-2 has no intermediate_size: n_inner None means 4 x width
+    # decoder.heads=4: the LM's 2 heads replace it, and its key/value heads the kv_heads derived from it.
+    gpt2 = resolved(f"model.lm=hf:{pretrained_parts['gpt2']}", "vision.keep_cls=true", "decoder.heads=4").decoder
+    assert (gpt2.width, gpt2.depth, gpt2.heads, gpt2.kv_heads, gpt2.ffn_hidden, gpt2.vocab_size,
+            gpt2.tie_embeddings) == (32, 2, 2, 2, 128, 257, True)  # GPT-2: n_inner None means 4 x width
     siglip = resolved(f"model.vision=hf:{pretrained_parts['siglip']}").vision
     assert (siglip.num_image_tokens, siglip.hf_config["model_type"]) == (NUM_PATCHES, "siglip_vision_model")
     assert resolved(f"model.vision=hf:{pretrained_parts['clip']}", "vision.keep_cls=true").vision.num_image_tokens == 17

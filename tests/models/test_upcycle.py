@@ -160,9 +160,9 @@ def test_unknown_mlp_module_and_out_of_range_layers():
 
 # --- the scratch VLM --------------------------------------------------------------------------
 
-def dense_vlm(depth=DEPTH):
+def dense_vlm(depth=DEPTH, arch="gpt"):
     config = load_config("tiny", overrides=["moe.layers=none", f"decoder.vocab_size={VOCAB}",
-                                            f"decoder.depth={depth}"])
+                                            f"decoder.depth={depth}", f"decoder.arch={arch}"])
     model = VLM(config.model)
     with torch.no_grad():  # biases too: the tiny init leaves them zero
         for name, p in model.named_parameters():
@@ -182,15 +182,16 @@ def vlm_batch(config, B=3, T=8):
     return images, ids, mask, labels
 
 
+@pytest.mark.parametrize("arch,activation", [("gpt", "gelu"), ("llama", "swiglu")])
 @pytest.mark.parametrize("layers,expected", [("all", [0, 1, 2]), ("every-other", [1]), ([2, 0], [0, 2])])
-def test_upcycled_scratch_vlm_computes_what_the_dense_one_did(layers, expected):
-    model, config = dense_vlm()
+def test_upcycled_scratch_vlm_computes_what_the_dense_one_did(layers, expected, arch, activation):
+    model, config = dense_vlm(arch=arch)
     batch = vlm_batch(config)
     with torch.no_grad():
         dense = model(*batch)
     new_model, new_config = upcycle(model, config, experts=4, top_k=2, layers=layers)
     moe = new_config.model.decoder.moe
-    assert (moe.num_experts, moe.top_k, moe.activation, moe.router_noise) == (4, 2, "gelu", True)
+    assert (moe.num_experts, moe.top_k, moe.activation, moe.router_noise) == (4, 2, activation, True)
     assert new_config.model.decoder.moe_layer_indices == expected
     assert [i for i, b in enumerate(new_model.decoder.blocks) if isinstance(b.ffn, MoE)] == expected
     assert not new_model.training

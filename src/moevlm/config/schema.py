@@ -44,6 +44,8 @@ def _set(obj, name: str, value) -> None:
 
 
 IMAGE_TOKENS = ("cls", "patches", "pooled")
+VISION_ARCHS = ("vit", "siglip")
+DECODER_ARCHS = ("gpt", "llama")
 
 
 @dataclass(frozen=True)
@@ -66,6 +68,8 @@ class VisionConfig:
     keep_cls: bool = option(False, "pretrained CLIP tower: keep the CLS output as an extra image token")
     hf_config: dict | None = option(None, "the pretrained tower's own config.json, filled in when the model is "
                                           "first built, so a checkpoint rebuilds it without the source")
+    arch: str = option("vit", "scratch encoder: vit (CLS token, final LayerNorm) or siglip (no CLS, no final "
+                              "LayerNorm, image tokens are the patches; the layout transformers' SigLIP has)")
     num_patches: int = derived()
     num_image_tokens: int = derived()
 
@@ -77,11 +81,15 @@ class VisionConfig:
                f"vision.width {self.width} is not divisible by vision.heads {self.heads}")
         _check(self.image_tokens in IMAGE_TOKENS,
                f"vision.image_tokens must be cls, patches or pooled, not {self.image_tokens!r}")
+        _check(self.arch in VISION_ARCHS, f"vision.arch must be vit or siglip, not {self.arch!r}")
         _set(self, "num_patches", (self.image_size // self.patch_size) ** 2)
         if self.pretrained is not None:
             _set(self, "image_tokens", "patches")  # a pretrained tower gives every patch (keep_cls adds CLS)
             _set(self, "num_image_tokens", self.num_patches + int(self.keep_cls))
             return
+        _check(self.arch != "siglip" or self.image_tokens == "patches",
+               f"vision.arch siglip gives patch tokens only, not image_tokens {self.image_tokens}: set "
+               f"vision.image_tokens=patches (a larger vision.patch_size gives fewer tokens)")
         if self.image_tokens == "pooled":
             side = round(self.pooled_tokens ** 0.5)
             grid = self.image_size // self.patch_size
@@ -134,7 +142,8 @@ class MoEConfig:
     aux_loss_coef: float = option(0.01, "weight of the Switch load-balancing loss")
     z_loss_coef: float = option(0.001, "weight of the router z-loss (ST-MoE)")
     activation: str = option("gelu", "expert feed-forward: gelu (two matrices with biases), gelu_tanh (the same "
-                                     "with GPT-2's tanh GELU) or swiglu (gate, up, down; no biases; Llama/Mixtral)")
+                                     "with GPT-2's tanh GELU) or swiglu (gate, up, down; no biases; Llama/Mixtral); "
+                                     "always swiglu with decoder.arch=llama")
 
     def __post_init__(self):
         _check(self.activation in ACTIVATIONS,
@@ -166,6 +175,11 @@ class DecoderConfig:
     hf_config: dict | None = option(None, "the pretrained LM's own config.json (see vision.hf_config)")
     image_token_id: int | None = option(None, "pretrained LM: the id in input_ids that marks an image-token "
                                               "position; null: the LM's vocabulary size, an id no text token has")
+    arch: str = option("gpt", "decoder trained from scratch: gpt (LayerNorm, learned positions, biases, GELU) or "
+                              "llama (RMSNorm, RoPE, no biases, SwiGLU everywhere; transformers' Llama/Mixtral layout)")
+    rope_theta: float = option(10000.0, "arch=llama: RoPE base frequency")
+    kv_heads: int | None = option(None, "key/value heads (grouped-query attention when fewer than decoder.heads); "
+                                        "null: decoder.heads; a pretrained LM's own are filled in")
     moe_layer_indices: list = derived()
 
     def __post_init__(self):
@@ -176,8 +190,17 @@ class DecoderConfig:
         _check(self.width % self.heads == 0,
                f"decoder.width {self.width} is not divisible by decoder.heads {self.heads}")
         _check(self.max_text_len >= 3, "decoder.max_text_len must be at least 3 (<bos>, a token, <eos>)")
+        _check(self.arch in DECODER_ARCHS, f"decoder.arch must be gpt or llama, not {self.arch!r}")
+        _check(self.rope_theta > 0, f"decoder.rope_theta must be positive, not {self.rope_theta}")
         if self.ffn_hidden is None:
             _set(self, "ffn_hidden", 4 * self.width)
+        if self.kv_heads is None:
+            _set(self, "kv_heads", self.heads)
+        _check(self.kv_heads >= 1 and self.heads % self.kv_heads == 0,
+               f"decoder.kv_heads {self.kv_heads} must divide decoder.heads {self.heads}")
+        if self.arch == "llama" and self.pretrained is None and self.moe.activation != "swiglu":
+            # A llama decoder has SwiGLU feed-forwards and no biases anywhere: its experts are too.
+            _set(self, "moe", dataclasses.replace(self.moe, activation="swiglu"))
         layers = self.moe.layers
         if layers is None:
             layers = "none" if self.pretrained is not None else "all"

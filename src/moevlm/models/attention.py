@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moevlm.models.rope import apply_rope
+
 
 class KVCache:
     """Keys and values of every decoder layer, preallocated for the whole generation.
@@ -40,34 +42,51 @@ class KVCache:
 
 
 class SelfAttention(nn.Module):
-    def __init__(self, width: int, heads: int, dropout: float = 0.0):
+    """``kv_heads`` < ``heads``: grouped-query attention (Ainslie et al. 2023), each key/value head
+    shared by heads / kv_heads query heads. The fused qkv rows are [q (heads * hs) | k (kv_heads *
+    hs) | v (kv_heads * hs)], the order transformers' q_proj / k_proj / v_proj split into."""
+
+    def __init__(self, width: int, heads: int, dropout: float = 0.0, kv_heads: int | None = None,
+                 bias: bool = True):
         super().__init__()
         assert width % heads == 0
         self.heads = heads
-        self.qkv = nn.Linear(width, 3 * width)
-        self.proj = nn.Linear(width, width)
+        self.kv_heads = heads if kv_heads is None else kv_heads
+        assert heads % self.kv_heads == 0
+        self.head_dim = width // heads
+        self.kv_width = self.kv_heads * self.head_dim
+        self.qkv = nn.Linear(width, width + 2 * self.kv_width, bias=bias)
+        self.proj = nn.Linear(width, width, bias=bias)
         self.dropout = dropout
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False,
-                cache: KVCache | None = None, layer: int = 0, num_queries: int | None = None) -> torch.Tensor:
+                cache: KVCache | None = None, layer: int = 0, num_queries: int | None = None,
+                rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """x: (B, T, C). attn_mask: bool (B, 1, T, S), True where a query may see a key.
         ``num_queries``: only the first that many positions ask (every position is still a key
-        and value); the output is then (B, num_queries, C)."""
+        and value); the output is then (B, num_queries, C). ``rope``: cos and sin (B, T, hs)
+        rotating q and k (models/rope.py) before k enters the cache."""
         B, T, C = x.shape
+        hs, kv = self.head_dim, self.kv_width
         if num_queries is None:
-            q, k, v = self.qkv(x).split(C, dim=2)
+            q, k, v = self.qkv(x).split([C, kv, kv], dim=2)
         else:
             weight, bias = self.qkv.weight, self.qkv.bias
-            q = F.linear(x[:, :num_queries], weight[:C], bias[:C])
-            k, v = F.linear(x, weight[C:], bias[C:]).split(C, dim=2)
+            q = F.linear(x[:, :num_queries], weight[:C], None if bias is None else bias[:C])
+            k, v = F.linear(x, weight[C:], None if bias is None else bias[C:]).split(kv, dim=2)
         Tq = q.size(1)
-        q = q.view(B, Tq, self.heads, C // self.heads).transpose(1, 2)  # (B, nh, Tq, hs)
-        k = k.view(B, T, self.heads, C // self.heads).transpose(1, 2)  # (B, nh, T, hs)
-        v = v.view(B, T, self.heads, C // self.heads).transpose(1, 2)  # (B, nh, T, hs)
+        q = q.view(B, Tq, self.heads, hs).transpose(1, 2)  # (B, nh, Tq, hs)
+        k = k.view(B, T, self.kv_heads, hs).transpose(1, 2)  # (B, nkv, T, hs)
+        v = v.view(B, T, self.kv_heads, hs).transpose(1, 2)  # (B, nkv, T, hs)
+        if rope is not None:
+            cos, sin = rope
+            q, k = apply_rope(q, cos[:, :Tq], sin[:, :Tq]), apply_rope(k, cos, sin)
         if cache is not None:
-            k, v = cache.update(layer, k, v)  # (B, nh, S, hs), S = cached + T
+            k, v = cache.update(layer, k, v)  # (B, nkv, S, hs), S = cached + T
+        # enable_gqa only when grouped: the plain path stays the exact kernel call it always was.
+        gqa = {"enable_gqa": True} if self.kv_heads != self.heads else {}
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=attn_mask, is_causal=is_causal and attn_mask is None,
-            dropout_p=self.dropout if self.training else 0.0)
+            dropout_p=self.dropout if self.training else 0.0, **gqa)
         y = y.transpose(1, 2).contiguous().view(B, Tq, C)  # re-assemble heads side by side
         return self.proj(y)

@@ -111,6 +111,7 @@ def resolve_pretrained(cfg: ModelConfig) -> ModelConfig:
         hf = cfg.decoder.hf_config or _lm_hf_config(cfg.decoder.pretrained)
         config = hf_config_object(hf)  # attribute_map: GPT-2's n_embd reads as hidden_size, ...
         decoder.update(width=config.hidden_size, depth=config.num_hidden_layers, heads=config.num_attention_heads,
+                       kv_heads=getattr(config, "num_key_value_heads", None) or config.num_attention_heads,
                        ffn_hidden=(getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None)
                                    or 4 * config.hidden_size),
                        vocab_size=config.vocab_size, tie_embeddings=bool(getattr(config, "tie_word_embeddings", False)),

@@ -28,7 +28,9 @@ PAD, IMAGE, TEXT = 0, 1, 2
 
 
 class MoE(nn.Module):
-    def __init__(self, width: int, hidden: int, cfg: MoEConfig, dropout: float = 0.0):
+    def __init__(self, width: int, hidden: int, cfg: MoEConfig, dropout: float = 0.0, shared_activation: str = "gelu"):
+        """``shared_activation``: the shared expert's FeedForward activation (the decoder's dense
+        feed-forward kind: gelu for arch gpt, swiglu for llama)."""
         super().__init__()
         self.cfg = cfg
         E = cfg.num_experts
@@ -43,7 +45,7 @@ class MoE(nn.Module):
         has_bias = cfg.activation in GELU_APPROXIMATE
         self.b1_EF = nn.Parameter(torch.zeros(E, inner)) if has_bias else None
         self.b2_ED = nn.Parameter(torch.zeros(E, width)) if has_bias else None
-        self.shared = FeedForward(width, hidden) if cfg.shared_expert else None
+        self.shared = FeedForward(width, hidden, activation=shared_activation) if cfg.shared_expert else None
         self.dropout = nn.Dropout(dropout)
         # Filled by every forward: aux losses (scalars with grad), the token counts each expert
         # computed and the real assignments over capacity (tensors, read only when reported).
@@ -52,13 +54,19 @@ class MoE(nn.Module):
         self.last_dropped = torch.zeros((), dtype=torch.long)
 
     def route(self, x_ND: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Returns clean router logits (N, E), chosen experts (N, K) and their weights (N, K)."""
+        """Returns clean router logits (N, E), chosen experts (N, K) and their weights (N, K).
+
+        In transformers' order (Mixtral, Qwen2-MoE with norm_topk_prob): fp32 softmax over all
+        experts, top-k of the probabilities, renormalised to sum 1. In exact maths that is the
+        softmax of the top-k logits; computing it the same way makes near-ties pick the same
+        experts as an exported model. Router noise (training) is added to the logits first."""
         logits_NE = self.gate(x_ND)
         scores_NE = logits_NE
         if self.training and self.noise is not None:
             scores_NE = logits_NE + torch.randn_like(logits_NE) * F.softplus(self.noise(x_ND))
-        top_scores_NK, experts_NK = scores_NE.topk(self.cfg.top_k, dim=-1)
-        weights_NK = top_scores_NK.float().softmax(dim=-1).to(x_ND.dtype)
+        probs_NE = scores_NE.float().softmax(dim=-1)
+        top_probs_NK, experts_NK = probs_NE.topk(self.cfg.top_k, dim=-1)
+        weights_NK = (top_probs_NK / top_probs_NK.sum(dim=-1, keepdim=True)).to(x_ND.dtype)
         return logits_NE, experts_NK, weights_NK
 
     def forward(self, x: torch.Tensor, token_kind: torch.Tensor | None = None) -> torch.Tensor:

@@ -55,7 +55,8 @@ def upcycle(model: nn.Module, config: Config, experts: int, top_k: int,
         blocks = model.decoder.blocks
         existing = [i for i, block in enumerate(blocks) if isinstance(block.ffn, MoE)]
         chosen = _chosen_layers(layers, len(blocks))
-        activation = "gelu"  # the scratch FeedForward: exact GELU with biases
+        # The scratch FeedForward: exact GELU with biases (arch gpt) or SwiGLU without (llama).
+        activation = "swiglu" if config.model.decoder.arch == "llama" else "gelu"
     elif isinstance(getattr(model, "lm", None), nn.Module):
         lm_layers = decoder_layers(model.lm)
         existing = [i for i, layer in enumerate(lm_layers) if isinstance(layer.mlp, MoEMLP)]
@@ -101,12 +102,15 @@ def _upcycled_vlm(model: VLM, config: Config, chosen: list[int]) -> VLM:
     converted = set()
     for i in chosen:
         ffn = f"decoder.blocks.{i}.ffn."
-        # FeedForward is nn.Linear, weight (out, in); experts hold (in, out) per expert.
+        # FeedForward is nn.Linear, weight (out, in); experts hold (in, out) per expert. A swiglu
+        # fc's rows [gate | up] become w1's columns [gate | up], the experts' layout.
         state[ffn + "w1_EDF"] = old_state[ffn + "fc.weight"].t().expand(E, -1, -1)
-        state[ffn + "b1_EF"] = old_state[ffn + "fc.bias"].expand(E, -1)
         state[ffn + "w2_EHD"] = old_state[ffn + "proj.weight"].t().expand(E, -1, -1)
-        state[ffn + "b2_ED"] = old_state[ffn + "proj.bias"].expand(E, -1)
-        converted |= {ffn + p for p in ("fc.weight", "fc.bias", "proj.weight", "proj.bias")}
+        converted |= {ffn + "fc.weight", ffn + "proj.weight"}
+        if ffn + "fc.bias" in old_state:  # gelu; swiglu has no biases
+            state[ffn + "b1_EF"] = old_state[ffn + "fc.bias"].expand(E, -1)
+            state[ffn + "b2_ED"] = old_state[ffn + "proj.bias"].expand(E, -1)
+            converted |= {ffn + "fc.bias", ffn + "proj.bias"}
     for key, value in old_state.items():
         if key in converted:
             continue

@@ -3,6 +3,10 @@
 Convolutional patch embedding, a CLS token, learned positions and pre-LN blocks, as in
 nanoVLM's ViT. ``image_tokens`` picks what the rest of the model sees: the CLS token only
 (the seed's choice), every patch token, or the patch grid average-pooled to a few tokens.
+
+``vision.arch=siglip`` is the layout of transformers' SigLIP vision tower: no CLS token, positions
+for the patches only, no final LayerNorm (the hidden state LLaVA takes never passes SigLIP's
+post_layernorm); every patch is an image token.
 """
 
 from __future__ import annotations
@@ -36,17 +40,24 @@ class ViT(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.patch_embed = nn.Conv2d(cfg.channels, cfg.width, kernel_size=cfg.patch_size, stride=cfg.patch_size)
-        self.cls = nn.Parameter(torch.zeros(1, 1, cfg.width))
-        self.pos = nn.Parameter(torch.zeros(1, cfg.num_patches + 1, cfg.width))
+        siglip = cfg.arch == "siglip"
+        self.cls = None if siglip else nn.Parameter(torch.zeros(1, 1, cfg.width))
+        self.pos = nn.Parameter(torch.zeros(1, cfg.num_patches + (0 if siglip else 1), cfg.width))
         self.blocks = nn.ModuleList(
             ViTBlock(cfg.width, cfg.heads, int(cfg.mlp_ratio * cfg.width), cfg.dropout) for _ in range(cfg.depth))
-        self.ln = nn.LayerNorm(cfg.width)
-        nn.init.normal_(self.cls, std=0.02)
+        self.ln = None if siglip else nn.LayerNorm(cfg.width)
+        if self.cls is not None:
+            nn.init.normal_(self.cls, std=0.02)
         nn.init.normal_(self.pos, std=0.02)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """images: (B, C, S, S) in [-1, 1] -> image tokens (B, num_image_tokens, width)."""
         x = self.patch_embed(images).flatten(2).transpose(1, 2)  # (B, P, W)
+        if self.cls is None:  # siglip: the patches are the image tokens (the config allows no other)
+            x = x + self.pos
+            for block in self.blocks:
+                x = block(x)
+            return x
         x = torch.cat([self.cls.expand(x.size(0), -1, -1), x], dim=1) + self.pos  # (B, 1 + P, W)
         cls_only = self.cfg.image_tokens == "cls"
         for i, block in enumerate(self.blocks):

@@ -150,7 +150,7 @@ class VLM(nn.Module):
     def new_cache(self, batch: int, max_len: int) -> KVCache:
         d = self.cfg.decoder
         p = self.decoder.tok_emb.weight
-        return KVCache(d.depth, batch, d.heads, max_len, d.width // d.heads, device=p.device, dtype=p.dtype)
+        return KVCache(d.depth, batch, d.kv_heads, max_len, d.width // d.heads, device=p.device, dtype=p.dtype)
 
     def prefill(self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 cache: KVCache | None = None) -> tuple[torch.Tensor, torch.Tensor]:
