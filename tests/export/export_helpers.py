@@ -151,3 +151,25 @@ def assert_export_matches(checkpoint: Path, out: Path, prompts: tuple[str, str],
     assert theirs_tokens == ours_tokens, (theirs_tokens, ours_tokens)
     return {"tokens": ours_tokens, "max_logit_diff": float((theirs_logits[..., :vocab][real] -
                                                              ours_logits[real]).abs().max())}
+
+
+SCRATCH_TEXTS = ["a red circle", "a blue square", "two green triangles", "What is it?", "Describe it."]
+
+
+def scratch_checkpoint(folder: Path, overrides: list[str], kind: str = "char") -> Path:
+    """A scratch llama + siglip model on a tokenizer trained on a few captions, experts perturbed."""
+    from moevlm.data.tokenizer import Tokenizer
+    from moevlm.models.vlm import VLM
+
+    tokenizer = Tokenizer.train(SCRATCH_TEXTS, kind, vocab_size=300)
+    config = load_config("tiny", overrides=["decoder.arch=llama", "vision.arch=siglip", "vision.image_tokens=patches",
+                                            f"decoder.vocab_size={tokenizer.vocab_size}", "decoder.max_text_len=40",
+                                            *overrides])
+    model = VLM(config.model)
+    perturb_experts(model)
+    with torch.no_grad():  # norms away from 1, so a missed norm weight shows
+        for name, param in model.named_parameters():
+            if name.endswith(("ln1.weight", "ln2.weight", "ln_f.weight")):
+                param.add_(0.1 * torch.randn_like(param))
+    write_checkpoint(folder, PreparedModel(model.eval(), tokenizer, config, set()))
+    return folder
