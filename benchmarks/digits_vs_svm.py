@@ -4,7 +4,7 @@ Trains `moevlm train --data digits.csv` with default settings (unless --model na
 made that way), then scores every held-out row with `moevlm eval` and fits scikit-learn's
 SVC on the same training rows (8x8 pixels scaled to [0, 1]).
 
-    python benchmarks/digits_vs_svm.py [--out DIR] [--model DIR]
+    python benchmarks/digits_vs_svm.py [--out DIR] [--model DIR] [--set KEY=VALUE ...]
 """
 
 from __future__ import annotations
@@ -35,6 +35,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=None, help="work folder (default: a temporary one)")
     parser.add_argument("--model", type=Path, default=None, help="a run already trained on digits.csv")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="config override for the training run (repeatable), e.g. decoder.arch=gpt")
     args = parser.parse_args()
     root = args.out or Path(tempfile.mkdtemp(prefix="moevlm-digits-"))
     data = write_digit_captions(root / "data")
@@ -43,7 +45,9 @@ def main() -> int:
     if model is None:
         model = root / "model"
         start = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "moevlm", "train", "--data", str(data), "--out", str(model)], check=True)
+        overrides = [arg for value in args.overrides for arg in ("--set", value)]
+        subprocess.run([sys.executable, "-m", "moevlm", "train", "--data", str(data), "--out", str(model), *overrides],
+                       check=True)
         seconds = time.perf_counter() - start
 
     config = load_config("default")
