@@ -1,0 +1,60 @@
+"""A run trained through the command line, then exported: transformers captions as moevlm does,
+moevlm captions the export as the run, and --register versions it in the run's own MLflow store."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from export_helpers import hf_messages
+from PIL import Image
+
+from moevlm.cli import main
+from shapes import write_shapes_csv
+
+README = Path(__file__).resolve().parents[2] / "README.md"
+
+
+def test_train_export_and_caption_with_transformers_and_with_moevlm(tmp_path, capsys):
+    from mlflow import MlflowClient
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    data = write_shapes_csv(tmp_path / "shapes.csv")
+    run, out = tmp_path / "run", tmp_path / "hf"
+    settings = ["model.decoder.arch=llama", "model.vision.arch=siglip", "model.vision.image_tokens=patches",
+                "train.max_steps=30", "train.lr=3e-3", "data.val_fraction=0.25"]
+    assert main(["train", "--data", str(data), "--preset", "tiny", "--out", str(run),
+                 *[arg for setting in settings for arg in ("--set", setting)]]) == 0
+    assert main(["export", "--model", str(run), "--to", "hf", "--out", str(out), "--register", "shapes"]) == 0
+    run_id = json.loads((run / "trainer_state.json").read_text())["mlflow_run_id"]
+    client = MlflowClient(tracking_uri=f"sqlite:///{run / 'mlflow.db'}")
+    assert client.get_model_version("shapes", "1").run_id == run_id
+    assert (out / "expert_load.png").is_file() and "![expert load](expert_load.png)" in (out / "README.md").read_text()
+
+    images = [tmp_path / "a.png", tmp_path / "b.png"]
+    Image.new("RGB", (30, 20), (200, 10, 10)).save(images[0])
+    Image.new("RGB", (24, 24), (10, 10, 200)).save(images[1])
+    capsys.readouterr()
+    assert main(["caption", "--model", str(run), *map(str, images), "--json"]) == 0
+    ours = [json.loads(line)["text"] for line in capsys.readouterr().out.splitlines()]
+    assert main(["caption", "--model", str(out), *map(str, images), "--json"]) == 0
+    assert any(ours) and [json.loads(line)["text"] for line in capsys.readouterr().out.splitlines()] == ours
+
+    # The README's five lines, on this run's export and first image.
+    text = README.read_text()
+    section = text[text.index("### Export to transformers"):]
+    script = section[section.index("```python\n") + len("```python\n"):]
+    script = script[:script.index("```")]
+    assert len(script.strip().splitlines()) == 5
+    script = script.replace("runs/demo/hf", str(out)).replace("runs/demo/data/val/000000.png", str(images[0]))
+    exec(compile(script, "README.md", "exec"), {})
+    assert capsys.readouterr().out.strip() == ours[0]
+
+    # What the model card's example does, on a batch of two.
+    model = AutoModelForImageTextToText.from_pretrained(out)
+    processor = AutoProcessor.from_pretrained(out, backend="pil")
+    text = processor.apply_chat_template(hf_messages(""), add_generation_prompt=True)
+    inputs = processor(images=[Image.open(p) for p in images], text=[text, text], return_tensors="pt", padding=True)
+    ids = model.generate(**inputs, max_new_tokens=64, do_sample=False)
+    theirs = processor.batch_decode(ids[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    assert theirs == ours
