@@ -36,7 +36,7 @@ MAX_TEXT_BYTES = 1 * MiB
 _BLOCK = tarfile.BLOCKSIZE
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # slots: one per row, millions of them
 class ShardImage:
     """An image member of a tar shard (an ``images.StoredImage``): where its bytes are."""
 
