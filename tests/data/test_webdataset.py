@@ -13,6 +13,7 @@ from PIL import Image
 from moevlm.cli import main
 from moevlm.config import load_config
 from moevlm.data.images import image_key, open_image
+from moevlm.data.training_data import load_training_data
 from moevlm.data.webdataset import MiB, ShardImage, read_shards
 from moevlm.errors import DataError
 from moevlm.train import trainer as trainer_module
@@ -129,6 +130,14 @@ def test_train_tiny_preset_on_shards_through_the_cli(shards, tmp_path, capsys):
     assert state["step"] == 3
 
 
+def test_val_data_may_be_shards_too(shards):
+    folder, _ = shards
+    config = load_config("tiny", overrides=["data.val_fraction=0"])
+    data = load_training_data(config, f"{folder}/{{00000,00001}}.tar", val_data=folder / "00002.tar")
+    assert len(data.train_set) == 8 and len(data.val_set) == 4
+    assert {s.source for s in data.val_set.samples} == {str(folder / "00002.tar")}
+
+
 def test_two_workers_see_every_sample_exactly_once_per_epoch(shards, tmp_path, monkeypatch):
     folder, colors = shards
     seen = record_batches(monkeypatch)
@@ -189,10 +198,14 @@ HOSTILE = {
                r"row 2: member '1.jpg' is a device, pipe or other special file; only regular files are read$"),
     "fifo": ([special("1.txt", tarfile.FIFOTYPE), ("1.jpg", png(COLORS[1]))],
              r"row 2: member '1.txt' is a device, pipe or other special file; only regular files are read$"),
+    "sparse": ([special("1.jpg", tarfile.GNUTYPE_SPARSE), ("1.txt", b"x")],
+               r"row 2: member '1.jpg' is a device, pipe or other special file; only regular files are read$"),
     "no text": ([("1.jpg", png(COLORS[1]))], r"row 2: key '1' has an image but no txt or json text$"),
     "no image": ([("1.json", b'{"caption": "x"}')], r"row 2: key '1' has text but no image$"),
     "two images": ([("1.jpg", png(COLORS[1], "JPEG")), ("1.png", png(COLORS[1])), ("1.txt", b"x")],
                    r"row 2: key '1' has 2 images \(1.jpg, 1.png\)$"),
+    "one extension twice": ([("1.jpg", png(COLORS[1])), ("1.JPG", png(COLORS[1])), ("1.txt", b"x")],
+                            r"row 2: key '1' has two jpg members$"),
     "empty caption": ([("1.jpg", png(COLORS[1])), ("1.txt", b"  \n")], r"row 2: empty caption$"),
     "bad json": ([("1.jpg", png(COLORS[1])), ("1.json", b'{"caption": ')],
                  r"row 2: not valid JSON: Expecting value at column 13$"),
