@@ -165,7 +165,7 @@ class _Shard:
     def _add(self, info: tarfile.TarInfo) -> None:
         name = info.name
         folder, _, base = name.rpartition("/")
-        stem, dot, ext = base.partition(".")
+        stem, _, ext = base.partition(".")
         key, ext = (f"{folder}/{stem}" if folder else stem), ext.lower()
         self._last_key, self._last_member = key, name
         problem = _member_problem(info, ext)
