@@ -14,7 +14,6 @@ LAZY_LIBRARIES = ("transformers", "huggingface_hub", "peft", "mlflow", "requests
 # Files that wrap transformers models and so may import it at module level.
 HF_WRAPPERS = {"moevlm.models.hf_config", "moevlm.models.hf_vision", "moevlm.models.hf_lm", "moevlm.models.factory",
                "moevlm.models.moe_install", "moevlm.models.lora"}
-INFERENCE = ("moevlm.generate", "moevlm.evaluate", "moevlm.checkpoint", "moevlm.device", "moevlm.metrics")
 
 
 def module_name(path: Path) -> str:
@@ -22,7 +21,11 @@ def module_name(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
+
+
 MODULES = {module_name(path): path for path in sorted(PACKAGE.rglob("*.py"))}
+INFERENCE = ("moevlm.generate", "moevlm.evaluate", "moevlm.checkpoint", "moevlm.device", "moevlm.metrics",
+             *(name for name in MODULES if name.startswith(("moevlm.export", "moevlm.serve"))))
 
 
 def imports(name: str) -> list[tuple[str, bool, int]]:

@@ -26,6 +26,7 @@ from torch import nn
 from moevlm.config import ModelConfig
 from moevlm.export.blockers import MOE_TARGETS
 from moevlm.models.moe import MoE
+from moevlm.models.moe_install import MoEMLP, decoder_layers
 
 CLASS_OF = {"mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}
 
@@ -162,9 +163,6 @@ def scratch_text_part(decoder: nn.Module, model_cfg: ModelConfig, special: dict[
 def pretrained_text_part(lm: nn.Module, model_cfg: ModelConfig, image_token_id: int, copy_row: int) -> TextPart:
     """A transformers causal LM (LoRA merged) -> the same LM, or its MoE counterpart when moevlm's
     MoE layers are installed in it (``MOE_TARGETS``)."""
-    # Lazy: only pretrained LMs need it, and it imports transformers.
-    from moevlm.models.moe_install import MoEMLP, decoder_layers
-
     d = model_cfg.decoder
     source = dict(d.hf_config)
     layers = decoder_layers(lm)

@@ -14,6 +14,8 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
+import tokenizers
+
 from moevlm.data.chat import MOEVLM_LAYOUT_MARKER
 from moevlm.export.vision import VisionPart
 
@@ -61,7 +63,6 @@ def pretrained_template(own: str | None) -> str | None:
 def scratch_tokenizer(tokenizer):
     """moevlm's char/BPE ``Tokenizer`` as a transformers fast tokenizer with ``<image>`` (the next id)."""
     # Lazy: transformers takes seconds to import.
-    import tokenizers
     from transformers import PreTrainedTokenizerFast
 
     backend = tokenizers.Tokenizer.from_str(tokenizer._backend.to_str())
