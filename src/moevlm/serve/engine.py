@@ -156,7 +156,7 @@ class Engine:
                     for job in jobs + joining:
                         job.emit(("error", "internal error while decoding"))
                     jobs, state = [], (None, None)
-                self.metrics.batch_size = len(jobs)
+                self.metrics.set_batch_size(len(jobs))
         for job in jobs:
             job.emit(("error", "the server is shutting down"))
 

@@ -39,7 +39,7 @@ class ServerMetrics:
         self._lock = threading.Lock()
         self.requests = collections.Counter()  # by outcome: the HTTP status, or "ok"
         self.prompt_tokens = self.completion_tokens = 0
-        self.queue_length = self.batch_size = 0
+        self.queue_length = self.batch_size = self.peak_batch_size = 0
         self.first_token = Histogram()
         self.latency = Histogram()
         self.forward_seconds = 0.0
@@ -53,6 +53,10 @@ class ServerMetrics:
         with self._lock:
             self.requests[outcome] += 1
             self.prompt_tokens += prompt_tokens
+
+    def set_batch_size(self, size: int) -> None:
+        self.batch_size = size
+        self.peak_batch_size = max(self.peak_batch_size, size)
 
     def add_first_token(self, seconds: float) -> None:
         with self._lock:
@@ -95,6 +99,7 @@ class ServerMetrics:
                       "# TYPE moevlm_queue_length gauge", f"moevlm_queue_length {self.queue_length}",
                       "# HELP moevlm_batch_size Requests in the decoding batch.",
                       "# TYPE moevlm_batch_size gauge", f"moevlm_batch_size {self.batch_size}",
+                      "# TYPE moevlm_batch_size_peak gauge", f"moevlm_batch_size_peak {self.peak_batch_size}",
                       "# HELP moevlm_time_to_first_token_seconds From arrival to the first generated token.",
                       "# TYPE moevlm_time_to_first_token_seconds histogram"]
             lines += self.first_token.lines("moevlm_time_to_first_token_seconds")
