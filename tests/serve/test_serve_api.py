@@ -2,13 +2,17 @@
 streaming, multi-turn, stop strings, routing traces, and batching that changes no answer."""
 
 import base64
+import importlib.util
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import openai
 import pytest
 from serve_helpers import data_url, http, live_server, picture, user_message
 
 from moevlm.generate import caption_files
+
+BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 
 
 @pytest.fixture(scope="module")
@@ -122,3 +126,14 @@ def test_models_health_and_metrics(checkpoint, client, server):
     counted = sum(float(line.split()[-1]) for line in text.splitlines()
                   if line.startswith("moevlm_expert_tokens_total"))
     assert counted > 0
+
+
+def test_the_load_benchmark_runs_against_a_live_server(checkpoint, server, capsys):
+    spec = importlib.util.spec_from_file_location("serve_load", BENCHMARKS / "serve_load.py")
+    serve_load = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(serve_load)
+    result = serve_load.main(["--url", server[0], "--model-name", checkpoint.name, "--clients", "1,3",
+                              "--requests", "2", "--max-tokens", "8"])
+    assert [(run["clients"], run["requests"], run["errors"]) for run in result["runs"]] == [(1, 2, 0), (3, 6, 0)]
+    assert all(run["tokens_per_s"] > 0 and run["ttft_p50_s"] <= run["latency_p95_s"] for run in result["runs"])
+    assert "ttft p50" in capsys.readouterr().out
