@@ -2,11 +2,11 @@
 127.0.0.1, for each N given. Reports requests/s, generated tokens/s, p50/p95 time to first token and
 latency, the tokens/s gain over one client, and (for a server this script started) its peak memory.
 
-    python benchmarks/serve_load.py --model DIR [--clients 1,4,16] [--requests 8] [--max-tokens 32]
+    python benchmarks/serve_load.py --model DIR [--clients 1,4,16] [--requests 8] [--max-tokens 32] [--image PNG]
     python benchmarks/serve_load.py --url http://127.0.0.1:8000 --model-name NAME
 
 Every request asks for a greedy caption of the same picture, so each client count does the same work
-per request; the server decodes concurrent requests in one batch.
+per request; the server decodes concurrent requests in one batch. One request before the runs warms up.
 """
 
 from __future__ import annotations
@@ -27,7 +27,9 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 
 
-def picture_url() -> str:
+def picture_url(path: Path | None = None) -> str:
+    if path is not None:
+        return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
     image = Image.new("RGB", (96, 96), (128, 128, 128))
     ImageDraw.Draw(image).rectangle((16, 16, 80, 80), fill=(220, 30, 30))
     buffer = io.BytesIO()
@@ -62,8 +64,8 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-def load(url: str, model: str, clients: int, requests: int, max_tokens: int) -> dict:
-    image_url, results, errors = picture_url(), [], []
+def load(url: str, model: str, image_url: str, clients: int, requests: int, max_tokens: int) -> dict:
+    results, errors = [], []
 
     def client():
         for _ in range(requests):
@@ -130,6 +132,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--clients", default="1,4,16", help="comma-separated client counts (default 1,4,16)")
     parser.add_argument("--requests", type=int, default=8, help="requests per client (default 8)")
     parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--image", type=Path, help="the picture every request asks about (default: a red square)")
     parser.add_argument("--max-batch", type=int, default=16, help="for a server this script starts")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
@@ -140,7 +143,9 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error("--url needs --model-name")
     process, url = start_server(args.model, args.max_batch) if args.model else (None, args.url.rstrip("/"))
     try:
-        runs = [load(url, name, int(n), args.requests, args.max_tokens) for n in args.clients.split(",")]
+        image_url = picture_url(args.image)
+        one_request(url, name, image_url, args.max_tokens)  # warm-up: first calls are slower
+        runs = [load(url, name, image_url, int(n), args.requests, args.max_tokens) for n in args.clients.split(",")]
         with urllib.request.urlopen(f"{url}/metrics", timeout=10) as response:
             peak_batch = [line for line in response.read().decode().splitlines()
                           if line.startswith("moevlm_batch_size_peak")]

@@ -16,7 +16,7 @@ import zlib
 
 import pytest
 from PIL import Image
-from serve_helpers import data_url, free_port, http, live_server, picture, user_message
+from serve_helpers import data_url, free_port, http, live_server, picture, user_message, wait_for
 
 KEY = "secret-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -107,13 +107,6 @@ def stream_request(url: str, model: str, max_tokens: int):
     request = urllib.request.Request(f"{url}/v1/chat/completions", headers={"Content-Type": "application/json"},
                                      data=json.dumps(body(model, max_tokens=max_tokens, stream=True)).encode())
     return urllib.request.urlopen(request, timeout=30)
-
-
-def wait_for(condition, seconds: float = 10) -> None:
-    deadline = time.monotonic() + seconds
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.01)
 
 
 def test_a_full_queue_gets_429_at_once_and_a_client_that_leaves_frees_its_slot(checkpoint, monkeypatch):

@@ -19,28 +19,6 @@ from moevlm.models.attention import KVCache
 from moevlm.models.protocol import VisionLanguageModel
 
 
-def _layers(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Per decoder layer, keys and values (B, heads, S, head_dim) of the positions written so far."""
-    if isinstance(cache, KVCache):
-        return [(cache.keys[layer, :, :, :cache.length], cache.values[layer, :, :, :cache.length])
-                for layer in range(cache.keys.size(0))]
-    return [(layer.keys, layer.values) for layer in cache.layers]
-
-
-def _build_cache(model: VisionLanguageModel, layers: list[tuple[torch.Tensor, torch.Tensor]], capacity: int):
-    batch, length = layers[0][0].size(0), layers[0][0].size(2)
-    cache = model.new_cache(batch, capacity)
-    if isinstance(cache, KVCache):
-        for index, (keys, values) in enumerate(layers):
-            cache.keys[index, :, :, :length].copy_(keys)
-            cache.values[index, :, :, :length].copy_(values)
-        cache.advance(length)
-    else:
-        for index, (keys, values) in enumerate(layers):
-            cache.update(keys, values, index)
-    return cache
-
-
 class DecodeBatch:
     """Rows of requests decoding together: their cache and key mask (B, S)."""
 
@@ -57,29 +35,47 @@ class DecodeBatch:
         return self.model.step(tokens, self.key_mask, self.cache)
 
 
+def _kept_width(batch: DecodeBatch, rows: torch.Tensor) -> int:
+    """Columns the given rows need: from the first one any of them owns to the end."""
+    used = batch.key_mask.index_select(0, rows).any(0)
+    return used.size(0) - int(used.nonzero()[0]) if bool(used.any()) else 0
+
+
 def repack(model: VisionLanguageModel, parts: list[tuple[DecodeBatch, list[int]]], headroom: int) -> DecodeBatch | None:
     """A new batch holding the given rows of the given batches, in that order, with room for
-    ``headroom`` more steps; None when no row is kept. Columns no kept row uses are dropped."""
-    rows = []  # (keys/values per layer, key mask) of one row, trimmed to the columns it owns
-    for batch, indices in parts:
-        layers = _layers(batch.cache)
-        for index in indices:
-            mask = batch.key_mask[index]
-            first = int(mask.nonzero()[0]) if bool(mask.any()) else mask.size(0)
-            rows.append(([(k[index, :, first:], v[index, :, first:]) for k, v in layers], mask[first:]))
-    if not rows:
+    ``headroom`` more steps; None when no row is kept. Columns no kept row uses are dropped.
+
+    Rows stay right-aligned, so each part moves as one block: a slice of its last columns, placed
+    at the end of the new, wider (or narrower) cache."""
+    parts = [(batch, torch.tensor(rows, device=batch.key_mask.device)) for batch, rows in parts if rows]
+    if not parts:
         return None
-    width = max(mask.size(0) for _, mask in rows)
-    key_mask = torch.zeros(len(rows), width, dtype=torch.bool, device=rows[0][1].device)
-    packed = []
-    for layer in range(len(rows[0][0])):
-        keys, values = rows[0][0][layer]
-        shape = (len(rows), keys.size(0), width, keys.size(2))
-        packed.append((keys.new_zeros(shape), values.new_zeros(shape)))
-    for row, (layers, mask) in enumerate(rows):
-        start = width - mask.size(0)
-        key_mask[row, start:] = mask
-        for (all_keys, all_values), (keys, values) in zip(packed, layers):
-            all_keys[row, :, start:] = keys
-            all_values[row, :, start:] = values
-    return DecodeBatch(model, _build_cache(model, packed, width + headroom), key_mask)
+    widths = [_kept_width(batch, rows) for batch, rows in parts]
+    width, size = max(widths), sum(len(rows) for _, rows in parts)
+    key_mask = torch.zeros(size, width, dtype=torch.bool, device=parts[0][0].key_mask.device)
+    cache = model.new_cache(size, width + headroom)
+    if isinstance(cache, KVCache):
+        targets = [(cache.keys, cache.values)]  # all layers at once: (layers, B, heads, S, head_dim)
+        cache.advance(width)
+    else:
+        first = parts[0][0].cache.layers
+        targets = [(k.new_zeros(size, k.size(1), width, k.size(3)), v.new_zeros(size, v.size(1), width, v.size(3)))
+                   for k, v in ((layer.keys, layer.values) for layer in first)]
+    start = 0
+    for (batch, rows), kept in zip(parts, widths):
+        end, columns = start + len(rows), batch.key_mask.size(1)
+        key_mask[start:end, width - kept:] = batch.key_mask.index_select(0, rows)[:, columns - kept:]
+        if isinstance(cache, KVCache):
+            sources = [(batch.cache.keys, batch.cache.values)]
+        else:
+            sources = [(layer.keys, layer.values) for layer in batch.cache.layers]
+        for (keys, values), (source_keys, source_values) in zip(targets, sources):
+            batch_dim = keys.dim() - 4  # 1 for the stacked scratch cache, 0 per transformers layer
+            for target, source in ((keys, source_keys), (values, source_values)):
+                block = source.narrow(-2, columns - kept, kept).index_select(batch_dim, rows)
+                target.narrow(batch_dim, start, len(rows)).narrow(-2, width - kept, kept).copy_(block)
+        start = end
+    if not isinstance(cache, KVCache):
+        for index, (keys, values) in enumerate(targets):
+            cache.update(keys, values, index)
+    return DecodeBatch(model, cache, key_mask)

@@ -161,23 +161,26 @@ class Engine:
             job.emit(("error", "the server is shutting down"))
 
     def _iterate(self, jobs: list[Job], joining: list[Job], batch: DecodeBatch | None, logits: torch.Tensor | None):
-        """One decoding step: every job takes a token, finished ones leave, the rest step, new ones join."""
+        """One decoding step: every job takes a token, all step, then one re-pack drops the finished
+        ones and adds the new ones (prefilled together). Stepping a row that just finished costs less
+        than the extra re-pack that dropping it first would."""
+        keep = []
         if jobs:
             tokens = self._sample(jobs, logits)
             keep = [row for row, job in enumerate(jobs) if not self._advance(job, int(tokens[row]))]
-            if len(keep) < len(jobs):
-                batch = repack(self.model, [(batch, keep)], self._headroom([jobs[r] for r in keep]))
-                jobs, tokens = [jobs[r] for r in keep], tokens[keep]
-            if jobs:
+            if keep:
                 started = time.perf_counter()
                 logits = batch.step(tokens)
                 self._after_forward(jobs, 1, started)
+                logits = logits if len(keep) == len(jobs) else logits[keep]
+        parts = [(batch, keep)] if keep else []
         if joining:
             joined, joined_logits = self._prefill(joining)
-            parts = [(batch, list(range(len(jobs))))] if jobs else []
-            logits = torch.cat([logits, joined_logits]) if jobs else joined_logits
-            jobs = jobs + joining
-            batch = repack(self.model, parts + [(joined, list(range(len(joining))))], self._headroom(jobs))
+            parts.append((joined, list(range(len(joining)))))
+            logits = torch.cat([logits, joined_logits]) if keep else joined_logits
+        if len(keep) < len(jobs) or joining:
+            jobs = [jobs[row] for row in keep] + joining
+            batch = repack(self.model, parts, self._headroom(jobs))
         return jobs, ((batch, logits) if jobs else (None, None))
 
     def _take(self, free: int, idle: bool) -> list[Job] | None:
