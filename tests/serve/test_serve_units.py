@@ -6,6 +6,7 @@ import threading
 
 from serve_helpers import data_url, free_port, http, live_server, picture, user_message, wait_for
 
+from moevlm.cli import main
 from moevlm.data.tokenizer import Tokenizer
 from moevlm.serve.chat import prompt_ids
 from moevlm.serve.engine import Engine, _held_back
@@ -70,3 +71,10 @@ def test_file_urls_are_read_only_when_allowed(checkpoint, tmp_path):
     assert by_file[0] == inline[0] == 200
     assert json.loads(by_file[2])["choices"] == json.loads(inline[2])["choices"]
     assert missing[0] == 400 and "cannot fetch" in json.loads(missing[2])["error"]["message"]
+
+
+def test_serve_refuses_a_missing_folder_and_bad_limits_with_exit_code_2(checkpoint, tmp_path, capsys):
+    assert main(["serve", "--model", str(tmp_path / "none")]) == 2
+    assert f"{tmp_path / 'none'}: no such checkpoint folder" in capsys.readouterr().err
+    assert main(["serve", "--model", str(checkpoint), "--max-batch", "0"]) == 2
+    assert "--max-batch must be >= 1, not 0" in capsys.readouterr().err

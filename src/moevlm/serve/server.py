@@ -13,7 +13,7 @@ import signal
 import threading
 from pathlib import Path
 
-from moevlm.checkpoint import read_config
+from moevlm.checkpoint import verify_checkpoint
 from moevlm.errors import ConfigError, MoevlmError
 from moevlm.serve.api import ServeOptions, create_app
 from moevlm.serve.engine import Engine
@@ -35,7 +35,7 @@ def build_server(model_dir: str | Path, *, host: str = "127.0.0.1", port: int = 
                         ("--max-image-pixels", max_image_pixels), ("--max-body-bytes", max_body_bytes)):
         if value < 1:
             raise ConfigError(f"{flag} must be >= 1, not {value}")
-    read_config(Path(model_dir))  # a wrong folder fails now, not on the loading thread
+    verify_checkpoint(Path(model_dir))  # a wrong folder fails now, not on the loading thread
     engine = Engine(model_dir, device=device, max_batch=max_batch, max_queue=max_queue)
     options = ServeOptions(served_name=served_name or Path(model_dir).resolve().name, api_key=api_key,
                            max_body_bytes=max_body_bytes,
