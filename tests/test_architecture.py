@@ -122,3 +122,9 @@ def test_every_lazy_import_says_why():
                 if "#" not in lines[first - 1] and not lines[first - 2].strip().startswith("#"):
                     missing.append(f"{name}:{first}")
     assert not missing
+
+
+def test_the_server_stack_is_imported_only_when_serving():
+    top_level = [f"{name}: {target}" for name in MODULES for target, inside, _ in imports(name)
+                 if not inside and target.startswith(("fastapi", "uvicorn", "starlette"))]
+    assert not top_level
