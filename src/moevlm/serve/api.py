@@ -98,7 +98,7 @@ def create_app(engine: Engine, options: ServeOptions):
         except (ValueError, UnicodeDecodeError) as err:
             raise ApiError(400, f"the request body is not valid JSON: {err}") from None
 
-    def make_job(req: ChatRequest, emit) -> Job:
+    def make_job(req: ChatRequest, emit, arrived: float) -> Job:
         """Runs on a worker thread: image decoding and preparation take a while."""
         pixels = engine.prepare_image(load_image(req.image_url, options.images))
         ids = prompt_ids(engine.tokenizer, req.turns, engine.config.model.decoder.max_text_len)
@@ -109,16 +109,18 @@ def create_app(engine: Engine, options: ServeOptions):
         if req.max_tokens is not None and req.max_tokens > most:
             raise ApiError(400, f"max_tokens {req.max_tokens} is above this model's limit of {most}", "max_tokens")
         return Job(prompt_ids=ids, pixels=pixels, max_tokens=min(req.max_tokens or room, room), emit=emit,
-                   temperature=req.temperature, top_p=req.top_p, seed=req.seed, stop=req.stop, routing=req.routing)
+                   temperature=req.temperature, top_p=req.top_p, seed=req.seed, stop=req.stop, routing=req.routing,
+                   submitted=arrived)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
+        arrived = time.perf_counter()  # time to first token counts from here
         check_key(request)
         check_ready()
         req = parse_request(await read_body(request), options.served_name)
         loop, events = asyncio.get_running_loop(), asyncio.Queue()
-        job = await run_in_threadpool(make_job, req, lambda event: loop.call_soon_threadsafe(events.put_nowait,
-                                                                                            event))
+        job = await run_in_threadpool(make_job, req, lambda event: loop.call_soon_threadsafe(events.put_nowait, event),
+                                      arrived)
         try:
             engine.submit(job)
         except QueueFull as err:
