@@ -82,6 +82,7 @@ class Engine:
         self.ready = threading.Event()
         self.failed: BaseException | None = None
         self.model = self.tokenizer = self.config = self.prepare_image = None
+        self.device, self.amp_dtype = None, None  # set by load()
         self._waiting: collections.deque[Job] = collections.deque()
         self._wake = threading.Condition()
         self._stopping = False
