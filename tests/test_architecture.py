@@ -10,7 +10,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "moevlm"
 # Imported inside functions on purpose: each takes seconds, and many runs never need it.
-LAZY_LIBRARIES = ("transformers", "huggingface_hub", "peft", "mlflow", "requests")
+LAZY_LIBRARIES = ("transformers", "huggingface_hub", "peft", "mlflow", "requests", "fastapi", "uvicorn")
 # Files that wrap transformers models and so may import it at module level.
 HF_WRAPPERS = {"moevlm.models.hf_config", "moevlm.models.hf_vision", "moevlm.models.hf_lm", "moevlm.models.factory",
                "moevlm.models.moe_install", "moevlm.models.lora"}
@@ -104,7 +104,7 @@ def test_data_imports_no_model(name):
     assert not {target for target in own_imports(name) if target.startswith(("moevlm.models", "moevlm.train"))}
 
 
-@pytest.mark.parametrize("name", INFERENCE)
+@pytest.mark.parametrize("name", list(INFERENCE) + [name for name in MODULES if name.startswith("moevlm.serve")])
 def test_inference_never_imports_the_trainer(name):
     assert not {target for target in own_imports(name) if target.startswith("moevlm.train")}
 
@@ -125,3 +125,9 @@ def test_every_lazy_import_says_why():
                 if "#" not in lines[first - 1] and not lines[first - 2].strip().startswith("#"):
                     missing.append(f"{name}:{first}")
     assert not missing
+
+
+def test_the_server_stack_is_imported_only_when_serving():
+    top_level = [f"{name}: {target}" for name in MODULES for target, inside, _ in imports(name)
+                 if not inside and target.startswith(("fastapi", "uvicorn", "starlette"))]
+    assert not top_level

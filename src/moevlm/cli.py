@@ -138,6 +138,27 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--json", action="store_true", help="print one JSON object")
     bench.add_argument("--quick", action="store_true", help="tiny sizes, seconds: checks that it runs, "
                                                              "figures mean nothing")
+    serve = sub.add_parser("serve", help="serve a model: OpenAI-compatible chat API and a web page",
+                           description="OpenAI-compatible /v1/chat/completions (images as base64 data: URLs, "
+                                       "streaming, continuous batching), /v1/models, /health, /metrics and a "
+                                       "web page at / (README, \"Serving\").")
+    serve.add_argument("--model", required=True, type=Path, help="checkpoint folder")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
+    _add_device_flag(serve)
+    serve.add_argument("--api-key", default=None, help="require Authorization: Bearer KEY on /v1 requests")
+    serve.add_argument("--served-model-name", default=None, help="the model's name in the API "
+                                                                  "(default: the folder's name)")
+    serve.add_argument("--max-batch", type=int, default=16, help="most requests decoding together (default 16)")
+    serve.add_argument("--max-queue", type=int, default=64,
+                       help="most requests waiting for a batch slot; more get 429 (default 64)")
+    serve.add_argument("--grace", type=float, default=10.0,
+                       help="seconds in-flight requests get to finish after SIGTERM (default 10)")
+    serve.add_argument("--allow-http-images", action="store_true",
+                       help="also accept http(s): and file: image URLs (fetched with the size limit, 10 s timeout)")
+    serve.add_argument("--max-image-bytes", type=int, default=10 * 2**20, help="per image (default 10 MiB)")
+    serve.add_argument("--max-image-pixels", type=int, default=40_000_000, help="per image (default 40 million)")
+    serve.add_argument("--max-body-bytes", type=int, default=20 * 2**20, help="per request (default 20 MiB)")
     return parser
 
 
@@ -229,8 +250,18 @@ def _cmd_bench(args) -> int:
     return 0
 
 
+def _cmd_serve(args) -> int:
+    from moevlm.serve.server import serve
+
+    serve(args.model, host=args.host, port=args.port, device=args.device, api_key=args.api_key,
+          served_name=args.served_model_name, max_batch=args.max_batch, max_queue=args.max_queue, grace=args.grace,
+          allow_http_images=args.allow_http_images, max_image_bytes=args.max_image_bytes,
+          max_image_pixels=args.max_image_pixels, max_body_bytes=args.max_body_bytes)
+    return 0
+
+
 COMMANDS = {"train": _cmd_train, "caption": _cmd_caption, "eval": _cmd_eval, "demo": _cmd_demo,
-            "upcycle": _cmd_upcycle, "export": _cmd_export, "bench": _cmd_bench}
+            "upcycle": _cmd_upcycle, "export": _cmd_export, "bench": _cmd_bench, "serve": _cmd_serve}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,279 @@
+"""The engine: one thread that owns the model and decodes every request in one running batch.
+
+Requests wait in a bounded queue; between two decoding steps the waiting ones are prefilled
+together and join the batch, and finished or cancelled ones leave it (serve/batch.py). Each keeps
+its own sampling parameters, random generator, length limit and stop strings. What a request
+produces goes to its ``emit`` callback (called on the engine thread) as events:
+``("delta", text, tokens)`` and finally ``("done", finish_reason, usage)`` or ``("error", message)``.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import secrets
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from moevlm.checkpoint import load_model
+from moevlm.data.images import image_preparer, normalize
+from moevlm.device import autocast_dtype, resolve_device
+from moevlm.generate import sample_next
+from moevlm.serve.batch import DecodeBatch, repack
+from moevlm.serve.metrics import ServerMetrics
+
+log = logging.getLogger("moevlm.serve")
+
+
+class QueueFull(Exception):
+    """The waiting queue is at its bound: the client should retry later."""
+
+
+@dataclass
+class Job:
+    """One chat completion as the engine sees it. ``pixels``: uint8 (C, S, S), prepared for the model."""
+
+    prompt_ids: list[int]
+    pixels: torch.Tensor
+    max_tokens: int
+    emit: Callable[[tuple], None]
+    temperature: float = 1.0
+    top_p: float | None = None
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    routing: bool = False
+    cancelled: bool = False  # set by the server when the client goes away
+    submitted: float = field(default_factory=time.perf_counter)
+    # decoding state, the engine's alone
+    sampled: int = 0
+    generated: list[int] = field(default_factory=list)
+    text: str = ""  # decoded so far
+    sent: str = ""  # handed to emit so far
+    pending: list[dict] = field(default_factory=list)  # per-token details not sent yet
+    next_experts: list[list[int]] = field(default_factory=list)  # per MoE layer, for the next token
+    generator: torch.Generator | None = None
+
+
+def _held_back(text: str, stops: list[str]) -> int:
+    """How many characters at the end of ``text`` might still become a stop string (or are an
+    unfinished multi-byte character), and so must not be sent yet."""
+    hold = 0
+    for stop in stops:
+        for size in range(min(len(stop) - 1, len(text)), hold, -1):
+            if stop.startswith(text[-size:]):
+                hold = size
+                break
+    return max(hold, 1 if text.endswith("\ufffd") else 0)
+
+
+class Engine:
+    """Loads the model from ``model_dir`` on its own thread (``ready`` is set once it is loaded),
+    then decodes. ``max_batch``: most requests decoding together; ``max_queue``: most waiting."""
+
+    def __init__(self, model_dir: str | Path, device: str = "auto", max_batch: int = 16, max_queue: int = 64):
+        self.model_dir, self.device_name = Path(model_dir), device
+        self.max_batch, self.max_queue = max_batch, max_queue
+        self.metrics = ServerMetrics()
+        self.ready = threading.Event()
+        self.failed: BaseException | None = None
+        self.model = self.tokenizer = self.config = self.prepare_image = None
+        self.device, self.amp_dtype = None, None  # set by load()
+        self._waiting: collections.deque[Job] = collections.deque()
+        self._wake = threading.Condition()
+        self._stopping = False
+        self._gate_logits: list[torch.Tensor | None] = []
+        self._thread = threading.Thread(target=self._run, name="moevlm-engine", daemon=True)
+
+    # -- the server's side ---------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread.start()
+
+    def load(self) -> None:
+        where = resolve_device(self.device_name, key="--device")
+        self.amp_dtype = autocast_dtype("auto", where)
+        self.device = where
+        model, tokenizer, config = load_model(self.model_dir, device=where)
+        model.eval()
+        self.prepare_image = image_preparer(config.model, self.model_dir)
+        self._gate_logits = [None] * len(model.moe_layers)
+        for index, layer in enumerate(model.moe_layers):
+            layer.gate.register_forward_hook(self._keeper(index))
+        self.model, self.tokenizer, self.config = model, tokenizer, config
+        self.metrics.set_experts(len(model.moe_layers), config.model.decoder.moe.num_experts)
+
+    def _keeper(self, index: int):
+        def keep(module, inputs, output):
+            self._gate_logits[index] = output.detach()
+        return keep
+
+    def token_limit(self, prompt_ids: list[int]) -> int:
+        """How many tokens a prompt leaves room for (as ``generate`` counts it)."""
+        model = self.model
+        return (model.cfg.decoder.max_text_len + (model.num_image_tokens if model.images_in_text else 0)
+                - len(prompt_ids))
+
+    def prompt_tokens(self, prompt_ids: list[int]) -> int:
+        """Positions the prompt fills in the decoder, prepended image tokens included."""
+        return len(prompt_ids) + (0 if self.model.images_in_text else self.model.num_image_tokens)
+
+    def submit(self, job: Job) -> None:
+        with self._wake:
+            if len(self._waiting) >= self.max_queue:
+                raise QueueFull(f"{len(self._waiting)} requests are waiting already")
+            self._waiting.append(job)
+            self.metrics.queue_length = len(self._waiting)
+            self._wake.notify()
+
+    def stop(self, timeout: float | None = None) -> None:
+        with self._wake:
+            self._stopping = True
+            self._wake.notify()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    # -- the engine thread -----------------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            self.load()
+        except BaseException as err:  # the server reports it on /health and exits
+            self.failed = err
+            self.ready.set()
+            return
+        self.ready.set()
+        jobs: list[Job] = []
+        state = (None, None)  # the batch and its next-token logits
+        with torch.inference_mode(), torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
+                                                     enabled=self.amp_dtype is not None):
+            while (joining := self._take(free=self.max_batch - len(jobs), idle=not jobs)) is not None:
+                try:
+                    jobs, state = self._iterate(jobs, joining, *state)
+                except Exception:  # a bug: fail the requests in flight, keep serving the next ones
+                    log.exception("decoding failed")
+                    for job in jobs + joining:
+                        job.emit(("error", "internal error while decoding"))
+                    jobs, state = [], (None, None)
+                self.metrics.set_batch_size(len(jobs))
+        for job in jobs:
+            job.emit(("error", "the server is shutting down"))
+
+    def _iterate(self, jobs: list[Job], joining: list[Job], batch: DecodeBatch | None, logits: torch.Tensor | None):
+        """One decoding step: every job takes a token, all step, then one re-pack drops the finished
+        ones and adds the new ones (prefilled together). Stepping a row that just finished costs less
+        than the extra re-pack that dropping it first would."""
+        keep = []
+        if jobs:
+            tokens = self._sample(jobs, logits)
+            keep = [row for row, job in enumerate(jobs) if not self._advance(job, int(tokens[row]))]
+            if keep:
+                started = time.perf_counter()
+                logits = batch.step(tokens)
+                self._after_forward(jobs, 1, started)
+                logits = logits if len(keep) == len(jobs) else logits[keep]
+        parts = [(batch, keep)] if keep else []
+        if joining:
+            joined, joined_logits = self._prefill(joining)
+            parts.append((joined, list(range(len(joining)))))
+            logits = torch.cat([logits, joined_logits]) if keep else joined_logits
+        if len(keep) < len(jobs) or joining:
+            jobs = [jobs[row] for row in keep] + joining
+            batch = repack(self.model, parts, self._headroom(jobs))
+        return jobs, ((batch, logits) if jobs else (None, None))
+
+    def _take(self, free: int, idle: bool) -> list[Job] | None:
+        """Waiting jobs to admit now (cancelled ones dropped); None: stop the engine."""
+        with self._wake:
+            while idle and not self._waiting and not self._stopping:
+                self._wake.wait()
+            if self._stopping:
+                for job in self._waiting:
+                    job.emit(("error", "the server is shutting down"))
+                self._waiting.clear()
+                return None
+            taken = []
+            while self._waiting and len(taken) < free:
+                job = self._waiting.popleft()
+                if not job.cancelled:
+                    taken.append(job)
+            self.metrics.queue_length = len(self._waiting)
+            return taken
+
+    def _headroom(self, jobs: list[Job]) -> int:
+        return max((job.max_tokens - job.sampled for job in jobs), default=0) + 1
+
+    def _prefill(self, jobs: list[Job]) -> tuple[DecodeBatch, torch.Tensor]:
+        """The new jobs' prompts, left-padded into one batch, through the model."""
+        width = max(len(job.prompt_ids) for job in jobs)
+        ids = torch.full((len(jobs), width), self.tokenizer.pad_id, dtype=torch.long, device=self.device)
+        mask = torch.zeros((len(jobs), width), dtype=torch.bool, device=self.device)
+        for row, job in enumerate(jobs):
+            ids[row, width - len(job.prompt_ids):] = torch.tensor(job.prompt_ids, dtype=torch.long)
+            mask[row, width - len(job.prompt_ids):] = True
+            if job.seed is not None or job.temperature > 0:
+                job.generator = torch.Generator(device=self.device)
+                job.generator.manual_seed(job.seed if job.seed is not None else secrets.randbits(63))
+        images = normalize(torch.stack([job.pixels for job in jobs])).to(self.device)
+        prepended = 0 if self.model.images_in_text else self.model.num_image_tokens
+        cache = self.model.new_cache(len(jobs), prepended + width)
+        started = time.perf_counter()
+        logits, key_mask = self.model.prefill(images, ids, mask, cache)
+        self._after_forward(jobs, prepended + width, started)
+        return DecodeBatch(self.model, cache, key_mask), logits
+
+    def _after_forward(self, jobs: list[Job], positions: int, started: float) -> None:
+        """Routing of the position each job's next token comes from, and the expert-load metrics."""
+        self.metrics.add_forward(self.model.expert_load(), time.perf_counter() - started)
+        if not any(job.routing for job in jobs):
+            return
+        top_k = self.config.model.decoder.moe.top_k
+        chosen = [logits.view(len(jobs), positions, -1)[:, -1].topk(top_k, dim=-1).indices.tolist()
+                  for logits in self._gate_logits]
+        for row, job in enumerate(jobs):
+            job.next_experts = [layer[row] for layer in chosen]
+
+    def _sample(self, jobs: list[Job], logits: torch.Tensor) -> torch.Tensor:
+        tokens = logits.argmax(dim=-1)
+        for row, job in enumerate(jobs):
+            if job.temperature > 0:
+                tokens[row] = sample_next(logits[row:row + 1], job.temperature, None, job.top_p, job.generator)[0]
+        return tokens
+
+    def _advance(self, job: Job, token: int) -> bool:
+        """Takes one sampled token; sends what can be sent; True when the job is finished."""
+        now = time.perf_counter()
+        if job.sampled == 0:
+            self.metrics.add_first_token(now - job.submitted)
+        job.sampled += 1
+        self.metrics.add_tokens(1)
+        finish = None
+        if token == self.tokenizer.eos_id:
+            finish = "stop"
+        else:
+            job.generated.append(token)
+            text = self.tokenizer.decode(job.generated)
+            if job.routing:
+                job.pending.append({"text": text[len(job.text):] if text.startswith(job.text) else "",
+                                    "experts": job.next_experts})
+            job.text = text
+            cut = min((i for i in (text.find(stop) for stop in job.stop) if i >= 0), default=-1)
+            if cut >= 0:
+                job.text, finish = text[:cut], "stop"
+            elif job.sampled >= job.max_tokens:
+                finish = "length"
+        if job.cancelled:
+            return True
+        ready = job.text if finish else job.text[:len(job.text) - _held_back(job.text, job.stop)]
+        if len(ready) > len(job.sent) and ready.startswith(job.sent) or job.pending and finish:
+            job.emit(("delta", ready[len(job.sent):], job.pending))
+            job.sent, job.pending = ready, []
+        if finish:
+            job.emit(("done", finish, {"prompt_tokens": self.prompt_tokens(job.prompt_ids),
+                                       "completion_tokens": job.sampled,
+                                       "total_tokens": self.prompt_tokens(job.prompt_ids) + job.sampled}))
+            self.metrics.add_request_latency(now - job.submitted)
+            return True
+        return False

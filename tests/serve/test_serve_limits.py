@@ -1,0 +1,161 @@
+"""Bad requests get OpenAI-shaped 4xx errors and the server goes on; a full queue gets 429 at once; a
+client that leaves frees its slot; SIGTERM mid-stream shuts the server down cleanly (exit 0)."""
+
+import base64
+import io
+import json
+import os
+import signal
+import struct
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+import zlib
+
+import pytest
+from PIL import Image
+from serve_helpers import data_url, free_port, http, live_server, picture, user_message, wait_for
+
+KEY = "secret-key"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+
+
+@pytest.fixture(scope="module")
+def strict(checkpoint):
+    with live_server(checkpoint, api_key=KEY, max_body_bytes=100_000, max_image_pixels=64 * 64,
+                     max_image_bytes=20_000) as running:
+        yield running[0], checkpoint.name
+
+
+def bomb_png(width: int, height: int) -> bytes:
+    """A small PNG whose header claims width x height pixels."""
+    buffer = io.BytesIO()
+    Image.new("L", (8, 8)).save(buffer, format="PNG")
+    data = bytearray(buffer.getvalue())
+    ihdr = 8 + 8  # signature, then the IHDR chunk's length and type
+    data[ihdr:ihdr + 8] = struct.pack(">II", width, height)
+    data[ihdr + 13:ihdr + 17] = struct.pack(">I", zlib.crc32(bytes(data[ihdr - 4:ihdr + 13])))
+    return bytes(data)
+
+
+def body(model, **changes) -> dict:
+    request = {"model": model, "messages": user_message(data_url(picture(0))), "max_tokens": 4, "temperature": 0}
+    request.update(changes)
+    return request
+
+
+def b64_url(data: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(data).decode()
+
+
+BAD = {
+    "no key": (401, lambda m: json.dumps(body(m)).encode(), {}),
+    "malformed JSON": (400, lambda m: b'{"model": ', AUTH),
+    "body too large": (413, lambda m: json.dumps(body(m, user="x" * 200_000)).encode(), AUTH),
+    "unknown model": (404, lambda m: json.dumps({**body(m), "model": "gpt-4o"}).encode(), AUTH),
+    "unsupported parameter": (400, lambda m: json.dumps(body(m, tools=[])).encode(), AUTH),
+    "bad base64": (400, lambda m: json.dumps(body(m, messages=user_message("data:image/png;base64,@@@"))).encode(),
+                   AUTH),
+    "not an image": (400, lambda m: json.dumps(body(m, messages=user_message(b64_url(b"hello")))).encode(), AUTH),
+    "http image": (400, lambda m: json.dumps(body(m, messages=user_message("http://127.0.0.1:9/a.png"))).encode(),
+                   AUTH),
+    "two images": (400, lambda m: json.dumps(body(m, messages=user_message(data_url(picture(0)))
+                                                  + user_message(data_url(picture(1))))).encode(), AUTH),
+    "no image": (400, lambda m: json.dumps(body(m, messages=[{"role": "user", "content": "hi"}])).encode(), AUTH),
+    "too many pixels": (413, lambda m: json.dumps(body(m, messages=user_message(
+        data_url(Image.new("RGB", (100, 100)))))).encode(), AUTH),
+    "decompression bomb": (413, lambda m: json.dumps(body(m, messages=user_message(
+        b64_url(bomb_png(100_000, 100_000))))).encode(), AUTH),
+    "image bytes": (413, lambda m: json.dumps(body(m, messages=user_message(
+        b64_url(os.urandom(30_000))))).encode(), AUTH),
+    "max_tokens over the limit": (400, lambda m: json.dumps(body(m, max_tokens=10_000)).encode(), AUTH),
+    "temperature": (400, lambda m: json.dumps(body(m, temperature="hot")).encode(), AUTH),
+    "n": (400, lambda m: json.dumps(body(m, n=2)).encode(), AUTH),
+    "roles": (400, lambda m: json.dumps(body(m, messages=user_message(data_url(picture(0)))
+                                             + [{"role": "assistant", "content": "a"}])).encode(), AUTH),
+}
+
+
+@pytest.mark.parametrize("case", BAD)
+def test_a_bad_request_gets_its_4xx_and_the_next_good_one_succeeds(strict, case):
+    url, model = strict
+    status, code, headers = BAD[case][0], *BAD[case][1:]
+    got, _, reply = http(f"{url}/v1/chat/completions", code(model), headers)
+    error = json.loads(reply)["error"]
+    assert got == status, error
+    assert error["message"] and "\n" not in error["message"] and error["type"]
+    got, _, reply = http(f"{url}/v1/chat/completions", json.dumps(body(model)).encode(), AUTH)
+    assert got == 200 and json.loads(reply)["choices"][0]["message"]["role"] == "assistant"
+
+
+def slow_and_endless(engine, monkeypatch, delay: float) -> None:
+    """Every decoding step takes ``delay`` seconds and never ends a sequence (no <eos>)."""
+    step, eos = engine.model.step, engine.tokenizer.eos_id
+
+    def slow_step(*args, **kwargs):
+        time.sleep(delay)
+        logits = step(*args, **kwargs)
+        logits[:, eos] = float("-inf")
+        return logits
+
+    monkeypatch.setattr(engine.model, "step", slow_step)
+
+
+def stream_request(url: str, model: str, max_tokens: int):
+    request = urllib.request.Request(f"{url}/v1/chat/completions", headers={"Content-Type": "application/json"},
+                                     data=json.dumps(body(model, max_tokens=max_tokens, stream=True)).encode())
+    return urllib.request.urlopen(request, timeout=30)
+
+
+def test_a_full_queue_gets_429_at_once_and_a_client_that_leaves_frees_its_slot(checkpoint, monkeypatch):
+    with live_server(checkpoint, max_batch=1, max_queue=1) as (url, engine):
+        slow_and_endless(engine, monkeypatch, 0.05)
+        model = checkpoint.name
+        running = stream_request(url, model, max_tokens=20)
+        running.readline()  # the first chunk: it holds the only batch slot
+        waiting = threading.Thread(target=lambda: http(f"{url}/v1/chat/completions",
+                                                       json.dumps(body(model, max_tokens=20)).encode()))
+        waiting.start()
+        wait_for(lambda: engine.metrics.queue_length == 1)
+        started = time.monotonic()
+        status, headers, reply = http(f"{url}/v1/chat/completions", json.dumps(body(model)).encode())
+        assert (status, headers["Retry-After"]) == (429, "1") and time.monotonic() - started < 2
+        assert json.loads(reply)["error"]["code"] == "queue_full"
+        running.close()  # leaves after a token or two of its 20
+        waiting.join(30)  # the queued request got the slot and finished its 20 tokens
+        wait_for(lambda: engine.metrics.batch_size == 0)
+        assert engine.metrics.completion_tokens < 20 + 20
+
+
+def test_sigterm_mid_stream_finishes_the_stream_and_exits_0(checkpoint):
+    port = free_port()
+    process = subprocess.Popen([sys.executable, "-m", "moevlm", "serve", "--model", str(checkpoint), "--port",
+                                str(port), "--device", "cpu", "--grace", "20"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 90
+        while True:
+            assert process.poll() is None, process.stderr.read()
+            try:
+                if http(f"{url}/health", timeout=2)[0] == 200:
+                    break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, "the server did not become ready"
+            time.sleep(0.1)
+        stream = stream_request(url, checkpoint.name, max_tokens=16)
+        assert stream.readline().startswith(b"data: ")
+        process.send_signal(signal.SIGTERM)
+        rest = stream.read().decode()
+        assert rest.rstrip().endswith("data: [DONE]") and '"finish_reason": "' in rest
+        assert process.wait(timeout=30) == 0
+        with pytest.raises(OSError):
+            http(f"{url}/health", timeout=2)
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.communicate()
+
