@@ -1,4 +1,4 @@
-"""Command line: ``moevlm train | caption | eval | demo | upcycle | export | bench`` (README, "Usage").
+"""Command line: ``moevlm train | caption | eval | demo | upcycle | export | bench | serve`` (README, "Usage").
 
 User mistakes end with one line on stderr and exit code 2; no traceback.
 """
