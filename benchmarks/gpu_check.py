@@ -79,7 +79,10 @@ def transformers_on_export(model_dir: Path, val_csv: Path, out: Path, device: to
     export_hf(model_dir, out)
     with open(val_csv, newline="") as f:
         paths = [val_csv.parent / row["image"] for row in csv.DictReader(f)][:rows]
-    processor = AutoProcessor.from_pretrained(out, backend="pil")
+    try:
+        processor = AutoProcessor.from_pretrained(out, backend="pil")
+    except (TypeError, ValueError):  # transformers before the backend argument
+        processor = AutoProcessor.from_pretrained(out, use_fast=False)
     text = processor.apply_chat_template([{"role": "user", "content": [{"type": "image"}]}], add_generation_prompt=True)
     outputs, seconds = {}, {}
     for dtype in (torch.float32, torch.bfloat16):
