@@ -106,7 +106,7 @@ def test_parameter_names_are_the_export_contract():
     assert model.cfg.decoder.moe.activation == "swiglu"  # derived from the arch
 
 
-def test_llama_init_is_gpt_2s_with_unit_rms_norms():
+def test_llama_init_is_gpt2_style_with_unit_rms_norms():
     model = VLM(load_config("tiny", overrides=[*MODERN, "decoder.depth=8", "decoder.width=64"]).model)
     params = dict(model.named_parameters())
     assert params["decoder.blocks.0.ln1.weight"].eq(1).all() and params["decoder.ln_f.weight"].eq(1).all()
