@@ -11,7 +11,8 @@ from pathlib import Path
 from moevlm.config import Config
 from moevlm.data.dataset import ImageTextDataset, split_samples, tokenizer_texts, unique_samples
 from moevlm.data.images import image_preparer
-from moevlm.data.records import Sample, SkippedRows, read_samples
+from moevlm.data.records import Sample, SkippedRows
+from moevlm.data.sources import read_data
 from moevlm.data.tokenizer import Tokenizer
 from moevlm.data.tokenizer_factory import TextTokenizer, load_tokenizer
 
@@ -45,10 +46,10 @@ def load_training_data(config: Config, data: Path, val_data: Path | None = None,
                        tokenizer: TextTokenizer | None = None, folder: Path | None = None) -> TrainingData:
     """Read and split the data and build the datasets. ``tokenizer`` None: a new one (``new_tokenizer``);
     ``folder``: a checkpoint whose image processor the datasets use."""
-    samples, skipped = read_samples(data, config.data.on_bad_row, config.data.max_rows)
+    samples, skipped = read_data(data, config.data, config.data.max_rows)
     if val_data is not None:
         train_samples = unique_samples(samples)
-        val_samples, val_skipped = read_samples(val_data, config.data.on_bad_row, config.data.max_rows)
+        val_samples, val_skipped = read_data(val_data, config.data, config.data.max_rows)
         skipped.update(val_skipped)
     else:
         train_samples, val_samples = split_samples(samples, config.data.val_fraction, config.train.seed)

@@ -72,17 +72,20 @@ class PretrainedVLM(nn.Module):
         """(B, C, S, S) in [-1, 1] -> image tokens in the LM's space (B, n_img, D)."""
         return self.projector(self.vision(images))
 
-    def _embed(self, images: torch.Tensor | None, input_ids: torch.Tensor,
-               text_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Embeddings (B, T, D) with image features at the image ids, and token kinds (B, T)."""
+    def _embed(self, images: torch.Tensor | None, input_ids: torch.Tensor, text_mask: torch.Tensor,
+               has_image: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Embeddings (B, T, D) with image features at the image ids, and token kinds (B, T).
+        ``has_image`` False: a text-only row (no image ids; its image is ignored)."""
         is_image = input_ids == self.image_token_id
         # The image id may lie outside the embedding table (default: the vocabulary size).
         embeds = self.lm.get_input_embeddings()(input_ids.masked_fill(is_image, 0))
         if images is not None:
+            rows = torch.ones_like(text_mask[:, 0]) if has_image is None else has_image.bool()
             counts = is_image.sum(1)
-            assert bool((counts == self.num_image_tokens).all()), (
-                f"every row needs {self.num_image_tokens} image ids ({self.image_token_id}), got {counts.tolist()}")
-            features = self.encode_images(images).to(embeds.dtype)  # (B, n, D), in row order
+            assert bool((counts == torch.where(rows, self.num_image_tokens, 0)).all()), (
+                f"image rows need {self.num_image_tokens} image ids ({self.image_token_id}), got {counts.tolist()}")
+            # (rows with an image, n, D), in row order as masked_scatter fills them
+            features = self.encode_images(images if bool(rows.all()) else images[rows]).to(embeds.dtype)
             embeds = embeds.masked_scatter(is_image.unsqueeze(-1), features)
         else:
             assert not bool(is_image.any()), "image ids in input_ids but no images"
@@ -99,11 +102,13 @@ class PretrainedVLM(nn.Module):
 
     # -- training / evaluation -------------------------------------------------------------
     def forward(self, images: torch.Tensor | None, input_ids: torch.Tensor,
-                attention_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None) -> VLMOutput:
+                attention_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+                has_image: torch.Tensor | None = None) -> VLMOutput:
         """images (B, C, S, S) (None for text only); input_ids, attention_mask, labels (B, T),
-        labels being next-token targets aligned with input_ids (-100: no loss)."""
+        labels being next-token targets aligned with input_ids (-100: no loss); has_image (B,)
+        False marks a text-only row in a mixed batch (None: every row has an image)."""
         mask = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
-        embeds, kind = self._embed(images, input_ids, mask)
+        embeds, kind = self._embed(images, input_ids, mask, has_image)
         positions = (mask.long().cumsum(1) - 1).clamp(min=0)  # real tokens only: left padding is invisible
         logits = self._run_lm(embeds, mask, positions, kind)
         return vlm_output(logits, labels, self.moe_layers, self.cfg.decoder.moe)

@@ -1,0 +1,34 @@
+"""``--data`` to rows, whatever the format: picks the reader from the spec and reads it.
+
+| spec | reader |
+|---|---|
+| ``hf:NAME[:split]``, a ``save_to_disk`` folder, ``.parquet``, ``.arrow`` | ``hf_datasets.read_hf`` |
+| a ``.json`` file holding one object | ``coco.read_coco`` (COCO captions) |
+| another folder | ``image_folder.read_image_folder`` |
+| ``.csv``, ``.jsonl``, ``.json`` (a list) | ``records.read_samples`` |
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from moevlm.config import DataConfig
+from moevlm.data.coco import is_coco_file, read_coco
+from moevlm.data.hf_datasets import is_saved_dataset, read_hf
+from moevlm.data.image_folder import read_image_folder
+from moevlm.data.records import Sample, SkippedRows, read_samples
+
+HF_SUFFIXES = (".parquet", ".arrow")
+
+
+def read_data(spec: str | Path, data: DataConfig, max_rows: int | None = None) -> tuple[list[Sample], SkippedRows]:
+    """The rows of ``spec`` and the rows skipped (``data.on_bad_row=skip``), by reason."""
+    text = str(spec)
+    path = Path(spec)
+    if text.startswith("hf:") or path.suffix.lower() in HF_SUFFIXES or is_saved_dataset(path):
+        return read_hf(text, data, max_rows)
+    if path.is_dir():
+        return read_image_folder(path, data.on_bad_row, max_rows)
+    if is_coco_file(path):
+        return read_coco(path, data.on_bad_row, max_rows, data.image_root)
+    return read_samples(path, data.on_bad_row, max_rows)
