@@ -19,6 +19,7 @@ from moevlm.data.image_folder import read_image_folder
 from moevlm.data.records import Sample, SkippedRows, read_samples
 
 HF_SUFFIXES = (".parquet", ".arrow")
+RECORD_SUFFIXES = (".csv", ".jsonl", ".json")
 
 
 def read_data(spec: str | Path, data: DataConfig, max_rows: int | None = None) -> tuple[list[Sample], SkippedRows]:
@@ -27,7 +28,7 @@ def read_data(spec: str | Path, data: DataConfig, max_rows: int | None = None) -
     path = Path(spec)
     if text.startswith("hf:") or path.suffix.lower() in HF_SUFFIXES or is_saved_dataset(path):
         return read_hf(text, data, max_rows)
-    if path.is_dir():
+    if path.is_dir() and path.suffix.lower() not in RECORD_SUFFIXES:  # "d.csv/" is a mistake, said as such there
         return read_image_folder(path, data.on_bad_row, max_rows)
     if is_coco_file(path):
         return read_coco(path, data.on_bad_row, max_rows, data.image_root)
