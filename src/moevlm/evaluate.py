@@ -67,9 +67,10 @@ def evaluate(model: VisionLanguageModel, dataset: ImageTextDataset, tokenizer: T
         batch = usable_batch(batch, dataset.on_bad_row)
         if batch is None:
             continue
+        mixed = {} if bool(batch["has_image"].all()) else {"has_image": batch["has_image"].to(device)}
         batch = {k: v.to(device) for k, v in batch.items()}
         with autocast():
-            out = model(batch["images"], batch["input_ids"], batch["attention_mask"], has_image=batch["has_image"])
+            out = model(batch["images"], batch["input_ids"], batch["attention_mask"], **mixed)
         labels = batch["labels"]
         loss_sum += torch.nn.functional.cross_entropy(
             out.logits.float().reshape(-1, out.logits.size(-1)), labels.reshape(-1),

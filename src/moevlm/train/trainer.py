@@ -151,11 +151,13 @@ class Trainer:
         totals = {"loss": 0.0, "lm_loss": 0.0, "balance_loss": 0.0, "z_loss": 0.0}
         tokens = 0
         for _ in range(tc.grad_accum):
-            batch = {k: v.to(self.device, non_blocking=True) for k, v in next(batches).items()}
+            batch = next(batches)
+            mixed = {} if bool(batch["has_image"].all()) else {"has_image": batch["has_image"]}
+            batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
             with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
                                 enabled=self.amp_dtype is not None):
                 out = self.forward(batch["images"], batch["input_ids"], batch["attention_mask"], batch["labels"],
-                                   has_image=batch["has_image"])
+                                   **{k: v.to(self.device) for k, v in mixed.items()})
             (out.loss / tc.grad_accum).backward()
             totals["loss"] += out.loss.item() / tc.grad_accum
             totals["lm_loss"] += out.lm_loss.item() / tc.grad_accum
