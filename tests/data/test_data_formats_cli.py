@@ -62,3 +62,21 @@ def test_image_folder_trains(tmp_path):
     data = write_image_folder(tmp_path / "pictures")
     assert train(data, tmp_path / "run") == 0
     assert trained_rows(tmp_path / "run") == 2
+
+
+@pytest.mark.usefixtures("offline")
+def test_a_pretrained_lm_trains_and_evaluates_on_mixed_rows(tmp_path, capsys, pretrained_parts):
+    (tmp_path / "llava").mkdir()
+    data = write_mixed_llava(tmp_path / "llava")
+    assert train(data, tmp_path / "run", f"model.lm=hf:{pretrained_parts['gpt2']}", "train.batch_size=4",
+                 "decoder.max_text_len=96") == 0
+    capsys.readouterr()
+    assert main(["eval", "--model", str(tmp_path / "run"), "--data", str(data), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["num_samples"] == 8
+
+
+def test_parquet_streams_through_dataloader_workers(tmp_path):
+    data = tmp_path / "train.parquet"
+    hf_dataset(rows=8).to_parquet(str(data))
+    assert train(data, tmp_path / "run", "data.preload=false", "data.num_workers=2") == 0
+    assert trained_rows(tmp_path / "run") == 2
