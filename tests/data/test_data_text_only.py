@@ -80,6 +80,8 @@ def test_scratch_vlm_image_rows_are_the_same_alone_and_in_a_mixed_batch():
         logits = logits[:, :n]
         assert torch.allclose(mixed[i, :n], logits[0], atol=1e-5), i
         assert torch.isclose(row_loss(mixed[i, :n], labels[i, :n]), row_loss(logits[0], labels[i, :n]), atol=1e-6)
+    assert torch.equal(model(images[1:2], ids[1:2], has_image=torch.tensor([False])).logits,
+                       model(None, ids[1:2]).logits)
     # a text-only row really ignores its (blank) image, and image rows really use theirs
     other = images.clone()
     other[1] = 1.0
@@ -106,6 +108,9 @@ def test_pretrained_vlm_image_rows_are_the_same_alone_and_in_a_mixed_batch(pretr
             n = int(mask[i].sum())
             alone = model(images[i:i + 1] if has_image[i] else None, ids_in[i:i + 1, :n]).logits
             assert torch.allclose(mixed[i, :n], alone[0], atol=1e-5), i
+        # a batch of text-only rows, its blank images given or not
+        assert torch.equal(model(images[:1], ids_in[1:2, :3], has_image=torch.tensor([False])).logits,
+                           model(None, ids_in[1:2, :3]).logits)
 
 
 def test_eval_on_mixed_data_scores_captions_of_image_rows_and_loss_of_all(tmp_path):

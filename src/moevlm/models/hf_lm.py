@@ -79,13 +79,15 @@ class PretrainedVLM(nn.Module):
         is_image = input_ids == self.image_token_id
         # The image id may lie outside the embedding table (default: the vocabulary size).
         embeds = self.lm.get_input_embeddings()(input_ids.masked_fill(is_image, 0))
+        if images is not None and has_image is not None and not bool(has_image.all()):
+            images = images[has_image.bool()] if bool(has_image.any()) else None  # the image rows' only
         if images is not None:
-            rows = torch.ones_like(text_mask[:, 0]) if has_image is None else has_image.bool()
             counts = is_image.sum(1)
-            assert bool((counts == torch.where(rows, self.num_image_tokens, 0)).all()), (
-                f"image rows need {self.num_image_tokens} image ids ({self.image_token_id}), got {counts.tolist()}")
-            # (rows with an image, n, D), in row order as masked_scatter fills them
-            features = self.encode_images(images if bool(rows.all()) else images[rows]).to(embeds.dtype)
+            assert bool(((counts == 0) | (counts == self.num_image_tokens)).all()) and \
+                int((counts > 0).sum()) == images.size(0), (
+                f"{images.size(0)} images need {self.num_image_tokens} image ids ({self.image_token_id}) each, "
+                f"got {counts.tolist()}")
+            features = self.encode_images(images).to(embeds.dtype)  # (image rows, n, D), in row order
             embeds = embeds.masked_scatter(is_image.unsqueeze(-1), features)
         else:
             assert not bool(is_image.any()), "image ids in input_ids but no images"
