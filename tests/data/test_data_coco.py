@@ -77,7 +77,6 @@ def test_a_json_object_that_is_not_coco_says_so(tmp_path):
 
 def test_eval_groups_the_captions_of_an_image(tmp_path):
     samples, _ = read_coco(write_coco(tmp_path, captions_per_image=3))
-    (tmp_path / "extra.png").write_bytes(png("red"))
     tok = Tokenizer.train([s.turns[0][1] for s in samples], "char", 0)
     dataset = ImageTextDataset(samples, tok, ScratchImages(8), 40)
     assert reference_groups(dataset) == [[0, 1, 2], [3, 4, 5], [6, 7, 8], [9, 10, 11]]
