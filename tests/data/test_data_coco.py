@@ -6,7 +6,7 @@ import json
 import math
 
 import pytest
-from formats import png, write_coco
+from formats import write_coco
 
 from moevlm.config import load_config
 from moevlm.data.coco import read_coco

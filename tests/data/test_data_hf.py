@@ -93,6 +93,13 @@ def test_a_wrong_schema_is_refused_before_any_row_is_read(tmp_path, columns, set
     assert message.startswith(f"{tmp_path / 'd.parquet'}: {problem}") and "\n" not in message
 
 
+@pytest.mark.parametrize("name, kind", [("d.parquet", "Parquet"), ("d.arrow", "Arrow")])
+def test_a_file_that_is_not_parquet_or_arrow(tmp_path, name, kind):
+    (tmp_path / name).write_bytes(b"PAR1 this is not what it says")
+    with pytest.raises(DataError, match=rf"{name}: not a readable {kind} file: "):
+        read_data(tmp_path / name, data_cfg())
+
+
 def test_bad_image_bytes_are_a_bad_row_of_the_dataset(tmp_path):
     pq.write_table(pa.table({"image": [png("red"), b"not an image"], "caption": ["a", "b"]}), tmp_path / "d.parquet")
     samples, _ = read_data(tmp_path / "d.parquet", data_cfg())

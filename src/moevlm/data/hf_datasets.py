@@ -100,16 +100,25 @@ def read_hf(spec: str | Path, data, max_rows: int | None = None) -> tuple[list[S
     ``.parquet``) -> samples; ``data``: the ``DataConfig`` (columns, image_root, on_bad_row)."""
     source = str(spec)
     parts, folder = _parts(source)
-    schema = parts[0].schema()
+    schema = _schema(parts[0])
     image_column, text_column = _choose_columns(source, schema, data)
     image_kind = _image_kind(source, schema, image_column) if image_column else None
     text_kind = _text_kind(source, schema, text_column)
     folder = os.path.abspath(data.image_root) if data.image_root else folder
     for part in parts[1:]:
-        if part.schema().names != schema.names:
+        if _schema(part).names != schema.names:
             raise DataError(part.path, None, f"columns differ from {parts[0].path}'s")
     rows = _rows(parts, image_column, image_kind, text_column, text_kind, folder)
     return collect_samples(source, rows, data.on_bad_row, max_rows)
+
+
+def _schema(part: _Part):
+    try:
+        return part.schema()
+    except (OSError, ValueError) as err:  # pyarrow's ArrowInvalid is a ValueError
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise DataError(part.path, None, f"not a readable {'Parquet' if part.parquet else 'Arrow'} file: {reason}") \
+            from None
 
 
 def _parts(source: str) -> tuple[list[_Part], str]:
