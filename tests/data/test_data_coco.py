@@ -6,8 +6,9 @@ import json
 import math
 
 import pytest
-from formats import write_coco
+from formats import COLORS, write_coco
 
+from moevlm import evaluate as evaluation
 from moevlm.config import load_config
 from moevlm.data.coco import read_coco
 from moevlm.data.dataset import ImageTextDataset, split_samples
@@ -17,6 +18,7 @@ from moevlm.data.tokenizer import Tokenizer
 from moevlm.errors import DataError
 from moevlm.evaluate import reference_groups
 from moevlm.metrics import bleu4, exact_match
+from moevlm.models.vlm import VLM
 
 
 def test_every_caption_is_a_row_of_its_image(tmp_path):
@@ -92,3 +94,20 @@ def test_bleu_and_exact_match_with_several_references():
     assert bleu4(predictions, [refs[0] for refs in references]) == pytest.approx(math.exp(1 - 8 / 7))
     assert exact_match(predictions, references) == 0.5
     assert exact_match(["a red cat sat", "x"], references) == 0.5
+
+
+def test_evaluate_scores_each_image_once_against_all_its_captions(tmp_path, monkeypatch):
+    samples, _ = read_coco(write_coco(tmp_path, captions_per_image=3))
+    tok = Tokenizer.train([s.turns[0][1] for s in samples], "char", 0)
+    cfg = load_config("tiny", overrides=[f"decoder.vocab_size={tok.vocab_size}"])
+    dataset = ImageTextDataset(samples, tok, ScratchImages(cfg.model.vision.image_size), 40)
+    names = {rgb: name for name, rgb in COLORS.items()}
+
+    def captions(model, tokenizer, images, prompts, **options):  # "one <colour> square": the second reference
+        return [f"one {names[tuple(image[:, 0, 0].tolist())]} square" for image in images]
+
+    monkeypatch.setattr(evaluation, "generate_texts", captions)
+    result = evaluation.evaluate(VLM(cfg.model), dataset, tok, batch_size=3)
+    assert len(result["predictions"]) == 4 and result["num_samples"] == 12
+    assert result["exact_match"] == 1.0 and result["bleu4"] == pytest.approx(1.0)
+    assert result["predictions"][1] == ("a green square", "one green square")
