@@ -2,9 +2,12 @@
 
 Writes a Parquet file of --rows rows (an ``Image`` column of --size px JPEGs, 64 different
 pictures repeated, and a caption column; row groups of 1,000 rows), then in a fresh process each:
-- read: ``read_data`` (schema check, text read up front, images left in the file);
-- stream: the dataset with ``preload=false`` (every image's header checked up front), then every
-  row decoded and resized to --image-size through a DataLoader (--workers), as training reads it.
+- read: ``read_data`` as ``preload=true`` reads it (schema check, text read up front, images left
+  in the file);
+- stream: ``read_data`` with ``preload=false`` (which first converts the file to Arrow in a
+  temporary ``datasets`` cache), the dataset (every image's header checked up front), then every
+  row decoded and resized to --image-size through a shuffling DataLoader (--workers), as training
+  reads it.
 Peak memory is each process's peak resident set; "preload would hold" is what ``preload=true``
 keeps of the decoded images alone (rows x 3 x image-size^2 bytes).
 
@@ -16,6 +19,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -65,7 +69,7 @@ def measure(phase: str, path: str, image_size: int, workers: int) -> dict:
 
     baseline = peak_mb()
     start = time.perf_counter()
-    samples, _ = read_data(path, load_config("tiny").data)
+    samples, _ = read_data(path, load_config("tiny", overrides=[f"data.preload={phase == 'read'}"]).data)
     result = {"rows": len(samples), "read_rows_per_s": len(samples) / (time.perf_counter() - start)}
     if phase == "stream":
         tok = Tokenizer.train(["picture number 0123456789"], "char", 0)
@@ -101,7 +105,8 @@ def main() -> None:
         for phase in ("read", "stream"):
             out = subprocess.run([sys.executable, __file__, "--phase", phase, "--file", str(path),
                                   "--image-size", str(args.image_size), "--workers", str(args.workers)],
-                                 check=True, capture_output=True, text=True).stdout
+                                 check=True, capture_output=True, text=True,
+                                 env=os.environ | {"HF_DATASETS_CACHE": str(Path(tmp) / "cache")}).stdout
             report[phase] = json.loads(out.strip().splitlines()[-1])
     print(json.dumps(report, indent=2))
 

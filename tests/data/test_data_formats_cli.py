@@ -3,6 +3,7 @@
 import json
 import shutil
 
+import datasets
 import pytest
 from formats import hf_dataset, write_coco, write_image_folder, write_mixed_llava
 
@@ -42,7 +43,8 @@ def test_mixed_llava_file_with_text_only_rows_trains_and_evaluates(tmp_path, cap
 
 
 @pytest.mark.parametrize("form", ["save_to_disk", "parquet", "arrow"])
-def test_hugging_face_dataset_trains(tmp_path, form):
+def test_hugging_face_dataset_trains(tmp_path, monkeypatch, form):
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "cache")
     dataset = hf_dataset(rows=8, text="conversations")
     if form == "save_to_disk":
         dataset.save_to_disk(str(tmp_path / "saved"))
@@ -75,7 +77,8 @@ def test_a_pretrained_lm_trains_and_evaluates_on_mixed_rows(tmp_path, capsys, pr
     assert json.loads(capsys.readouterr().out)["num_samples"] == 8
 
 
-def test_parquet_streams_through_dataloader_workers(tmp_path):
+def test_parquet_streams_through_dataloader_workers(tmp_path, monkeypatch):
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "cache")
     data = tmp_path / "train.parquet"
     hf_dataset(rows=8).to_parquet(str(data))
     assert train(data, tmp_path / "run", "data.preload=false", "data.num_workers=2") == 0

@@ -44,6 +44,16 @@ def test_parquet_rows_are_read_by_row_group(tmp_path):
                                                                         ["red", "green", "blue", "white", "red"]]
 
 
+def test_streaming_a_parquet_file_reads_it_from_an_arrow_copy(tmp_path, monkeypatch):
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "cache")
+    path = tmp_path / "d.parquet"
+    pq.write_table(hf_dataset(rows=10).data.table, path, row_group_size=4)
+    samples, _ = read_data(path, data_cfg("data.preload=false"))
+    assert all(isinstance(s.image, ArrowImage) for s in samples)
+    assert samples[0].image.path.startswith(str(tmp_path / "cache")) and samples[0].source == str(path)
+    assert [open_image(s.image).getpixel((0, 0)) for s in samples[4:6]] == [COLORS["red"], COLORS["green"]]
+
+
 def test_hf_name_loads_offline_through_datasets(tmp_path, monkeypatch, offline):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)  # read when datasets was imported

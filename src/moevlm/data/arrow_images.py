@@ -4,7 +4,8 @@
 column, small enough to pickle into DataLoader workers. Arrow files are memory-mapped (the
 operating system pages image bytes in as they are read, nothing is copied up front); a Parquet
 file is read one row group at a time, the last few kept per process, so reading the rows in
-order (``data.preload=true``, the up-front check of ``preload=false``) reads each group once.
+order (``data.preload=true``) reads each group once. (Streaming reads rows in shuffled order:
+``hf_datasets`` gives it a Parquet file converted to Arrow.)
 A cell is an ``Image`` feature's ``{bytes, path}``, plain bytes, or a list of these (one is taken).
 """
 

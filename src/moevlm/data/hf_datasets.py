@@ -108,6 +108,8 @@ def read_hf(spec: str | Path, data, max_rows: int | None = None) -> tuple[list[S
     for part in parts[1:]:
         if _schema(part).names != schema.names:
             raise DataError(part.path, None, f"columns differ from {parts[0].path}'s")
+    if parts[0].parquet and not data.preload:
+        parts = _arrow_copy(parts[0])
     rows = _rows(parts, image_column, image_kind, text_column, text_kind, folder)
     return collect_samples(source, rows, data.on_bad_row, max_rows)
 
@@ -119,6 +121,22 @@ def _schema(part: _Part):
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise DataError(part.path, None, f"not a readable {'Parquet' if part.parquet else 'Arrow'} file: {reason}") \
             from None
+
+
+def _arrow_copy(part: _Part) -> list[_Part]:
+    """A Parquet file as Arrow files, for streaming: reading one image of a Parquet file reads its
+    whole row group (``datasets`` writes groups of up to 100 MB), so shuffled reads would read the
+    file over and over. ``datasets`` converts it once into its cache (as ``load_dataset`` does, and
+    again only when the file changes); the Arrow files are then memory-mapped."""
+    # Lazy: datasets takes seconds to import and only these formats need it.
+    import datasets
+
+    try:
+        dataset = datasets.Dataset.from_parquet(part.path)
+    except Exception as err:  # noqa: BLE001 - a damaged file fails in many ways
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise DataError(part.path, None, f"cannot convert to Arrow for streaming: {reason}") from None
+    return _dataset_parts(part.path, dataset)
 
 
 def _parts(source: str) -> tuple[list[_Part], str]:
