@@ -8,8 +8,9 @@ pictures repeated, and a caption column; row groups of 1,000 rows), then in a fr
   temporary ``datasets`` cache), the dataset (every image's header checked up front), then every
   row decoded and resized to --image-size through a shuffling DataLoader (--workers), as training
   reads it.
-Peak memory is each process's peak resident set; "preload would hold" is what ``preload=true``
-keeps of the decoded images alone (rows x 3 x image-size^2 bytes).
+Peak memory is each process's peak resident set (with the pages of memory-mapped files it read),
+``anon_mb_at_end`` its memory not backed by a file when done; "preload would hold" is what
+``preload=true`` keeps of the decoded images alone (rows x 3 x image-size^2 bytes).
 
     python benchmarks/data_read.py [--rows 20000] [--size 256] [--image-size 224] [--workers 0]
 """
@@ -58,6 +59,16 @@ def peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def anon_mb() -> float | None:
+    """Resident memory not backed by a file (Linux): the peak above also counts the pages of the
+    memory-mapped Arrow file that were read, which the kernel may drop at any time."""
+    try:
+        status = Path("/proc/self/status").read_text()
+    except OSError:
+        return None
+    return next(int(line.split()[1]) / 1024 for line in status.splitlines() if line.startswith("RssAnon:"))
+
+
 def measure(phase: str, path: str, image_size: int, workers: int) -> dict:
     from torch.utils.data import DataLoader
 
@@ -81,7 +92,8 @@ def measure(phase: str, path: str, image_size: int, workers: int) -> dict:
         start = time.perf_counter()
         decoded = sum(len(batch["images"]) for batch in loader)
         result["decode_rows_per_s"] = decoded / (time.perf_counter() - start)
-    result.update(baseline_mb=round(baseline), peak_mb=round(peak_mb()))
+    anon = anon_mb()
+    result.update(baseline_mb=round(baseline), peak_mb=round(peak_mb()), anon_mb_at_end=anon and round(anon))
     return result
 
 
