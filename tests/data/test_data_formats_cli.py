@@ -83,3 +83,16 @@ def test_parquet_streams_through_dataloader_workers(tmp_path, monkeypatch):
     hf_dataset(rows=8).to_parquet(str(data))
     assert train(data, tmp_path / "run", "data.preload=false", "data.num_workers=2") == 0
     assert trained_rows(tmp_path / "run") == 2
+
+
+def test_eval_resolves_coco_images_by_its_own_image_root(tmp_path, capsys):
+    train_file = write_coco(tmp_path / "coco")
+    (tmp_path / "coco" / "train2017").rename(tmp_path / "coco" / "train_pictures")
+    assert train(train_file, tmp_path / "run", f"data.image_root={tmp_path / 'coco' / 'train_pictures'}") == 0
+    val_file = write_coco(tmp_path / "val", split="val2017")
+    capsys.readouterr()
+    assert main(["eval", "--model", str(tmp_path / "run"), "--data", str(val_file), "--json"]) == 0  # val2017/
+    (tmp_path / "val" / "val2017").rename(tmp_path / "val" / "elsewhere")
+    assert main(["eval", "--model", str(tmp_path / "run"), "--data", str(val_file), "--json",
+                 "--image-root", str(tmp_path / "val" / "elsewhere")]) == 0
+    assert json.loads(capsys.readouterr().out.splitlines()[-1])["num_samples"] == 12
