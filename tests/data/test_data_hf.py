@@ -78,6 +78,19 @@ def test_conversation_columns_in_both_shapes_and_text_only_rows(tmp_path):
     assert samples[1].turns == [("be brief\nhi", "hello")] and samples[1].image is None
 
 
+def test_the_cauldron_shape_and_rows_with_several_images(tmp_path):
+    one = {"bytes": png("red"), "path": None}
+    table = pa.table({"images": [[one], [one, one]],
+                      "texts": [[{"user": "colour?", "assistant": "red", "source": "x"},
+                                 {"user": "sure?", "assistant": "yes", "source": "x"}],
+                                [{"user": "two?", "assistant": "yes", "source": "x"}]]})
+    pq.write_table(table, tmp_path / "cauldron.parquet")
+    samples, skipped = read_data(tmp_path / "cauldron.parquet", data_cfg("data.on_bad_row=skip"))
+    assert samples[0].turns == [("<image>\ncolour?", "red"), ("sure?", "yes")]
+    assert str(skipped).startswith("1 bad row: 1 N images in the row; one image per row is supported (first: ")
+    assert str(skipped).endswith("cauldron.parquet row 2: 2 images in the row; one image per row is supported)")
+
+
 def test_columns_chosen_by_setting(tmp_path):
     table = pa.table({"jpg": [png("red")], "alt": ["a red square"], "caption": ["unused"]})
     pq.write_table(table, tmp_path / "d.parquet")
@@ -87,7 +100,7 @@ def test_columns_chosen_by_setting(tmp_path):
 
 
 @pytest.mark.parametrize("columns, settings, problem", [
-    ({"pixels": [b"x"], "label": [3]}, [], "no text column (looked for conversations, messages, caption, text; "
+    ({"pixels": [b"x"], "label": [3]}, [], "no text column (looked for conversations, messages, texts, caption, text; "
                                            "have: pixels, label; set data.text_column)"),
     ({"pixels": [b"x"], "caption": ["a"]}, [], "no image column (looked for image, images; have: pixels, caption; "
                                                "set data.image_column)"),

@@ -231,7 +231,7 @@ class DataConfig:
     image_column: str | None = option(None, "Hugging Face datasets / Parquet / Arrow: the image column (null: "
                                             "'image' or 'images')")
     text_column: str | None = option(None, "Hugging Face datasets / Parquet / Arrow: the text column (null: "
-                                           "'conversations', 'messages', 'caption' or 'text')")
+                                           "'conversations', 'messages', 'texts', 'caption' or 'text')")
 
     def __post_init__(self):
         _check(0 <= self.val_fraction < 1, "data.val_fraction must be in [0, 1)")

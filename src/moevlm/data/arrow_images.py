@@ -6,7 +6,7 @@ operating system pages image bytes in as they are read, nothing is copied up fro
 file is read one row group at a time, the last few kept per process, so reading the rows in
 order (``data.preload=true``) reads each group once. (Streaming reads rows in shuffled order:
 ``hf_datasets`` gives it a Parquet file converted to Arrow.)
-A cell is an ``Image`` feature's ``{bytes, path}``, plain bytes, or a list of these (one is taken).
+A cell is an ``Image`` feature's ``{bytes, path}``, plain bytes, or a list holding one of these.
 """
 
 from __future__ import annotations

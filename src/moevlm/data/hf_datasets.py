@@ -31,7 +31,10 @@ from moevlm.data.records import (
 from moevlm.errors import DataError
 
 IMAGE_COLUMNS = ("image", "images")
-TEXT_COLUMNS = ("conversations", "messages", "caption", "text")
+TEXT_COLUMNS = ("conversations", "messages", "texts", "caption", "text")
+# The message shapes a conversation column may have: ShareGPT, OpenAI, and The Cauldron's
+# (nanoVLM's data: one {user, assistant} pair per turn).
+_MESSAGE_FIELDS = (("from", "value"), ("role", "content"), ("user", "assistant"))
 _SPEAKERS = {"human": "human", "user": "human", "gpt": "gpt", "assistant": "gpt"}
 
 
@@ -79,20 +82,26 @@ class _Part:
             return texts, [None] * len(texts)
         if not stored:
             return texts, table.column(image_column).to_pylist()
-        return texts, [make(row=row) if present else None for row, present in
-                       enumerate(_present(table.column(image_column)))]
+        return texts, [make(row=row) if count == 1 else None if count == 0 else _Images(count)
+                       for row, count in enumerate(_image_counts(table.column(image_column)))]
 
 
-def _present(column) -> list[bool]:
-    """Which cells hold an image (not null, not an empty list), without converting the bytes."""
+@dataclass(frozen=True)
+class _Images:
+    """A cell with more than one image: a bad row."""
+
+    count: int
+
+
+def _image_counts(column) -> list[int]:
+    """Images per cell (0 for null or an empty list), without converting the bytes."""
     # Lazy: pyarrow takes a while to import and only these formats need it.
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    present = pc.is_valid(column)
     if pa.types.is_list(column.type) or pa.types.is_large_list(column.type):
-        present = pc.and_(present, pc.greater(pc.fill_null(pc.list_value_length(column), 0), 0))
-    return present.to_pylist()
+        return pc.fill_null(pc.list_value_length(column), 0).to_pylist()
+    return [int(valid) for valid in pc.is_valid(column).to_pylist()]
 
 
 def read_hf(spec: str | Path, data, max_rows: int | None = None) -> tuple[list[Sample], SkippedRows]:
@@ -244,10 +253,10 @@ def _text_kind(source: str, schema, name: str) -> str:
         message = kind.value_type
         if pa.types.is_struct(message) and any(
                 message.get_field_index(a) >= 0 and message.get_field_index(b) >= 0
-                for a, b in (("from", "value"), ("role", "content"))):
+                for a, b in _MESSAGE_FIELDS):
             return "conversation"
     raise DataError(source, None, f"column {name!r} is {kind}; expected text or a list of messages "
-                                  "(from/value or role/content)")
+                                  "(from/value, role/content or user/assistant)")
 
 
 def _rows(parts: list[_Part], image_column: str | None, image_kind: str | None, text_column: str,
@@ -261,6 +270,8 @@ def _rows(parts: list[_Part], image_column: str | None, image_kind: str | None, 
 
 
 def _parse(image: Any, text: Any, text_kind: str, folder: str) -> tuple[Any, list[tuple[str, str]]]:
+    if isinstance(image, _Images):
+        raise BadRow(f"{image.count} images in the row; one image per row is supported")
     if isinstance(image, str):
         image = image_ref(image, folder)
     if text_kind == "caption":
@@ -275,10 +286,14 @@ def _parse(image: Any, text: Any, text_kind: str, folder: str) -> tuple[Any, lis
 
 
 def _sharegpt(messages: Any) -> list[dict]:
-    """from/value or role/content messages -> LLaVA's from (human/gpt) / value; system text goes
-    before the first user message, an image part of a content list becomes ``<image>``."""
+    """from/value, role/content or user/assistant messages -> LLaVA's from (human/gpt) / value;
+    system text goes before the first user message, an image part of a content list becomes
+    ``<image>``."""
     if not isinstance(messages, list) or not messages:
         raise BadRow("conversation must be a non-empty list")
+    if all(isinstance(m, dict) and m.get("user") is not None for m in messages):
+        messages = [{"from": speaker, "value": m.get(key)} for m in messages
+                    for speaker, key in (("human", "user"), ("gpt", "assistant"))]
     out, system = [], []
     for message in messages:
         speaker = message.get("from") if message.get("from") is not None else message.get("role")
