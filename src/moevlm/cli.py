@@ -93,6 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = sub.add_parser("eval", help="evaluate a model on a data set")
     evaluate.add_argument("--model", required=True, type=Path, help="checkpoint folder")
     evaluate.add_argument("--data", required=True, type=Path, help="data file with reference captions")
+    evaluate.add_argument("--image-root", help="where COCO file names resolve (default: the file's train2017/-style "
+                                               "folder or its own; the training run's data.image_root is not used)")
     evaluate.add_argument("--json", action="store_true", help="print one JSON object")
     generation = evaluate.add_mutually_exclusive_group()
     generation.add_argument("--max-new-tokens", type=int, metavar="N",
@@ -199,7 +201,7 @@ def _cmd_eval(args) -> int:
     from moevlm.evaluate import evaluate_file
 
     result = evaluate_file(args.model, args.data, device=args.device, max_new_tokens=args.max_new_tokens,
-                           generate=not args.no_generate)
+                           generate=not args.no_generate, image_root=args.image_root)
     if args.json:
         print(json.dumps(_public_result(result)))
         return 0

@@ -13,7 +13,8 @@ from torch.utils.data import DataLoader
 
 from moevlm.checkpoint import load_model
 from moevlm.data.dataset import ImageTextDataset, collate, usable_batch
-from moevlm.data.records import read_samples
+from moevlm.data.images import image_key
+from moevlm.data.sources import read_data
 from moevlm.data.tokenizer_factory import TextTokenizer
 from moevlm.data.training_data import dataset_for
 from moevlm.device import autocast_dtype, resolve_device
@@ -45,10 +46,12 @@ def evaluate(model: VisionLanguageModel, dataset: ImageTextDataset, tokenizer: T
     training would drop; inference drops none), plus expert_load_counts (tensor) and
     predictions [(reference, prediction)].
 
-    ``max_generate`` limits how many rows are captioned (None: all, 0: none, and exact_match
-    and bleu4 are then 0 over no rows); the loss uses every row. Each row is generated from its
-    first turn's prompt (``<image>`` placeholder and all: the tokenizer places or drops it as in
-    training) and scored against that turn's answer. Generation stops at ``max_new_tokens``
+    ``max_generate`` limits how many images are captioned (None: all, 0: none, and exact_match
+    and bleu4 are then 0 over none); the loss uses every row. Rows with the same image and first
+    prompt (COCO's captions of one picture) are generated once, from that prompt (``<image>``
+    placeholder and all: the tokenizer places or drops it as in training), and scored against
+    all their first turns' answers, as COCO evaluation does; ``predictions`` pairs each with its
+    first reference. Text-only rows count in the loss only. Generation stops at ``max_new_tokens``
     (None: twice the longest reference of the batch, in tokens, plus a few, see
     ``generation_limit``) or at ``decoder.max_text_len``, whichever comes first.
     """
@@ -64,9 +67,10 @@ def evaluate(model: VisionLanguageModel, dataset: ImageTextDataset, tokenizer: T
         batch = usable_batch(batch, dataset.on_bad_row)
         if batch is None:
             continue
+        mixed = {} if bool(batch["has_image"].all()) else {"has_image": batch["has_image"].to(device)}
         batch = {k: v.to(device) for k, v in batch.items()}
         with autocast():
-            out = model(batch["images"], batch["input_ids"], batch["attention_mask"])
+            out = model(batch["images"], batch["input_ids"], batch["attention_mask"], **mixed)
         labels = batch["labels"]
         loss_sum += torch.nn.functional.cross_entropy(
             out.logits.float().reshape(-1, out.logits.size(-1)), labels.reshape(-1),
@@ -76,18 +80,21 @@ def evaluate(model: VisionLanguageModel, dataset: ImageTextDataset, tokenizer: T
         load = batch_load if load is None else load + batch_load
         dropped = dropped + expert_dropped(model.moe_layers)
 
-    count = len(dataset) if max_generate is None else min(max_generate, len(dataset))
+    groups = reference_groups(dataset)
+    count = len(groups) if max_generate is None else min(max_generate, len(groups))
     references, predictions = [], []
     for start in range(0, count, batch_size):
-        images, rows = dataset.images_of(list(range(start, min(count, start + batch_size))))
+        chunk = groups[start:min(count, start + batch_size)]
+        images, rows = dataset.images_of([group[0] for group in chunk])
         if not rows:
             continue
-        turns = [dataset.samples[i].turns[0] for i in rows]
-        answers = [answer for _, answer in turns]
-        limit = generation_limit(tokenizer, answers) if max_new_tokens is None else max_new_tokens
+        kept = [group for group in chunk if group[0] in rows]
+        prompts = [dataset.samples[group[0]].turns[0][0] for group in kept]
+        answers = [[dataset.samples[i].turns[0][1] for i in group] for group in kept]
+        limit = (generation_limit(tokenizer, [a for refs in answers for a in refs]) if max_new_tokens is None
+                 else max_new_tokens)
         with autocast():
-            predictions += generate_texts(model, tokenizer, images, [prompt for prompt, _ in turns],
-                                          max_new_tokens=limit)
+            predictions += generate_texts(model, tokenizer, images, prompts, max_new_tokens=limit)
         references += answers
 
     loss = loss_sum / max(1, token_count)
@@ -97,7 +104,7 @@ def evaluate(model: VisionLanguageModel, dataset: ImageTextDataset, tokenizer: T
         "loss": loss,
         "perplexity": math.exp(min(loss, 50.0)),
         "num_samples": len(dataset),
-        "predictions": list(zip(references, predictions)),
+        "predictions": [(refs[0], prediction) for refs, prediction in zip(references, predictions)],
     }
     if load is not None and load.numel():
         result["expert_load"] = {f"layer_{i}": {"image": row[0].tolist(), "text": row[1].tolist()}
@@ -111,15 +118,26 @@ def evaluate(model: VisionLanguageModel, dataset: ImageTextDataset, tokenizer: T
     return result
 
 
+def reference_groups(dataset: ImageTextDataset) -> list[list[int]]:
+    """Rows with an image, grouped by (image, first prompt), in order of first appearance."""
+    groups: dict[tuple[str, str], list[int]] = {}
+    for index, sample in enumerate(dataset.samples):
+        if sample.image is not None:
+            groups.setdefault((image_key(sample.image), sample.turns[0][0]), []).append(index)
+    return list(groups.values())
+
+
 def evaluate_file(model_dir: str | Path, data: str | Path, *, device: str = "auto", max_new_tokens: int | None = None,
-                  generate: bool = True) -> dict:
+                  generate: bool = True, image_root: str | None = None) -> dict:
     """``moevlm eval``: ``evaluate`` of the checkpoint in ``model_dir`` on a data file, on ``device``.
-    ``generate`` False: loss and perplexity only (no exact match or BLEU in the result)."""
+    ``generate`` False: loss and perplexity only (no exact match or BLEU in the result). ``image_root``:
+    ``data.image_root`` for this file (the training run's would point at its own images)."""
     if max_new_tokens is not None and max_new_tokens < 1:
         raise ConfigError(f"--max-new-tokens must be at least 1, not {max_new_tokens}")
     where = resolve_device(device, key="--device")
     model, tokenizer, config = load_model(model_dir, device=where)
-    samples, skipped = read_samples(data, config.data.on_bad_row)
+    config = config.updated({"data.image_root": image_root})
+    samples, skipped = read_data(data, config.data)
     dataset = dataset_for(samples, tokenizer, config, augment=False, folder=model_dir)
     skipped.update(dataset.skipped)
     if skipped:

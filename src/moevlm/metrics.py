@@ -3,28 +3,38 @@
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 from sacrebleu.metrics import BLEU
 
+# Per prediction: its reference, or all of them (COCO has five captions per image).
+References = Sequence[str | Sequence[str]]
 
-def _check_lengths(predictions: list[str], references: list[str]) -> None:
+
+def _check_lengths(predictions: list[str], references: References) -> None:
     if len(predictions) != len(references):
         raise ValueError(f"{len(predictions)} predictions but {len(references)} references")
 
 
-def exact_match(predictions: list[str], references: list[str]) -> float:
-    """Fraction of predictions equal to their reference, ignoring surrounding whitespace."""
+def _reference_lists(references: References) -> list[list[str]]:
+    return [[ref] if isinstance(ref, str) else list(ref) for ref in references]
+
+
+def exact_match(predictions: list[str], references: References) -> float:
+    """Fraction of predictions equal to their reference (to any one of several), ignoring
+    surrounding whitespace."""
     _check_lengths(predictions, references)
     if not predictions:
         return 0.0
-    hits = sum(p.strip() == r.strip() for p, r in zip(predictions, references))
+    hits = sum(any(p.strip() == r.strip() for r in refs) for p, refs in zip(predictions, _reference_lists(references)))
     return hits / len(predictions)
 
 
-def bleu4(predictions: list[str], references: list[str]) -> float:
-    """Corpus BLEU-4 in [0, 1] from sacrebleu (13a tokenizer, exp smoothing).
+def bleu4(predictions: list[str], references: References) -> float:
+    """Corpus BLEU-4 in [0, 1] from sacrebleu (13a tokenizer, exp smoothing), each prediction
+    against its reference or all of its references (n-gram counts clipped by the most any one
+    reference has, the brevity penalty from the closest reference length).
 
     With sacrebleu's effective order, n-gram orders that no reference is long enough to have
     are left out, so a corpus of two- and three-word captions gets a real score instead of 0.
@@ -32,7 +42,10 @@ def bleu4(predictions: list[str], references: list[str]) -> float:
     _check_lengths(predictions, references)
     if not predictions:
         return 0.0
-    score = BLEU(effective_order=True).corpus_score(predictions, [references]).score / 100.0
+    lists = _reference_lists(references)
+    # sacrebleu takes reference streams; a prediction with fewer references pads with None.
+    streams = [[refs[k] if k < len(refs) else None for refs in lists] for k in range(max(map(len, lists)))]
+    score = BLEU(effective_order=True).corpus_score(predictions, streams).score / 100.0
     # sacrebleu's float arithmetic can land a hair above 100 for identical corpora.
     return min(score, 1.0)
 

@@ -248,6 +248,13 @@ class DataConfig:
     max_rows: int | None = option(None, "read at most this many rows (null: all)")
     preload: bool = option(True, "true: decode every image once, up front, into memory; false: check images up "
                                  "front and decode them batch by batch in the workers (data larger than memory)")
+    image_root: str | None = option(None, "the folder COCO file names (and relative image paths of Hugging Face "
+                                          "data) resolve under (null: COCO's train2017/-style folder or the data "
+                                          "file's folder); COCO names leading outside it are refused")
+    image_column: str | None = option(None, "Hugging Face datasets / Parquet / Arrow: the image column (null: "
+                                            "'image' or 'images')")
+    text_column: str | None = option(None, "Hugging Face datasets / Parquet / Arrow: the text column (null: "
+                                           "'conversations', 'messages', 'texts', 'caption' or 'text')")
 
     def __post_init__(self):
         _check(0 <= self.val_fraction < 1, "data.val_fraction must be in [0, 1)")

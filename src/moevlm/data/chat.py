@@ -110,18 +110,19 @@ class HFTokenizer:
 
     # -- conversations ---------------------------------------------------------------------
 
-    def encode_conversation(self, turns: list[tuple[str, str]],
-                            max_text_len: int) -> tuple[list[int], list[int]]:
+    def encode_conversation(self, turns: list[tuple[str, str]], max_text_len: int,
+                            image: bool = True) -> tuple[list[int], list[int]]:
         """Token ids (image ids included) and next-token labels; see the module docstring.
 
-        ``max_text_len`` counts text tokens only; a longer row raises ValueError.
+        ``max_text_len`` counts text tokens only; a longer row raises ValueError. ``image``
+        False: a text-only conversation, with no image ids.
         """
-        if _is_caption(turns) and not self._template_says_all:
+        if image and _is_caption(turns) and not self._template_says_all:
             pieces = self._caption_prefix() + [(self.encode(turns[0][1]) + [self.eos_id], True)]
         else:
-            pieces = self._conversation_pieces(turns)
-        input_ids, is_target = self._tokenize(pieces)
-        text_len = len(input_ids) - self.num_image_tokens
+            pieces = self._conversation_pieces(turns, image=image)
+        input_ids, is_target = self._tokenize(pieces, images=int(image))
+        text_len = len(input_ids) - self.num_image_tokens * int(image)
         if text_len > max_text_len:
             raise ValueError(f"text is {text_len} tokens, longer than decoder.max_text_len {max_text_len}")
         labels = [tok if target else IGNORE_INDEX for tok, target in zip(input_ids[1:], is_target[1:])]
@@ -140,12 +141,14 @@ class HFTokenizer:
     def _caption_prefix(self) -> list[Piece]:
         return [([self.bos_id] if self.bos_id is not None else [], False), (IMAGE_PLACEHOLDER, False)]
 
-    def _conversation_pieces(self, turns: list[tuple[str, str]], prefix_only: bool = False) -> list[Piece]:
-        """Context and answer pieces of a conversation, with the image placeholder in the text."""
+    def _conversation_pieces(self, turns: list[tuple[str, str]], prefix_only: bool = False,
+                             image: bool = True) -> list[Piece]:
+        """Context and answer pieces of a conversation, with the image placeholder in the text
+        (none for a text-only row)."""
         count = sum(prompt.count(IMAGE_PLACEHOLDER) for prompt, _ in turns)
-        if count > 1:
-            raise ValueError(f"{count} {IMAGE_PLACEHOLDER} placeholders for 1 image")
-        if count == 0:  # as LLaVA writes it: the image first in the first user message
+        if count > int(image):
+            raise ValueError(f"{count} {IMAGE_PLACEHOLDER} placeholders for {int(image)} image")
+        if count == 0 and image:  # as LLaVA writes it: the image first in the first user message
             turns = [(f"{IMAGE_PLACEHOLDER}\n{turns[0][0]}", turns[0][1])] + list(turns[1:])
         if not self.has_chat_template:
             return self._plain_pieces(turns, prefix_only)
@@ -197,11 +200,12 @@ class HFTokenizer:
                               "spans cannot be found; use a model whose template does")
         return after[len(before):]
 
-    def _tokenize(self, pieces: list[Piece]) -> tuple[list[int], list[bool]]:
-        """Token ids and target flags; the placeholder becomes ``num_image_tokens`` image ids."""
+    def _tokenize(self, pieces: list[Piece], images: int = 1) -> tuple[list[int], list[bool]]:
+        """Token ids and target flags; the placeholder (``images`` of them: 1, or 0 for a
+        text-only row) becomes ``num_image_tokens`` image ids."""
         ids: list[int] = []
         target: list[bool] = []
-        images = 0
+        found = 0
         for piece, is_target in pieces:
             if isinstance(piece, list):
                 ids += piece
@@ -209,15 +213,15 @@ class HFTokenizer:
                 continue
             for k, text in enumerate(piece.split(IMAGE_PLACEHOLDER)):
                 if k:
-                    images += 1
+                    found += 1
                     ids += [self.image_token_id] * self.num_image_tokens
                     target += [False] * self.num_image_tokens
                 part = self.encode(text) if text else []
                 ids += part
                 target += [is_target] * len(part)
-        if images != 1:
-            raise MoevlmError(f"the chat template of {self._tok.name_or_path} wrote {images} image placeholders "
-                              "for 1 image")
+        if found != images:
+            raise MoevlmError(f"the chat template of {self._tok.name_or_path} wrote {found} image placeholders "
+                              f"for {images} image")
         return ids, target
 
 

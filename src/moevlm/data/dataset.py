@@ -14,6 +14,7 @@ from typing import Iterator
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import Dataset, Sampler
 
 from moevlm.data.images import check_image, image_key, normalize, open_image
@@ -44,7 +45,7 @@ def split_samples(samples: list[Sample], val_fraction: float,
     references are the same image. Both sides keep the rows' order."""
     unique = unique_samples(samples)
     group_of: dict[str, int] = {}  # image key -> its number, in order of first appearance
-    groups = [group_of.setdefault(image_key(s.image), len(group_of)) for s in unique]
+    groups = [group_of.setdefault(_split_key(s), len(group_of)) for s in unique]
     # The epsilon keeps 0.3 * 10 = 3.0000000000000004 and 0.29 * 100 = 28.999999999999996
     # at the counts a person would expect.
     num_val = math.floor(len(group_of) * val_fraction + 1e-9)
@@ -53,6 +54,13 @@ def split_samples(samples: list[Sample], val_fraction: float,
     train = [s for s, group in zip(unique, groups) if group not in val_groups]
     val = [s for s, group in zip(unique, groups) if group in val_groups]
     return train, val
+
+
+def _split_key(sample: Sample) -> str:
+    """A text-only row is a group of its own."""
+    if sample.image is None:
+        return f"text-only:{sample.source}#{sample.row}"
+    return image_key(sample.image)
 
 
 def tokenizer_texts(samples: list[Sample]) -> list[str]:
@@ -74,6 +82,10 @@ class ImageTextDataset(Dataset):
     A file that is there but cannot be read (permissions, I/O) is not a bad row: it stops
     the run even with on_bad_row "skip" (its item is also marked ``"unreadable": True``).
     ``skipped`` counts the rows skipped here, by reason.
+
+    A text-only row (``Sample.image`` None) is tokenized without image ids and its item holds
+    a blank image with ``"has_image": False``, so every batch stacks alike; the model leaves
+    the blank out.
     """
 
     def __init__(self, samples: list[Sample], tokenizer, prepare_image, max_text_len: int, *,
@@ -83,6 +95,7 @@ class ImageTextDataset(Dataset):
         self.on_bad_row, self.preload = on_bad_row, preload
         self.augment, self.seed, self.epoch = augment, seed, 0
         self.prepare_image = prepare_image  # kept: a checkpoint saves it (its image processor)
+        self._blank_image: torch.Tensor | None = None
         self.samples: list[Sample] = []
         self.skipped = SkippedRows()
         self._input_ids: list[torch.Tensor] = []
@@ -93,11 +106,13 @@ class ImageTextDataset(Dataset):
         decoded: dict[str, torch.Tensor | str] = {}
         for sample in samples:
             try:
-                ids, labels = tokenizer.encode_conversation(sample.turns, max_text_len)
+                ids, labels = tokenizer.encode_conversation(sample.turns, max_text_len, image=sample.image is not None)
             except ValueError as err:
                 self._bad(sample, str(err), on_bad_row)
                 continue
-            if sample.image not in decoded:
+            if sample.image is None:
+                decoded[None] = self.blank_image() if preload else None
+            elif sample.image not in decoded:
                 try:
                     decoded[sample.image] = prepare_image(open_image(sample.image)) if preload else None
                     if not preload:
@@ -137,11 +152,22 @@ class ImageTextDataset(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
+    def blank_image(self) -> torch.Tensor:
+        """What a text-only row's item holds in place of an image: zeros of the prepared shape."""
+        if self._blank_image is None:
+            self._blank_image = torch.zeros_like(self.prepare_image(Image.new("RGB", (64, 64))))
+        return self._blank_image
+
+    def has_image(self, index: int) -> bool:
+        return self.samples[index].image is not None
+
     def image(self, index: int) -> torch.Tensor:
-        """The prepared uint8 image of row ``index``; ValueError if it cannot be decoded, OSError
-        if its file cannot be read."""
+        """The prepared uint8 image of row ``index`` (blank for a text-only row); ValueError if it
+        cannot be decoded, OSError if its file cannot be read."""
         if self.preload:
             return self.images[index]
+        if not self.has_image(index):
+            return self.blank_image()
         return self.prepare_image(open_image(self.samples[index].image))
 
     def images_of(self, rows: list[int]) -> tuple[torch.Tensor, list[int]]:
@@ -168,10 +194,10 @@ class ImageTextDataset(Dataset):
         except OSError as err:
             sample = self.samples[index]
             return {"bad": (sample.source, sample.row, _unreadable(err)), "index": index, "unreadable": True}
-        if self.augment:
+        if self.augment and self.has_image(index):
             image = self._shift(image, index)
-        return {"image": image, "input_ids": self._input_ids[index],
-                "labels": self._labels[index], "index": index}
+        return {"image": image, "input_ids": self._input_ids[index], "labels": self._labels[index],
+                "index": index, "has_image": self.has_image(index)}
 
     def _shift(self, image: torch.Tensor, index: int) -> torch.Tensor:
         """Translate by up to 1/8 of the size, repeating the border pixels into the gap.
@@ -194,7 +220,8 @@ def _unreadable(err: OSError) -> str:
 
 
 def collate(batch: list[dict], pad_id: int) -> dict:
-    """Stack items into a batch: images normalized to [-1, 1], text right-padded.
+    """Stack items into a batch: images normalized to [-1, 1], text right-padded, and
+    ``has_image`` (B,) bool, False for text-only rows (their image is a blank).
 
     Items whose image failed to decode are left out and listed as (file, row, problem) under
     ``bad_rows``, or ``unreadable_rows`` when the file could not be read; a batch of only such
@@ -215,7 +242,8 @@ def collate(batch: list[dict], pad_id: int) -> dict:
         attention_mask[row, :length] = True
     return {"images": normalize(torch.stack([item["image"] for item in batch])),
             "input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
-            "index": torch.tensor([item["index"] for item in batch], dtype=torch.long)} | bad
+            "index": torch.tensor([item["index"] for item in batch], dtype=torch.long),
+            "has_image": torch.tensor([item.get("has_image", True) for item in batch], dtype=torch.bool)} | bad
 
 
 def usable_batch(batch: dict, on_bad_row: str) -> dict | None:

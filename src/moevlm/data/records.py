@@ -15,7 +15,7 @@ import sys
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 from moevlm.data.images import ImageRef, looks_like_base64
 from moevlm.errors import DataError
@@ -32,9 +32,12 @@ _TOO_DEEP = "not valid JSON: nested too deeply"
 
 @dataclass
 class Sample:
-    image: ImageRef  # absolute path, base64 string, data: URL or stored image (not decoded yet)
+    # absolute path, base64 string, data: URL or stored image (not decoded yet); None: a
+    # text-only conversation row, trained with no image tokens
+    image: ImageRef | None
     # (prompt, answer); caption data gives [("", caption)]. A conversation's prompts keep
-    # LLaVA's ``<image>`` placeholder (exactly one over the row): the tokenizer decides where
+    # LLaVA's ``<image>`` placeholder (exactly one over a row with an image, none over a
+    # text-only row): the tokenizer decides where
     # the image goes (a chat template places it there; the scratch model drops it).
     turns: list[tuple[str, str]]
     source: str  # the data file, for messages
@@ -76,8 +79,11 @@ class SkippedRows:
         return f"{len(self)} bad row{'s' if len(self) != 1 else ''}: {parts}"
 
 
-class _BadRow(Exception):
-    """A row that cannot be used; the reader decides whether to stop or skip."""
+class BadRow(Exception):
+    """A row that cannot be used; ``collect_samples`` decides whether to stop or skip."""
+
+
+Turns = list[tuple[str, str]]
 
 
 def clean_prompt(text: str) -> str:
@@ -100,29 +106,36 @@ def read_samples(path: str | Path, on_bad_row: str = "error",
         raise DataError(path, None, f"unknown data format {path.suffix or '(no extension)'!r} "
                                     "(use .csv, .jsonl or .json)")
     folder = os.path.abspath(path.parent)
+    return collect_samples(path, ((row, partial(parse, folder)) for row, parse in reader(path)), on_bad_row, max_rows)
+
+
+def collect_samples(source: str | Path, rows: Iterable[tuple[int, Callable[[], tuple[ImageRef | None, Turns]]]],
+                    on_bad_row: str, max_rows: int | None = None) -> tuple[list[Sample], SkippedRows]:
+    """The samples of ``rows`` (row number, parse: () -> (image, turns) or raises ``BadRow``),
+    each bad row stopping the run or counted as skipped; every reader ends here."""
     samples: list[Sample] = []
     skipped = SkippedRows()
     try:
-        for row, parse in reader(path):
+        for row, parse in rows:
             if max_rows is not None and len(samples) >= max_rows:
                 break
             try:
-                image, turns = parse(folder)
-            except _BadRow as bad:
+                image, turns = parse()
+            except BadRow as bad:
                 if on_bad_row == "error":
-                    raise DataError(path, row, str(bad)) from None
-                skipped.add(path, row, str(bad))
+                    raise DataError(source, row, str(bad)) from None
+                skipped.add(source, row, str(bad))
                 continue
-            samples.append(Sample(image=image, turns=turns, source=str(path), row=row))
+            samples.append(Sample(image=image, turns=turns, source=str(source), row=row))
     except OSError as err:
-        raise DataError(path, None, f"cannot read data file: {err.strerror or err}") from None
+        raise DataError(source, None, f"cannot read data file: {err.strerror or err}") from None
     if not samples:
         problem = "no usable rows" + (f" (skipped {skipped})" if skipped else "")
-        raise DataError(path, None, problem)
+        raise DataError(source, None, problem)
     return samples, skipped
 
 
-# Each reader yields (row, parse): parse(folder) -> (image, turns) or raises _BadRow, so
+# Each reader yields (row, parse): parse(folder) -> (image, turns) or raises BadRow, so
 # the row-level decision to stop or skip lives in one place.
 RowParser = Callable[[str], tuple[str, list[tuple[str, str]]]]
 
@@ -158,13 +171,13 @@ def _csv_row(image: str | None, caption: str | None, is_b64: bool,
              folder: str) -> tuple[str, list[tuple[str, str]]]:
     for text in (image, caption):
         if text is not None and _has_bad_bytes(text):
-            raise _BadRow("text is not valid UTF-8")
+            raise BadRow("text is not valid UTF-8")
     if is_b64:
         if not image or not image.strip():
-            raise _BadRow("missing image")
+            raise BadRow("missing image")
         # As a data: URL the cell is always decoded as base64, never opened as a file name.
-        return "data:;base64," + "".join(image.split()), [("", _answer(caption, "caption"))]
-    return _image_ref(image, folder), [("", _answer(caption, "caption"))]
+        return "data:;base64," + "".join(image.split()), [("", answer_text(caption, "caption"))]
+    return image_ref(image, folder), [("", answer_text(caption, "caption"))]
 
 
 def _jsonl_rows(path: Path) -> Iterator[tuple[int, RowParser]]:
@@ -178,13 +191,13 @@ def _jsonl_row(raw: bytes, folder: str) -> tuple[str, list[tuple[str, str]]]:
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError:
-        raise _BadRow("text is not valid UTF-8") from None
+        raise BadRow("text is not valid UTF-8") from None
     try:
         item = json.loads(text)
     except json.JSONDecodeError as err:
-        raise _BadRow(f"not valid JSON: {err.msg} at column {err.colno}") from None
+        raise BadRow(f"not valid JSON: {err.msg} at column {err.colno}") from None
     except RecursionError:
-        raise _BadRow(_TOO_DEEP) from None
+        raise BadRow(_TOO_DEEP) from None
     return _object(item, folder)
 
 
@@ -208,62 +221,68 @@ def _json_rows(path: Path) -> Iterator[tuple[int, RowParser]]:
 def _object(item: Any, folder: str) -> tuple[str, list[tuple[str, str]]]:
     """One JSON object: ``image`` plus ``conversations`` (LLaVA) or ``caption``."""
     if not isinstance(item, dict):
-        raise _BadRow(f"expected a JSON object, got {type(item).__name__}")
+        raise BadRow(f"expected a JSON object, got {type(item).__name__}")
     image = item.get("image")
     if image is not None and not isinstance(image, str):
-        raise _BadRow("image is not a string")
+        raise BadRow("image is not a string")
     if "conversations" in item:
-        turns = _conversation(item["conversations"])
+        turns = conversation_turns(item["conversations"], with_image=image is not None)
+        if image is None:  # a text-only conversation (LLaVA-665k has tens of thousands)
+            return None, turns
     else:
-        turns = [("", _answer(item.get("caption"), "caption"))]
-    return _image_ref(image, folder), turns
+        turns = [("", answer_text(item.get("caption"), "caption"))]
+    return image_ref(image, folder), turns
 
 
-def _conversation(messages: Any) -> list[tuple[str, str]]:
+def conversation_turns(messages: Any, with_image: bool = True) -> list[tuple[str, str]]:
     """Pair each human message with the gpt message that follows it."""
     if not isinstance(messages, list) or not messages:
-        raise _BadRow("conversations must be a non-empty list")
+        raise BadRow("conversations must be a non-empty list")
     if len(messages) % 2:
-        raise _BadRow(f"conversation has {len(messages)} messages; expected human/gpt pairs")
+        raise BadRow(f"conversation has {len(messages)} messages; expected human/gpt pairs")
     turns = []
     for i in range(0, len(messages), 2):
         pair = messages[i:i + 2]
         if not all(isinstance(m, dict) for m in pair):
-            raise _BadRow(f"conversation message {i + 1} is not an object")
+            raise BadRow(f"conversation message {i + 1} is not an object")
         speakers = [m.get("from") for m in pair]
         if speakers != ["human", "gpt"]:
-            raise _BadRow(f"conversation not alternating human/gpt at message {i + 1} "
+            raise BadRow(f"conversation not alternating human/gpt at message {i + 1} "
                           f"(got {speakers[0]!r}, {speakers[1]!r})")
         prompt = pair[0].get("value")
         if not isinstance(prompt, str):
-            raise _BadRow(f"conversation message {i + 1} has no text value")
-        turns.append((prompt, _answer(pair[1].get("value"), f"answer {i // 2 + 1}")))
+            raise BadRow(f"conversation message {i + 1} has no text value")
+        turns.append((prompt, answer_text(pair[1].get("value"), f"answer {i // 2 + 1}")))
     # One image per row, so exactly one placeholder says where it goes (LLaVA data always
     # has it); a chat template could not place zero or two of them sensibly.
     count = sum(prompt.count(IMAGE_PLACEHOLDER) for prompt, _ in turns)
+    if not with_image:
+        if count:
+            raise BadRow(f"{IMAGE_PLACEHOLDER} placeholder but the row has no image")
+        return turns
     if count == 0:
-        raise _BadRow(f"no {IMAGE_PLACEHOLDER} placeholder for the row's image")
+        raise BadRow(f"no {IMAGE_PLACEHOLDER} placeholder for the row's image")
     if count > 1:
-        raise _BadRow(f"{count} {IMAGE_PLACEHOLDER} placeholders for 1 image")
+        raise BadRow(f"{count} {IMAGE_PLACEHOLDER} placeholders for 1 image")
     return turns
 
 
-def _answer(text: Any, what: str) -> str:
+def answer_text(text: Any, what: str) -> str:
     if text is None:
-        raise _BadRow(f"missing {what}")
+        raise BadRow(f"missing {what}")
     if not isinstance(text, str):
-        raise _BadRow(f"{what} is not text")
+        raise BadRow(f"{what} is not text")
     if not text.strip():
-        raise _BadRow(f"empty {what}")
+        raise BadRow(f"empty {what}")
     if IMAGE_PLACEHOLDER in text:  # the image is input, never something to write
-        raise _BadRow(f"{what} contains an {IMAGE_PLACEHOLDER} placeholder")
+        raise BadRow(f"{what} contains an {IMAGE_PLACEHOLDER} placeholder")
     return text.strip()
 
 
-def _image_ref(image: str | None, folder: str) -> str:
+def image_ref(image: str | None, folder: str) -> str:
     """A data: URL or base64 string as is; a path made absolute, which must lie in the data folder."""
     if image is None or not image.strip():
-        raise _BadRow("missing image")
+        raise BadRow("missing image")
     image = image.strip()
     if image.startswith("data:"):
         return image
@@ -274,12 +293,12 @@ def _image_ref(image: str | None, folder: str) -> str:
     # writing "../" or "/etc/..." to reach files beside the data folder is what is refused.
     # The folder's own real path counts too, for absolute paths written through it.
     resolved = os.path.normpath(candidate)
-    if not any(_inside(resolved, root) for root in (folder, os.path.realpath(folder))):
-        raise _BadRow(f"image path {image!r} points outside the data folder")
+    if not any(inside(resolved, root) for root in (folder, os.path.realpath(folder))):
+        raise BadRow(f"image path {image!r} points outside the data folder")
     return resolved
 
 
-def _inside(path: str, folder: str) -> bool:
+def inside(path: str, folder: str) -> bool:
     return os.path.commonpath([path, folder]) == folder
 
 

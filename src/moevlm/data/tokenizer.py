@@ -63,8 +63,8 @@ class Tokenizer:
         self._backend.save(str(Path(folder) / TOKENIZER_FILE))
         return [TOKENIZER_FILE]
 
-    def encode_conversation(self, turns: list[tuple[str, str]],
-                            max_text_len: int) -> tuple[list[int], list[int]]:
+    def encode_conversation(self, turns: list[tuple[str, str]], max_text_len: int,
+                            image: bool = True) -> tuple[list[int], list[int]]:
         """Token ids and next-token labels for a conversation (images are not in the text:
         the scratch model puts its image tokens before it).
 
@@ -72,7 +72,8 @@ class Tokenizer:
         ``labels[t] = input_ids[t + 1]`` when that token is part of an answer (its closing
         ``<eos>`` included), else -100: prompts and padding are never targets, and the first
         answer token is predicted from ``<bos>`` or ``<sep>``. ``<image>`` placeholders are
-        dropped from the prompts (``clean_prompt``).
+        dropped from the prompts (``clean_prompt``). ``image`` False (a text-only row) changes
+        nothing here: the model, not the text, leaves its image tokens out.
         """
         input_ids = [self.bos_id]
         is_target = [False]

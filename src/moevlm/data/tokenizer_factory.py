@@ -27,7 +27,9 @@ class TextTokenizer(Protocol):
 
     def decode(self, ids: Iterable[int]) -> str: ...
 
-    def encode_conversation(self, turns: list[tuple[str, str]], max_text_len: int) -> tuple[list[int], list[int]]: ...
+    def encode_conversation(self, turns: list[tuple[str, str]], max_text_len: int,
+                            image: bool = True) -> tuple[list[int], list[int]]:
+        """``image`` False: a text-only row, whose text holds no image ids."""
 
     def prompt_ids(self, prompt: str) -> list[int]: ...
 

@@ -11,10 +11,10 @@ from pathlib import Path
 from moevlm.config import Config
 from moevlm.data.dataset import ImageTextDataset, split_samples, tokenizer_texts, unique_samples
 from moevlm.data.images import image_preparer
-from moevlm.data.records import Sample, SkippedRows, read_samples
+from moevlm.data.records import Sample, SkippedRows
+from moevlm.data.sources import read_data
 from moevlm.data.tokenizer import Tokenizer
 from moevlm.data.tokenizer_factory import TextTokenizer, load_tokenizer
-from moevlm.data.webdataset import is_shard_pattern, read_shards
 
 log = logging.getLogger(__name__)
 
@@ -42,20 +42,14 @@ def new_tokenizer(config: Config, samples: list[Sample]) -> TextTokenizer:
     return Tokenizer.train(tokenizer_texts(samples), config.model.tokenizer.kind, config.model.tokenizer.vocab_size)
 
 
-def read_data(config: Config, data: Path) -> tuple[list[Sample], SkippedRows]:
-    """The rows of a data file, or of WebDataset shards (``shards/{0..9}.tar``)."""
-    read = read_shards if is_shard_pattern(data) else read_samples
-    return read(data, config.data.on_bad_row, config.data.max_rows)
-
-
 def load_training_data(config: Config, data: Path, val_data: Path | None = None,
                        tokenizer: TextTokenizer | None = None, folder: Path | None = None) -> TrainingData:
     """Read and split the data and build the datasets. ``tokenizer`` None: a new one (``new_tokenizer``);
     ``folder``: a checkpoint whose image processor the datasets use."""
-    samples, skipped = read_data(config, data)
+    samples, skipped = read_data(data, config.data, config.data.max_rows)
     if val_data is not None:
         train_samples = unique_samples(samples)
-        val_samples, val_skipped = read_data(config, val_data)
+        val_samples, val_skipped = read_data(val_data, config.data, config.data.max_rows)
         skipped.update(val_skipped)
     else:
         train_samples, val_samples = split_samples(samples, config.data.val_fraction, config.train.seed)

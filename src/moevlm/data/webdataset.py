@@ -23,7 +23,7 @@ from pathlib import Path
 
 from braceexpand import UnbalancedBracesError, braceexpand
 
-from moevlm.data.records import Sample, SkippedRows, _answer, _BadRow, _conversation
+from moevlm.data.records import BadRow, Sample, SkippedRows, answer_text, conversation_turns
 from moevlm.errors import DataError
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
@@ -124,7 +124,7 @@ class _Shard:
                     break
                 try:
                     sample = self._sample(f, key, members, row)
-                except _BadRow as bad:
+                except BadRow as bad:
                     self._bad(row, str(bad))
                     continue
                 if sample is not None:
@@ -189,17 +189,17 @@ class _Shard:
 
     def _sample(self, f, key: str, members: dict[str, tarfile.TarInfo], row: int) -> Sample | None:
         if key in self.problems:
-            raise _BadRow(self.problems[key])
+            raise BadRow(self.problems[key])
         images = [ext for ext in members if ext in IMAGE_EXTENSIONS]
         texts = [ext for ext in TEXT_EXTENSIONS if ext in members]
         if not images and not texts:
             return None  # only members of other kinds
         if len(images) > 1:
-            raise _BadRow(f"key {key!r} has {len(images)} images ({', '.join(members[e].name for e in images)})")
+            raise BadRow(f"key {key!r} has {len(images)} images ({', '.join(members[e].name for e in images)})")
         if not images:
-            raise _BadRow(f"key {key!r} has text but no image")
+            raise BadRow(f"key {key!r} has text but no image")
         if not texts:
-            raise _BadRow(f"key {key!r} has an image but no txt or json text")
+            raise BadRow(f"key {key!r} has an image but no txt or json text")
         image, text = members[images[0]], members[texts[0]]
         f.seek(text.offset_data)
         turns = _turns(f.read(text.size), texts[0])
@@ -231,17 +231,17 @@ def _turns(raw: bytes, ext: str) -> list[tuple[str, str]]:
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError:
-        raise _BadRow("text is not valid UTF-8") from None
+        raise BadRow("text is not valid UTF-8") from None
     if ext == "txt":
-        return [("", _answer(text, "caption"))]
+        return [("", answer_text(text, "caption"))]
     try:
         item = json.loads(text)
     except json.JSONDecodeError as err:
-        raise _BadRow(f"not valid JSON: {err.msg} at column {err.colno}") from None
+        raise BadRow(f"not valid JSON: {err.msg} at column {err.colno}") from None
     except RecursionError:
-        raise _BadRow("not valid JSON: nested too deeply") from None
+        raise BadRow("not valid JSON: nested too deeply") from None
     if not isinstance(item, dict):
-        raise _BadRow(f"expected a JSON object, got {type(item).__name__}")
+        raise BadRow(f"expected a JSON object, got {type(item).__name__}")
     if "conversations" in item:
-        return _conversation(item["conversations"])
-    return [("", _answer(item.get("caption"), "caption"))]
+        return conversation_turns(item["conversations"])
+    return [("", answer_text(item.get("caption"), "caption"))]

@@ -72,17 +72,22 @@ class PretrainedVLM(nn.Module):
         """(B, C, S, S) in [-1, 1] -> image tokens in the LM's space (B, n_img, D)."""
         return self.projector(self.vision(images))
 
-    def _embed(self, images: torch.Tensor | None, input_ids: torch.Tensor,
-               text_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Embeddings (B, T, D) with image features at the image ids, and token kinds (B, T)."""
+    def _embed(self, images: torch.Tensor | None, input_ids: torch.Tensor, text_mask: torch.Tensor,
+               has_image: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Embeddings (B, T, D) with image features at the image ids, and token kinds (B, T).
+        ``has_image`` False: a text-only row (no image ids; its image is ignored)."""
         is_image = input_ids == self.image_token_id
         # The image id may lie outside the embedding table (default: the vocabulary size).
         embeds = self.lm.get_input_embeddings()(input_ids.masked_fill(is_image, 0))
+        if images is not None and has_image is not None and not bool(has_image.all()):
+            images = images[has_image.bool()] if bool(has_image.any()) else None  # the image rows' only
         if images is not None:
             counts = is_image.sum(1)
-            assert bool((counts == self.num_image_tokens).all()), (
-                f"every row needs {self.num_image_tokens} image ids ({self.image_token_id}), got {counts.tolist()}")
-            features = self.encode_images(images).to(embeds.dtype)  # (B, n, D), in row order
+            assert bool(((counts == 0) | (counts == self.num_image_tokens)).all()) and \
+                int((counts > 0).sum()) == images.size(0), (
+                f"{images.size(0)} images need {self.num_image_tokens} image ids ({self.image_token_id}) each, "
+                f"got {counts.tolist()}")
+            features = self.encode_images(images).to(embeds.dtype)  # (image rows, n, D), in row order
             embeds = embeds.masked_scatter(is_image.unsqueeze(-1), features)
         else:
             assert not bool(is_image.any()), "image ids in input_ids but no images"
@@ -99,11 +104,13 @@ class PretrainedVLM(nn.Module):
 
     # -- training / evaluation -------------------------------------------------------------
     def forward(self, images: torch.Tensor | None, input_ids: torch.Tensor,
-                attention_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None) -> VLMOutput:
+                attention_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+                has_image: torch.Tensor | None = None) -> VLMOutput:
         """images (B, C, S, S) (None for text only); input_ids, attention_mask, labels (B, T),
-        labels being next-token targets aligned with input_ids (-100: no loss)."""
+        labels being next-token targets aligned with input_ids (-100: no loss); has_image (B,)
+        False marks a text-only row in a mixed batch (None: every row has an image)."""
         mask = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
-        embeds, kind = self._embed(images, input_ids, mask)
+        embeds, kind = self._embed(images, input_ids, mask, has_image)
         positions = (mask.long().cumsum(1) - 1).clamp(min=0)  # real tokens only: left padding is invisible
         logits = self._run_lm(embeds, mask, positions, kind)
         return vlm_output(logits, labels, self.moe_layers, self.cfg.decoder.moe)

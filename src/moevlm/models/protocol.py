@@ -27,8 +27,10 @@ class VisionLanguageModel(Protocol):
     training: bool
 
     def __call__(self, images: torch.Tensor | None, input_ids: torch.Tensor,
-                 attention_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None) -> VLMOutput:
-        """Training and evaluation: logits at the text positions, loss given next-token labels."""
+                 attention_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+                 has_image: torch.Tensor | None = None) -> VLMOutput:
+        """Training and evaluation: logits at the text positions, loss given next-token labels.
+        has_image (B,) bool: False marks text-only rows of a mixed batch (their image is ignored)."""
 
     @property
     def moe_layers(self) -> list[MoE]: ...

@@ -115,21 +115,35 @@ class VLM(nn.Module):
         """(B, C, S, S) in [-1, 1] -> image tokens in the decoder's space (B, n_img, D)."""
         return self.projector(self.vision(images))
 
-    def _embed(self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None):
+    def _embed(self, images: torch.Tensor | None, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+               has_image: torch.Tensor | None = None):
         B, T = input_ids.shape
         n = self.num_image_tokens
-        embeds = torch.cat([self.encode_images(images), self.decoder.tok_emb(input_ids)], dim=1)
+        text_emb = self.decoder.tok_emb(input_ids)
         text_mask = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
-        key_mask = torch.cat([text_mask.new_ones(B, n), text_mask], dim=1)  # (B, n + T)
-        kind = torch.cat([torch.full((B, n), IMAGE, device=input_ids.device),
-                          torch.where(text_mask, TEXT, PAD)], dim=1)
+        if images is not None and (has_image is None or bool(has_image.all())):
+            image_emb, image_mask = self.encode_images(images), text_mask.new_ones(B, n)
+        else:
+            # Text-only rows keep their image slots as padding: hidden from attention, not
+            # counted in the positions, so the other rows compute exactly what they would alone.
+            has_image = text_mask.new_zeros(B) if images is None else has_image.bool()
+            image_emb = text_emb.new_zeros(B, n, text_emb.size(-1))
+            if bool(has_image.any()):
+                image_emb[has_image] = self.encode_images(images[has_image]).to(image_emb.dtype)
+            image_mask = has_image[:, None].expand(B, n)
+        embeds = torch.cat([image_emb, text_emb], dim=1)
+        key_mask = torch.cat([image_mask, text_mask], dim=1)  # (B, n + T)
+        kind = torch.cat([torch.where(image_mask, IMAGE, PAD), torch.where(text_mask, TEXT, PAD)], dim=1)
         return embeds, key_mask, kind
 
-    def forward(self, images: torch.Tensor, input_ids: torch.Tensor,
-                attention_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None) -> VLMOutput:
-        """images (B, C, S, S); input_ids, attention_mask, labels (B, T). labels are next-token
-        targets aligned with input_ids (-100 = no loss), as built by ``moevlm.data.dataset``."""
-        embeds, key_mask, kind = self._embed(images, input_ids, attention_mask)
+    def forward(self, images: torch.Tensor | None, input_ids: torch.Tensor,
+                attention_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+                has_image: torch.Tensor | None = None) -> VLMOutput:
+        """images (B, C, S, S) (None: text only); input_ids, attention_mask, labels (B, T). labels
+        are next-token targets aligned with input_ids (-100 = no loss), as built by
+        ``moevlm.data.dataset``. has_image (B,) bool: False marks a text-only row, whose image
+        is ignored (None: every row has one)."""
+        embeds, key_mask, kind = self._embed(images, input_ids, attention_mask, has_image)
         # Training batches are right-padded: a causal mask alone already keeps every real
         # token from seeing padding, so the faster is_causal path gives identical results.
         right_padded = bool((key_mask[:, :-1] | ~key_mask[:, 1:]).all())

@@ -151,10 +151,13 @@ class Trainer:
         totals = {"loss": 0.0, "lm_loss": 0.0, "balance_loss": 0.0, "z_loss": 0.0}
         tokens = 0
         for _ in range(tc.grad_accum):
-            batch = {k: v.to(self.device, non_blocking=True) for k, v in next(batches).items()}
+            batch = next(batches)
+            mixed = {} if bool(batch["has_image"].all()) else {"has_image": batch["has_image"]}
+            batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
             with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
                                 enabled=self.amp_dtype is not None):
-                out = self.forward(batch["images"], batch["input_ids"], batch["attention_mask"], batch["labels"])
+                out = self.forward(batch["images"], batch["input_ids"], batch["attention_mask"], batch["labels"],
+                                   **{k: v.to(self.device) for k, v in mixed.items()})
             (out.loss / tc.grad_accum).backward()
             totals["loss"] += out.loss.item() / tc.grad_accum
             totals["lm_loss"] += out.lm_loss.item() / tc.grad_accum
@@ -162,7 +165,7 @@ class Trainer:
                 totals[f"{name}_loss"] += value.item() / tc.grad_accum
             tokens += int(batch["attention_mask"].sum())
             if not self.model.images_in_text:  # prepended image tokens are not in the mask
-                tokens += batch["images"].size(0) * self.model.num_image_tokens
+                tokens += int(batch["has_image"].sum()) * self.model.num_image_tokens
         grad_norm = float(torch.nn.utils.clip_grad_norm_(
             [p for group in self.optimizer.param_groups for p in group["params"]], tc.grad_clip))
         if not (math.isfinite(totals["loss"]) and math.isfinite(grad_norm)):
