@@ -51,9 +51,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     train = sub.add_parser("train", help="train a model on image-text data",
-                           description="Train a model. Data: CSV (b64string_images/caption or image/caption), "
-                                       "JSONL or LLaVA-style JSON.")
-    train.add_argument("--data", required=True, type=Path, help="training data file (.csv, .jsonl, .json)")
+                           description="Train a model. Data: CSV, JSONL, LLaVA or COCO JSON, Parquet/Arrow, "
+                                       "Hugging Face datasets, WebDataset shards, image folders (README, "
+                                       "\"Data formats\").")
+    train.add_argument("--data", required=True, type=Path,
+                       help="training data: .csv, .jsonl, LLaVA or COCO .json, .parquet, .arrow, a save_to_disk or "
+                            "image folder, hf:NAME[:split], or WebDataset shards ('s/{00..09}.tar')")
     train.add_argument("--val-data", type=Path, help="validation data (default: split off data.val_fraction)")
     train.add_argument("--preset", choices=sorted(PRESETS), help="starting config (default: default)")
     train.add_argument("--config", type=Path, help="YAML file of config values over the preset")
@@ -92,7 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = sub.add_parser("eval", help="evaluate a model on a data set")
     evaluate.add_argument("--model", required=True, type=Path, help="checkpoint folder")
-    evaluate.add_argument("--data", required=True, type=Path, help="data file with reference captions")
+    evaluate.add_argument("--data", required=True, type=Path,
+                          help="data with reference captions (any --data format of train)")
     evaluate.add_argument("--image-root", help="where COCO file names resolve (default: the file's train2017/-style "
                                                "folder or its own; the training run's data.image_root is not used)")
     evaluate.add_argument("--json", action="store_true", help="print one JSON object")
