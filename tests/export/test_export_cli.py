@@ -38,7 +38,8 @@ def test_an_existing_folder_is_never_written_into(exportable, tmp_path, capsys):
 
 
 def test_a_scratch_model_of_the_seed_architecture_is_refused_naming_each_blocker(tmp_path, capsys):
-    config = load_config("tiny", overrides=["decoder.vocab_size=23", "vision.image_tokens=pooled",
+    config = load_config("tiny", overrides=["decoder.vocab_size=23", "vision.arch=vit", "decoder.arch=gpt",
+                                            "moe.activation=gelu", "vision.patch_size=8", "vision.image_tokens=pooled",
                                             "projector.kind=linear", "vision.channels=1"])
     blockers = export_blockers(config)
     assert len(blockers) == 4 and "vision.arch vit" in blockers[0] and "decoder.arch gpt" in blockers[3]

@@ -22,7 +22,8 @@ MODERN = ["decoder.arch=llama", "vision.arch=siglip", "vision.image_tokens=patch
 
 
 def modern_config(*overrides):
-    return load_config("tiny", overrides=[*MODERN, "decoder.heads=4", "decoder.kv_heads=2", *overrides])
+    return load_config("tiny", overrides=[*MODERN, "vision.patch_size=8", "decoder.heads=4", "decoder.kv_heads=2",
+                                          *overrides])
 
 
 def scrambled(model):
@@ -201,7 +202,8 @@ def test_config_mistakes_are_one_line(overrides, message):
 
 
 def test_a_config_without_the_new_keys_is_the_gpt_vit_model_it_always_was():
-    values = load_config("tiny", overrides=["decoder.vocab_size=23"]).to_dict()
+    values = load_config("tiny", overrides=["decoder.vocab_size=23", "decoder.arch=gpt", "vision.arch=vit",
+                                            "moe.activation=gelu"]).to_dict()
     for section, keys in (("decoder", ("arch", "rope_theta", "kv_heads")), ("vision", ("arch",))):
         for key in keys:
             del values["model"][section][key]

@@ -16,7 +16,8 @@ def batch(config, B=3, T=7, seed=0):
 
 @pytest.mark.parametrize("image_tokens,expected", [("cls", 1), ("patches", 4), ("pooled", 1)])
 def test_shapes(image_tokens, expected):
-    tiny_config = load_config("tiny", overrides=[f"vision.image_tokens={image_tokens}", "decoder.vocab_size=23"])
+    tiny_config = load_config("tiny", overrides=[f"vision.image_tokens={image_tokens}", "decoder.vocab_size=23",
+                                                 "vision.arch=vit", "vision.patch_size=8", "vision.pooled_tokens=1"])
     model = VLM(tiny_config.model)
     images, ids = batch(tiny_config)
     assert model.encode_images(images).shape == (3, expected, tiny_config.model.decoder.width)

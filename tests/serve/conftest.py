@@ -11,5 +11,5 @@ def checkpoint(tmp_path_factory):
     root = tmp_path_factory.mktemp("serve")
     data = write_shapes_csv(root / "shapes.csv")
     assert main(["train", "--data", str(data), "--preset", "tiny", "--out", str(root / "run"), "--no-tracking",
-                 "--set", "train.max_steps=30"]) == 0
+                 "--set", "train.max_steps=40", "--set", "train.lr=3e-3"]) == 0
     return root / "run"

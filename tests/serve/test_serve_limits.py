@@ -91,8 +91,9 @@ def test_a_bad_request_gets_its_4xx_and_the_next_good_one_succeeds(strict, case)
 
 
 def slow_and_endless(engine, monkeypatch, delay: float) -> None:
-    """Every decoding step takes ``delay`` seconds and never ends a sequence (no <eos>)."""
-    step, eos = engine.model.step, engine.tokenizer.eos_id
+    """Every decoding step takes ``delay`` seconds and never ends a sequence (no <eos>, not even as
+    the first token)."""
+    step, prefill, eos = engine.model.step, engine.model.prefill, engine.tokenizer.eos_id
 
     def slow_step(*args, **kwargs):
         time.sleep(delay)
@@ -100,7 +101,13 @@ def slow_and_endless(engine, monkeypatch, delay: float) -> None:
         logits[:, eos] = float("-inf")
         return logits
 
+    def endless_prefill(*args, **kwargs):
+        logits, key_mask = prefill(*args, **kwargs)
+        logits[:, eos] = float("-inf")
+        return logits, key_mask
+
     monkeypatch.setattr(engine.model, "step", slow_step)
+    monkeypatch.setattr(engine.model, "prefill", endless_prefill)
 
 
 def stream_request(url: str, model: str, max_tokens: int):

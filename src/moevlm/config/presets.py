@@ -7,26 +7,28 @@
 from __future__ import annotations
 
 PRESETS: dict[str, dict] = {
-    # Sizes of the original notebook: 96 px, patch 16, ViT 512 x 3 blocks x 8 heads, decoder
-    # 128 x 8 layers x 8 heads, 8 experts top-2, one CLS image token, character tokenizer.
+    # Sizes and layout of the original notebook: 96 px, patch 16, ViT 512 x 3 blocks x 8 heads with
+    # a CLS token (the one image token), GPT-style decoder 128 x 8 layers x 8 heads, 8 experts
+    # top-2, character tokenizer.
     "seed": {
         "model": {
-            "vision": {"image_size": 96, "patch_size": 16, "width": 512, "depth": 3, "heads": 8,
+            "vision": {"arch": "vit", "image_size": 96, "patch_size": 16, "width": 512, "depth": 3, "heads": 8,
                        "image_tokens": "cls"},
-            "decoder": {"width": 128, "depth": 8, "heads": 8, "max_text_len": 40,
+            "decoder": {"arch": "gpt", "width": 128, "depth": 8, "heads": 8, "max_text_len": 40,
                         "moe": {"num_experts": 8, "top_k": 2}},
             "tokenizer": {"kind": "char"},
         },
         "train": {"batch_size": 16, "max_steps": 300, "lr": 1e-3, "warmup_steps": 20,
                   "eval_every": 100, "checkpoint_every": 300},
     },
-    # About 100M parameters (one GPU): 224 px, patch 16, every patch an image token, decoder
-    # 512 x 8 layers with 8 experts of hidden 1024, top-2, byte-level BPE.
+    # About 100M parameters (one GPU): 224 px, patch 32 (49 image tokens), decoder 512 x 8 layers
+    # with 8 experts of hidden 1024, top-2, byte-level BPE; llama + siglip, so it exports.
     "base": {
         "model": {
-            "vision": {"image_size": 224, "patch_size": 16, "width": 384, "depth": 6, "heads": 6,
-                       "image_tokens": "pooled", "pooled_tokens": 49},
-            "decoder": {"width": 512, "depth": 8, "heads": 8, "ffn_hidden": 1024, "max_text_len": 128,
+            "vision": {"arch": "siglip", "image_size": 224, "patch_size": 32, "width": 384, "depth": 6, "heads": 6,
+                       "image_tokens": "patches"},
+            "decoder": {"arch": "llama", "width": 512, "depth": 8, "heads": 8, "ffn_hidden": 1024,
+                        "max_text_len": 128,
                         "moe": {"num_experts": 8, "top_k": 2}},
             "tokenizer": {"kind": "bpe", "vocab_size": 8192},
         },
@@ -45,17 +47,19 @@ PRESETS: dict[str, dict] = {
     # Seconds per run: for tests and quick checks.
     "tiny": {
         "model": {
-            "vision": {"image_size": 16, "patch_size": 8, "width": 32, "depth": 1, "heads": 2,
-                       "image_tokens": "pooled", "pooled_tokens": 1},
-            "decoder": {"width": 32, "depth": 2, "heads": 2, "max_text_len": 24,
+            "vision": {"arch": "siglip", "image_size": 16, "patch_size": 16, "width": 32, "depth": 1, "heads": 2,
+                       "image_tokens": "patches"},
+            "decoder": {"arch": "llama", "width": 32, "depth": 2, "heads": 2, "max_text_len": 24,
                         "moe": {"num_experts": 4, "top_k": 2}},
         },
         "train": {"batch_size": 8, "max_steps": 20, "warmup_steps": 2, "eval_every": 10,
                   "checkpoint_every": 10, "log_every": 5},
     },
     # Learns well on small datasets of small images (a few thousand, up to 32 px): every 4 px
-    # patch is an image token, small random shifts, ~13 minutes on 2 CPU cores.
+    # patch is an image token, small random shifts, ~13 minutes on 2 CPU cores; llama + siglip,
+    # so it exports to transformers.
     "default": {
+        "model": {"vision": {"arch": "siglip"}, "decoder": {"arch": "llama"}},
         "data": {"augment": True},
         "train": {"max_steps": 2000, "lr": 1.5e-3, "eval_every": 500, "checkpoint_every": 500},
     },
