@@ -1,5 +1,6 @@
 """The whole staged recipe once, on random weights in real shapes: pretrain -> instruct -> moe ->
-caption and eval, through the command line, with wall time and peak memory of each step.
+caption and eval -> export to transformers, through the command line, with wall time and peak memory
+of each step; then transformers' computation of the export against moevlm's.
 
 Tiny test models hide what real shapes show (tied embeddings, grouped-query attention, hundreds of
 image tokens, long texts). This builds, from configs and offline:
@@ -12,6 +13,10 @@ saves both to a folder and runs each stage for a few steps on 16 LLaVA-style row
 random, so losses and captions mean nothing; what counts is that every step runs and what it costs.
 
     python benchmarks/real_shapes_chain.py [--out DIR] [--steps N] [--tied false]
+
+The export check (tests/export/export_helpers.py, as the tests run it) compares the processor's
+input_ids and pixel values, image features, logits (to 1e-4 here: 30 layers of float32) and
+greedy tokens on a left-padded batch of two.
 """
 
 from __future__ import annotations
@@ -81,6 +86,25 @@ def main() -> None:
     run("caption (2 images)", ["caption", "--model", str(root / "moe"), "--max-new-tokens", "8",
                                str(root / "000.png"), str(root / "001.png")])
     run("eval (16 rows)", ["eval", "--model", str(root / "moe"), "--data", str(data["conversations"]), "--json"])
+    run("export --to hf (LLaVA with a Qwen2-MoE LM: MoE on every other layer)",
+        ["export", "--model", str(root / "moe"), "--to", "hf", "--out", str(root / "hf")])
+    run("caption of the export (2 images)", ["caption", "--model", str(root / "hf"), "--max-new-tokens", "8",
+                                             str(root / "000.png"), str(root / "001.png")])
+    compare_with_transformers(root / "moe", root / "hf")
+
+
+def compare_with_transformers(checkpoint: Path, exported: Path) -> None:
+    check = ("import sys, json; sys.path.insert(0, sys.argv[3]); from export_helpers import assert_export_matches; "
+             "print(json.dumps(assert_export_matches(sys.argv[1], sys.argv[2], ('', 'What is in the image?'), "
+             "atol=1e-4)))")
+    began = time.perf_counter()
+    done = subprocess.run([sys.executable, "-c", check, str(checkpoint), str(exported),
+                           str(Path(__file__).resolve().parents[1] / "tests" / "export")], capture_output=True, text=True)
+    if done.returncode != 0:
+        print(done.stderr[-3000:], file=sys.stderr)
+        raise SystemExit("transformers does not compute what moevlm does on the export")
+    print(f"transformers on the export: {done.stdout.strip().splitlines()[-1]} "
+          f"({time.perf_counter() - began:.1f} s)")
 
 
 if __name__ == "__main__":
