@@ -98,8 +98,9 @@ def compare_with_transformers(checkpoint: Path, exported: Path) -> None:
              "print(json.dumps(assert_export_matches(sys.argv[1], sys.argv[2], ('', 'What is in the image?'), "
              "atol=1e-4)))")
     began = time.perf_counter()
-    done = subprocess.run([sys.executable, "-c", check, str(checkpoint), str(exported),
-                           str(Path(__file__).resolve().parents[1] / "tests" / "export")], capture_output=True, text=True)
+    helpers = Path(__file__).resolve().parents[1] / "tests" / "export"
+    done = subprocess.run([sys.executable, "-c", check, str(checkpoint), str(exported), str(helpers)],
+                          capture_output=True, text=True)
     if done.returncode != 0:
         print(done.stderr[-3000:], file=sys.stderr)
         raise SystemExit("transformers does not compute what moevlm does on the export")
