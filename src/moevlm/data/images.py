@@ -98,11 +98,21 @@ def check_image(ref: ImageRef) -> None:
     _open(ref, decode=False)
 
 
+def open_image_bytes(data: bytes) -> Image.Image:
+    """Decode image bytes already in memory (a request's upload) as ``open_image`` decodes a reference."""
+    return _decode(data, decode=True)
+
+
 def _open(ref: ImageRef, decode: bool) -> Image.Image | None:
     data = _read_bytes(ref)
     if not data:
         raise ValueError("cannot decode image: empty file" if _is_path(ref) else
                          "cannot decode image: no image bytes")
+    return _decode(data, decode)
+
+
+def _decode(data: bytes, decode: bool) -> Image.Image | None:
+    """``decode`` False: check the header only (format, size), return None."""
     try:
         # Pillow only warns between MAX_IMAGE_PIXELS and twice that; a data file from
         # elsewhere should not get to allocate gigabytes, so the warning stops it too.

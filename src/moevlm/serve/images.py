@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from PIL import Image
 
-from moevlm.data.images import open_image
+from moevlm.data.images import open_image_bytes
 from moevlm.serve.errors import ApiError
 
 
@@ -79,6 +79,6 @@ def load_image(url: str, limits: ImageLimits) -> Image.Image:
         raise ApiError(413, f"image_url: the image has {width}x{height} pixels, over the limit of "
                             f"{limits.max_pixels}", "messages")
     try:
-        return open_image(base64.b64encode(data).decode("ascii"))
+        return open_image_bytes(data)
     except (ValueError, OSError) as err:
         raise ApiError(400, f"image_url: {err}", "messages") from None
