@@ -20,7 +20,7 @@ from moevlm.errors import ConfigError, DataError
 from moevlm.models.protocol import VisionLanguageModel
 
 
-def _left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+def left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(p) for p in prompts)
     ids = torch.full((len(prompts), width), pad_id, dtype=torch.long, device=device)
     mask = torch.zeros((len(prompts), width), dtype=torch.bool, device=device)
@@ -28,6 +28,12 @@ def _left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tens
         ids[row, width - len(prompt):] = torch.tensor(prompt, dtype=torch.long)
         mask[row, width - len(prompt):] = True
     return ids, mask
+
+
+def new_token_room(model: VisionLanguageModel, prompt_length: int) -> int:
+    """How many tokens a prompt of ``prompt_length`` ids leaves before ``decoder.max_text_len``, which
+    counts text tokens only (a model with ``images_in_text`` has its image ids among the prompt's)."""
+    return model.cfg.decoder.max_text_len + (model.num_image_tokens if model.images_in_text else 0) - prompt_length
 
 
 def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None,
@@ -66,12 +72,11 @@ def generate_stream(model: VisionLanguageModel, images: torch.Tensor, prompts: l
     # max_text_len counts text tokens; prompts of a model that takes its image tokens in the
     # text hold num_image_tokens more ids than that.
     in_text = model.images_in_text
-    limit = model.cfg.decoder.max_text_len + (model.num_image_tokens if in_text else 0) - max(len(p) for p in prompts)
-    max_new_tokens = max(0, min(max_new_tokens, limit))
+    max_new_tokens = max(0, min(max_new_tokens, new_token_room(model, max(len(p) for p in prompts))))
     generator = None
     if seed is not None:
         generator = torch.Generator(device=device).manual_seed(seed)
-    ids, text_mask = _left_pad(prompts, pad_id, device)
+    ids, text_mask = left_pad(prompts, pad_id, device)
     prepended = 0 if in_text else model.num_image_tokens
     cache = model.new_cache(len(prompts), prepended + ids.size(1) + max_new_tokens) if use_cache else None
     done = torch.zeros(len(prompts), dtype=torch.bool, device=device)

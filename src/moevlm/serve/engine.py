@@ -23,7 +23,7 @@ import torch
 from moevlm.checkpoint import load_model
 from moevlm.data.images import image_preparer, normalize
 from moevlm.device import autocast_dtype, resolve_device
-from moevlm.generate import sample_next
+from moevlm.generate import left_pad, new_token_room, sample_next
 from moevlm.serve.batch import DecodeBatch, repack
 from moevlm.serve.metrics import ServerMetrics
 
@@ -113,9 +113,7 @@ class Engine:
 
     def token_limit(self, prompt_ids: list[int]) -> int:
         """How many tokens a prompt leaves room for (as ``generate`` counts it)."""
-        model = self.model
-        return (model.cfg.decoder.max_text_len + (model.num_image_tokens if model.images_in_text else 0)
-                - len(prompt_ids))
+        return new_token_room(self.model, len(prompt_ids))
 
     def prompt_tokens(self, prompt_ids: list[int]) -> int:
         """Positions the prompt fills in the decoder, prepended image tokens included."""
@@ -207,12 +205,9 @@ class Engine:
 
     def _prefill(self, jobs: list[Job]) -> tuple[DecodeBatch, torch.Tensor]:
         """The new jobs' prompts, left-padded into one batch, through the model."""
-        width = max(len(job.prompt_ids) for job in jobs)
-        ids = torch.full((len(jobs), width), self.tokenizer.pad_id, dtype=torch.long, device=self.device)
-        mask = torch.zeros((len(jobs), width), dtype=torch.bool, device=self.device)
-        for row, job in enumerate(jobs):
-            ids[row, width - len(job.prompt_ids):] = torch.tensor(job.prompt_ids, dtype=torch.long)
-            mask[row, width - len(job.prompt_ids):] = True
+        ids, mask = left_pad([job.prompt_ids for job in jobs], self.tokenizer.pad_id, self.device)
+        width = ids.size(1)
+        for job in jobs:
             if job.seed is not None or job.temperature > 0:
                 job.generator = torch.Generator(device=self.device)
                 job.generator.manual_seed(job.seed if job.seed is not None else secrets.randbits(63))
