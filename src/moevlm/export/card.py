@@ -3,9 +3,6 @@ parameter counts, the run's figures, how to load it)."""
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import torch
 
 
@@ -16,12 +13,8 @@ def parameter_counts(weights: dict[str, torch.Tensor], experts: int, top_k: int)
     return total, total - (expert * (experts - top_k) // experts if experts else 0)
 
 
-def _run_figures(model_dir: Path) -> list[str]:
-    """The last validation figures in the run's trainer_state.json, as table rows."""
-    try:
-        history = json.loads((model_dir / "trainer_state.json").read_text()).get("history", {})
-    except (OSError, ValueError):
-        return []
+def _run_figures(history: dict) -> list[str]:
+    """The last validation figures of the run's history (trainer_state.json), as table rows."""
     rows = []
     for key in ("val/loss", "val/exact_match", "val/bleu4", "train/loss"):
         if history.get(key):
@@ -30,7 +23,7 @@ def _run_figures(model_dir: Path) -> list[str]:
     return rows
 
 
-def model_card(name: str, text_config: dict, vision_config: dict, counts: tuple[int, int], model_dir: Path,
+def model_card(name: str, text_config: dict, vision_config: dict, counts: tuple[int, int], history: dict,
                run_id: str | None, sources: list[str], num_image_tokens: int, load_example: str,
                has_expert_picture: bool) -> str:
     experts = text_config.get("num_local_experts") or text_config.get("num_experts")
@@ -54,7 +47,7 @@ def model_card(name: str, text_config: dict, vision_config: dict, counts: tuple[
     if experts:
         lines.append(f"| experts | {experts} per MoE layer, top-{text_config['num_experts_per_tok']} |")
     lines += [f"| parameters | {total:,} in all, {active:,} active per token |", ""]
-    figures = _run_figures(model_dir)
+    figures = _run_figures(history)
     if figures:
         lines += ["## Training figures", "", "Last values logged by the training run (validation split):", "",
                   "| metric | value | step |", "|---|---|---|", *figures, ""]

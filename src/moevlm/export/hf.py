@@ -89,8 +89,9 @@ def export_hf(model_dir: Path, out: Path, *, register: str | None = None, tracki
     counts = parameter_counts(weights, moe.num_experts if mc.decoder.moe_layer_indices else 0, moe.top_k)
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    state = _trainer_state(model_dir)
     try:
-        _write(partial, model_dir, mc, vision, text, weights, tokenizer, template, special, counts, model.vision, out)
+        _write(partial, model_dir, mc, vision, text, weights, tokenizer, template, special, counts, state, out)
         if out.exists():
             out.rmdir()
         partial.rename(out)
@@ -99,7 +100,7 @@ def export_hf(model_dir: Path, out: Path, *, register: str | None = None, tracki
         raise
     result = ExportResult(out, text.config["model_type"], *counts)
     if register is not None:
-        uri, run_id = _tracking_of(model_dir, tracking_uri)
+        uri, run_id = _tracking_of(model_dir, tracking_uri, state.get("mlflow_run_id"))
         result.registered_version = register_in_mlflow(out, register, uri, run_id)
     if hub_repo is not None:
         result.hub_url = push_to_hub(out, hub_repo)
@@ -118,7 +119,8 @@ def _llava_weights(vision: VisionPart, projector, text: TextPart) -> dict[str, t
 
 
 def _write(folder: Path, model_dir: Path, mc, vision: VisionPart, text: TextPart, weights, tokenizer, template,
-           special, counts, vision_module, out: Path) -> None:
+           special, counts, state: dict, out: Path) -> None:
+    """``state``: the checkpoint's trainer_state.json (empty for an imported folder)."""
     # Lazy: transformers takes seconds to import.
     from transformers import LlavaConfig
 
@@ -132,7 +134,7 @@ def _write(folder: Path, model_dir: Path, mc, vision: VisionPart, text: TextPart
     llava.save_pretrained(str(folder))
     save_file(weights, str(folder / "model.safetensors"), metadata={"format": "pt"})
     source_images = None
-    if isinstance(vision_module, HFVisionTower):
+    if mc.vision.pretrained is not None:  # the checkpoint keeps its tower's own processor
         # Lazy: transformers takes seconds to import.
         from transformers import AutoImageProcessor
 
@@ -145,24 +147,23 @@ def _write(folder: Path, model_dir: Path, mc, vision: VisionPart, text: TextPart
     if has_picture:
         shutil.copyfile(model_dir / "expert_load.png", folder / "expert_load.png")
     sources = sorted({s for s in (mc.vision.pretrained, mc.decoder.pretrained) if s})
-    run_id = _run_id(model_dir)
     prompt = "" if mc.decoder.pretrained is None else "Describe the image."
-    card = model_card(out.name, text.config, vision.config, counts, model_dir, run_id, sources,
+    card = model_card(out.name, text.config, vision.config, counts, state.get("history", {}),
+                      state.get("mlflow_run_id"), sources,
                       mc.vision.num_image_tokens, LOAD_EXAMPLE.format(out=out, prompt=prompt), has_picture)
     (folder / "README.md").write_text(card)
 
 
-def _run_id(model_dir: Path) -> str | None:
+def _trainer_state(model_dir: Path) -> dict:
     try:
-        return json.loads((model_dir / STATE).read_text()).get("mlflow_run_id")
+        return json.loads((model_dir / STATE).read_text())
     except (OSError, ValueError):
-        return None
+        return {}
 
 
-def _tracking_of(model_dir: Path, tracking_uri: str | None) -> tuple[str, str | None]:
+def _tracking_of(model_dir: Path, tracking_uri: str | None, run_id: str | None) -> tuple[str, str | None]:
     """The tracking store and run the checkpoint was trained in: ``tracking_uri``, else the run
     folder's own ``mlflow.db`` (the checkpoint's folder or the run folder above ``checkpoints/``)."""
-    run_id = _run_id(model_dir)
     if tracking_uri is not None:
         return tracking_uri, run_id
     for folder in (model_dir, model_dir.parent.parent):
