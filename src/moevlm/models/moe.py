@@ -14,6 +14,7 @@ Tensor names carry their shapes (torchtitan style):
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -52,6 +53,9 @@ class MoE(nn.Module):
         self.aux: dict[str, torch.Tensor] = {}
         self.last_load = torch.zeros(2, E, dtype=torch.long)  # [image, text] x experts
         self.last_dropped = torch.zeros((), dtype=torch.long)
+        # Sums a statistic (no grad) over the whole batch when the batch is split across processes
+        # (set by moevlm.train.distributed); None: this process holds the whole batch.
+        self.batch_sum: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     def route(self, x_ND: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Returns clean router logits (N, E), chosen experts (N, K) and their weights (N, K).
@@ -84,15 +88,20 @@ class MoE(nn.Module):
         within_NK = None if self.cfg.capacity_factor is None else self.within_capacity(experts_NK, real_N)
         kept_NK = within_NK if self.training else None
         self._record_stats(logits_NE, experts_NK, kind_N, real_N, within_NK, kept_NK)
-        if kept_NK is not None:
-            y_ND = self.experts_sorted(x_ND, experts_NK, weights_NK, kept_NK)
-        elif x_ND.size(0) * self.cfg.top_k <= self.cfg.num_experts and not torch.is_grad_enabled():
-            y_ND = self.experts_per_token(x_ND, experts_NK, weights_NK)  # decoding a token or a few
-        else:
-            y_ND = self.experts_sorted(x_ND, experts_NK, weights_NK)
+        y_ND = self.compute_experts(x_ND, experts_NK, weights_NK, kept_NK)
         if self.shared is not None:
             y_ND = y_ND + self.shared(x_ND)
         return self.dropout(y_ND.view(B, T, D))
+
+    def compute_experts(self, x_ND: torch.Tensor, experts_NK: torch.Tensor, weights_NK: torch.Tensor,
+                        kept_NK: torch.Tensor | None) -> torch.Tensor:
+        """Each token through its chosen (and kept) experts, weighted and summed: (N, D).
+
+        The one seam for expert parallelism: ``moevlm.train.expert_parallel`` replaces it on the
+        instance with a version that sends tokens to the process holding their experts."""
+        if kept_NK is None and x_ND.size(0) * self.cfg.top_k <= self.cfg.num_experts and not torch.is_grad_enabled():
+            return self.experts_per_token(x_ND, experts_NK, weights_NK)  # decoding a token or a few
+        return self.experts_sorted(x_ND, experts_NK, weights_NK, kept_NK)
 
     def within_capacity(self, experts_NK: torch.Tensor, real_N: torch.Tensor) -> torch.Tensor:
         """Which assignments (N, K) keep their slot under ``moe.capacity_factor``: each expert
@@ -194,13 +203,18 @@ class MoE(nn.Module):
         if not self.training:
             self.aux = {}
             return
-        real_N = real_N.to(logits_NE.dtype)
-        num_real = real_N.sum().clamp(min=1)
+        real_N = real_N.float()  # counts of thousands of tokens stay exact, unlike in bf16
         probs_NE = logits_NE.float().softmax(dim=-1)
         # Switch/GShard balance: E * sum_e f_e * P_e, with f_e the fraction of assignments and
         # P_e the mean router probability of expert e; equals 1 when routing is uniform.
         assigned_NE = torch.zeros_like(probs_NE).scatter_(1, experts_NK, 1.0)
-        f_E = (assigned_NE * real_N[:, None]).sum(0) / (num_real * K)
+        counts = torch.cat([(assigned_NE * real_N[:, None]).sum(0), real_N.sum()[None]]).detach()
+        if self.batch_sum is not None:
+            # f and the token count of the whole batch; P and z then hold this part's share of
+            # the batch's sums, so the parts' losses add up to the whole batch's loss.
+            counts = self.batch_sum(counts)
+        num_real = counts[E].clamp(min=1)
+        f_E = counts[:E] / (num_real * K)
         P_E = (probs_NE * real_N[:, None]).sum(0) / num_real
         balance = E * (f_E * P_E).sum()
         z = ((torch.logsumexp(logits_NE.float(), dim=-1) ** 2) * real_N).sum() / num_real
