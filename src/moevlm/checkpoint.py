@@ -42,6 +42,10 @@ from moevlm.models.protocol import VisionLanguageModel
 CONFIG, WEIGHTS, TOKENIZER, STATE, OPTIMIZER, CHECKSUMS, PRETRAINED = (
     "config.json", "model.safetensors", "tokenizer.json", "trainer_state.json", "optimizer.pt", "checksums.json",
     "pretrained.json")
+# A run on several ranks writes weights and optimizer state as torch.distributed.checkpoint
+# shards into this folder instead of model.safetensors and optimizer.pt (train/dist_checkpoint.py).
+SHARDED = "sharded"
+SHARDED_METADATA = f"{SHARDED}/.metadata"
 MODEL_FILES = (CONFIG, WEIGHTS, TOKENIZER)
 TRAINING_FILES = MODEL_FILES + (STATE, OPTIMIZER)
 # pretrained.json's "fingerprint_covers" for a fingerprint of whole tensors; a file without it is
@@ -59,6 +63,12 @@ class PreparedModel:
     tokenizer: TextTokenizer
     config: Config
     from_source: set[str] = field(default_factory=set)
+
+
+@dataclass
+class ShardedOptimizerState:
+    """The optimizer state of a sharded checkpoint: read once the run's optimizer exists."""
+    folder: Path
 
 
 def sha256(path: Path) -> str:
@@ -137,34 +147,42 @@ def _state_dict_for_saving(model, skip: set[str]) -> dict[str, torch.Tensor]:
     return {name: tensor.detach().contiguous().cpu() for name, tensor in state.items() if name not in skip}
 
 
-def _pretrained_refs(config: Config, from_source: set[str], model) -> dict:
+def _pretrained_refs(config: Config, from_source: set[str], digest: str) -> dict:
     sources = {"vision": config.model.vision.pretrained, "lm": config.model.decoder.pretrained}
     return {"sources": {k: v for k, v in sources.items() if v is not None}, "untouched": sorted(from_source),
-            "fingerprint": fingerprint(model, from_source), "fingerprint_covers": _WHOLE}
+            "fingerprint": digest, "fingerprint_covers": _WHOLE}
 
 
 def write_checkpoint(folder: Path, prepared: PreparedModel, state: dict | None = None,
-                     optimizer: torch.optim.Optimizer | None = None, images=None) -> list[str]:
+                     optimizer: torch.optim.Optimizer | None = None, images=None, shards: list[str] | None = None,
+                     pretrained_fingerprint: str | None = None) -> list[str]:
     """Write a checkpoint into ``folder`` (a fresh, private folder: files are written in place).
 
     ``prepared.from_source``: pretrained tensors to reference instead of writing (none with
     train.save_frozen). ``images``: the image preparer in use (data/images.py), whose processor
-    files are saved. Returns the names written, checksums.json last.
+    files are saved. ``shards``: the files of ``sharded/`` the ranks already wrote (weights and
+    optimizer state), with the fingerprint of the pretrained tensors taken before the model was
+    sharded. Returns the names written, checksums.json last.
     """
     model, tokenizer, config = prepared.model, prepared.tokenizer, prepared.config
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     from_source = set() if config.train.save_frozen else set(prepared.from_source)
-    assert with_tied(from_source, model.state_dict()) == from_source, "a tied tensor is from its source under one name"
     (folder / CONFIG).write_text(config.to_json())
     names = [CONFIG, *tokenizer.save(folder)]  # an LM's tokenizer brings several files
-    save_file(_state_dict_for_saving(model, from_source), str(folder / WEIGHTS),
-              metadata={"format": "pt", "step": str((state or {}).get("step", 0))})
-    names.append(WEIGHTS)
+    if shards is None:
+        assert with_tied(from_source, model.state_dict()) == from_source, "a tied tensor is from its source once"
+        save_file(_state_dict_for_saving(model, from_source), str(folder / WEIGHTS),
+                  metadata={"format": "pt", "step": str((state or {}).get("step", 0))})
+        names.append(WEIGHTS)
+        pretrained_fingerprint = fingerprint(model, from_source)
+    else:
+        names += shards
     if config.model.uses_pretrained:
-        (folder / PRETRAINED).write_text(json.dumps(_pretrained_refs(config, from_source, model), indent=1))
+        (folder / PRETRAINED).write_text(json.dumps(_pretrained_refs(config, from_source, pretrained_fingerprint),
+                                                    indent=1))
         names += [PRETRAINED, *(images or image_preparer(config.model)).save(folder)]
-    if optimizer is not None:
+    if optimizer is not None and shards is None:
         torch.save(optimizer.state_dict(), folder / OPTIMIZER)
         names.append(OPTIMIZER)
     if state is not None:
@@ -194,6 +212,8 @@ def verify_checkpoint(folder: Path, required: tuple[str, ...] = MODEL_FILES) -> 
 
 
 def _verify(folder: Path, required: tuple[str, ...]) -> None:
+    if is_sharded(folder):
+        required = tuple(name for name in required if name not in (WEIGHTS, OPTIMIZER)) + (SHARDED_METADATA,)
     missing = [name for name in required if not (folder / name).is_file()]
     if missing:
         raise DamagedCheckpointError(f"{folder}: not a complete moevlm checkpoint ({missing[0]} is missing)")
@@ -216,6 +236,31 @@ def _verify(folder: Path, required: tuple[str, ...]) -> None:
         if sha256(folder / name) != sums[name]:
             raise DamagedCheckpointError(f"{folder / name}: checksum mismatch (the file is corrupted, truncated "
                                          "or from another checkpoint)")
+
+
+def is_sharded(folder: Path) -> bool:
+    """A checkpoint written by several ranks (weights in ``sharded/``): what its checksums list."""
+    try:
+        return SHARDED_METADATA in json.loads((Path(folder) / CHECKSUMS).read_text())["sha256"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+def _read_sharded_weights(model_dir: Path, model) -> dict[str, torch.Tensor]:
+    """The whole tensors of a sharded checkpoint that ``model`` has, read in this process."""
+    import warnings
+
+    import torch.distributed.checkpoint as dcp  # Lazy: only sharded checkpoints need it
+
+    reader = dcp.FileSystemReader(str(model_dir / SHARDED))
+    stored = {key.removeprefix("model.") for key in reader.read_metadata().state_dict_metadata
+              if key.startswith("model.")}
+    state = {name: torch.empty_like(tensor) for name, tensor in model.state_dict().items() if name in stored}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process")
+        # Each process reads whole tensors on its own (ranks resuming read in turn, see train/run.py).
+        dcp.load({"model": state}, storage_reader=reader, no_dist=True)
+    return state
 
 
 def read_config(model_dir: Path) -> Config:
@@ -289,6 +334,8 @@ def load_training_checkpoint(model_dir: Path) -> tuple[PreparedModel, dict, dict
         state = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise CheckpointError(f"{path}: not valid JSON ({err})") from None
+    if is_sharded(model_dir):
+        return bundle, state, ShardedOptimizerState(model_dir)
     optimizer_file = model_dir / OPTIMIZER
     try:
         optimizer_state = torch.load(optimizer_file, weights_only=True, map_location="cpu")
@@ -349,7 +396,11 @@ def _load_verified_model(model_dir: Path) -> PreparedModel:
         raise CheckpointError(f"{model_dir}: the pretrained weights loaded from {', '.join(refs['sources'].values())} "
                               f"are not those this checkpoint was trained with ({PRETRAINED} fingerprint differs)")
     try:
-        state = {_current_name(name): tensor for name, tensor in load_file(str(weights)).items()}
+        if is_sharded(model_dir):
+            weights = model_dir / SHARDED
+            state = _read_sharded_weights(model_dir, model)
+        else:
+            state = {_current_name(name): tensor for name, tensor in load_file(str(weights)).items()}
     except (SafetensorError, OSError) as err:
         raise CheckpointError(f"{weights}: unreadable weights ({err})") from None
     expected = model.state_dict()

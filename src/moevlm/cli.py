@@ -177,6 +177,8 @@ def _cmd_train(args) -> int:
                                    max_steps=args.max_steps, tracking_uri=args.tracking_uri,
                                    tracking=not args.no_tracking, progress=sys.stderr.isatty(),
                                    from_dir=args.from_dir, compare_config=config_given)
+    if not trainer.world.is_main:  # under torchrun rank 0 reports for all
+        return 0
     rows = "validation" if trainer.val_set else "training"
     print(f"trained to step {trainer.step}: {rows} loss {result['loss']:.4f} on {result['num_samples']} rows, "
           f"exact match {result['exact_match']:.3f} on {len(result['predictions'])} of them")

@@ -11,6 +11,7 @@ from moevlm.config.schema import (
                                   Config,
                                   DataConfig,
                                   DecoderConfig,
+                                  DistConfig,
                                   ModelConfig,
                                   MoEConfig,
                                   ProjectorConfig,
@@ -22,5 +23,5 @@ from moevlm.config.schema import (
 from moevlm.config.values import flat_keys
 
 __all__ = ["ACTIVATIONS", "ALIASES", "PARAM_GROUPS", "PRESETS", "STAGES", "Config", "DataConfig", "DecoderConfig",
-           "ModelConfig", "MoEConfig", "ProjectorConfig", "TokenizerConfig", "TrainConfig", "VisionConfig",
-           "describe_fields", "flat_keys", "load_config", "moe_layer_indices", "parse_override"]
+           "DistConfig", "ModelConfig", "MoEConfig", "ProjectorConfig", "TokenizerConfig", "TrainConfig",
+           "VisionConfig", "describe_fields", "flat_keys", "load_config", "moe_layer_indices", "parse_override"]

@@ -271,7 +271,8 @@ PRECISIONS = ("auto", "fp32", "bf16")
 
 @dataclass(frozen=True)
 class TrainConfig:
-    batch_size: int = option(32, "rows per micro-batch")
+    batch_size: int = option(32, "rows per micro-batch, over all ranks together under torchrun (each rank takes "
+                                 "batch_size / world size)")
     grad_accum: int = option(1, "micro-batches per optimizer step")
     max_steps: int = option(1000, "optimizer steps")
     lr: float = option(1e-3, "peak learning rate (AdamW)")
@@ -319,11 +320,34 @@ class TrainConfig:
         _check(self.precision in PRECISIONS, f"train.precision must be {', '.join(PRECISIONS)}, not {self.precision!r}")
 
 
+STRATEGIES = ("auto", "ddp", "fsdp")
+BACKENDS = ("auto", "gloo", "nccl")
+
+
+@dataclass(frozen=True)
+class DistConfig:
+    strategy: str = option("auto", "under torchrun: ddp (every rank holds the whole model), fsdp (FSDP2: parameters, "
+                                   "gradients and optimizer state sharded across ranks) or auto (ddp when weights, "
+                                   "gradients and AdamW state fit in half a rank's memory, else fsdp); one process "
+                                   "ignores it")
+    expert_parallel: int = option(1, "ranks that split each MoE layer's experts between them (each holds "
+                                     "num_experts / E); 1: every rank holds every expert")
+    backend: str = option("auto", "auto (nccl on CUDA, gloo on CPU), gloo or nccl")
+    timeout_s: int = option(600, "seconds a rank waits for the others in one collective before the run fails")
+
+    def __post_init__(self):
+        _check(self.strategy in STRATEGIES, f"dist.strategy must be {', '.join(STRATEGIES)}, not {self.strategy!r}")
+        _check(self.backend in BACKENDS, f"dist.backend must be {', '.join(BACKENDS)}, not {self.backend!r}")
+        _check(self.expert_parallel >= 1, "dist.expert_parallel must be >= 1")
+        _check(self.timeout_s >= 1, "dist.timeout_s must be >= 1")
+
+
 @dataclass(frozen=True)
 class Config:
     model: ModelConfig = option(help="the model", factory=ModelConfig)
     data: DataConfig = option(help="reading and batching the data", factory=DataConfig)
     train: TrainConfig = option(help="the training run", factory=TrainConfig)
+    dist: DistConfig = option(help="training on several processes (torchrun)", factory=DistConfig)
 
     def to_dict(self) -> dict:
         return to_dict(self)

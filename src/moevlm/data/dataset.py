@@ -274,12 +274,14 @@ class EpochBatchSampler(Sampler):
     attributes at checkpoint time.
     """
 
-    def __init__(self, num_samples: int, batch_size: int, seed: int, drop_last: bool = False):
+    def __init__(self, num_samples: int, batch_size: int, seed: int, drop_last: bool = False, min_rows: int = 1):
+        """``min_rows``: an epoch's last, short batch is left out when it has fewer rows (training on
+        several ranks: each rank needs one)."""
         if num_samples < 1 or batch_size < 1:
             raise ValueError(f"need num_samples and batch_size >= 1, got {num_samples}, {batch_size}")
         self.num_samples, self.batch_size, self.seed = num_samples, batch_size, seed
         # Dropping the only (short) batch would leave epochs with nothing in them.
-        self.drop_last = drop_last and num_samples >= batch_size
+        self.drop_last = (drop_last or 0 < num_samples % batch_size < min_rows) and num_samples >= batch_size
         self.epoch = 0
         self.batch = 0
 

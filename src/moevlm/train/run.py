@@ -15,10 +15,12 @@ from moevlm.checkpoint import PreparedModel, read_config, verify_checkpoint
 from moevlm.config import Config, flat_keys, load_config
 from moevlm.data.tokenizer_factory import TextTokenizer
 from moevlm.data.training_data import load_training_data, new_tokenizer
+from moevlm.device import resolve_device
 from moevlm.errors import ConfigError, MoevlmError
 from moevlm.models.factory import build_model
 from moevlm.models.hf_config import resolve_pretrained
 from moevlm.models.lora import apply_lora
+from moevlm.train.distributed import World, close_world, configure_world, join_world, rank_device
 from moevlm.train.snapshots import RunCheckpoints
 from moevlm.train.stages import continue_from, moe_layers_to_train, pretrained_names
 from moevlm.train.tracking import Tracker
@@ -28,8 +30,11 @@ log = logging.getLogger(__name__)
 
 # Keys a resumed run may change: when to stop, log, validate and checkpoint, and how many workers
 # load the data. None of them changes the model, the batches or an update.
+# How many ranks and how they split the work may change too: the batches and updates are those
+# of the whole batch whatever the split (README, "Training on several processes").
 RESUME_MAY_DIFFER = ("train.max_steps", "train.log_every", "train.eval_every", "train.checkpoint_every",
-                     "train.keep_checkpoints", "train.max_bad_steps", "train.val_generate", "data.num_workers")
+                     "train.keep_checkpoints", "train.max_bad_steps", "train.val_generate", "data.num_workers",
+                     "dist.strategy", "dist.expert_parallel", "dist.backend", "dist.timeout_s")
 
 
 def config_from_command_line(preset: str | None, config_file: Path | None, overrides: list[str],
@@ -102,8 +107,35 @@ def run_training(config: Config, data: Path, out: Path, val_data: Path | None = 
     ``resume``: continue the checkpoint in ``out`` with its own config, or start a fresh run with
     ``config`` when ``out`` holds none yet. ``compare_config``: ``config`` came from the command
     line and must equal the config the run was started with, except the keys in RESUME_MAY_DIFFER,
-    which take ``config``'s values; without it, ``config`` is only used for a fresh start."""
+    which take ``config``'s values; without it, ``config`` is only used for a fresh start.
+
+    Under torchrun every rank calls this (moevlm/train/distributed.py)."""
     out = Path(out)
+    device = resolve_device(config.train.device)
+    world = join_world(config, device)
+    device = rank_device(device, world)
+    try:
+        return _run(config, data, out, world, device, val_data, resume, max_steps, tracking_uri, tracking, progress,
+                    from_dir, compare_config)
+    finally:
+        close_world(world)
+
+
+def _load_in_turn(checkpoints: RunCheckpoints, world: World):
+    """Rank 0 chooses the checkpoint (setting damaged snapshots aside), then the others read it."""
+    loaded = error = None
+    if world.is_main:
+        try:
+            loaded = checkpoints.load()
+        except MoevlmError as err:
+            error = err
+    world.together(error)
+    return loaded if world.is_main else checkpoints.load()
+
+
+def _run(config: Config, data: Path, out: Path, world: World, device: torch.device, val_data: Path | None,
+         resume: bool, max_steps: int | None, tracking_uri: str | None, tracking: bool, progress: bool,
+         from_dir: Path | None, compare_config: bool) -> tuple[Trainer, dict]:
     checkpoints = RunCheckpoints(out)
     state = optimizer_state = None
     prepared = None
@@ -114,7 +146,7 @@ def run_training(config: Config, data: Path, out: Path, val_data: Path | None = 
     # (vocabulary size, a pretrained part's sizes): what a resume's command line is held against.
     command_config = config.to_dict()
     if resume:
-        prepared, state, optimizer_state = checkpoints.load()
+        prepared, state, optimizer_state = _load_in_turn(checkpoints, world)
         if compare_config:
             _check_resume_config(command_config, state, out)
             asked = flat_keys(command_config)
@@ -131,6 +163,7 @@ def run_training(config: Config, data: Path, out: Path, val_data: Path | None = 
         config = prepare_config(config)
     if max_steps is not None:
         config = config.updated({"train.max_steps": max_steps})
+    configure_world(world, config, device)
     training_data = load_training_data(config, data, val_data, prepared.tokenizer if prepared else None,
                                        folder=out if resume else from_dir)
     if prepared is None:
@@ -139,7 +172,7 @@ def run_training(config: Config, data: Path, out: Path, val_data: Path | None = 
     train_set, val_set = training_data.train_set, training_data.val_set
 
     out.mkdir(parents=True, exist_ok=True)
-    tracker = Tracker(out, tracking_uri, enabled=tracking, run_id=(state or {}).get("mlflow_run_id"))
+    tracker = Tracker(out, tracking_uri, enabled=tracking and world.is_main, run_id=(state or {}).get("mlflow_run_id"))
     if not resume:
         params = config.to_dict()
         for section in ("vision", "decoder"):  # the backbone's whole config.json; it is in config.json
@@ -150,7 +183,7 @@ def run_training(config: Config, data: Path, out: Path, val_data: Path | None = 
         tracker.log_params(params)
     trainer = Trainer(config, prepared.model, prepared.tokenizer, train_set, val_set, out, tracker, state,
                       optimizer_state, progress=progress, from_source=prepared.from_source,
-                      command_config=command_config)
+                      command_config=command_config, world=world, device=device)
     try:
         result = trainer.fit()
     except KeyboardInterrupt:

@@ -22,10 +22,22 @@ import os
 import re
 import shutil
 from pathlib import Path
+from typing import Callable
 
 import torch
 
-from moevlm.checkpoint import CONFIG, STATE, PreparedModel, fsync_dir, load_training_checkpoint, write_checkpoint
+from moevlm.checkpoint import (
+    CONFIG,
+    OPTIMIZER,
+    SHARDED,
+    SHARDED_METADATA,
+    STATE,
+    WEIGHTS,
+    PreparedModel,
+    fsync_dir,
+    load_training_checkpoint,
+    write_checkpoint,
+)
 from moevlm.errors import CheckpointError, DamagedCheckpointError
 
 log = logging.getLogger(__name__)
@@ -58,27 +70,61 @@ class RunCheckpoints:
         found = self.snapshots()
         return found[0][0] if found else None
 
+    def _paths(self, step: int) -> tuple[Path, Path]:
+        return self.root / f"step-{step:08d}", self.root / f".step-{step:08d}.tmp"
+
+    def _clear_stale(self) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        for stale in self.root.glob(".step-*"):  # what an earlier kill left half written or half deleted
+            shutil.rmtree(stale)
+
+    def _commit(self, step: int, tmp: Path, final: Path, files: list[str]) -> None:
+        """Rename the written ``tmp`` to ``step-N``, publish it as the folder's top level, keep the newest ``keep``."""
+        for later, folder in self.snapshots():
+            # A resume set aside the damaged ones it passed over; any left from this step on (put
+            # there by hand?) would count towards `keep` and push out the good ones, or block step-N.
+            if later >= step:
+                log.warning("%s is at or past step %d of this run: moved to %s", folder, step, _set_aside(folder))
+        os.replace(tmp, final)
+        fsync_dir(self.root)
+        _publish(final, self.out_dir, files)
+        for _, old in self.snapshots()[self.keep:]:
+            _discard(old)
+
     def save(self, prepared: PreparedModel, state: dict, optimizer: torch.optim.Optimizer, images=None) -> Path:
         """Write snapshot ``step-N`` of ``state["step"]``, make it the folder's top level, keep the newest ``keep``."""
         step = state["step"]
-        final, tmp = self.root / f"step-{step:08d}", self.root / f".step-{step:08d}.tmp"
+        final, tmp = self._paths(step)
         try:
-            self.root.mkdir(parents=True, exist_ok=True)
-            for stale in self.root.glob(".step-*"):  # what an earlier kill left half written or half deleted
-                shutil.rmtree(stale)
-            files = write_checkpoint(tmp, prepared, state, optimizer, images)
-            for later, folder in self.snapshots():
-                # A resume set aside the damaged ones it passed over; any left from this step on (put
-                # there by hand?) would count towards `keep` and push out the good ones, or block step-N.
-                if later >= step:
-                    log.warning("%s is at or past step %d of this run: moved to %s", folder, step, _set_aside(folder))
-            os.replace(tmp, final)
-            fsync_dir(self.root)
-            _publish(final, self.out_dir, files)
-            for _, old in self.snapshots()[self.keep:]:
-                _discard(old)
+            self._clear_stale()
+            self._commit(step, tmp, final, write_checkpoint(tmp, prepared, state, optimizer, images))
         except OSError as err:
             raise CheckpointError(f"{self.out_dir}: cannot write checkpoint: {err.strerror or err}") from None
+        return final
+
+    def save_sharded(self, prepared: PreparedModel, state: dict, world, write_shards: Callable[[Path], list[str]],
+                     pretrained_fingerprint: str | None, images=None) -> Path:
+        """``save`` on several ranks, each calling it: ``write_shards(folder)`` (every rank) writes the
+        weights and optimizer state; rank 0 the rest, then commits. A rank's failure stops every rank."""
+        step = state["step"]
+        final, tmp = self._paths(step)
+        error = None
+        if world.is_main:
+            try:
+                self._clear_stale()
+                tmp.mkdir()
+            except OSError as err:
+                error = CheckpointError(f"{self.out_dir}: cannot write checkpoint: {err.strerror or err}")
+        world.together(error)
+        shards = write_shards(tmp)
+        if world.is_main:
+            try:
+                files = write_checkpoint(tmp, prepared, state, images=images, shards=shards,
+                                         pretrained_fingerprint=pretrained_fingerprint)
+                self._commit(step, tmp, final, files)
+            except OSError as err:
+                error = CheckpointError(f"{self.out_dir}: cannot write checkpoint: {err.strerror or err}")
+        world.together(error)
         return final
 
     def load(self, step: int | None = None) -> tuple[PreparedModel, dict, dict]:
@@ -119,7 +165,9 @@ class RunCheckpoints:
 
 def _publish(snapshot: Path, out_dir: Path, files: list[str]) -> None:
     for name in files:  # checksums.json comes last
-        tmp = out_dir / f".{name}.tmp"
+        target = out_dir / name
+        target.parent.mkdir(exist_ok=True)  # sharded/
+        tmp = target.with_name(f".{target.name}.tmp")
         tmp.unlink(missing_ok=True)
         try:
             os.link(snapshot / name, tmp)  # files are never rewritten in place, so sharing is safe
@@ -127,7 +175,17 @@ def _publish(snapshot: Path, out_dir: Path, files: list[str]) -> None:
             shutil.copyfile(snapshot / name, tmp)
             with open(tmp, "rb") as handle:
                 os.fsync(handle.fileno())
-        os.replace(tmp, out_dir / name)
+        os.replace(tmp, target)
+    # What the other kind of checkpoint left (a run resumed on another number of ranks): no longer
+    # listed in checksums.json, so never read, but taking space.
+    if SHARDED_METADATA in files:
+        for name in (WEIGHTS, OPTIMIZER):
+            (out_dir / name).unlink(missing_ok=True)
+        for path in (out_dir / SHARDED).iterdir():
+            if f"{SHARDED}/{path.name}" not in files:
+                path.unlink()
+    elif (out_dir / SHARDED).is_dir():
+        shutil.rmtree(out_dir / SHARDED)
     fsync_dir(out_dir)
 
 

@@ -15,21 +15,23 @@ import time
 from functools import partial
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from moevlm.checkpoint import PreparedModel
+from moevlm.checkpoint import PreparedModel, ShardedOptimizerState, fingerprint, tied_copies
 from moevlm.config import Config
-from moevlm.data.dataset import EpochBatchSampler, ImageTextDataset, collate, usable_batch
+from moevlm.data.dataset import IGNORE_INDEX, EpochBatchSampler, ImageTextDataset, collate, usable_batch
 from moevlm.data.tokenizer_factory import TextTokenizer
 from moevlm.device import autocast_dtype, resolve_device
-from moevlm.errors import TrainingError
+from moevlm.errors import MoevlmError, TrainingError
 from moevlm.evaluate import evaluate
 from moevlm.metrics import expert_balance
 from moevlm.models.protocol import VisionLanguageModel
 from moevlm.models.vlm import expert_dropped
-from moevlm.train import plots
+from moevlm.train import dist_checkpoint, plots
+from moevlm.train.distributed import RankBatches, World, clip_gradients, parallelize
 from moevlm.train.snapshots import RunCheckpoints
 from moevlm.train.stages import freeze_for_stage, group_lr, still_from_source
 from moevlm.train.tracking import Tracker
@@ -67,6 +69,11 @@ def _rng_state(device: torch.device) -> dict:
     return state
 
 
+def _rank_seed(seed: int, rank: int, step: int) -> int:
+    """Router noise and dropout of rank > 0 (rank 0 goes on from the weights' initialisation, as one process)."""
+    return int(np.random.SeedSequence([seed, rank, step]).generate_state(1)[0])
+
+
 def _set_rng_state(state: dict, device: torch.device) -> None:
     torch.set_rng_state(torch.frombuffer(bytearray(base64.b64decode(state["torch"])), dtype=torch.uint8))
     if device.type == "cuda" and "cuda" in state:
@@ -78,33 +85,45 @@ class Trainer:
     def __init__(self, config: Config, model: VisionLanguageModel, tokenizer: TextTokenizer,
                  train_set: ImageTextDataset, val_set: ImageTextDataset | None, out_dir: Path, tracker: Tracker,
                  state: dict | None = None, optimizer_state: dict | None = None, progress: bool = True,
-                 from_source: set[str] = frozenset(), command_config: dict | None = None):
+                 from_source: set[str] = frozenset(), command_config: dict | None = None,
+                 world: World | None = None, device: torch.device | None = None):
         """``from_source`` names the pretrained tensors no stage has trained so far (kept out of
         checkpoints, see moevlm/checkpoint.py); ``command_config``:
-        the config as the command line gave it, kept in the trainer state for ``--resume`` to check."""
+        the config as the command line gave it, kept in the trainer state for ``--resume`` to check.
+        ``world``: this rank among several (moevlm/train/distributed.py; None: one process), on ``device``."""
         self.config, self.tokenizer = config, tokenizer
         self.train_set, self.val_set = train_set, val_set
         self.out_dir, self.tracker, self.progress = Path(out_dir), tracker, progress
+        self.world = world or World()
         self.checkpoints = RunCheckpoints(self.out_dir, config.train.keep_checkpoints)
         tc = config.train
-        self.device = resolve_device(tc.device)
+        self.device = device or resolve_device(tc.device)
         self.amp_dtype = autocast_dtype(tc.precision, self.device)
         self.model = model.to(self.device)
-        # Training steps go through the compiled module; it shares the parameters, so
-        # checkpoints, evaluation and generation use the plain one.
-        self.forward = torch.compile(self.model) if tc.compile else self.model
         trainable = freeze_for_stage(self.model, tc)
         self.from_source = still_from_source(set(from_source), self.model)
-        self.optimizer = build_optimizer(trainable, tc)
-        if optimizer_state is not None:
+        state = state or {}
+        if self.world.active:
+            optimizer_state = self._parallelize(trainable, optimizer_state)
+        else:
+            self.parallel = parallelize(self.model, self.world, config, self.device)
+            self.optimizer = build_optimizer(trainable, tc)
+        if isinstance(optimizer_state, ShardedOptimizerState):
+            dist_checkpoint.load_sharded_optimizer(optimizer_state.folder, self.model, self.optimizer, self.world,
+                                                   self.parallel.expert_names)
+        elif optimizer_state is not None:
             self.optimizer.load_state_dict(optimizer_state)
-        self.sampler = EpochBatchSampler(len(train_set), tc.batch_size, seed=tc.seed)
+        # Training steps go through the compiled module; it shares the parameters, so
+        # checkpoints, evaluation and generation use the plain one (DDP's inner module).
+        self.forward = torch.compile(self.parallel.forward) if tc.compile else self.parallel.forward
+        self.whole_batches = EpochBatchSampler(len(train_set), tc.batch_size, seed=tc.seed, min_rows=self.world.size)
+        self.sampler = (RankBatches(self.whole_batches, self.world.rank, self.world.size) if self.world.active
+                        else self.whole_batches)
         # Its own generator: a DataLoader draws a seed per iterator, which must not come from
         # the global RNG that router noise and dropout use, or resuming would shift them.
         self.loader = DataLoader(train_set, batch_sampler=self.sampler, num_workers=config.data.num_workers,
                                  collate_fn=partial(collate, pad_id=tokenizer.pad_id),
                                  generator=torch.Generator().manual_seed(tc.seed))
-        state = state or {}
         self.step = state.get("step", 0)
         self.epoch, self.batch_in_epoch = state.get("epoch", 0), state.get("batch_in_epoch", 0)
         self.history: dict[str, list] = {k: [tuple(p) for p in v] for k, v in state.get("history", {}).items()}
@@ -112,8 +131,43 @@ class Trainer:
         self.skipped_steps: list[int] = state.get("skipped_steps", [])
         self.saved_step = state.get("step")  # None until this run writes a checkpoint
         self.command_config = command_config
-        if "rng" in state:
+        if self.world.rank == 0 and "rng" in state:
             _set_rng_state(state["rng"], self.device)
+        elif self.world.rank > 0:
+            ranks = state.get("rank_rng", [])
+            if len(ranks) == self.world.size - 1:  # resumed on as many ranks: each goes on with its own stream
+                _set_rng_state(ranks[self.world.rank - 1], self.device)
+            else:
+                torch.manual_seed(_rank_seed(tc.seed, self.world.rank, self.step))
+
+    def _parallelize(self, trainable: dict[str, list[torch.nn.Parameter]], optimizer_state):
+        """Wrap or shard the model for this rank (``distributed.parallelize``) and build the optimizer
+        on the parameters that leaves. A one-process checkpoint's optimizer state is read into an
+        optimizer on the plain model first, by name, to be split the same way; returns what the
+        caller still has to load."""
+        tc = self.config.train
+        names = {id(p): name for name, p in self.model.named_parameters()}
+        trainable_names = {group: [names[id(p)] for p in params] for group, params in trainable.items()}
+        full_state = None
+        if optimizer_state is not None and not isinstance(optimizer_state, ShardedOptimizerState):
+            full_state = dist_checkpoint.full_optimizer_state(self.model, build_optimizer(trainable, tc),
+                                                              optimizer_state)
+            optimizer_state = None
+        # Taken before sharding: the pretrained tensors' bytes are whole here, on every rank.
+        self.pretrained_fingerprint = fingerprint(self.model, self.from_source)
+        self.skip_in_checkpoint = tied_copies(self.model.state_dict())
+        if not self.config.train.save_frozen:
+            self.skip_in_checkpoint |= self.from_source
+        text_only = not all(self.train_set.has_image(i) for i in range(len(self.train_set)))
+        self.parallel = parallelize(self.model, self.world, self.config, self.device, unused_parameters=text_only)
+        params = dict(self.model.named_parameters())
+        self.optimizer = build_optimizer({group: [params[name] for name in group_names]
+                                          for group, group_names in trainable_names.items()}, tc)
+        self.expert_params = {params[name] for name in self.parallel.expert_names}
+        if full_state is not None:
+            dist_checkpoint.load_full_optimizer(self.model, self.optimizer, full_state, self.world,
+                                                self.parallel.expert_names)
+        return optimizer_state
 
     def batches(self):
         """Endless batches; (epoch, batch_in_epoch) always names the next batch, for resume."""
@@ -129,20 +183,45 @@ class Trainer:
                     yield batch
 
     def _record(self, metrics: dict[str, float]) -> None:
+        """Into the history (every rank keeps it: the values are the same everywhere) and MLflow (rank 0)."""
         for name, value in metrics.items():
             self.history.setdefault(name, []).append((self.step, value))
         self.tracker.log_metrics(metrics, self.step)
 
     def _state(self) -> dict:
-        return {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
-                "rng": _rng_state(self.device), "history": self.history,
-                "bad_in_a_row": self.bad_in_a_row, "skipped_steps": self.skipped_steps,
-                "mlflow_run_id": self.tracker.run_id, "command_config": self.command_config}
+        state = {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
+                 "rng": _rng_state(self.device), "history": self.history,
+                 "bad_in_a_row": self.bad_in_a_row, "skipped_steps": self.skipped_steps,
+                 "mlflow_run_id": self.tracker.run_id, "command_config": self.command_config}
+        if self.world.active:
+            import torch.distributed as dist  # Lazy: only several ranks have anything to gather
+
+            streams: list = [None] * self.world.size
+            dist.all_gather_object(streams, state["rng"])
+            state.update(rank_rng=streams[1:], world_size=self.world.size)
+        return state
 
     def save(self) -> None:
         prepared = PreparedModel(self.model, self.tokenizer, self.config, self.from_source)
-        self.checkpoints.save(prepared, self._state(), self.optimizer, self.train_set.prepare_image)
+        if self.world.active:
+            self.checkpoints.save_sharded(
+                prepared, self._state(), self.world,
+                lambda folder: dist_checkpoint.save_shards(folder, self.model, self.optimizer, self.skip_in_checkpoint,
+                                                           self.world, self.parallel.expert_names),
+                self.pretrained_fingerprint, self.train_set.prepare_image)
+        else:
+            self.checkpoints.save(prepared, self._state(), self.optimizer, self.train_set.prepare_image)
         self.saved_step = self.step
+
+    def _next_batch(self, batches) -> tuple[dict, int]:
+        """The next batch and the number of answer tokens of the whole batch over all ranks; a bad
+        row on any rank stops every rank (``World.together``)."""
+        try:
+            batch, error = next(batches), None
+        except MoevlmError as err:
+            batch, error = None, err
+        labels = 0 if batch is None else int((batch["labels"] != IGNORE_INDEX).sum())
+        return batch, self.world.together(error, labels)
 
     def train_step(self, batches) -> dict[str, float] | None:
         """One optimizer step over ``grad_accum`` micro-batches; None when it was skipped as non-finite."""
@@ -150,24 +229,41 @@ class Trainer:
         self.model.train()
         totals = {"loss": 0.0, "lm_loss": 0.0, "balance_loss": 0.0, "z_loss": 0.0}
         tokens = 0
-        for _ in range(tc.grad_accum):
-            batch = next(batches)
+        for micro in range(tc.grad_accum):
+            batch, all_labels = self._next_batch(batches)
             mixed = {} if bool(batch["has_image"].all()) else {"has_image": batch["has_image"]}
             batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
-            with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
-                                enabled=self.amp_dtype is not None):
-                out = self.forward(batch["images"], batch["input_ids"], batch["attention_mask"], batch["labels"],
-                                   **{k: v.to(self.device) for k, v in mixed.items()})
-            (out.loss / tc.grad_accum).backward()
-            totals["loss"] += out.loss.item() / tc.grad_accum
-            totals["lm_loss"] += out.lm_loss.item() / tc.grad_accum
+            with self.parallel.no_sync(last=micro == tc.grad_accum - 1):
+                with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
+                                    enabled=self.amp_dtype is not None):
+                    out = self.forward(batch["images"], batch["input_ids"], batch["attention_mask"], batch["labels"],
+                                       **{k: v.to(self.device) for k, v in mixed.items()})
+                lm_loss, loss = out.lm_loss, out.loss
+                if self.world.active:
+                    lm_loss, loss = self._share_of_batch(out, int((batch["labels"] != IGNORE_INDEX).sum()),
+                                                         all_labels)
+                    # DDP and FSDP average the ranks' gradients: times the world size, they add up.
+                    (loss * self.world.size / tc.grad_accum).backward()
+                else:
+                    (loss / tc.grad_accum).backward()
+            totals["loss"] += loss.item() / tc.grad_accum
+            totals["lm_loss"] += lm_loss.item() / tc.grad_accum
             for name, value in out.aux.items():
                 totals[f"{name}_loss"] += value.item() / tc.grad_accum
             tokens += int(batch["attention_mask"].sum())
             if not self.model.images_in_text:  # prepended image tokens are not in the mask
                 tokens += int(batch["has_image"].sum()) * self.model.num_image_tokens
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(
-            [p for group in self.optimizer.param_groups for p in group["params"]], tc.grad_clip))
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        if self.world.active:
+            if self.parallel.expert_names:
+                from moevlm.train.expert_parallel import sync_expert_grads
+
+                sync_expert_grads(self.model, self.parallel.expert_names, self.world.replica_group, self.world.size)
+            summed = self.world.sum(torch.tensor([*totals.values(), tokens], dtype=torch.float64))
+            totals, tokens = dict(zip(totals, summed[:-1].tolist())), int(summed[-1])
+            grad_norm = clip_gradients(params, tc.grad_clip, self.world, self.expert_params)
+        else:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, tc.grad_clip))
         if not (math.isfinite(totals["loss"]) and math.isfinite(grad_norm)):
             self.optimizer.zero_grad(set_to_none=True)
             self.step += 1  # the batches are used up, so resuming goes on after them
@@ -183,6 +279,17 @@ class Trainer:
         self.step += 1
         totals.update(lr=lr, grad_norm=grad_norm, tokens=tokens)
         return totals
+
+    @staticmethod
+    def _share_of_batch(out, labels: int, all_labels: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's share of the whole batch's losses: its answer tokens' cross-entropy summed over
+        the answer tokens of all ranks (the aux losses are shares already, MoE.batch_sum); the
+        shares add up to the loss one process computes on the whole batch."""
+        if labels == 0:  # no answer token here: a mean over none is NaN, the share is 0
+            lm_share = out.logits.float().sum() * 0.0
+        else:
+            lm_share = out.lm_loss * (labels / all_labels)
+        return lm_share, out.loss - out.lm_loss + lm_share
 
     def _skip(self, problem: str) -> None:
         limit = self.config.train.max_bad_steps
@@ -213,8 +320,8 @@ class Trainer:
     def fit(self) -> dict:
         tc = self.config.train
         batches = self.batches()
-        bar = tqdm(total=tc.max_steps, initial=self.step, disable=not self.progress, unit="step",
-                   dynamic_ncols=True)
+        bar = tqdm(total=tc.max_steps, initial=self.step, disable=not (self.progress and self.world.is_main),
+                   unit="step", dynamic_ncols=True)
         window_tokens, window_start = 0, time.perf_counter()
         last_val = None
         while self.step < tc.max_steps:
@@ -225,11 +332,11 @@ class Trainer:
                 tokens_per_s = window_tokens / max(1e-9, time.perf_counter() - window_start)
                 window_tokens, window_start = 0, time.perf_counter()
                 if self.model.moe_layers:  # read from the last forward, only when logged
-                    load = self.model.expert_load()
+                    load = self.world.sum(self.model.expert_load())
                     metrics["expert_balance"] = expert_balance(load)
                     decoder = self.model.cfg.decoder
                     if decoder.moe.capacity_factor is not None:  # share of real assignments dropped
-                        dropped = expert_dropped(self.model.moe_layers).tolist()
+                        dropped = self.world.sum(expert_dropped(self.model.moe_layers)).tolist()
                         for i, d, kept in zip(decoder.moe_layer_indices, dropped, load.sum((1, 2)).tolist()):
                             metrics[f"dropped/layer_{i}"] = d / max(1, d + kept)
                 self._record({f"train/{k}": v for k, v in metrics.items()} | {"train/tokens_per_s": tokens_per_s})
@@ -238,7 +345,7 @@ class Trainer:
             bar.update(1)
             if self.step % tc.eval_every == 0 or self.step == tc.max_steps:
                 last_val = self.validate()
-                if last_val is not None:
+                if last_val is not None and self.world.is_main:
                     bar.write(f"step {self.step}: val loss {last_val['loss']:.4f}, exact match "
                               f"{last_val['exact_match']:.3f} on {len(last_val['predictions'])} rows "
                               f"(validation took {last_val['seconds']:.1f} s)")
@@ -248,10 +355,12 @@ class Trainer:
         return self.finish(last_val)
 
     def finish(self, last_val: dict | None) -> dict:
-        """Plots and sample captions into the run folder and MLflow."""
+        """Plots and sample captions into the run folder and MLflow (rank 0)."""
         if last_val is None:
             last_val = evaluate(self.model, self.train_set, self.tokenizer, batch_size=self.config.train.batch_size,
                                 max_generate=self.config.train.val_generate, amp_dtype=self.amp_dtype)
+        if not self.world.is_main:
+            return last_val
         loss_png = plots.plot_loss_curves(self.history, self.out_dir / "loss.png")
         artifacts = [loss_png]
         if self.model.moe_layers:

@@ -1,0 +1,261 @@
+"""Training on several processes: the process group torchrun describes, DDP or FSDP2 applied to
+the model, sums over ranks, and every rank stopping together.
+
+``torchrun`` (and SLURM, Kubernetes, Ray Train or TorchDistributor, which start the same
+environment) sets RANK, WORLD_SIZE and LOCAL_RANK for each process; without them, or with a world
+of one, everything here is a no-op and training runs as one process. The batch is split across the
+ranks (``RankBatches``), and each rank's loss is its share of the whole batch's loss (the shares
+add up to it, see ``Trainer.train_step``), so that DDP's and FSDP's mean over ranks of the
+gradients, times the world size, is the gradient of the whole batch: the same update one process
+computes on the same batch.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import signal
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import Sampler
+
+from moevlm.config import Config
+from moevlm.data.dataset import EpochBatchSampler
+from moevlm.errors import ConfigError, MoevlmError
+
+log = logging.getLogger(__name__)
+
+
+class StoppedOnAnotherRank(MoevlmError):
+    """Another rank hit a user error (a bad row, a non-finite streak): this one stops with its message."""
+
+
+@dataclass
+class World:
+    """This process's place among the training processes (one process: rank 0 of 1)."""
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+    expert_parallel: int = 1
+    ep_group: object = None  # the ranks that split the experts between them (expert_parallel.groups)
+    replica_group: object = None  # the ranks holding the same experts
+    ep_mesh: object = None
+    _signal: int | None = field(default=None, repr=False)
+
+    @property
+    def active(self) -> bool:
+        return self.size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def sum(self, values: torch.Tensor) -> torch.Tensor:
+        """``values`` summed over the ranks (a new tensor; no gradient flows through it)."""
+        values = values.detach().clone()
+        if self.active:
+            dist.all_reduce(values)
+        return values
+
+    def barrier(self) -> None:
+        if self.active:
+            dist.barrier()
+
+    def together(self, error: BaseException | None = None, count: int = 0) -> int:
+        """Every rank calls this at the same point: the sum of ``count`` over the ranks. When a rank
+        brings an error (or was sent SIGTERM), every rank stops here: that rank raises its own error,
+        the others ``StoppedOnAnotherRank`` with its message (KeyboardInterrupt for a signal), so no
+        rank waits forever for one that has left."""
+        if not self.active:
+            if error is not None:
+                raise error
+            return count
+        status = torch.tensor([int(error is not None), int(self._signal is not None), count], dtype=torch.long)
+        dist.all_reduce(status)
+        if status[0] == 0 and status[1] == 0:
+            return int(status[2])
+        messages: list = [None] * self.size
+        dist.all_gather_object(messages, None if error is None else f"{error} (rank {self.rank})")
+        if error is not None:
+            raise error
+        if status[0] == 0:
+            raise KeyboardInterrupt
+        raise StoppedOnAnotherRank(next(message for message in messages if message is not None))
+
+    def catch_sigterm(self) -> None:
+        """SIGTERM (a scheduler's preemption, a kill) is noted and acted on at the next ``together``,
+        on every rank at once."""
+        if self.active:
+            signal.signal(signal.SIGTERM, lambda signum, frame: setattr(self, "_signal", signum))
+
+
+def join_world(config: Config, device: torch.device) -> World:
+    """Join the process group torchrun set up (a world of one: nothing to join), with
+    ``config``'s backend and timeout (the command line's: before any checkpoint is read)."""
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    if size == 1:
+        return World()
+    world = World(rank=int(os.environ["RANK"]), size=size, local_rank=int(os.environ.get("LOCAL_RANK", "0")))
+    backend = config.dist.backend
+    if backend == "auto":
+        backend = "nccl" if device.type == "cuda" else "gloo"
+    if not dist.is_initialized():
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=config.dist.timeout_s),
+                                device_id=rank_device(device, world) if device.type == "cuda" else None)
+    if not world.is_main:  # rank 0 alone reports; the others say only what stops them
+        logging.getLogger("moevlm").setLevel(logging.ERROR)
+    return world
+
+
+def configure_world(world: World, config: Config, device: torch.device) -> None:
+    """Check the run's config against the world, and form the expert-parallel groups."""
+    degree = config.dist.expert_parallel
+    if not world.active:
+        if degree > 1:
+            raise ConfigError(f"dist.expert_parallel={degree} needs {degree} or a multiple of {degree} processes: "
+                              f"start with torchrun --nproc_per_node={degree} -m moevlm train ...")
+        return
+    if world.size % degree:
+        raise ConfigError(f"dist.expert_parallel={degree} must divide the {world.size} ranks")
+    if config.train.batch_size % world.size:
+        raise ConfigError(f"train.batch_size={config.train.batch_size} is the batch over all {world.size} ranks: it "
+                          f"must be a multiple of {world.size} (each rank takes batch_size / {world.size})")
+    world.expert_parallel = degree
+    if degree > 1:
+        from moevlm.train.expert_parallel import expert_parallel_groups
+
+        world.ep_mesh, world.ep_group, world.replica_group = expert_parallel_groups(degree, device.type)
+
+
+def rank_device(device: torch.device, world: World) -> torch.device:
+    """The GPU of this rank's LOCAL_RANK when training on CUDA under torchrun."""
+    if world.active and device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", world.local_rank)
+        torch.cuda.set_device(device)
+    return device
+
+
+def close_world(world: World) -> None:
+    if world.active and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def strategy_for(config: Config, model: nn.Module, world: World, device: torch.device) -> str:
+    """``dist.strategy``, with ``auto`` resolved: DDP while fp32 weights, gradients and the two AdamW
+    moments (16 bytes a trainable parameter, 4 a frozen one) take at most half a rank's memory."""
+    if config.dist.strategy != "auto":
+        return config.dist.strategy
+    needed = sum(p.numel() * (16 if p.requires_grad else 4) for p in model.parameters())
+    if device.type == "cuda":
+        memory = torch.cuda.get_device_properties(device).total_memory
+    else:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    return "ddp" if needed <= memory // 2 else "fsdp"
+
+
+def repeated_blocks(model: nn.Module) -> list[nn.Module]:
+    """The layers of every stack (the ViT's and the decoder's blocks, a transformers model's
+    ``layers``): what FSDP2 shards one at a time, so only one layer's weights are gathered at once."""
+    return [block for module in model.modules() if isinstance(module, nn.ModuleList)
+            for block in module if any(True for _ in block.parameters())]
+
+
+@dataclass
+class Parallel:
+    """What ``parallelize`` did to a model: the module training steps call, the strategy, and the
+    expert parameters each rank holds a slice of (kept out of DDP's and FSDP's hands)."""
+    forward: nn.Module
+    strategy: str
+    expert_names: set[str] = field(default_factory=set)
+
+    def no_sync(self, last: bool):
+        """Gradient accumulation: DDP averages gradients only on the last micro-batch of a step."""
+        if self.strategy == "ddp" and not last:
+            return self.forward.no_sync()
+        return _nothing()
+
+
+class _nothing:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def parallelize(model: nn.Module, world: World, config: Config, device: torch.device,
+                unused_parameters: bool = False) -> Parallel:
+    """Split ``model``'s experts (dist.expert_parallel), then wrap it in DDP or shard it with FSDP2,
+    in place. Frozen parameters never enter DDP's all-reduce (DDP skips them) and are sharded
+    like the rest under FSDP, so no ``find_unused_parameters`` is needed, except where a rank's
+    batch may hold no image at all (``unused_parameters``: text-only rows), which leaves the vision
+    tower without gradients on that step."""
+    if not world.active:
+        return Parallel(model, "none")
+    for layer in getattr(model, "moe_layers", []):
+        layer.batch_sum = world.sum
+    expert_names: set[str] = set()
+    if world.expert_parallel > 1:
+        from moevlm.train.expert_parallel import apply_expert_parallel
+
+        expert_names = apply_expert_parallel(model, world.ep_group)
+    strategy = strategy_for(config, model, world, device)
+    if strategy == "ddp":
+        if expert_names:
+            nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, sorted(expert_names))
+        forward = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False,
+            find_unused_parameters=unused_parameters)
+        return Parallel(forward, strategy, expert_names)
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+
+    params = dict(model.named_parameters())
+    ignored = {params[name] for name in expert_names}
+    for block in repeated_blocks(model):
+        fully_shard(block, ignored_params={p for p in block.parameters() if p in ignored} or None)
+    fully_shard(model, ignored_params=ignored or None)
+    for method in ("prefill", "step"):  # generation (validation) calls these, not forward
+        register_fsdp_forward_method(model, method)
+    return Parallel(model, strategy, expert_names)
+
+
+def clip_gradients(params: list[nn.Parameter], max_norm: float, world: World, expert_params: set) -> float:
+    """Clip to ``max_norm`` by the norm of the whole gradient, which under FSDP is spread over the
+    ranks' shards and under expert parallelism over the ranks' experts; the same on every rank."""
+    grads = [p.grad for p in params if p.grad is not None and p not in expert_params]
+    expert_grads = [p.grad for p in params if p.grad is not None and p in expert_params]
+    squares = torch.nn.utils.get_total_norm(grads).float() ** 2 if grads else torch.zeros(())
+    if hasattr(squares, "full_tensor"):  # FSDP: the norm of sharded gradients, summed over the ranks
+        squares = squares.full_tensor()
+    if world.ep_group is not None:
+        local = torch.nn.utils.get_total_norm(expert_grads).float() ** 2 if expert_grads else torch.zeros(())
+        local = local.to(squares.device)
+        dist.all_reduce(local, group=world.ep_group)
+        squares = squares + local
+    total = squares.sqrt()
+    torch.nn.utils.clip_grads_with_norm_([p for p in params if p.grad is not None], max_norm, total)
+    return float(total)
+
+
+class RankBatches(Sampler):
+    """This rank's part of each batch of ``sampler`` (its whole batches over all ranks): the
+    batch's rows split into ``size`` near-equal consecutive parts. The position, and so resume,
+    is the position of the whole batches: the same on any number of ranks."""
+
+    def __init__(self, sampler: EpochBatchSampler, rank: int, size: int):
+        self.sampler, self.rank, self.size = sampler, rank, size
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def set_position(self, epoch: int, batch: int) -> None:
+        self.sampler.set_position(epoch, batch)
+
+    def __iter__(self):
+        for rows in self.sampler:
+            yield np.array_split(np.asarray(rows), self.size)[self.rank].tolist()
