@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from moevlm.config import MoEConfig, load_config
 from moevlm.errors import ConfigError
@@ -152,8 +153,9 @@ def checkpoint_round_trip(groups) -> dict:
 
 
 def whole_model(groups) -> dict:
-    """The tiny preset's VLM: names found through the module tree, logits and expert grads
-    (each process its own batch; the reference's grads summed over the processes)."""
+    """The tiny preset's VLM under DDP over both processes, its experts kept out of DDP and
+    sharded: names found through the module tree, logits, every gradient. Each process has its
+    own batch; the single-process gradients are the reference's on each batch, summed."""
     ep_group, replica_group = groups
     rank, world = dist.get_rank(), dist.get_world_size()
     cfg = load_config("tiny", overrides=["decoder.vocab_size=23", "decoder.moe.router_noise=false"])
@@ -161,25 +163,34 @@ def whole_model(groups) -> dict:
     reference = VLM(cfg.model).double().train()
     model = copy.deepcopy(reference)
     names = apply_expert_parallel(model, ep_group)
+    # Before wrapping: DDP must neither broadcast rank 0's expert slices nor average their grads.
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, sorted(names))
+    ddp = DistributedDataParallel(model)
     gen = torch.Generator().manual_seed(rank)
     images = torch.randn(2, 3, 16, 16, generator=gen, dtype=torch.float64)
     ids = torch.randint(0, 23, (2, 5), generator=gen)
     logits = {}
-    for net, scale in ((reference, 1.0), (model, world)):
+    for net, scale in ((reference, 1.0), (ddp, world)):
         logits[scale] = net(images, ids).logits
         c = torch.randn(logits[scale].shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
         ((logits[scale] * c).sum() * scale).backward()
     sync_expert_grads(model, names, replica_group, world)
-    reference_params, params = dict(reference.named_parameters()), dict(model.named_parameters())
+    params = dict(model.named_parameters())
     size, position = dist.get_world_size(ep_group), dist.get_rank(ep_group)
-    grad_diffs = []
-    for name in sorted(names):
-        total = reference_params[name].grad.clone()
+    expert_diffs, other_diffs = [], []
+    for name, param in reference.named_parameters():
+        if param.grad is None:
+            continue
+        total = param.grad.clone()
         dist.all_reduce(total)
-        L = total.size(0) // size
-        grad_diffs.append(max_diff(params[name].grad, total[position * L:(position + 1) * L]))
+        if name in names:
+            L = total.size(0) // size
+            expert_diffs.append(max_diff(params[name].grad, total[position * L:(position + 1) * L]))
+        else:
+            other_diffs.append(max_diff(params[name].grad, total))
     return {"names": sorted(names), "logits": max_diff(logits[world].detach(), logits[1.0].detach()),
-            "expert_grads": max(grad_diffs), "state_dict_has_names": names <= set(model.state_dict())}
+            "expert_grads": max(expert_diffs), "other_grads": max(other_diffs), "other_count": len(other_diffs),
+            "state_dict_has_names": names <= set(model.state_dict())}
 
 
 def errors(groups) -> dict:
