@@ -76,45 +76,51 @@ def max_diff(got: torch.Tensor, want: torch.Tensor) -> float:
     return float((got - want).abs().max()) if got.numel() else 0.0
 
 
-def step(model: OneLayer, x: torch.Tensor, seed: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+def step(model: OneLayer, x: torch.Tensor, seed: int, scale: float, bf16: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward and backward of loss = sum(y * c) * scale; returns y and x's gradient."""
     x = x.clone().requires_grad_()
-    y = model.moe(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        y = model.moe(x)
     c = torch.randn(y.shape, generator=torch.Generator().manual_seed(seed), dtype=y.dtype)
     ((y * c).sum() * scale).backward()
     return y.detach(), x.grad
 
 
-def compare_training(activation: str, counts: list[int], groups, capacity_factor=None) -> dict:
+def compare_training(activation: str, counts: list[int], groups, capacity_factor=None, bf16=False) -> dict:
     """One training step of the EP layer against the single-process layer on every part.
 
     The global loss is the sum of the parts' losses; the reference computes it part by part
     (capacity is per process, as each process drops from its own tokens). Each process
-    backpropagates its share times W; the gate's gradient is averaged as DDP would."""
+    backpropagates its share times W; the gate's gradient is averaged as DDP would. bf16: an
+    fp32 layer under bf16 autocast (the exchanged rows are bf16)."""
     ep_group, replica_group = groups
     rank, world = dist.get_rank(), dist.get_world_size()
     reference = make_layer(activation, capacity_factor=capacity_factor).train()
+    if bf16:
+        reference.float()
     model = copy.deepcopy(reference)
     names = apply_expert_parallel(model, ep_group)
-    parts = tokens(counts, seed=len(counts) + sum(counts))
+    parts = [part.to(reference.moe.gate.weight.dtype) for part in tokens(counts, seed=len(counts) + sum(counts))]
     want, load_E, dropped = [], 0, 0
     for i, part in enumerate(parts):
-        want.append(step(reference, part, seed=100 + i, scale=1.0))
+        want.append(step(reference, part, seed=100 + i, scale=1.0, bf16=bf16))
         load_E, dropped = load_E + reference.moe.last_load.sum(0), dropped + int(reference.moe.last_dropped)
-    got_y, got_dx = step(model, parts[rank], seed=100 + rank, scale=world)
+    got_y, got_dx = step(model, parts[rank], seed=100 + rank, scale=world, bf16=bf16)
     dist.all_reduce(model.moe.gate.weight.grad)
     model.moe.gate.weight.grad /= world
     sync_expert_grads(model, names, replica_group, world)
     L = model.moe.cfg.num_experts // dist.get_world_size(ep_group)
     first = dist.get_rank(ep_group) * L
     params, reference_params = dict(model.named_parameters()), dict(reference.named_parameters())
-    out = {"names": sorted(names), "forward": max_diff(got_y, want[rank][0]),
-           "input_grad": max_diff(got_dx / world, want[rank][1]),
-           "gate_grad": max_diff(model.moe.gate.weight.grad, reference.moe.gate.weight.grad),
-           "load": load_E.tolist(), "dropped": dropped,
+    out = {"names": sorted(names), "load": load_E.tolist(), "dropped": dropped,
            "shapes": {name: list(params[name].shape) for name in sorted(names)}}
-    for name in sorted(names):
-        out[f"grad {name}"] = max_diff(params[name].grad, reference_params[name].grad[first:first + L])
+    compared = {"forward": (got_y, want[rank][0]), "input_grad": (got_dx / world, want[rank][1]),
+                "gate_grad": (model.moe.gate.weight.grad, reference.moe.gate.weight.grad)}
+    compared |= {f"grad {name}": (params[name].grad, reference_params[name].grad[first:first + L])
+                 for name in sorted(names)}
+    for key, (got, expected) in compared.items():
+        out[key] = max_diff(got, expected)
+        out[f"largest {key}"] = float(expected.abs().max()) if expected.numel() else 0.0
     return out
 
 
@@ -218,6 +224,7 @@ def main(out_dir: Path) -> None:
         results[f"train {activation} zero tokens"] = compare_training(activation, [5, 0], ep2)
         results[f"eval {activation}"] = compare_inference(activation, [[6, 2], [1, 0], [0, 4], [0, 0]], ep2)
     results["train capacity"] = compare_training("gelu", [9, 4], ep2, capacity_factor=1.0)
+    results["train bf16"] = compare_training("gelu", [7, 3], ep2, bf16=True)
     results["train degree 1"] = compare_training("gelu", [7, 3], ep1)
     results["checkpoint"] = checkpoint_round_trip(ep2)
     results["model"] = whole_model(ep2)
