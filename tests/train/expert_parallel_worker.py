@@ -125,14 +125,15 @@ def compare_training(activation: str, counts: list[int], groups, capacity_factor
 
 
 def compare_inference(activation: str, calls: list[list[int]], groups) -> dict:
-    """Eval-mode forwards under no_grad (validation, generation), some with no token here."""
+    """Eval-mode forwards under no_grad (validation, generation), some with no token here; the
+    last under inference_mode (the server's)."""
     rank = dist.get_rank()
     reference = make_layer(activation).eval()
     model = copy.deepcopy(reference)
     apply_expert_parallel(model, groups[0])
     diffs, loads = [], []
-    with torch.no_grad():
-        for i, counts in enumerate(calls):
+    for i, counts in enumerate(calls):
+        with torch.inference_mode() if i == len(calls) - 1 else torch.no_grad():
             parts = tokens(counts, seed=7 + i)
             # The single-process layer's few-token path fails on no token at all (torch.stack of
             # nothing): there the answer is the empty (1, 0, D).
@@ -222,7 +223,7 @@ def main(out_dir: Path) -> None:
     for activation in ("gelu", "swiglu"):
         results[f"train {activation}"] = compare_training(activation, [7, 3], ep2)
         results[f"train {activation} zero tokens"] = compare_training(activation, [5, 0], ep2)
-        results[f"eval {activation}"] = compare_inference(activation, [[6, 2], [1, 0], [0, 4], [0, 0]], ep2)
+        results[f"eval {activation}"] = compare_inference(activation, [[6, 2], [1, 0], [0, 0], [0, 4]], ep2)
     results["train capacity"] = compare_training("gelu", [9, 4], ep2, capacity_factor=1.0)
     results["train bf16"] = compare_training("gelu", [7, 3], ep2, bf16=True)
     results["train degree 1"] = compare_training("gelu", [7, 3], ep1)

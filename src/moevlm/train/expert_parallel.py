@@ -61,10 +61,11 @@ def apply_expert_parallel(model: VisionLanguageModel, ep_group: dist.ProcessGrou
     """Shards every MoE layer's experts over ``ep_group`` and installs the exchanging dispatch.
 
     The model's weights must be identical on all processes before (the trainer seeds them, or
-    loads the same checkpoint): each keeps its slice of the same stacked tensors. Parameters keep
-    their names (state-dict keys unchanged), with shapes (L, ...). Returns the fully qualified
-    names of the sharded parameters: the trainer keeps them out of DDP / FSDP and averages their
-    gradients with ``sync_expert_grads``."""
+    loads the same checkpoint): each keeps its slice of the same stacked tensors. Call it before
+    wrapping the model in DDP / FSDP and building the optimizer: the sliced parameters are new
+    ``nn.Parameter`` objects. They keep their names (state-dict keys unchanged), with shapes
+    (L, ...). Returns the fully qualified names of the sharded parameters: the trainer keeps
+    them out of DDP / FSDP and averages their gradients with ``sync_expert_grads``."""
     size, rank = dist.get_world_size(ep_group), dist.get_rank(ep_group)
     module_names = {id(module): name for name, module in model.named_modules()}
     for layer in model.moe_layers:  # every layer checked before any is changed
