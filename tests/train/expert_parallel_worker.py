@@ -1,11 +1,12 @@
-"""One process of tests/train/test_expert_parallel.py, started twice by torchrun over gloo.
+"""One process of tests/train/test_expert_parallel.py, started by torchrun over gloo: 2 processes
+(most checks) or 4 (EP groups and replica groups both of 2).
 
 Every check runs its collectives first and only measures afterwards (no assertion here), so a
 wrong result cannot leave the other process waiting in a collective: each process writes what
 it measured (largest differences from the single-process layer, loads, error messages) to
 OUT/rank<r>.json and the test asserts on them.
 
-usage: python -m torch.distributed.run --standalone --nproc_per_node=2 expert_parallel_worker.py OUT
+usage: python -m torch.distributed.run --standalone --nproc_per_node=2|4 expert_parallel_worker.py OUT
 """
 
 from __future__ import annotations
@@ -213,9 +214,7 @@ def errors(groups) -> dict:
     return out
 
 
-def main(out_dir: Path) -> None:
-    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
-    rank = dist.get_rank()
+def two_processes() -> dict:
     ep2 = expert_parallel_groups(2)
     ep1 = expert_parallel_groups(1)
     results = {"sizes": {"ep2": [dist.get_world_size(ep2[0]), ep2[1] is None],
@@ -230,7 +229,26 @@ def main(out_dir: Path) -> None:
     results["checkpoint"] = checkpoint_round_trip(ep2)
     results["model"] = whole_model(ep2)
     results["errors"] = errors(ep2)
-    (out_dir / f"rank{rank}.json").write_text(json.dumps(results, indent=1))
+    return results
+
+
+def four_processes() -> dict:
+    """Two EP groups of 2 with replica groups of 2 (both dimensions), and one EP group of 4
+    (one expert per process)."""
+    ep2 = expert_parallel_groups(2)
+    ep4 = expert_parallel_groups(4)
+    results = {"sizes": {"ep2": [dist.get_world_size(ep2[0]), dist.get_world_size(ep2[1])],
+                         "ep4": [dist.get_world_size(ep4[0]), ep4[1] is None]}}
+    for degree, groups in ((2, ep2), (4, ep4)):
+        results[f"train {degree}"] = compare_training("gelu", [7, 3, 0, 5], groups)
+        results[f"eval {degree}"] = compare_inference("swiglu", [[1, 0, 3, 2], [0, 0, 0, 0]], groups)
+    return results
+
+
+def main(out_dir: Path) -> None:
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
+    results = two_processes() if dist.get_world_size() == 2 else four_processes()
+    (out_dir / f"rank{dist.get_rank()}.json").write_text(json.dumps(results, indent=1))
     dist.destroy_process_group()
 
 

@@ -1,6 +1,7 @@
-"""Expert parallelism (train/expert_parallel.py) on 2 CPU processes over gloo against the
-single-process MoE layer, in float64: forward rows, input, gate and every expert gradient, with
-uneven loads (expert 3 never chosen; ranks with different token counts, one with none).
+"""Expert parallelism (train/expert_parallel.py) on 2 CPU processes over gloo (4 for one test)
+against the single-process MoE layer, in float64: forward rows, input, gate and every expert
+gradient, with uneven loads (expert 3 never chosen; ranks with different token counts, one with
+none).
 
 One torchrun launch (expert_parallel_worker.py) measures everything; the tests read what each
 process wrote. The launch runs in its own session and is killed whole past TIMEOUT_S, so a hang
@@ -24,23 +25,26 @@ TIMEOUT_S = 180
 EXACT = 1e-12  # float64: only the order of the sums differs
 
 
-@pytest.fixture(scope="module")
-def ranks(tmp_path_factory) -> list[dict]:
-    out = tmp_path_factory.mktemp("expert_parallel")
+def launch(out: Path, processes: int) -> list[dict]:
     env = {**os.environ, "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(SRC), os.environ.get("PYTHONPATH")]))}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(WORKER),
-               str(out)]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
+               str(WORKER), str(out)]
     process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                start_new_session=True)
     try:
         log, _ = process.communicate(timeout=TIMEOUT_S)
     except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)  # torchrun and both workers
+        os.killpg(process.pid, signal.SIGKILL)  # torchrun and every worker
         process.communicate()
-        pytest.fail(f"the 2-process run did not finish in {TIMEOUT_S} s")
+        pytest.fail(f"the {processes}-process run did not finish in {TIMEOUT_S} s")
     assert process.returncode == 0, log[-4000:]
-    return [json.loads((out / f"rank{rank}.json").read_text()) for rank in range(2)]
+    return [json.loads((out / f"rank{rank}.json").read_text()) for rank in range(processes)]
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory) -> list[dict]:
+    return launch(tmp_path_factory.mktemp("expert_parallel"), 2)
 
 
 def assert_matches_single_process(result: dict) -> None:
@@ -116,3 +120,15 @@ def test_the_tiny_vlm_under_ddp_keeps_its_logits_and_every_gradient(ranks):
 def test_one_line_errors_name_the_setting(ranks):
     assert ranks[0]["errors"] == {"world": "dist.expert_parallel=3 must divide the number of processes (2)",
                                   "experts": "dist.expert_parallel=2 must divide moe.num_experts (5)"}
+
+
+def test_four_processes_shard_over_one_dimension_and_replicate_over_the_other(tmp_path):
+    ranks = launch(tmp_path, 4)
+    assert ranks[0]["sizes"] == {"ep2": [2, 2], "ep4": [4, True]}
+    for rank in ranks:
+        for degree in (2, 4):
+            result = rank[f"train {degree}"]
+            assert all(shape[0] == 4 // degree for shape in result["shapes"].values())
+            assert_matches_single_process(result)
+            assert rank[f"eval {degree}"]["forward"] < EXACT
+    assert ranks[0]["train 2"]["load"][3] == 0
