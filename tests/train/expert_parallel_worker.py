@@ -30,6 +30,7 @@ from moevlm.train.expert_parallel import (
     apply_expert_parallel,
     expert_parallel_groups,
     gather_experts,
+    grad_norm,
     local_experts,
     sync_expert_grads,
 )
@@ -162,8 +163,9 @@ def checkpoint_round_trip(groups) -> dict:
 
 def whole_model(groups) -> dict:
     """The tiny preset's VLM under DDP over both processes, its experts kept out of DDP and
-    sharded: names found through the module tree, logits, every gradient. Each process has its
-    own batch; the single-process gradients are the reference's on each batch, summed."""
+    sharded: names found through the module tree, logits, every gradient and the gradient norm.
+    Each process has its own batch; the single-process gradients are the reference's on each
+    batch, summed."""
     ep_group, replica_group = groups
     rank, world = dist.get_rank(), dist.get_world_size()
     cfg = load_config("tiny", overrides=["decoder.vocab_size=23", "decoder.moe.router_noise=false"])
@@ -183,14 +185,16 @@ def whole_model(groups) -> dict:
         c = torch.randn(logits[scale].shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
         ((logits[scale] * c).sum() * scale).backward()
     sync_expert_grads(model, names, replica_group, world)
+    norm = grad_norm(model, names, ep_group)
     params = dict(model.named_parameters())
     size, position = dist.get_world_size(ep_group), dist.get_rank(ep_group)
-    expert_diffs, other_diffs = [], []
+    expert_diffs, other_diffs, totals = [], [], []
     for name, param in reference.named_parameters():
         if param.grad is None:
             continue
         total = param.grad.clone()
         dist.all_reduce(total)
+        totals.append(total)
         if name in names:
             L = total.size(0) // size
             expert_diffs.append(max_diff(params[name].grad, total[position * L:(position + 1) * L]))
@@ -198,6 +202,8 @@ def whole_model(groups) -> dict:
             other_diffs.append(max_diff(params[name].grad, total))
     return {"names": sorted(names), "logits": max_diff(logits[world].detach(), logits[1.0].detach()),
             "expert_grads": max(expert_diffs), "other_grads": max(other_diffs), "other_count": len(other_diffs),
+            "grad_norm": float(norm), "single_process_grad_norm": float(torch.nn.utils.get_total_norm(totals)),
+            "local_grad_norm": float(torch.nn.utils.get_total_norm([p.grad for p in model.parameters()])),
             "state_dict_has_names": names <= set(model.state_dict())}
 
 

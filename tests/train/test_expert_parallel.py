@@ -109,12 +109,17 @@ def test_gathered_experts_are_the_full_weights_and_slice_back(ranks):
                                       "names": ["moe.b1_EF", "moe.b2_ED", "moe.w1_EDF", "moe.w2_EHD"]}
 
 
-def test_the_tiny_vlm_under_ddp_keeps_its_logits_and_every_gradient(ranks):
+def test_the_tiny_vlm_under_ddp_keeps_its_logits_every_gradient_and_the_gradient_norm(ranks):
     for rank in ranks:
         result = rank["model"]
         assert result["names"] == [f"decoder.blocks.{i}.ffn.{w}" for i in (0, 1) for w in ("w1_EDF", "w2_EHD")]
         assert result["state_dict_has_names"] and result["other_count"] > 10
         assert result["logits"] < EXACT and result["expert_grads"] < EXACT and result["other_grads"] < EXACT
+        # What the trainer clips by: the single process's norm, on both processes (the norm of
+        # one process's own parameters misses the other's experts).
+        assert result["grad_norm"] == pytest.approx(result["single_process_grad_norm"], rel=1e-12)
+        assert result["local_grad_norm"] < result["grad_norm"] * (1 - 1e-6)
+    assert ranks[0]["model"]["local_grad_norm"] != pytest.approx(ranks[1]["model"]["local_grad_norm"], rel=1e-6)
 
 
 def test_one_line_errors_name_the_setting(ranks):
