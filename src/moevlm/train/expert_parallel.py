@@ -169,11 +169,28 @@ def sync_expert_grads(model: nn.Module, names: set[str], replica_group: dist.Pro
     for _, param in _parameters(model, names):
         if not param.requires_grad:
             continue
-        if param.grad is None:  # no row reached these experts anywhere: still one all-reduce each
+        if param.grad is None:  # no backward went through the layer: zeros, so the all-reduces still pair up
             param.grad = torch.zeros_like(param)
         if reduce:
             dist.all_reduce(param.grad, group=replica_group)
         param.grad.div_(world_size)
+
+
+def grad_norm(model: nn.Module, names: set[str], ep_group: dist.ProcessGroup) -> torch.Tensor:
+    """The 2-norm of the whole model's gradient, as one process holding every expert computes it,
+    and the same on every process; call it after ``sync_expert_grads`` (and DDP's all-reduce).
+
+    ``clip_grad_norm_`` over this process's parameters would see only its own experts: each
+    process would clip by a different factor (and judge a non-finite norm differently), and the
+    replicated weights would drift apart. Clip with ``torch.nn.utils.clip_grads_with_norm_``
+    and this norm instead. The other gradients must be the same on every process (DDP's)."""
+    params = dict(model.named_parameters())
+    experts = [param.grad for _, param in _parameters(model, names) if param.grad is not None]
+    others = [param.grad for name, param in params.items() if name not in names and param.grad is not None]
+    experts_squared = torch.nn.utils.get_total_norm(experts) ** 2
+    dist.all_reduce(experts_squared, group=ep_group)  # the replicas of a slice hold the same gradient
+    others_squared = torch.nn.utils.get_total_norm(others).to(experts_squared.device) ** 2
+    return (others_squared + experts_squared).sqrt()
 
 
 def gather_experts(model: nn.Module, names: set[str], ep_group: dist.ProcessGroup) -> dict[str, torch.Tensor]:
