@@ -196,10 +196,16 @@ def grad_norm(model: nn.Module, names: set[str], ep_group: dist.ProcessGroup) ->
 def gather_experts(model: nn.Module, names: set[str], ep_group: dist.ProcessGroup) -> dict[str, torch.Tensor]:
     """The full (E, ...) tensors of the sharded parameters, detached, on the CPU: what a
     single-process checkpoint holds. A collective: every process of the EP group calls it."""
+    return gather_slices({name: param.detach() for name, param in _parameters(model, names)}, ep_group)
+
+
+def gather_slices(slices: dict[str, torch.Tensor], ep_group: dist.ProcessGroup) -> dict[str, torch.Tensor]:
+    """Full (E, ...) tensors, on the CPU, from every process's (L, ...) slices of the same names:
+    the experts' weights, or their optimizer moments (sharded as the weights are). A collective."""
     size = dist.get_world_size(ep_group)
     full = {}
-    for name, param in _parameters(model, names):
-        local = param.detach().contiguous()
+    for name in sorted(slices):
+        local = slices[name].contiguous()
         parts = [torch.empty_like(local) for _ in range(size)]
         dist.all_gather(parts, local, group=ep_group)
         full[name] = torch.cat(parts).cpu()
@@ -208,8 +214,8 @@ def gather_experts(model: nn.Module, names: set[str], ep_group: dist.ProcessGrou
 
 def local_experts(full: dict[str, torch.Tensor], names: set[str],
                   ep_group: dist.ProcessGroup) -> dict[str, torch.Tensor]:
-    """This process's slices of full (E, ...) tensors (a single-process checkpoint's), to load
-    into a model ``apply_expert_parallel`` sharded."""
+    """This process's slices of full (E, ...) tensors (a single-process checkpoint's weights or
+    optimizer moments), to load into a model ``apply_expert_parallel`` sharded."""
     size, rank = dist.get_world_size(ep_group), dist.get_rank(ep_group)
     out = {}
     for name in sorted(names):
