@@ -25,6 +25,7 @@ from torch.distributed.checkpoint.state_dict import (
 
 from moevlm.checkpoint import SHARDED
 from moevlm.train.distributed import World
+from moevlm.train.expert_parallel import local_experts
 
 
 def _as_global(tensors: dict[str, torch.Tensor], names: set[str], world: World) -> dict:
@@ -46,24 +47,17 @@ def _optimizer_tensors_as_global(state: dict, names: set[str], world: World) -> 
     return state
 
 
-def expert_slice(tensor: torch.Tensor, world: World) -> torch.Tensor:
-    """This rank's experts of a whole stacked (E, ...) expert tensor."""
-    import torch.distributed as dist
-
-    rank, degree = dist.get_rank(world.ep_group), world.expert_parallel
-    size = tensor.size(0) // degree
-    return tensor[rank * size:(rank + 1) * size].clone()
-
-
 def save_shards(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer, skip: set[str], world: World,
                 expert_names: set[str]) -> list[str]:
     """Every rank writes its part of the weights (but ``skip``: tied copies, untrained pretrained
     tensors) and of the optimizer state into ``folder/sharded``; returns the files, as
-    checksums.json names them."""
+    checksums.json names them (on rank 0; the others get [])."""
     model_state, optimizer_state = get_state_dict(model, optimizer)
     model_state = _as_global({k: v for k, v in model_state.items() if k not in skip}, expert_names, world)
     optimizer_state = _optimizer_tensors_as_global(optimizer_state, expert_names, world)
     dcp.save({"model": model_state, "optim": optimizer_state}, checkpoint_id=folder / SHARDED)
+    if not world.is_main:  # rank 0 lists and commits them; the folder is renamed under the others' feet
+        return []
     return sorted(f"{SHARDED}/{path.name}" for path in (folder / SHARDED).iterdir())
 
 
@@ -93,6 +87,6 @@ def load_full_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, stat
     """Whole tensors keyed by name into this rank's optimizer: FSDP takes its shard of each, an expert
     parameter its slice."""
     for name in expert_names & set(state["state"]):
-        state["state"][name] = {k: expert_slice(v, world) if v.dim() > 0 else v
+        state["state"][name] = {k: local_experts({name: v}, {name}, world.ep_group)[name] if v.dim() > 0 else v
                                 for k, v in state["state"][name].items()}
     set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))

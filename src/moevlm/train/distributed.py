@@ -13,6 +13,7 @@ computes on the same batch.
 from __future__ import annotations
 
 import datetime
+import gc
 import logging
 import os
 import signal
@@ -142,6 +143,7 @@ def rank_device(device: torch.device, world: World) -> torch.device:
 
 def close_world(world: World) -> None:
     if world.active and dist.is_initialized():
+        gc.collect()  # wrappers (DDP's reducer) that used the group go first
         dist.destroy_process_group()
 
 
@@ -227,18 +229,21 @@ def parallelize(model: nn.Module, world: World, config: Config, device: torch.de
 def clip_gradients(params: list[nn.Parameter], max_norm: float, world: World, expert_params: set) -> float:
     """Clip to ``max_norm`` by the norm of the whole gradient, which under FSDP is spread over the
     ranks' shards and under expert parallelism over the ranks' experts; the same on every rank."""
-    grads = [p.grad for p in params if p.grad is not None and p not in expert_params]
-    expert_grads = [p.grad for p in params if p.grad is not None and p in expert_params]
-    squares = torch.nn.utils.get_total_norm(grads).float() ** 2 if grads else torch.zeros(())
+    shared = [p for p in params if p.grad is not None and p not in expert_params]
+    experts = [p for p in params if p.grad is not None and p in expert_params]
+    squares = torch.nn.utils.get_total_norm([p.grad for p in shared]) ** 2 if shared else torch.zeros(())
     if hasattr(squares, "full_tensor"):  # FSDP: the norm of sharded gradients, summed over the ranks
         squares = squares.full_tensor()
     if world.ep_group is not None:
-        local = torch.nn.utils.get_total_norm(expert_grads).float() ** 2 if expert_grads else torch.zeros(())
-        local = local.to(squares.device)
+        # The replicas of an expert slice hold the same gradient: summed over one EP group only.
+        local = torch.nn.utils.get_total_norm([p.grad for p in experts]) ** 2 if experts else torch.zeros(())
+        local = local.to(squares.device, squares.dtype)
         dist.all_reduce(local, group=world.ep_group)
         squares = squares + local
     total = squares.sqrt()
-    torch.nn.utils.clip_grads_with_norm_([p for p in params if p.grad is not None], max_norm, total)
+    for part in (shared, experts):  # FSDP's sharded gradients and plain expert slices do not mix in one call
+        if part:
+            torch.nn.utils.clip_grads_with_norm_(part, max_norm, total)
     return float(total)
 
 

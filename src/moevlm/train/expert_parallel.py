@@ -35,26 +35,20 @@ from moevlm.models.protocol import VisionLanguageModel
 EXPERT_PARAMETERS = ("w1_EDF", "b1_EF", "w2_EHD", "b2_ED")
 
 
-def expert_parallel_groups(degree: int) -> tuple[dist.ProcessGroup, dist.ProcessGroup | None]:
-    """(EP group, replica group) of this process, out of the default group of W processes.
+def expert_parallel_groups(degree: int, device_type: str = "cpu"):
+    """(mesh, EP group, replica group) of this process, out of the default group of W processes.
 
-    EP groups: ranks [0, degree), [degree, 2 * degree) ...; the replica group: the ranks at this
-    process's position in theirs (None when degree == W). Every process creates every group, in
-    the same order, as ``new_group`` requires."""
-    world, rank = dist.get_world_size(), dist.get_rank()
+    The mesh is W / degree x degree, dims ("replica", "ep"): EP groups are its rows, ranks
+    [0, degree), [degree, 2 * degree) ...; the replica group is this process's column (None when
+    degree == W). Checkpoints describe the expert slices on it (train/dist_checkpoint.py). Every
+    process must call this, in the same order."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    world = dist.get_world_size()
     if degree < 1 or world % degree:
         raise ConfigError(f"dist.expert_parallel={degree} must divide the number of processes ({world})")
-    ep_group = replica_group = None
-    for start in range(0, world, degree):
-        group = dist.new_group(list(range(start, start + degree)))
-        if start <= rank < start + degree:
-            ep_group = group
-    if degree < world:
-        for position in range(degree):
-            group = dist.new_group(list(range(position, world, degree)))
-            if rank % degree == position:
-                replica_group = group
-    return ep_group, replica_group
+    mesh = init_device_mesh(device_type, (world // degree, degree), mesh_dim_names=("replica", "ep"))
+    return mesh, mesh.get_group("ep"), mesh.get_group("replica") if degree < world else None
 
 
 def apply_expert_parallel(model: VisionLanguageModel, ep_group: dist.ProcessGroup) -> set[str]:
@@ -174,42 +168,6 @@ def sync_expert_grads(model: nn.Module, names: set[str], replica_group: dist.Pro
         if reduce:
             dist.all_reduce(param.grad, group=replica_group)
         param.grad.div_(world_size)
-
-
-def grad_norm(model: nn.Module, names: set[str], ep_group: dist.ProcessGroup) -> torch.Tensor:
-    """The 2-norm of the whole model's gradient, as one process holding every expert computes it,
-    and the same on every process; call it after ``sync_expert_grads`` (and DDP's all-reduce).
-
-    ``clip_grad_norm_`` over this process's parameters would see only its own experts: each
-    process would clip by a different factor (and judge a non-finite norm differently), and the
-    replicated weights would drift apart. Clip with ``torch.nn.utils.clip_grads_with_norm_``
-    and this norm instead. The other gradients must be the same on every process (DDP's)."""
-    params = dict(model.named_parameters())
-    experts = [param.grad for _, param in _parameters(model, names) if param.grad is not None]
-    others = [param.grad for name, param in params.items() if name not in names and param.grad is not None]
-    experts_squared = torch.nn.utils.get_total_norm(experts) ** 2
-    dist.all_reduce(experts_squared, group=ep_group)  # the replicas of a slice hold the same gradient
-    others_squared = torch.nn.utils.get_total_norm(others).to(experts_squared.device) ** 2
-    return (others_squared + experts_squared).sqrt()
-
-
-def gather_experts(model: nn.Module, names: set[str], ep_group: dist.ProcessGroup) -> dict[str, torch.Tensor]:
-    """The full (E, ...) tensors of the sharded parameters, detached, on the CPU: what a
-    single-process checkpoint holds. A collective: every process of the EP group calls it."""
-    return gather_slices({name: param.detach() for name, param in _parameters(model, names)}, ep_group)
-
-
-def gather_slices(slices: dict[str, torch.Tensor], ep_group: dist.ProcessGroup) -> dict[str, torch.Tensor]:
-    """Full (E, ...) tensors, on the CPU, from every process's (L, ...) slices of the same names:
-    the experts' weights, or their optimizer moments (sharded as the weights are). A collective."""
-    size = dist.get_world_size(ep_group)
-    full = {}
-    for name in sorted(slices):
-        local = slices[name].contiguous()
-        parts = [torch.empty_like(local) for _ in range(size)]
-        dist.all_gather(parts, local, group=ep_group)
-        full[name] = torch.cat(parts).cpu()
-    return full
 
 
 def local_experts(full: dict[str, torch.Tensor], names: set[str],

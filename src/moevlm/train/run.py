@@ -192,5 +192,7 @@ def _run(config: Config, data: Path, out: Path, world: World, device: torch.devi
     except Exception:
         tracker.finish("FAILED")
         raise
+    finally:
+        trainer.release_parallel()
     tracker.finish()
     return trainer, result

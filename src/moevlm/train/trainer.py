@@ -56,8 +56,10 @@ def build_optimizer(trainable: dict[str, list[torch.nn.Parameter]], cfg) -> torc
         # Weight decay on matrices (and stacked expert weights) only, not on biases and norms.
         for decay, chosen in ((cfg.weight_decay, [p for p in params if p.dim() >= 2]),
                               (0.0, [p for p in params if p.dim() < 2])):
-            if chosen:
-                groups.append({"params": chosen, "weight_decay": decay, "lr": lr, "base_lr": lr, "group": name})
+            # FSDP's sharded parameters and plain ones (expert slices beside them) cannot share a fused step.
+            for kind in dict.fromkeys(type(p.data) for p in chosen):
+                groups.append({"params": [p for p in chosen if type(p.data) is kind], "weight_decay": decay, "lr": lr,
+                               "base_lr": lr, "group": name})
     # The fused kernel updates every tensor in one pass: about half the optimizer time on CPU.
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=True)
 
@@ -139,6 +141,11 @@ class Trainer:
                 _set_rng_state(ranks[self.world.rank - 1], self.device)
             else:
                 torch.manual_seed(_rank_seed(tc.seed, self.world.rank, self.step))
+
+    def release_parallel(self) -> None:
+        """Drop DDP's wrapper once training is over: its reducer must be gone before the process
+        group is (a reducer outliving it can hang the process at exit)."""
+        self.forward = self.parallel.forward = self.model
 
     def _parallelize(self, trainable: dict[str, list[torch.nn.Parameter]], optimizer_state):
         """Wrap or shard the model for this rank (``distributed.parallelize``) and build the optimizer
