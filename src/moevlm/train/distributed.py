@@ -17,6 +17,7 @@ import gc
 import logging
 import os
 import signal
+import threading
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -91,7 +92,7 @@ class World:
     def catch_sigterm(self) -> None:
         """SIGTERM (a scheduler's preemption, a kill) is noted and acted on at the next ``together``,
         on every rank at once."""
-        if self.active:
+        if self.active and threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, lambda signum, frame: setattr(self, "_signal", signum))
 
 
@@ -110,6 +111,7 @@ def join_world(config: Config, device: torch.device) -> World:
                                 device_id=rank_device(device, world) if device.type == "cuda" else None)
     if not world.is_main:  # rank 0 alone reports; the others say only what stops them
         logging.getLogger("moevlm").setLevel(logging.ERROR)
+    world.catch_sigterm()
     return world
 
 
