@@ -203,3 +203,33 @@ def test_one_process_ignores_the_strategy_and_writes_the_one_file_checkpoint(dat
     trainer, _ = run_training(config, data, tmp_path / "run", tracking=False, progress=False)
     assert trainer.parallel.strategy == "none" and not is_sharded(tmp_path / "run")
     assert (tmp_path / "run" / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_pretrained_parts_with_frozen_and_unused_weights_train_on_two_ranks_as_on_one(pretrained_parts, tmp_path,
+                                                                                      strategy):
+    """A pretrained tower that trains (its layers after vision.feature_layer get no gradient: frozen,
+    so DDP needs no find_unused_parameters) and a frozen pretrained LM (left out of the checkpoint)."""
+    from shapes import write_llava_data
+
+    (tmp_path / "data").mkdir()
+    captions = write_llava_data(tmp_path / "data", rows=8)["captions"]
+    vision, lm = pretrained_parts["siglip"], pretrained_parts["llama"]
+    args = ["--data", str(captions), "--preset", "tiny", "--no-tracking", "--set", "train.trainable=[vision,projector]",
+            "--set", f"model.vision=hf:{vision}", "--set", f"model.lm=hf:{lm}",
+            "--set", "train.batch_size=4", "--set", "train.max_steps=3", "--set", "train.log_every=1",
+            "--set", "train.checkpoint_every=3", "--set", "train.eval_every=3", "--set", "data.val_fraction=0.25"]
+    assert main(["train", *args, "--out", str(tmp_path / "one")]) == 0
+    train_ranks([*args, "--out", str(tmp_path / "two"), "--set", f"dist.strategy={strategy}"])
+    for key in ("train/loss", "train/grad_norm", "val/loss"):
+        assert [v for _, v in history(tmp_path / "two")[key]] == pytest.approx(
+            [v for _, v in history(tmp_path / "one")[key]], rel=1e-5), key
+    refs = json.loads((tmp_path / "two" / "pretrained.json").read_text())
+    assert refs == json.loads((tmp_path / "one" / "pretrained.json").read_text())  # the same frozen weights, by name
+    assert any(name.startswith("lm.") for name in refs["untouched"])
+    two, one = load_model(tmp_path / "two")[0].state_dict(), load_model(tmp_path / "one")[0].state_dict()
+    for name, tensor in one.items():
+        # A key bias shifts every score of a query alike: its gradient is rounding noise, which
+        # AdamW scales up to full steps of either sign. Every other weight must agree.
+        if not name.endswith("k_proj.bias"):
+            torch.testing.assert_close(two[name], tensor, rtol=1e-4, atol=1e-5, msg=name)

@@ -12,7 +12,9 @@ from safetensors.torch import load_file
 from moevlm.checkpoint import PRETRAINED, WEIGHTS, load_checkpoint, load_model
 from moevlm.config import load_config
 from moevlm.errors import CheckpointError, ConfigError
-from moevlm.train.run import run_training
+from moevlm.models.factory import build_model
+from moevlm.train.run import prepare_config, run_training
+from moevlm.train.stages import freeze_for_stage
 from moevlm.train.upcycling import upcycle_checkpoint
 from pretrained_fixtures import tiny_llama
 from shapes import write_llava_data
@@ -367,3 +369,16 @@ def test_pretrain_instruct_moe_caption_through_the_cli(pretrained_parts, data, t
     assert main(["train", "--data", conversations, "--out", str(moe), "--stage", "moe", "--from", str(sft),
                  *common]) == 0
     assert main(["caption", "--model", str(moe), str(data["captions"].parent / "000.png")]) == 0
+
+
+@pytest.mark.parametrize("vision", ["clip", "siglip"])
+def test_tower_weights_the_image_tokens_never_use_are_frozen_even_when_the_tower_trains(pretrained_parts, vision):
+    config = prepare_config(load_config("tiny", overrides=[f"model.vision=hf:{pretrained_parts[vision]}",
+                                                           "decoder.vocab_size=30", "train.trainable=[vision]"]))
+    model = build_model(config.model)
+    model.vision(torch.zeros(1, 3, config.model.vision.image_size, config.model.vision.image_size)).sum().backward()
+    without_gradient = {f"vision.{name}" for name, p in model.vision.named_parameters() if p.grad is None}
+    assert without_gradient and {f"vision.{name}" for name in model.vision.unused_parameters()} == without_gradient
+    freeze_for_stage(model, config.train)
+    frozen = {name for name, p in model.named_parameters() if name.startswith("vision.") and not p.requires_grad}
+    assert frozen == without_gradient

@@ -58,6 +58,22 @@ class HFVisionTower(nn.Module):
         mean, std = pixel_stats(cfg.pretrained, model_type)
         return cls(cfg, model, mean, std)
 
+    def unused_parameters(self) -> list[str]:
+        """Names (in this module) of the tower's parameters the image tokens never depend on: the
+        layers after ``feature_layer``, the final LayerNorm and SigLIP's pooling head. Training
+        freezes them: they would get no gradient, which DDP takes for an error."""
+        layers = self.model.config.num_hidden_layers
+        used = self.cfg.feature_layer % (layers + 1)  # hidden_states[k] is the output of layer k - 1
+        unused = []
+        for name, _ in self.named_parameters():
+            parts = name.split(".")
+            if "layers" in parts:
+                if int(parts[parts.index("layers") + 1]) >= used:
+                    unused.append(name)
+            elif "post_layernorm" in parts or "head" in parts:
+                unused.append(name)
+        return unused
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """images (B, 3, S, S) in [-1, 1] -> (B, num_image_tokens, hidden)."""
         mean, std = self.pixel_mean.view(1, -1, 1, 1), self.pixel_std.view(1, -1, 1, 1)

@@ -59,10 +59,11 @@ def freeze_for_stage(model: nn.Module, cfg: TrainConfig) -> dict[str, list[nn.Pa
     if lora and "lm" not in chosen:
         raise ConfigError(f"decoder.lora_rank is set but train.stage {cfg.stage} does not train the lm group "
                           f"(trains {', '.join(chosen)}): set decoder.lora_rank=0 or add lm to train.trainable")
+    unused = {f"vision.{name}" for name in getattr(model.vision, "unused_parameters", list)()}
     out: dict[str, list[nn.Parameter]] = {}
     for name, param in model.named_parameters():
         group = groups[name]
-        learns = group in chosen and (not lora or group != "lm" or "lora_" in name)
+        learns = group in chosen and (not lora or group != "lm" or "lora_" in name) and name not in unused
         param.requires_grad_(learns)
         if learns:
             out.setdefault(group, []).append(param)
