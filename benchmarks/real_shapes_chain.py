@@ -12,7 +12,10 @@ image tokens, long texts). This builds, from configs and offline:
 saves both to a folder and runs each stage for a few steps on 16 LLaVA-style rows. The weights are
 random, so losses and captions mean nothing; what counts is that every step runs and what it costs.
 
-    python benchmarks/real_shapes_chain.py [--out DIR] [--steps N] [--tied false]
+    python benchmarks/real_shapes_chain.py [--out DIR] [--steps N] [--tied false] [--ranks 2 --strategy fsdp]
+
+With ``--ranks 2`` the three training stages run on two processes (torchrun, gloo on CPU) and
+write sharded checkpoints, which caption, eval and export then read in one process.
 
 The export check (tests/export/export_helpers.py, as the tests run it) compares the processor's
 input_ids and pixel values, image features, logits (to 1e-4 here: 30 layers of float32) and
@@ -43,11 +46,13 @@ SMOLLM2_135M = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, n
                     num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=2048, rope_theta=100000.0)
 
 
-def run(label: str, args: list[str]) -> None:
-    """One moevlm command in its own process, so its peak memory is its own."""
+def run(label: str, args: list[str], ranks: int = 1) -> None:
+    """One moevlm command in its own process (``ranks`` > 1: its ranks under torchrun), so its peak
+    memory is its own (the largest of its processes)."""
     began = time.perf_counter()
     before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    done = subprocess.run([sys.executable, "-m", "moevlm", *args], capture_output=True, text=True)
+    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}"] if ranks > 1 else []
+    done = subprocess.run([sys.executable, *launcher, "-m", "moevlm", *args], capture_output=True, text=True)
     seconds = time.perf_counter() - began
     peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     if done.returncode != 0:
@@ -62,6 +67,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="working folder (default: a temporary one)")
     parser.add_argument("--steps", type=int, default=3, help="training steps per stage (default 3)")
     parser.add_argument("--tied", default="true", choices=["true", "false"], help="tie the LM's embeddings")
+    parser.add_argument("--ranks", type=int, default=1, help="train each stage on this many processes (torchrun)")
+    parser.add_argument("--strategy", default="fsdp", choices=["ddp", "fsdp"], help="with --ranks > 1")
     args = parser.parse_args()
     root = args.out or Path(tempfile.mkdtemp(prefix="moevlm-real-shapes-"))
     root.mkdir(parents=True, exist_ok=True)
@@ -73,16 +80,18 @@ def main() -> None:
     print(f"built and saved the random sources in {time.perf_counter() - began:.1f} s: {root}")
     common = ["--preset", "llava", "--no-tracking", "--max-steps", str(args.steps),
               "--set", "train.batch_size=4", "--set", "train.checkpoint_every=1000", "--set", "train.eval_every=1000",
-              "--set", "train.val_generate=4", "--set", "data.val_fraction=0.25", "--set", "data.num_workers=0"]
+              "--set", "train.val_generate=4", "--set", "data.val_fraction=0.25", "--set", "data.num_workers=0",
+              "--set", f"dist.strategy={args.strategy}"]
     print("| step | wall time | peak memory |\n|---|---|---|")
     run("pretrain", ["train", "--stage", "pretrain", "--data", str(data["captions"]), "--out", str(root / "pretrain"),
-                     "--set", f"model.vision=hf:{vision}", "--set", f"model.lm=hf:{lm}", *common])
+                     "--set", f"model.vision=hf:{vision}", "--set", f"model.lm=hf:{lm}", *common], args.ranks)
     run("instruct --from pretrain", ["train", "--stage", "instruct", "--data", str(data["conversations"]),
-                                     "--from", str(root / "pretrain"), "--out", str(root / "instruct"), *common])
+                                     "--from", str(root / "pretrain"), "--out", str(root / "instruct"), *common],
+        args.ranks)
     run("moe --from instruct (4 experts, top-2, every other layer)",
         ["train", "--stage", "moe", "--data", str(data["conversations"]), "--from", str(root / "instruct"),
          "--out", str(root / "moe"), "--set", "moe.num_experts=4", "--set", "moe.top_k=2",
-         "--set", "moe.layers=every-other", *common])
+         "--set", "moe.layers=every-other", *common], args.ranks)
     run("caption (2 images)", ["caption", "--model", str(root / "moe"), "--max-new-tokens", "8",
                                str(root / "000.png"), str(root / "001.png")])
     run("eval (16 rows)", ["eval", "--model", str(root / "moe"), "--data", str(data["conversations"]), "--json"])

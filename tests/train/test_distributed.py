@@ -233,3 +233,19 @@ def test_pretrained_parts_with_frozen_and_unused_weights_train_on_two_ranks_as_o
         # AdamW scales up to full steps of either sign. Every other weight must agree.
         if not name.endswith("k_proj.bias"):
             torch.testing.assert_close(two[name], tensor, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_auto_picks_ddp_while_weights_gradients_and_adamw_state_fit_in_half_a_rank(tiny_config, monkeypatch):
+    from moevlm.models.factory import build_model
+    from moevlm.train.distributed import strategy_for
+
+    model = build_model(tiny_config.model)
+    needed = 16 * sum(p.numel() for p in model.parameters())
+    pages = {"SC_PAGE_SIZE": 1, "SC_PHYS_PAGES": 2 * needed}
+    monkeypatch.setattr("os.sysconf", lambda name: pages[name])
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    assert strategy_for(tiny_config, model, World(size=2), torch.device("cpu")) == "ddp"
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # two ranks share the machine's memory
+    assert strategy_for(tiny_config, model, World(size=2), torch.device("cpu")) == "fsdp"
+    assert strategy_for(tiny_config.updated({"dist.strategy": "ddp"}), model, World(size=2),
+                        torch.device("cpu")) == "ddp"

@@ -47,6 +47,7 @@ class World:
     ep_group: object = None  # the ranks that split the experts between them (expert_parallel.groups)
     replica_group: object = None  # the ranks holding the same experts
     ep_mesh: object = None
+    owns_group: bool = False  # joined by moevlm (closed at the end), not by the caller
     _signal: int | None = field(default=None, repr=False)
 
     @property
@@ -97,18 +98,23 @@ class World:
 
 
 def join_world(config: Config, device: torch.device) -> World:
-    """Join the process group torchrun set up (a world of one: nothing to join), with
-    ``config``'s backend and timeout (the command line's: before any checkpoint is read)."""
-    size = int(os.environ.get("WORLD_SIZE", "1"))
+    """Join the process group torchrun describes (a world of one: nothing to join), with
+    ``config``'s backend and timeout (the command line's: before any checkpoint is read); or
+    the one the caller already joined."""
+    if dist.is_available() and dist.is_initialized():  # set up by the caller (Ray Train does)
+        rank, size = dist.get_rank(), dist.get_world_size()
+    else:
+        rank, size = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     if size == 1:
         return World()
-    world = World(rank=int(os.environ["RANK"]), size=size, local_rank=int(os.environ.get("LOCAL_RANK", "0")))
+    world = World(rank=rank, size=size, local_rank=int(os.environ.get("LOCAL_RANK", "0")))
     backend = config.dist.backend
     if backend == "auto":
         backend = "nccl" if device.type == "cuda" else "gloo"
     if not dist.is_initialized():
         dist.init_process_group(backend, timeout=datetime.timedelta(seconds=config.dist.timeout_s),
                                 device_id=rank_device(device, world) if device.type == "cuda" else None)
+        world.owns_group = True
     if not world.is_main:  # rank 0 alone reports; the others say only what stops them
         logging.getLogger("moevlm").setLevel(logging.ERROR)
     world.catch_sigterm()
@@ -144,7 +150,7 @@ def rank_device(device: torch.device, world: World) -> torch.device:
 
 
 def close_world(world: World) -> None:
-    if world.active and dist.is_initialized():
+    if world.owns_group and dist.is_initialized():
         gc.collect()  # wrappers (DDP's reducer) that used the group go first
         dist.destroy_process_group()
 
