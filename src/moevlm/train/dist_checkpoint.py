@@ -34,8 +34,8 @@ def _as_global(tensors: dict[str, torch.Tensor], names: set[str], world: World) 
         return tensors
     from torch.distributed.tensor import DTensor, Replicate, Shard
 
-    placements = [Replicate(), Shard(0)] if world.ep_mesh.ndim == 2 else [Shard(0)]
-    return {name: DTensor.from_local(t, world.ep_mesh, placements, run_check=False) if name in names else t
+    # The mesh is (replica, ep): a slice is the same on its replicas, a shard of dim 0 along ep.
+    return {name: DTensor.from_local(t, world.ep_mesh, [Replicate(), Shard(0)], run_check=False) if name in names else t
             for name, t in tensors.items()}
 
 

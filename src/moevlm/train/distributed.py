@@ -48,6 +48,7 @@ class World:
     replica_group: object = None  # the ranks holding the same experts
     ep_mesh: object = None
     owns_group: bool = False  # joined by moevlm (closed at the end), not by the caller
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))  # where collectives run (nccl: GPU)
     _signal: int | None = field(default=None, repr=False)
 
     @property
@@ -60,10 +61,11 @@ class World:
 
     def sum(self, values: torch.Tensor) -> torch.Tensor:
         """``values`` summed over the ranks (a new tensor; no gradient flows through it)."""
-        values = values.detach().clone()
-        if self.active:
-            dist.all_reduce(values)
-        return values
+        if not self.active:
+            return values.detach().clone()
+        summed = values.detach().to(self.device, copy=True)
+        dist.all_reduce(summed)
+        return summed.to(values.device)
 
     def barrier(self) -> None:
         if self.active:
@@ -78,8 +80,10 @@ class World:
             if error is not None:
                 raise error
             return count
-        status = torch.tensor([int(error is not None), int(self._signal is not None), count], dtype=torch.long)
+        status = torch.tensor([int(error is not None), int(self._signal is not None), count], dtype=torch.long,
+                              device=self.device)
         dist.all_reduce(status)
+        status = status.cpu()
         if status[0] == 0 and status[1] == 0:
             return int(status[2])
         messages: list = [None] * self.size
@@ -111,9 +115,11 @@ def join_world(config: Config, device: torch.device) -> World:
     backend = config.dist.backend
     if backend == "auto":
         backend = "nccl" if device.type == "cuda" else "gloo"
+    if backend == "nccl":
+        world.device = rank_device(device, world)
     if not dist.is_initialized():
         dist.init_process_group(backend, timeout=datetime.timedelta(seconds=config.dist.timeout_s),
-                                device_id=rank_device(device, world) if device.type == "cuda" else None)
+                                device_id=world.device if backend == "nccl" else None)
         world.owns_group = True
     if not world.is_main:  # rank 0 alone reports; the others say only what stops them
         logging.getLogger("moevlm").setLevel(logging.ERROR)
@@ -239,12 +245,13 @@ def clip_gradients(params: list[nn.Parameter], max_norm: float, world: World, ex
     ranks' shards and under expert parallelism over the ranks' experts; the same on every rank."""
     shared = [p for p in params if p.grad is not None and p not in expert_params]
     experts = [p for p in params if p.grad is not None and p in expert_params]
-    squares = torch.nn.utils.get_total_norm([p.grad for p in shared]) ** 2 if shared else torch.zeros(())
+    nothing = torch.zeros((), device=world.device)
+    squares = torch.nn.utils.get_total_norm([p.grad for p in shared]) ** 2 if shared else nothing
     if hasattr(squares, "full_tensor"):  # FSDP: the norm of sharded gradients, summed over the ranks
         squares = squares.full_tensor()
     if world.ep_group is not None:
         # The replicas of an expert slice hold the same gradient: summed over one EP group only.
-        local = torch.nn.utils.get_total_norm([p.grad for p in experts]) ** 2 if experts else torch.zeros(())
+        local = torch.nn.utils.get_total_norm([p.grad for p in experts]) ** 2 if experts else nothing
         local = local.to(squares.device, squares.dtype)
         dist.all_reduce(local, group=world.ep_group)
         squares = squares + local
