@@ -188,6 +188,10 @@ class Trainer:
                 batch = usable_batch(batch, self.config.data.on_bad_row)
                 if batch is not None:  # else every row of it had an image that failed to decode
                     yield batch
+                elif self.world.active:  # skipping it here alone would put this rank a batch ahead of the others
+                    raise TrainingError(f"step {self.step}: every row of rank {self.world.rank}'s part of the batch "
+                                        f"had an image that failed to decode (data.on_bad_row=skip); fix or remove "
+                                        f"those rows, or train on fewer ranks (larger parts)")
 
     def _record(self, metrics: dict[str, float]) -> None:
         """Into the history (every rank keeps it: the values are the same everywhere) and MLflow (rank 0)."""
