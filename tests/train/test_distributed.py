@@ -79,6 +79,28 @@ def test_two_ranks_train_as_one_process_on_the_same_global_batch(data, reference
     assert sharded.keys() == plain.keys()
     for name, tensor in plain.items():
         torch.testing.assert_close(sharded[name], tensor, rtol=1e-4, atol=1e-5, msg=name)
+    if settings == ["dist.strategy=fsdp"]:
+        check_sharded_checkpoint_rules(out, tmp_path)
+
+
+def check_sharded_checkpoint_rules(out, tmp_path):
+    """Shards are in checksums.json: a damaged one is named, and --resume falls back past it; the
+    export reads the folder in one process."""
+    from moevlm.errors import DamagedCheckpointError
+    from moevlm.export.hf import export_hf
+    from moevlm.train.snapshots import RunCheckpoints
+
+    export_hf(out, tmp_path / "hf")
+    assert (tmp_path / "hf" / "model.safetensors").is_file()
+    sums = json.loads((out / "checksums.json").read_text())["sha256"]
+    shard = out / "checkpoints" / "step-00000008" / sorted(name for name in sums if name.endswith(".distcp"))[0]
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 1
+    shard.write_bytes(bytes(data))
+    with pytest.raises(DamagedCheckpointError, match=f"{shard}: checksum mismatch"):
+        load_checkpoint(shard.parent.parent)
+    _, state, _ = RunCheckpoints(out).load()
+    assert state["step"] == 4 and (out / "checkpoints" / "damaged-step-00000008").is_dir()
 
 
 def test_a_two_rank_checkpoint_resumes_on_one_process_and_a_one_process_checkpoint_on_two(data, tmp_path):
