@@ -9,12 +9,14 @@ and on a GPU the model FLOPs utilization (MFU).
 Every configuration is the same ``moevlm train`` run: the 1-process baseline is ``python -m moevlm
 train``, the others ``torchrun --nproc_per_node=N -m moevlm train --set dist.strategy=...`` with the
 same ``train.batch_size`` (the batch over all ranks: each rank takes 1/N of it); ``--configs`` adds
-``ddp-ep`` (DDP with ``dist.expert_parallel=N``: each rank holds 1/N of every MoE layer's experts). The data are digit
-scenes of exactly three digits (``moevlm.data.digits``, no download) with a BPE tokenizer, so that
-every row, and so every step, holds the same number of tokens. Router noise is off: it draws from
-each rank's own random stream, so with it on N processes make a different (equally valid) random
-run; off, every configuration computes the same updates up to fp32 rounding, and the final train
-losses must agree closely (on CPU, fp32; bf16 on a GPU agrees less closely).
+``ddp-ep``, DDP with ``dist.expert_parallel=N`` (each rank holds 1/N of every MoE layer's experts).
+
+The data are digit scenes of exactly three digits (``moevlm.data.digits``, no download) and the
+tokenizer is BPE (one token per digit word), so every row, and so every step, holds the same number
+of tokens. The model is the preset's but for the tokenizer (and so a vocabulary of about 300) and
+router noise, which is off: it draws from each rank's own random stream, so with it N processes make
+a different (equally valid) random run; without it every configuration computes the same updates up
+to rounding, and the final train losses agree closely (fp32 on CPU; bf16 on a GPU agrees less).
 
 Step time: the trainer logs ``train/tokens_per_s`` every ``train.log_every`` steps, over the steps
 since the last log (trainer_state.json's history). The first window is warm-up and is left out; the
@@ -23,6 +25,9 @@ Validation and the checkpoint come at the last step, after the last window, so t
 
 Scaling efficiency: with the global batch fixed, the ideal N-process step is 1/N of one process's,
 so efficiency = t1 / (N * tN) (1 = perfect; speed-up = t1 / tN).
+
+Other work on the machine skews the figures: the table gives, for each run, the share of the
+machine's CPU time that others took while it ran (/proc/stat's busy time less the run's own).
 
 Threads: on CPU the N processes together get the same threads as the baseline (``--threads``, by
 default every core): one process with OMP_NUM_THREADS=T against N processes with T/N each.
@@ -33,6 +38,7 @@ FLOPs per step = 6 x active parameters x the tokens they see (the vision tower's
 image patch, the rest every decoder token; an MoE layer's experts count top_k / num_experts of
 theirs; embedding look-ups count nothing) + attention, 12 x layers x width x sequence length per
 token (PaLM's formula: forward and backward, the whole score matrix, causal masking not halved).
+It comes within 10 % of torch.utils.flop_counter's count of a step of the default and base presets.
 """
 
 from __future__ import annotations
@@ -41,6 +47,7 @@ import argparse
 import json
 import math
 import os
+import resource
 import signal
 import socket
 import statistics
@@ -87,6 +94,7 @@ class Run:
     final_loss: float
     windows_tokens_per_s: list[float]
     wall_s: float
+    others_cpu: float | None  # share of the machine's CPU time other work took during the run (Linux)
     speedup: float | None = None
     efficiency: float | None = None
     loss_rel_diff: float | None = None
@@ -100,9 +108,27 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def launch(name: str, command: list[str], threads: int, log_path: Path, timeout: float) -> float:
-    """Run ``command`` with OMP_NUM_THREADS=threads, its output into ``log_path``; wall seconds."""
+def busy_cpu_seconds() -> float | None:
+    """CPU seconds the whole machine has been busy since boot (/proc/stat); None off Linux."""
+    try:
+        with open("/proc/stat") as stat:
+            ticks = [int(value) for value in stat.readline().split()[1:9]]
+    except OSError:
+        return None
+    idle = ticks[3] + ticks[4]  # idle and iowait; the rest is user, nice, system, irq, softirq, steal
+    return (sum(ticks) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def children_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)  # torchrun's workers count once it is waited for
+    return usage.ru_utime + usage.ru_stime
+
+
+def launch(name: str, command: list[str], threads: int, log_path: Path, timeout: float) -> tuple[float, float | None]:
+    """Run ``command`` with OMP_NUM_THREADS=threads, its output into ``log_path``: its wall seconds, and
+    the share of the machine's CPU time that other work took meanwhile (None off Linux)."""
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    busy, own = busy_cpu_seconds(), children_cpu_seconds()
     start = time.perf_counter()
     with open(log_path, "w") as log:
         # Its own session: on a timeout the whole group (torchrun and its workers) is stopped.
@@ -122,7 +148,11 @@ def launch(name: str, command: list[str], threads: int, log_path: Path, timeout:
         print("\n".join(tail), file=sys.stderr)
         problem = f"timed out after {timeout:.0f} s" if code is None else f"exit code {code}"
         raise RunFailed(f"run {name!r} failed ({problem}); its log: {log_path}")
-    return time.perf_counter() - start
+    wall = time.perf_counter() - start
+    if busy is None:
+        return wall, None
+    others = busy_cpu_seconds() - busy - (children_cpu_seconds() - own)
+    return wall, max(0.0, others) / (wall * (os.cpu_count() or 1))
 
 
 def windows(run_dir: Path) -> tuple[list[float], float]:
@@ -225,6 +255,7 @@ def command_for(name: str, args: argparse.Namespace, train_args: list[str]) -> t
 
 
 def benchmark(args: argparse.Namespace, root: Path) -> dict:
+    load_before = os.getloadavg()[0]
     overrides = run_overrides(args)
     config = load_config(args.preset, overrides=overrides)
     batch = config.train.batch_size
@@ -240,11 +271,11 @@ def benchmark(args: argparse.Namespace, root: Path) -> dict:
         out = root / name
         command, processes, threads = command_for(name, args, [*train_args, "--out", str(out)])
         print(f"[dist_scaling] {name}: {processes} x {threads} threads ...", file=sys.stderr, flush=True)
-        wall = launch(name, command, threads, root / f"{name}.log", args.timeout)
+        wall, others_cpu = launch(name, command, threads, root / f"{name}.log", args.timeout)
         tokens_per_s, loss = windows(out)
         strategy, ep = CONFIGS[name]
         runs.append(Run(name, processes, strategy, args.nproc if ep else 1, threads, math.nan,
-                        statistics.median(tokens_per_s[1:]), loss, tokens_per_s, wall))
+                        statistics.median(tokens_per_s[1:]), loss, tokens_per_s, wall, others_cpu))
 
     # The run's own config (vocabulary size set from its tokenizer) on the meta device: sizes, no weights.
     run_config = read_config(root / args.configs[0])
@@ -268,7 +299,7 @@ def benchmark(args: argparse.Namespace, root: Path) -> dict:
             "tokens_per_step": step_tokens, "model_gflop_per_step": step_flops / 1e9,
             "threads_total": args.threads, "nproc": args.nproc,
             "peak_tflops": args.peak_tflops if args.device == "cuda" else None,
-            "cpu_count": os.cpu_count(), "load_average_1min": os.getloadavg()[0],
+            "cpu_count": os.cpu_count(), "load_average_1min": [load_before, os.getloadavg()[0]],
             "runs": [asdict(run) for run in runs]}
 
 
@@ -280,21 +311,24 @@ def table(result: dict) -> str:
     cuda = result["device"] == "cuda"
     lines = [f"preset {result['preset']}, {result['device']} {result['precision']}, {result['steps']} steps, global "
              f"batch {result['global_batch_size']} ({result['tokens_per_step']:,} tokens a step), "
-             f"load average {result['load_average_1min']:.2f} after the runs",
+             f"load average {result['load_average_1min'][0]:.2f} before, {result['load_average_1min'][1]:.2f} after",
              f"threads: 1 process x {result['threads_total']} against N processes x "
              f"{max(1, result['threads_total'] // result['nproc'])} (OMP_NUM_THREADS)",
              f"step time = tokens a step / median logged tokens/s over the {result['log_every']}-step windows, "
              f"first window (warm-up) left out",
-             "efficiency = t1 / (N * tN); loss diff = |loss - loss of 1 process| / loss of 1 process",
+             "efficiency = t1 / (N * tN); loss diff = |loss - loss of 1 process| / loss of 1 process; "
+             "others = the share of the machine's CPU time other work took during the run",
              ""]
-    header = ["config", "procs x thr", "step s", "tokens/s", "speed-up", "efficiency", "final loss", "loss diff"]
+    header = ["config", "procs x thr", "step s", "tokens/s", "speed-up", "efficiency", "final loss", "loss diff",
+              "others"]
     if cuda:
         header.append("MFU")
     rows = [header]
     for run in result["runs"]:
         row = [run["name"], f"{run['processes']} x {run['threads_per_process']}", f"{run['step_s']:.4f}",
                f"{run['tokens_per_s']:,.0f}", _cell(run["speedup"], 2), _cell(run["efficiency"], 2),
-               f"{run['final_loss']:.6f}", "-" if run["loss_rel_diff"] is None else f"{run['loss_rel_diff']:.1e}"]
+               f"{run['final_loss']:.6f}", "-" if run["loss_rel_diff"] is None else f"{run['loss_rel_diff']:.1e}",
+               "-" if run["others_cpu"] is None else f"{100 * run['others_cpu']:.0f} %"]
         if cuda:
             row.append("-" if run["mfu"] is None else f"{100 * run['mfu']:.1f} %")
         rows.append(row)

@@ -30,6 +30,7 @@ def test_quick_run_reports_every_configuration_with_agreeing_losses(tmp_path):
         # Same global batch, no router noise, fp32: the same updates up to summation order.
         assert math.isclose(run["final_loss"], single["final_loss"], rel_tol=1e-4), (run["name"], run["final_loss"])
         assert math.isclose(run["efficiency"], single["step_s"] / (run["processes"] * run["step_s"]), rel_tol=1e-9)
+        assert 0 <= run["others_cpu"] <= 1
     for name in ("ddp", "fsdp"):
         assert runs[name]["processes"] == 2
         assert runs[name]["threads_per_process"] == max(1, result["threads_total"] // 2)
