@@ -174,7 +174,7 @@ def tokens_per_row(config: Config, train_csv: Path, val_csv: Path, images_in_tex
 
 def model_flops_per_step(config: Config, model: torch.nn.Module, rows: int, seq_len: int) -> float:
     """Estimated FLOPs of one training step (forward and backward), as the module docstring says."""
-    def params(module: torch.nn.Module) -> float:
+    def params(module: torch.nn.Module) -> int:
         return sum(p.numel() for p in module.parameters())
 
     inactive = 0.0
@@ -221,6 +221,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.threads = args.threads or os.cpu_count() or 1
     if args.nproc is None:
         args.nproc = torch.cuda.device_count() if args.device == "cuda" else 2
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: this machine has no CUDA device")
+    if args.nproc < 1:
+        parser.error("--nproc must be at least 1")
     args.configs = [name.strip() for name in args.configs.split(",") if name.strip()]
     unknown = [name for name in args.configs if name not in CONFIGS]
     if unknown:
