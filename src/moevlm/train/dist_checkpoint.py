@@ -22,6 +22,7 @@ from torch.distributed.checkpoint.state_dict import (
     get_state_dict,
     set_optimizer_state_dict,
 )
+from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from moevlm.checkpoint import SHARDED
 from moevlm.train.distributed import World
@@ -32,8 +33,6 @@ def _as_global(tensors: dict[str, torch.Tensor], names: set[str], world: World) 
     """Expert slices as the DTensors they are parts of: the whole (E, ...) tensor to DCP."""
     if not names:
         return tensors
-    from torch.distributed.tensor import DTensor, Replicate, Shard
-
     # The mesh is (replica, ep): a slice is the same on its replicas, a shard of dim 0 along ep.
     return {name: DTensor.from_local(t, world.ep_mesh, [Replicate(), Shard(0)], run_check=False) if name in names else t
             for name, t in tensors.items()}

@@ -24,11 +24,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 from torch.utils.data import Sampler
 
 from moevlm.config import Config
 from moevlm.data.dataset import EpochBatchSampler
 from moevlm.errors import ConfigError, MoevlmError
+from moevlm.train.expert_parallel import apply_expert_parallel, expert_parallel_groups
 
 log = logging.getLogger(__name__)
 
@@ -142,8 +144,6 @@ def configure_world(world: World, config: Config, device: torch.device) -> None:
                           f"must be a multiple of {world.size} (each rank takes batch_size / {world.size})")
     world.expert_parallel = degree
     if degree > 1:
-        from moevlm.train.expert_parallel import expert_parallel_groups
-
         world.ep_mesh, world.ep_group, world.replica_group = expert_parallel_groups(degree, device.type)
 
 
@@ -217,19 +217,15 @@ def parallelize(model: nn.Module, world: World, config: Config, device: torch.de
         layer.batch_sum = world.sum
     expert_names: set[str] = set()
     if world.expert_parallel > 1:
-        from moevlm.train.expert_parallel import apply_expert_parallel
-
         expert_names = apply_expert_parallel(model, world.ep_group)
     strategy = strategy_for(config, model, world, device)
     if strategy == "ddp":
         if expert_names:
             nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, sorted(expert_names))
         forward = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False,
+            model, device_ids=[device.index] if device.type == "cuda" else None, forward_sync_buffers=False,
             find_unused_parameters=unused_parameters)
         return Parallel(forward, strategy, expert_names)
-    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
-
     params = dict(model.named_parameters())
     ignored = {params[name] for name in expert_names}
     for block in repeated_blocks(model):

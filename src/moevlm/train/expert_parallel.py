@@ -25,6 +25,7 @@ import functools
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
 
 from moevlm.errors import ConfigError
 from moevlm.models.grouped import expert_mlp
@@ -42,8 +43,6 @@ def expert_parallel_groups(degree: int, device_type: str = "cpu"):
     [0, degree), [degree, 2 * degree) ...; the replica group is this process's column (None when
     degree == W). Checkpoints describe the expert slices on it (train/dist_checkpoint.py). Every
     process must call this, in the same order."""
-    from torch.distributed.device_mesh import init_device_mesh
-
     world = dist.get_world_size()
     if degree < 1 or world % degree:
         raise ConfigError(f"dist.expert_parallel={degree} must divide the number of processes ({world})")

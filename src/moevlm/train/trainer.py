@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
@@ -32,6 +33,7 @@ from moevlm.models.protocol import VisionLanguageModel
 from moevlm.models.vlm import expert_dropped
 from moevlm.train import dist_checkpoint, plots
 from moevlm.train.distributed import RankBatches, World, clip_gradients, parallelize
+from moevlm.train.expert_parallel import sync_expert_grads
 from moevlm.train.snapshots import RunCheckpoints
 from moevlm.train.stages import freeze_for_stage, group_lr, still_from_source
 from moevlm.train.tracking import Tracker
@@ -205,8 +207,6 @@ class Trainer:
                  "bad_in_a_row": self.bad_in_a_row, "skipped_steps": self.skipped_steps,
                  "mlflow_run_id": self.tracker.run_id, "command_config": self.command_config}
         if self.world.active:
-            import torch.distributed as dist  # Lazy: only several ranks have anything to gather
-
             streams: list = [None] * self.world.size
             dist.all_gather_object(streams, state["rng"])
             state.update(rank_rng=streams[1:], world_size=self.world.size)
@@ -267,8 +267,6 @@ class Trainer:
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
         if self.world.active:
             if self.parallel.expert_names:
-                from moevlm.train.expert_parallel import sync_expert_grads
-
                 sync_expert_grads(self.model, self.parallel.expert_names, self.world.replica_group, self.world.size)
             summed = self.world.sum(torch.tensor([*totals.values(), tokens], dtype=torch.float64))
             totals, tokens = dict(zip(totals, summed[:-1].tolist())), int(summed[-1])
