@@ -147,7 +147,8 @@ class Trainer:
     def release_parallel(self) -> None:
         """Drop DDP's wrapper once training is over: its reducer must be gone before the process
         group is (a reducer outliving it can hang the process at exit)."""
-        self.forward = self.parallel.forward = self.model
+        if self.world.active:
+            self.forward = self.parallel.forward = self.model
 
     def _parallelize(self, trainable: dict[str, list[torch.nn.Parameter]], optimizer_state):
         """Wrap or shard the model for this rank (``distributed.parallelize``) and build the optimizer
