@@ -32,6 +32,22 @@ def _add_device_flag(parser: argparse.ArgumentParser) -> None:
                              "bf16 autocast where the device supports it (cuda:N names one card)")
 
 
+def _add_checkpoint_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", default="best", metavar="last|best|step-N",
+                        help="which checkpoint of a training run folder: best (default; the snapshot of the best "
+                             "validation, train.select; the last where none is recorded), last, or step-N's snapshot")
+
+
+def _checkpoint_folder(args) -> Path:
+    """The folder ``--model`` and ``--checkpoint`` name; says on stderr which step when it is not the last."""
+    from moevlm.checkpoint import resolve_checkpoint
+
+    folder, note = resolve_checkpoint(args.model, args.checkpoint)
+    if note is not None:
+        print(f"moevlm: {note}", file=sys.stderr)
+    return folder
+
+
 class _HelpConfig(argparse.Action):
     """``train --help-config``: every config key with its default and meaning, then exit (like --help)."""
 
@@ -72,9 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "command line serves the first run and every restart. --preset/--config/--set/--stage/"
                             "--from may be given again: they must give the config the run was started with, except "
                             "train.max_steps, log_every, eval_every, checkpoint_every, keep_checkpoints, "
-                            "max_bad_steps, val_generate, data.num_workers and dist.strategy, expert_parallel, "
-                            "backend, timeout_s, which take the new value; under torchrun it may continue on "
-                            "another number of ranks")
+                            "max_bad_steps, patience, val_generate, data.num_workers and dist.strategy, "
+                            "expert_parallel, backend, timeout_s, which take the new value; under torchrun it may "
+                            "continue on another number of ranks")
     train.add_argument("--stage", choices=STAGES, help="what learns: pretrain (projector), instruct (projector + "
                                                        "LM), moe (MoE layers; upcycles a dense LM), full (all; "
                                                        "default); shorthand for --set train.stage=NAME")
@@ -87,6 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     caption = sub.add_parser("caption", help="caption images with a trained model")
     caption.add_argument("--model", required=True, type=Path, help="checkpoint folder")
+    _add_checkpoint_flag(caption)
     caption.add_argument("images", nargs="+", type=Path, metavar="IMAGE")
     caption.add_argument("--prompt", default="", help="text prompt (default: none, plain captioning)")
     _add_sampling_flags(caption)
@@ -97,6 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = sub.add_parser("eval", help="evaluate a model on a data set")
     evaluate.add_argument("--model", required=True, type=Path, help="checkpoint folder")
+    _add_checkpoint_flag(evaluate)
     evaluate.add_argument("--data", required=True, type=Path,
                           help="data with reference captions (any --data format of train)")
     evaluate.add_argument("--image-root", help="where COCO file names resolve (default: the file's train2017/-style "
@@ -131,6 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
                                         "Mixtral / Qwen2-MoE / Qwen3-MoE text model, its processor, generation "
                                         "config and model card. A model no HF class computes exactly is refused.")
     export.add_argument("--model", required=True, type=Path, help="checkpoint folder")
+    _add_checkpoint_flag(export)
     export.add_argument("--to", choices=["hf"], default="hf", help="format: hf (transformers' LLaVA layout)")
     export.add_argument("--out", required=True, type=Path, help="the folder to write (new or empty)")
     export.add_argument("--register", metavar="NAME",
@@ -151,6 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
                                        "streaming, continuous batching), /v1/models, /health, /metrics and a "
                                        "web page at / (README, \"Serving\").")
     serve.add_argument("--model", required=True, type=Path, help="checkpoint folder")
+    _add_checkpoint_flag(serve)
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     serve.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
     _add_device_flag(serve)
@@ -193,7 +213,7 @@ def _cmd_train(args) -> int:
 def _cmd_caption(args) -> int:
     from moevlm.generate import caption_files
 
-    captions = caption_files(args.model, args.images, prompt=args.prompt, device=args.device,
+    captions = caption_files(_checkpoint_folder(args), args.images, prompt=args.prompt, device=args.device,
                              batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
                              temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     for path, text in captions:
@@ -208,7 +228,7 @@ def _public_result(result: dict) -> dict:
 def _cmd_eval(args) -> int:
     from moevlm.evaluate import evaluate_file
 
-    result = evaluate_file(args.model, args.data, device=args.device, max_new_tokens=args.max_new_tokens,
+    result = evaluate_file(_checkpoint_folder(args), args.data, device=args.device, max_new_tokens=args.max_new_tokens,
                            generate=not args.no_generate, image_root=args.image_root)
     if args.json:
         print(json.dumps(_public_result(result)))
@@ -240,7 +260,7 @@ def _cmd_upcycle(args) -> int:
 def _cmd_export(args) -> int:
     from moevlm.export.hf import export_hf
 
-    result = export_hf(args.model, args.out, register=args.register, tracking_uri=args.tracking_uri,
+    result = export_hf(_checkpoint_folder(args), args.out, register=args.register, tracking_uri=args.tracking_uri,
                        hub_repo=args.push_to_hub)
     print(f"exported to {result.out}: LlavaForConditionalGeneration with a {result.text_model} text model, "
           f"{result.parameters:,} parameters ({result.active_parameters:,} active per token)")
@@ -263,8 +283,10 @@ def _cmd_bench(args) -> int:
 def _cmd_serve(args) -> int:
     from moevlm.serve.server import serve
 
-    serve(args.model, host=args.host, port=args.port, device=args.device, api_key=args.api_key,
-          served_name=args.served_model_name, max_batch=args.max_batch, max_queue=args.max_queue, grace=args.grace,
+    # The run folder's name whichever checkpoint of it is served.
+    serve(_checkpoint_folder(args), host=args.host, port=args.port, device=args.device, api_key=args.api_key,
+          served_name=args.served_model_name or args.model.resolve().name, max_batch=args.max_batch,
+          max_queue=args.max_queue, grace=args.grace,
           allow_http_images=args.allow_http_images, max_image_bytes=args.max_image_bytes,
           max_image_pixels=args.max_image_pixels, max_body_bytes=args.max_body_bytes)
     return 0

@@ -267,6 +267,7 @@ class DataConfig:
 STAGES = ("full", "pretrain", "instruct", "moe")
 PARAM_GROUPS = ("vision", "projector", "lm", "moe")
 PRECISIONS = ("auto", "fp32", "bf16")
+SELECT_METRICS = ("val_loss", "exact_match", "bleu4")
 
 
 @dataclass(frozen=True)
@@ -303,6 +304,10 @@ class TrainConfig:
     lr_moe: float | None = option(None, "learning rate of the moe group (null: train.lr)")
     save_frozen: bool = option(False, "true: checkpoints hold the untrained pretrained weights too; false: they "
                                       "are named in pretrained.json and loaded from their source")
+    select: str = option("val_loss", "the validation metric that chooses the best checkpoint: val_loss (lowest), "
+                                     "exact_match or bleu4 (highest); ties keep the earlier step")
+    patience: int | None = option(None, "stop after this many validations in a row without a new best (null: "
+                                        "never stop early)")
 
     def __post_init__(self):
         _check(self.stage in STAGES, f"train.stage must be {', '.join(STAGES)}, not {self.stage!r}")
@@ -317,6 +322,9 @@ class TrainConfig:
             _check(getattr(self, name) >= 1, f"train.{name} must be >= 1")
         _check(self.max_bad_steps >= 0, "train.max_bad_steps must be >= 0")
         _check(self.lr > 0, "train.lr must be positive")
+        _check(self.select in SELECT_METRICS,
+               f"train.select must be {', '.join(SELECT_METRICS)}, not {self.select!r}")
+        _check(self.patience is None or self.patience >= 1, "train.patience must be >= 1 or null")
         _check(self.precision in PRECISIONS, f"train.precision must be {', '.join(PRECISIONS)}, not {self.precision!r}")
 
 

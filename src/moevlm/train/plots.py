@@ -49,12 +49,18 @@ def _series(history: dict[str, list[tuple[int, float]]],
             if points and keep(name.rsplit("/", 1)[-1])}
 
 
-def plot_loss_curves(history: dict[str, list[tuple[int, float]]], path: Path) -> Path:
-    """Plot loss series against step, with the learning rate (if any) on a panel below.
+def plot_loss_curves(history: dict[str, list[tuple[int, float]]], path: Path, best_step: int | None = None) -> Path:
+    """Plot loss series against step, with the learning rate (if any) on a panel below; see ``loss_figure``."""
+    return _save(loss_figure(history, best_step), path)
+
+
+def loss_figure(history: dict[str, list[tuple[int, float]]], best_step: int | None = None) -> Figure:
+    """The figure of ``plot_loss_curves``.
 
     Only series named ``*loss*`` and ``lr`` / ``learning_rate`` are drawn, so a trainer can
     pass its whole metric history (throughput, grad norm, accuracy) without drowning the
-    losses in other units.
+    losses in other units. Validation series (``val/...``) have a marker at each evaluation;
+    ``best_step``, the selected checkpoint, is a vertical line labelled "best (step N)".
     """
     losses = _series(history, lambda part: "loss" in part)
     rates = _series(history, lambda part: part in ("lr", "learning_rate"))
@@ -67,12 +73,19 @@ def plot_loss_curves(history: dict[str, list[tuple[int, float]]], path: Path) ->
 
     for name, points in losses.items():
         steps, values = zip(*points)
-        loss_ax.plot(steps, values, label=name, marker="o" if len(points) == 1 else None)
+        validation = name.startswith("val/")
+        loss_ax.plot(steps, values, label=name, marker="o" if validation or len(points) == 1 else None,
+                     markersize=4 if validation else None)
+    if best_step is not None:
+        for ax in (loss_ax, lr_ax):
+            if ax is not None:
+                ax.axvline(best_step, color="black", linestyle="--", linewidth=1,
+                           label=f"best (step {best_step})" if ax is loss_ax else None)
     values = np.array([value for points in losses.values() for _, value in points], dtype=float)
     values = values[np.isfinite(values)]
     if len(values) and values.min() > 0 and values.max() / values.min() > _LOG_Y_RATIO:
         loss_ax.set_yscale("log")
-    if losses:
+    if losses or best_step is not None:
         loss_ax.legend()
     else:
         loss_ax.text(0.5, 0.5, "no loss values yet", ha="center", va="center",
@@ -89,7 +102,7 @@ def plot_loss_curves(history: dict[str, list[tuple[int, float]]], path: Path) ->
         lr_ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
         lr_ax.grid(alpha=0.3)
     (lr_ax or loss_ax).set_xlabel("step")
-    return _save(figure, path)
+    return figure
 
 
 def plot_expert_load(load: Any, path: Path, title: str = "Expert load") -> Path:

@@ -33,8 +33,8 @@ log = logging.getLogger(__name__)
 # How many ranks and how they split the work may change too: the batches and updates are those
 # of the whole batch whatever the split (README, "Training on several processes").
 RESUME_MAY_DIFFER = ("train.max_steps", "train.log_every", "train.eval_every", "train.checkpoint_every",
-                     "train.keep_checkpoints", "train.max_bad_steps", "train.val_generate", "data.num_workers",
-                     "dist.strategy", "dist.expert_parallel", "dist.backend", "dist.timeout_s")
+                     "train.keep_checkpoints", "train.max_bad_steps", "train.patience", "train.val_generate",
+                     "data.num_workers", "dist.strategy", "dist.expert_parallel", "dist.backend", "dist.timeout_s")
 
 
 def config_from_command_line(preset: str | None, config_file: Path | None, overrides: list[str],

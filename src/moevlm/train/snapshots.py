@@ -1,5 +1,5 @@
-"""``RunCheckpoints``: the last ``train.keep_checkpoints`` checkpoints of a run folder, saving the
-next one, and the one ``--resume`` starts from.
+"""``RunCheckpoints``: the last ``train.keep_checkpoints`` checkpoints of a run folder (and the
+best one, ``best``), saving the next one, and the one ``--resume`` starts from.
 
     DIR/                           the newest checkpoint (what caption and eval read)
     DIR/checkpoints/step-00000500/ one complete checkpoint per kept step
@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import shutil
 from pathlib import Path
 from typing import Callable
@@ -31,26 +30,29 @@ from moevlm.checkpoint import (
     OPTIMIZER,
     SHARDED,
     SHARDED_METADATA,
+    SNAPSHOT_NAME,
+    SNAPSHOTS,
     STATE,
     WEIGHTS,
     PreparedModel,
     fsync_dir,
     load_training_checkpoint,
+    snapshot_folder,
     write_checkpoint,
 )
 from moevlm.errors import CheckpointError, DamagedCheckpointError
 
 log = logging.getLogger(__name__)
 
-SNAPSHOTS = "checkpoints"
-_NAME = re.compile(r"step-(\d+)")
 
 
 class RunCheckpoints:
-    """The checkpoints of the run folder ``out_dir``; ``keep``: snapshots kept by ``save``."""
+    """The checkpoints of the run folder ``out_dir``; ``keep``: snapshots kept by ``save``;
+    ``best``: the step of a snapshot ``save`` keeps too, however old (the trainer sets it)."""
 
     def __init__(self, out_dir: str | Path, keep: int = 3):
         self.out_dir, self.keep = Path(out_dir), keep
+        self.best: int | None = None
         self.root = self.out_dir / SNAPSHOTS
 
     def snapshots(self) -> list[tuple[int, Path]]:
@@ -58,7 +60,7 @@ class RunCheckpoints:
         if not self.root.is_dir():
             return []
         found = [(int(m.group(1)), path) for path in self.root.iterdir()
-                 if path.is_dir() and (m := _NAME.fullmatch(path.name))]
+                 if path.is_dir() and (m := SNAPSHOT_NAME.fullmatch(path.name))]
         return sorted(found, reverse=True)
 
     def exists(self) -> bool:
@@ -71,7 +73,8 @@ class RunCheckpoints:
         return found[0][0] if found else None
 
     def _paths(self, step: int) -> tuple[Path, Path]:
-        return self.root / f"step-{step:08d}", self.root / f".step-{step:08d}.tmp"
+        final = snapshot_folder(self.out_dir, step)
+        return final, final.with_name(f".{final.name}.tmp")
 
     def _clear_stale(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
@@ -79,7 +82,8 @@ class RunCheckpoints:
             shutil.rmtree(stale)
 
     def _commit(self, step: int, tmp: Path, final: Path, files: list[str]) -> None:
-        """Rename the written ``tmp`` to ``step-N``, publish it as the folder's top level, keep the newest ``keep``."""
+        """Rename the written ``tmp`` to ``step-N``, publish it as the folder's top level, keep the newest ``keep``
+        and the best."""
         for later, folder in self.snapshots():
             # A resume set aside the damaged ones it passed over; any left from this step on (put
             # there by hand?) would count towards `keep` and push out the good ones, or block step-N.
@@ -88,8 +92,9 @@ class RunCheckpoints:
         os.replace(tmp, final)
         fsync_dir(self.root)
         _publish(final, self.out_dir, files)
-        for _, old in self.snapshots()[self.keep:]:
-            _discard(old)
+        for at, old in self.snapshots()[self.keep:]:
+            if at != self.best:
+                _discard(old)
 
     def save(self, prepared: PreparedModel, state: dict, optimizer: torch.optim.Optimizer, images=None) -> Path:
         """Write snapshot ``step-N`` of ``state["step"]``, make it the folder's top level, keep the newest ``keep``."""

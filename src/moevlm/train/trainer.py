@@ -1,6 +1,12 @@
 """The training loop: AdamW, warmup + cosine, gradient accumulation and clipping, optional bf16
 autocast, periodic validation and checkpoints, exact resume, MLflow metrics and plots.
 
+Each validation is compared with the best so far (``train.select``, train/selection.py). A
+validation that sets a new best is saved as a snapshot even when it is not a ``checkpoint_every``
+step: its weights exist at that step only, and inference (``--checkpoint best``) reads the
+snapshot. The rotation keeps the best snapshot beside the newest ones. ``train.patience``
+validations in a row without a new best end the run as ``max_steps`` would.
+
 A step whose loss or gradient norm is not finite changes nothing but the counters: no update,
 no metrics, a warning. ``train.max_bad_steps`` of them in a row end the run with a
 ``TrainingError``; the weights then on disk are the last checkpoint written before it.
@@ -34,6 +40,7 @@ from moevlm.models.vlm import expert_dropped
 from moevlm.train import dist_checkpoint, plots
 from moevlm.train.distributed import RankBatches, World, clip_gradients, parallelize
 from moevlm.train.expert_parallel import sync_expert_grads
+from moevlm.train.selection import Selection
 from moevlm.train.snapshots import RunCheckpoints
 from moevlm.train.stages import freeze_for_stage, group_lr, still_from_source
 from moevlm.train.tracking import Tracker
@@ -134,6 +141,8 @@ class Trainer:
         self.bad_in_a_row = state.get("bad_in_a_row", 0)
         self.skipped_steps: list[int] = state.get("skipped_steps", [])
         self.saved_step = state.get("step")  # None until this run writes a checkpoint
+        self.selection = Selection(tc.select, tc.patience, state)
+        self.checkpoints.best = self.selection.best_step
         self.command_config = command_config
         if self.world.rank == 0 and "rng" in state:
             _set_rng_state(state["rng"], self.device)
@@ -206,7 +215,8 @@ class Trainer:
         state = {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
                  "rng": _rng_state(self.device), "history": self.history,
                  "bad_in_a_row": self.bad_in_a_row, "skipped_steps": self.skipped_steps,
-                 "mlflow_run_id": self.tracker.run_id, "command_config": self.command_config}
+                 "mlflow_run_id": self.tracker.run_id, "command_config": self.command_config,
+                 **self.selection.state()}
         if self.world.active:
             streams: list = [None] * self.world.size
             dist.all_gather_object(streams, state["rng"])
@@ -333,8 +343,8 @@ class Trainer:
         bar = tqdm(total=tc.max_steps, initial=self.step, disable=not (self.progress and self.world.is_main),
                    unit="step", dynamic_ncols=True)
         window_tokens, window_start = 0, time.perf_counter()
-        last_val = None
-        while self.step < tc.max_steps:
+        last_val, stop = None, self.selection.stop_reason()  # a resumed run that had stopped early stays stopped
+        while self.step < tc.max_steps and stop is None:
             metrics = self.train_step(batches)
             if metrics is not None:
                 window_tokens += metrics.pop("tokens")
@@ -353,15 +363,23 @@ class Trainer:
                 bar.set_postfix(loss=f"{metrics['loss']:.3f}", lr=f"{metrics['lr']:.1e}",
                                 tok_s=f"{tokens_per_s:,.0f}")
             bar.update(1)
+            improved = False
             if self.step % tc.eval_every == 0 or self.step == tc.max_steps:
                 last_val = self.validate()
+                if last_val is not None:
+                    improved = self.selection.update(self.step, last_val)
+                    self.checkpoints.best = self.selection.best_step
+                    stop = self.selection.stop_reason()
                 if last_val is not None and self.world.is_main:
                     bar.write(f"step {self.step}: val loss {last_val['loss']:.4f}, exact match "
                               f"{last_val['exact_match']:.3f} on {len(last_val['predictions'])} rows "
-                              f"(validation took {last_val['seconds']:.1f} s)")
-            if self.step % tc.checkpoint_every == 0 or self.step == tc.max_steps:
+                              f"(validation took {last_val['seconds']:.1f} s){' (new best)' if improved else ''}")
+            if (self.step % tc.checkpoint_every == 0 or self.step == tc.max_steps or improved
+                    or stop is not None):
                 self.save()
         bar.close()
+        if stop is not None and self.step < tc.max_steps and self.world.is_main:
+            bar.write(f"step {self.step}: {stop}")
         return self.finish(last_val)
 
     def finish(self, last_val: dict | None) -> dict:
@@ -371,7 +389,7 @@ class Trainer:
                                 max_generate=self.config.train.val_generate, amp_dtype=self.amp_dtype)
         if not self.world.is_main:
             return last_val
-        loss_png = plots.plot_loss_curves(self.history, self.out_dir / "loss.png")
+        loss_png = plots.plot_loss_curves(self.history, self.out_dir / "loss.png", self.selection.best_step)
         artifacts = [loss_png]
         if self.model.moe_layers:
             artifacts.append(plots.plot_expert_load(last_val["expert_load_counts"], self.out_dir / "expert_load.png"))
