@@ -159,8 +159,10 @@ def test_early_stopping_stops_after_patience_validations_without_a_new_best(shap
 def test_resuming_an_early_stopped_run_with_more_patience_goes_on(shapes_csv, tmp_path, scripted):
     scripted.update(LOSSES)
     train(tiny(**{"train.patience": 2, "train.max_steps": 8}), shapes_csv, tmp_path / "run")
-    stopped, _ = train(tiny(**{"train.patience": 2}), shapes_csv, tmp_path / "run", resume=True, compare_config=True)
+    stopped, result = train(tiny(**{"train.patience": 2}), shapes_csv, tmp_path / "run", resume=True,
+                            compare_config=True)
     assert stopped.step == 8  # still out of patience: nothing more trained
+    assert result["num_samples"] == 3  # what it reports is the validation set's (12 rows * 0.25), as ever
     more, _ = train(tiny(**{"train.patience": 3}), shapes_csv, tmp_path / "run", resume=True, compare_config=True)
     assert more.step == 10
 

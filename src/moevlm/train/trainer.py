@@ -383,10 +383,12 @@ class Trainer:
         return self.finish(last_val)
 
     def finish(self, last_val: dict | None) -> dict:
-        """Plots and sample captions into the run folder and MLflow (rank 0)."""
+        """Plots and sample captions into the run folder and MLflow (rank 0). ``last_val`` is None when
+        the run validated nothing (no validation set, or a resume with nothing left to train)."""
         if last_val is None:
-            last_val = evaluate(self.model, self.train_set, self.tokenizer, batch_size=self.config.train.batch_size,
-                                max_generate=self.config.train.val_generate, amp_dtype=self.amp_dtype)
+            last_val = evaluate(self.model, self.val_set or self.train_set, self.tokenizer,
+                                batch_size=self.config.train.batch_size, max_generate=self.config.train.val_generate,
+                                amp_dtype=self.amp_dtype)
         if not self.world.is_main:
             return last_val
         loss_png = plots.plot_loss_curves(self.history, self.out_dir / "loss.png", self.selection.best_step)
