@@ -7,6 +7,7 @@ import shutil
 
 import pytest
 import torch
+from ranks import train_ranks
 from safetensors.torch import load_file
 
 from moevlm.checkpoint import resolve_checkpoint
@@ -223,3 +224,21 @@ def test_loss_plot_marks_validations_and_the_best_step(tmp_path):
     assert not any(line.get_label().startswith("best") for line in loss_figure(history).axes[0].get_lines())
     path = plot_loss_curves(history, tmp_path / "loss.png", best_step=4)
     assert path.is_file() and path.stat().st_size > 0
+
+
+def test_two_ranks_select_save_the_best_snapshot_and_stop_together(shapes_csv, tmp_path, capsys):
+    """Under torchrun every rank takes the same decisions; rank 0 writes the sharded snapshots."""
+    out = tmp_path / "run"
+    ranks = train_ranks(["--data", str(shapes_csv), "--out", str(out), "--preset", "tiny", "--no-tracking",
+                         "--set", "dist.strategy=fsdp", "--set", "train.eval_every=1", "--set",
+                         "train.checkpoint_every=5", "--set", "train.keep_checkpoints=1", "--set", "train.patience=2",
+                         "--set", "train.max_steps=12", "--set", "train.lr=0.05", "--set", "train.val_generate=0",
+                         "--set", "data.val_fraction=0.25"])
+    state = state_of(out)
+    best = state["best"]["step"]
+    # one validation per step: the run ends two validations after its last best, or at max_steps
+    assert state["step"] == min(12, best + 2) and state["validations_since_best"] == state["step"] - best
+    assert best in snapshot_steps(out) and state["step"] in snapshot_steps(out)
+    assert ("stopped early" in ranks[0].output) == (state["step"] < 12) and "stopped early" not in ranks[1].output
+    assert main(["eval", "--model", str(out), "--data", str(shapes_csv), "--no-generate", "--device", "cpu"]) == 0
+    assert (f"step {best}" in capsys.readouterr().err) == (best != state["step"])
