@@ -84,6 +84,8 @@ def test_config_rejects_unknown_metric_and_zero_patience():
         tiny(**{"train.select": "accuracy"})
     with pytest.raises(ConfigError, match="train.patience must be >= 1"):
         tiny(**{"train.patience": 0})
+    with pytest.raises(ConfigError, match="train.select=bleu4 needs train.val_generate > 0"):
+        tiny(**{"train.select": "bleu4"})  # tiny() sets val_generate=0
 
 
 def test_best_step_is_saved_recorded_and_survives_rotation(shapes_csv, tmp_path, scripted):
@@ -103,7 +105,8 @@ def test_best_step_is_saved_recorded_and_survives_rotation(shapes_csv, tmp_path,
 
 def test_exact_match_selects_the_highest(shapes_csv, tmp_path, scripted):
     scripted.update({2: 0.1, 4: 0.3, 6: 0.6, 8: 0.2, "metric": "exact_match"})
-    train(tiny(**{"train.max_steps": 8, "train.select": "exact_match"}), shapes_csv, tmp_path / "run")
+    train(tiny(**{"train.max_steps": 8, "train.select": "exact_match",
+                  "train.val_generate": 1}), shapes_csv, tmp_path / "run")
     assert state_of(tmp_path / "run")["best"] == {"step": 6, "metric": "exact_match", "value": 0.6}
 
 

@@ -324,6 +324,8 @@ class TrainConfig:
         _check(self.lr > 0, "train.lr must be positive")
         _check(self.select in SELECT_METRICS,
                f"train.select must be {', '.join(SELECT_METRICS)}, not {self.select!r}")
+        _check(self.select == "val_loss" or self.val_generate > 0,
+               f"train.select={self.select} needs train.val_generate > 0 (with 0 no row is captioned at validation)")
         _check(self.patience is None or self.patience >= 1, "train.patience must be >= 1 or null")
         _check(self.precision in PRECISIONS, f"train.precision must be {', '.join(PRECISIONS)}, not {self.precision!r}")
 

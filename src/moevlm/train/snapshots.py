@@ -1,7 +1,7 @@
 """``RunCheckpoints``: the last ``train.keep_checkpoints`` checkpoints of a run folder (and the
 best one, ``best``), saving the next one, and the one ``--resume`` starts from.
 
-    DIR/                           the newest checkpoint (what caption and eval read)
+    DIR/                           the newest checkpoint (what ``--checkpoint last`` reads)
     DIR/checkpoints/step-00000500/ one complete checkpoint per kept step
 
 A checkpoint is written into ``checkpoints/.step-N.tmp/`` and renamed to ``step-N`` as a
