@@ -128,8 +128,8 @@ def test_odd_but_valid_data_trains(tmp_path, capsys):
     code, out, err = train(capsys, path, tmp_path / "run", "--set", "data.val_fraction=0.3")
     assert code == 0, err
     assert "validation loss" in out and "on 2 rows" in out  # floor(7 unique rows * 0.3), not floor(14 * 0.3)
-    assert re.search(r"^step 1: val loss [0-9.]+, exact match [0-9.]+ on 2 rows \(validation took [0-9.]+ s\)$",
-                     out, re.MULTILINE), out
+    assert re.search(r"^step 1: val loss [0-9.]+, exact match [0-9.]+ on 2 rows \(validation took [0-9.]+ s\) "
+                     r"\(new best\)$", out, re.MULTILINE), out
 
 
 def test_skipped_rows_are_counted_by_reason(tmp_path, capsys, caplog):
