@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 from ranks import train_ranks
 
-from moevlm.checkpoint import is_sharded, load_checkpoint, load_model
+from moevlm.checkpoint import is_sharded, load_checkpoint, load_model, sha256
 from moevlm.cli import main
 from moevlm.config import load_config
 from moevlm.data.dataset import EpochBatchSampler
@@ -271,3 +271,25 @@ def test_auto_picks_ddp_while_weights_gradients_and_adamw_state_fit_in_half_a_ra
     assert strategy_for(tiny_config, model, World(size=2), torch.device("cpu")) == "fsdp"
     assert strategy_for(tiny_config.updated({"dist.strategy": "ddp"}), model, World(size=2),
                         torch.device("cpu")) == "ddp"
+
+
+def test_an_optimizer_state_that_does_not_fit_the_trainable_parameters_is_one_line(data, tmp_path, capsys):
+    """E.g. a run that trained a pretrained tower before its unused layers were frozen."""
+    out = tmp_path / "run"
+    one_process(data, out, "--set", "train.max_steps=2", "--set", "train.checkpoint_every=2")
+    state = torch.load(out / "optimizer.pt", weights_only=True)
+    state["param_groups"][0]["params"] = state["param_groups"][0]["params"][:-1]
+    for folder in (out, out / "checkpoints" / "step-00000002"):
+        (folder / "optimizer.pt").unlink()  # a hard link to the snapshot's: replace, not rewrite in place
+        torch.save(state, folder / "optimizer.pt")
+    sums = json.loads((out / "checksums.json").read_text())
+    sums["sha256"]["optimizer.pt"] = sha256(out / "optimizer.pt")
+    for folder in (out, out / "checkpoints" / "step-00000002"):
+        (folder / "checksums.json").unlink()
+        (folder / "checksums.json").write_text(json.dumps(sums))
+    capsys.readouterr()
+    assert main(["train", "--data", str(data), "--out", str(out), "--resume", "--max-steps", "4",
+                 "--no-tracking"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"moevlm: error: {out}: the checkpoint's optimizer state does not fit this run's trainable "
+                          "parameters (") and err.endswith(f"--from {out} instead of --resume") and "\n" not in err

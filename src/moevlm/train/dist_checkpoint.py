@@ -74,10 +74,9 @@ def load_sharded_optimizer(folder: Path, model: nn.Module, optimizer: torch.opti
     set_optimizer_state_dict(model, optimizer, optimizer_state)
 
 
-def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> dict:
-    """A one-process checkpoint's optimizer.pt (keyed by position) keyed by parameter name, for
-    ``load_full_optimizer`` once the model is wrapped. ``optimizer``: built on the plain model."""
-    optimizer.load_state_dict(state)
+def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """The state of ``optimizer`` (built on the plain model, a one-process checkpoint's optimizer.pt
+    loaded into it) keyed by parameter name, for ``load_full_optimizer`` once the model is wrapped."""
     return get_optimizer_state_dict(model, optimizer)
 
 

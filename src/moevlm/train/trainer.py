@@ -32,7 +32,7 @@ from moevlm.config import Config
 from moevlm.data.dataset import IGNORE_INDEX, EpochBatchSampler, ImageTextDataset, collate, usable_batch
 from moevlm.data.tokenizer_factory import TextTokenizer
 from moevlm.device import autocast_dtype, resolve_device
-from moevlm.errors import MoevlmError, TrainingError
+from moevlm.errors import CheckpointError, MoevlmError, TrainingError
 from moevlm.evaluate import evaluate
 from moevlm.metrics import expert_balance
 from moevlm.models.protocol import VisionLanguageModel
@@ -123,7 +123,7 @@ class Trainer:
             dist_checkpoint.load_sharded_optimizer(optimizer_state.folder, self.model, self.optimizer, self.world,
                                                    self.parallel.expert_names)
         elif optimizer_state is not None:
-            self.optimizer.load_state_dict(optimizer_state)
+            self._load_optimizer(self.optimizer, optimizer_state)
         # Training steps go through the compiled module; it shares the parameters, so
         # checkpoints, evaluation and generation use the plain one (DDP's inner module).
         self.forward = torch.compile(self.parallel.forward) if tc.compile else self.parallel.forward
@@ -153,6 +153,15 @@ class Trainer:
             else:
                 torch.manual_seed(_rank_seed(tc.seed, self.world.rank, self.step))
 
+    def _load_optimizer(self, optimizer: torch.optim.Optimizer, state: dict) -> None:
+        try:
+            optimizer.load_state_dict(state)
+        except ValueError as err:  # torch's message is one line
+            raise CheckpointError(
+                f"{self.out_dir}: the checkpoint's optimizer state does not fit this run's trainable parameters "
+                f"({err}); a run that trained a pretrained tower before moevlm froze the tower layers its image "
+                f"tokens never use can go on as a new stage: --from {self.out_dir} instead of --resume") from None
+
     def release_parallel(self) -> None:
         """Drop DDP's wrapper once training is over: its reducer must be gone before the process
         group is (a reducer outliving it can hang the process at exit)."""
@@ -169,8 +178,9 @@ class Trainer:
         trainable_names = {group: [names[id(p)] for p in params] for group, params in trainable.items()}
         full_state = None
         if optimizer_state is not None and not isinstance(optimizer_state, ShardedOptimizerState):
-            full_state = dist_checkpoint.full_optimizer_state(self.model, build_optimizer(trainable, tc),
-                                                              optimizer_state)
+            plain = build_optimizer(trainable, tc)
+            self._load_optimizer(plain, optimizer_state)
+            full_state = dist_checkpoint.full_optimizer_state(self.model, plain)
             optimizer_state = None
         # Taken before sharding: the pretrained tensors' bytes are whole here, on every rank.
         self.pretrained_fingerprint = fingerprint(self.model, self.from_source)
