@@ -266,11 +266,10 @@ def test_auto_picks_ddp_while_weights_gradients_and_adamw_state_fit_in_half_a_ra
     pages = {"SC_PAGE_SIZE": 1, "SC_PHYS_PAGES": 2 * needed}
     monkeypatch.setattr("os.sysconf", lambda name: pages[name])
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
-    assert strategy_for(tiny_config, model, World(size=2), torch.device("cpu")) == "ddp"
+    assert strategy_for(tiny_config, model, torch.device("cpu")) == "ddp"
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # two ranks share the machine's memory
-    assert strategy_for(tiny_config, model, World(size=2), torch.device("cpu")) == "fsdp"
-    assert strategy_for(tiny_config.updated({"dist.strategy": "ddp"}), model, World(size=2),
-                        torch.device("cpu")) == "ddp"
+    assert strategy_for(tiny_config, model, torch.device("cpu")) == "fsdp"
+    assert strategy_for(tiny_config.updated({"dist.strategy": "ddp"}), model, torch.device("cpu")) == "ddp"
 
 
 def test_an_optimizer_state_that_does_not_fit_the_trainable_parameters_is_one_line(data, tmp_path, capsys):

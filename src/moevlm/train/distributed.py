@@ -12,6 +12,7 @@ computes on the same batch.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import gc
 import logging
@@ -32,8 +33,6 @@ from moevlm.data.dataset import EpochBatchSampler
 from moevlm.errors import ConfigError, MoevlmError
 from moevlm.train.expert_parallel import apply_expert_parallel, expert_parallel_groups
 
-log = logging.getLogger(__name__)
-
 
 class StoppedOnAnotherRank(MoevlmError):
     """Another rank hit a user error (a bad row, a non-finite streak): this one stops with its message."""
@@ -46,7 +45,7 @@ class World:
     size: int = 1
     local_rank: int = 0
     expert_parallel: int = 1
-    ep_group: object = None  # the ranks that split the experts between them (expert_parallel.groups)
+    ep_group: object = None  # the ranks that split the experts between them (expert_parallel_groups)
     replica_group: object = None  # the ranks holding the same experts
     ep_mesh: object = None
     owns_group: bool = False  # joined by moevlm (closed at the end), not by the caller
@@ -68,10 +67,6 @@ class World:
         summed = values.detach().to(self.device, copy=True)
         dist.all_reduce(summed)
         return summed.to(values.device)
-
-    def barrier(self) -> None:
-        if self.active:
-            dist.barrier()
 
     def together(self, error: BaseException | None = None, count: int = 0) -> int:
         """Every rank calls this at the same point: the sum of ``count`` over the ranks. When a rank
@@ -161,7 +156,7 @@ def close_world(world: World) -> None:
         dist.destroy_process_group()
 
 
-def strategy_for(config: Config, model: nn.Module, world: World, device: torch.device) -> str:
+def strategy_for(config: Config, model: nn.Module, device: torch.device) -> str:
     """``dist.strategy``, with ``auto`` resolved: DDP while fp32 weights, gradients and the two AdamW
     moments (16 bytes a trainable parameter, 4 a frozen one) take at most half a rank's memory."""
     if config.dist.strategy != "auto":
@@ -193,15 +188,7 @@ class Parallel:
         """Gradient accumulation: DDP averages gradients only on the last micro-batch of a step."""
         if self.strategy == "ddp" and not last:
             return self.forward.no_sync()
-        return _nothing()
-
-
-class _nothing:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
+        return contextlib.nullcontext()
 
 
 def parallelize(model: nn.Module, world: World, config: Config, device: torch.device,
@@ -218,7 +205,7 @@ def parallelize(model: nn.Module, world: World, config: Config, device: torch.de
     expert_names: set[str] = set()
     if world.expert_parallel > 1:
         expert_names = apply_expert_parallel(model, world.ep_group)
-    strategy = strategy_for(config, model, world, device)
+    strategy = strategy_for(config, model, device)
     if strategy == "ddp":
         if expert_names:
             nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, sorted(expert_names))

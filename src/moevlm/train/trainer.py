@@ -127,9 +127,9 @@ class Trainer:
         # Training steps go through the compiled module; it shares the parameters, so
         # checkpoints, evaluation and generation use the plain one (DDP's inner module).
         self.forward = torch.compile(self.parallel.forward) if tc.compile else self.parallel.forward
-        self.whole_batches = EpochBatchSampler(len(train_set), tc.batch_size, seed=tc.seed, min_rows=self.world.size)
-        self.sampler = (RankBatches(self.whole_batches, self.world.rank, self.world.size) if self.world.active
-                        else self.whole_batches)
+        whole_batches = EpochBatchSampler(len(train_set), tc.batch_size, seed=tc.seed, min_rows=self.world.size)
+        self.sampler = (RankBatches(whole_batches, self.world.rank, self.world.size) if self.world.active
+                        else whole_batches)
         # Its own generator: a DataLoader draws a seed per iterator, which must not come from
         # the global RNG that router noise and dropout use, or resuming would shift them.
         self.loader = DataLoader(train_set, batch_sampler=self.sampler, num_workers=config.data.num_workers,
@@ -230,7 +230,7 @@ class Trainer:
         if self.world.active:
             streams: list = [None] * self.world.size
             dist.all_gather_object(streams, state["rng"])
-            state.update(rank_rng=streams[1:], world_size=self.world.size)
+            state["rank_rng"] = streams[1:]
         return state
 
     def save(self) -> None:
@@ -245,15 +245,15 @@ class Trainer:
             self.checkpoints.save(prepared, self._state(), self.optimizer, self.train_set.prepare_image)
         self.saved_step = self.step
 
-    def _next_batch(self, batches) -> tuple[dict, int]:
-        """The next batch and the number of answer tokens of the whole batch over all ranks; a bad
+    def _next_batch(self, batches) -> tuple[dict, int, int]:
+        """The next batch and its answer tokens, here and in the whole batch over all ranks; a bad
         row on any rank stops every rank (``World.together``)."""
         try:
             batch, error = next(batches), None
         except MoevlmError as err:
             batch, error = None, err
         labels = 0 if batch is None else int((batch["labels"] != IGNORE_INDEX).sum())
-        return batch, self.world.together(error, labels)
+        return batch, labels, self.world.together(error, labels)
 
     def train_step(self, batches) -> dict[str, float] | None:
         """One optimizer step over ``grad_accum`` micro-batches; None when it was skipped as non-finite."""
@@ -262,7 +262,7 @@ class Trainer:
         totals = {"loss": 0.0, "lm_loss": 0.0, "balance_loss": 0.0, "z_loss": 0.0}
         tokens = 0
         for micro in range(tc.grad_accum):
-            batch, all_labels = self._next_batch(batches)
+            batch, labels, all_labels = self._next_batch(batches)
             mixed = {} if bool(batch["has_image"].all()) else {"has_image": batch["has_image"]}
             batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
             with self.parallel.no_sync(last=micro == tc.grad_accum - 1):
@@ -272,8 +272,7 @@ class Trainer:
                                        **{k: v.to(self.device) for k, v in mixed.items()})
                 lm_loss, loss = out.lm_loss, out.loss
                 if self.world.active:
-                    lm_loss, loss = self._share_of_batch(out, int((batch["labels"] != IGNORE_INDEX).sum()),
-                                                         all_labels)
+                    lm_loss, loss = self._share_of_batch(out, labels, all_labels)
                     # DDP and FSDP average the ranks' gradients: times the world size, they add up.
                     (loss * self.world.size / tc.grad_accum).backward()
                 else:
