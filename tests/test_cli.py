@@ -262,12 +262,20 @@ def test_python_dash_m_entry_point_shows_help():
     assert all(cmd in result.stdout for cmd in ("train", "caption", "eval", "demo"))
 
 
-def test_demo_end_to_end_with_few_steps(tmp_path, capsys):
+def test_demo_end_to_end_with_few_steps(tmp_path, capsys, monkeypatch):
+    from moevlm import demo
+
+    monkeypatch.setattr(demo, "VAL_SCENES", 40)  # an untrained model captions each to the length limit
     code, out, _ = run_cli(capsys, "demo", "--out", tmp_path / "demo", "--max-steps", "2", "--no-tracking")
     assert code == 0
     assert "held-out exact match" in out
     assert (tmp_path / "demo" / "model" / "model.safetensors").is_file()
-    assert (tmp_path / "demo" / "data" / "train.csv").is_file()
+    assert (tmp_path / "demo" / "data" / "val.csv").is_file()
+    assert not (tmp_path / "demo" / "data" / "train.csv").exists()  # training scenes are drawn as it trains
+    code, _, err = run_cli(capsys, "demo", "--out", tmp_path / "demo", "--max-steps", "2", "--no-tracking")
+    assert code == 2 and "already holds a demo run" in err and "--resume" in err
+    code, _, err = run_cli(capsys, "demo", "--out", tmp_path / "other", "--set", "train.nope=1", "--no-tracking")
+    assert code == 2 and "unknown config key train.nope" in err and len(err.strip().splitlines()) == 1
 
 
 def test_caption_of_an_image_that_cannot_be_read_is_one_line(trained, tmp_path, capsys, monkeypatch):

@@ -1,3 +1,5 @@
+import re
+
 import pytest
 
 from moevlm.config import Config, load_config
@@ -44,10 +46,14 @@ def test_round_trip_through_dict_keeps_every_value():
     ("train.keep_checkpoints=0", "train.keep_checkpoints must be >= 1"),
     ("train.max_bad_steps=-1", "train.max_bad_steps must be >= 0"),
     ("train.nope=1", "unknown config key train.nope"),
+    ("train.eval_every=0", "train.eval_every must be >= 1 or null"),
+    ("train.ema_decay=1", "train.ema_decay must be in [0, 1)"),
+    ("train.label_smoothing=-0.1", "train.label_smoothing must be in [0, 1)"),
+    ("data.aug_translate=1.5", "data.aug_translate must be in [0, 1)"),
     ("lr", "expected key=value"),
 ])
 def test_bad_values_name_the_key(override, message):
-    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(".", r"\.")):
+    with pytest.raises(ConfigError, match=re.escape(message)):
         load_config("default", overrides=[override])
 
 
@@ -86,7 +92,7 @@ def test_hf_shorthand_and_lm_alias_set_the_pretrained_sources_in_any_order(tmp_p
     ("moe.activation=relu", "moe.activation must be gelu, gelu_tanh, swiglu, not 'relu'"),
 ])
 def test_bad_pretrained_and_stage_values_name_the_key(override, message):
-    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(".", r"\.").replace("[", r"\[")):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(".", r"\.")):
         load_config("tiny", overrides=[override])
 
 
@@ -123,3 +129,10 @@ def test_configs_are_frozen_and_updated_through_validation():
     assert changed.model.decoder.moe_layer_indices == [1] and config.model.decoder.moe_layer_indices == [0, 1]
     with pytest.raises(ConfigError, match="decoder.heads"):
         config.updated({"model.decoder.heads": 5})
+
+
+def test_validation_comes_every_five_percent_of_the_run_unless_eval_every_says():
+    assert load_config("default").train.validation_interval == 100  # 2,000 steps
+    assert load_config("default", overrides=["train.max_steps=30"]).train.validation_interval == 2
+    assert load_config("default", overrides=["train.max_steps=5"]).train.validation_interval == 1
+    assert load_config("default", overrides=["train.eval_every=7"]).train.validation_interval == 7

@@ -132,6 +132,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", type=Path, default=Path("runs/demo"), help="where data, checkpoint and plots go")
     demo.add_argument("--max-steps", type=int, help="fewer steps for a quick look")
     demo.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
+    demo.add_argument("--seed", type=int, default=0, help="seed of the scans held out, the scenes and the weights")
+    demo.add_argument("--resume", action="store_true", help="go on with the interrupted demo in --out")
+    demo.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                      help="change one of the demo's settings (repeatable), e.g. train.lr=1e-3")
 
     upcycle = sub.add_parser("upcycle", help="turn a model's dense FFNs into MoE layers (sparse upcycling)",
                              description="Copy each chosen dense FFN of the decoder into N identical experts with "
@@ -243,7 +247,8 @@ def _cmd_eval(args) -> int:
 def _cmd_demo(args) -> int:
     from moevlm.demo import run_demo
 
-    run_demo(args.out, max_steps=args.max_steps, tracking=not args.no_tracking, progress=sys.stderr.isatty())
+    run_demo(args.out, max_steps=args.max_steps, tracking=not args.no_tracking, progress=sys.stderr.isatty(),
+             seed=args.seed, resume=args.resume, overrides=args.overrides)
     return 0
 
 

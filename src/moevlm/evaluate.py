@@ -138,7 +138,7 @@ def evaluate_file(model_dir: str | Path, data: str | Path, *, device: str = "aut
     model, tokenizer, config = load_model(model_dir, device=where)
     config = config.updated({"data.image_root": image_root})
     samples, skipped = read_data(data, config.data)
-    dataset = dataset_for(samples, tokenizer, config, augment=False, folder=model_dir)
+    dataset = dataset_for(samples, tokenizer, config, augment=None, folder=model_dir)
     skipped.update(dataset.skipped)
     if skipped:
         log.warning("data.on_bad_row=skip: skipped %s", skipped)

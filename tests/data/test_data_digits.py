@@ -3,6 +3,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from sklearn.datasets import load_digits
 
@@ -106,3 +107,61 @@ def test_packed_scenes_fill_columns_from_the_left(tmp_path):
         columns = ink.reshape(4, 8, 4, 8).any(axis=(0, 1, 3))
         count = len(row["caption"].split())
         assert columns.tolist() == [True] * count + [False] * (4 - count)
+
+
+class WordTokenizer:
+    """Enough of a tokenizer for SceneStream: one id per digit word."""
+
+    def encode_conversation(self, turns, max_text_len, image=True):
+        ids = [DIGIT_WORDS.index(word) for word in turns[0][1].split()]
+        return ids, ids
+
+
+def scene_stream(seed=0, augment=None):
+    from moevlm.data.digits import SceneStream
+    from moevlm.data.images import ScratchImages
+
+    return SceneStream(WordTokenizer(), ScratchImages(32, channels=1), 8, seed=seed, length=50, size=32, snap=8,
+                       packed=True, augment=augment)
+
+
+def test_scene_stream_draws_the_same_scene_for_the_same_seed_epoch_and_row_and_fresh_ones_otherwise():
+    a, b = scene_stream(), scene_stream()
+    b_items = [b[i] for i in reversed(range(50))][::-1]  # read in another order
+    assert all(torch.equal(a[i]["image"], b_items[i]["image"]) and a[i]["input_ids"].tolist() ==
+               b_items[i]["input_ids"].tolist() for i in range(50))
+    first = [a[i]["image"] for i in range(50)]
+    a.set_epoch(1)
+    assert sum(torch.equal(a[i]["image"], first[i]) for i in range(50)) == 0
+    assert sum(torch.equal(scene_stream(seed=1)[i]["image"], first[i]) for i in range(50)) == 0
+    a.set_epoch(0)
+    assert all(torch.equal(a[i]["image"], first[i]) for i in range(50))
+
+
+def test_scene_stream_uses_training_scans_only_and_its_captions_name_them():
+    stream = scene_stream()
+    scans, labels = digits._scans()
+    train_pool, val_pool = digit_pools(len(scans), seed=0)
+    train_cells = {scans[i].tobytes() for i in train_pool}
+    assert stream.captions(2) == [stream.scene(2, i)[1] for i in range(50)]
+    for index in range(50):
+        image, caption = stream.scene(0, index)
+        words = caption.split()
+        assert 2 <= len(words) <= 3
+        cells = [image[y:y + 8, 8 * k:8 * k + 8] for k in range(len(words)) for y in range(0, 25)
+                 if image[y:y + 8, 8 * k:8 * k + 8].tobytes() in train_cells]
+        assert len(cells) == len(words)  # packed from the left, each an unchanged training scan
+        assert [DIGIT_WORDS[labels[next(i for i in train_pool if scans[i].tobytes() == c.tobytes())]]
+                for c in cells] == words
+
+
+def test_scene_stream_augments_each_digit_within_its_cell():
+    from moevlm.data.augment import Augmentation
+
+    plain, warped = scene_stream(), scene_stream(augment=Augmentation(translate=0.125, rotate=10))
+    for index in range(10):
+        a, caption = plain.scene(0, index)
+        b, same = warped.scene(0, index)
+        assert caption == same and not np.array_equal(a, b)
+        count = len(caption.split())
+        assert (b[:, 8 * count:] == 255).all()  # the paper right of the digits stays blank

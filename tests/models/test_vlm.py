@@ -134,3 +134,16 @@ def test_top_p_keeps_only_the_nucleus():
     logits = torch.log(torch.tensor([[0.6, 0.3, 0.05, 0.05]]))
     draws = {int(sample_next(logits, 1.0, top_p=0.8, generator=torch.Generator().manual_seed(s))) for s in range(200)}
     assert draws == {0, 1}
+
+
+def test_label_smoothing_spreads_each_answer_target_over_the_vocabulary(tiny_config):
+    model = VLM(tiny_config.model).eval()
+    images, ids = batch(tiny_config, B=2, T=5)
+    labels = torch.full_like(ids, -100)
+    labels[:, 1:4] = ids[:, 2:5]
+    plain, smoothed = model(images, ids, labels=labels), model(images, ids, labels=labels, label_smoothing=0.2)
+    log_probs = plain.logits.float().log_softmax(-1)[labels != -100]
+    targets = labels[labels != -100]
+    by_hand = (0.8 * -log_probs.gather(1, targets[:, None])[:, 0] - 0.2 * log_probs.mean(-1)).mean()
+    torch.testing.assert_close(smoothed.lm_loss, by_hand)
+    assert torch.equal(plain.logits, smoothed.logits) and not torch.equal(plain.lm_loss, smoothed.lm_loss)

@@ -22,8 +22,10 @@ from moevlm.errors import ConfigError
 from moevlm.train.distributed import RankBatches, World, configure_world
 from moevlm.train.run import run_training
 
-# fp32; router noise off: each rank draws its own noise, so with it on no split equals one process.
+# fp32; router noise off: each rank draws its own noise, so with it on no split equals one process. A weight
+# average (train.ema_decay) is kept, so sharding, saving and resharding it are compared too.
 COMMON = ["--preset", "tiny", "--no-tracking", "--set", "moe.router_noise=false", "--set", "train.log_every=1",
+          "--set", "train.ema_decay=0.5",
           "--set", "train.eval_every=4", "--set", "train.checkpoint_every=4", "--set", "train.val_generate=4",
           "--set", "train.grad_accum=2", "--set", "data.val_fraction=0.1"]
 COMPARED = ("train/loss", "train/lm_loss", "train/balance_loss", "train/z_loss", "train/grad_norm",

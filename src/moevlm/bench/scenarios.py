@@ -134,7 +134,7 @@ def train_step(config: Config, device: torch.device, steps: int = 10, warmup: in
     torch.manual_seed(0)
     model = VLM(config.model)
     with tempfile.TemporaryDirectory() as out:
-        trainer = Trainer(config, model, tokenizer, dataset_for(samples, tokenizer, config, augment=False), None,
+        trainer = Trainer(config, model, tokenizer, dataset_for(samples, tokenizer, config, augment=None), None,
                           out, Tracker(out, None, enabled=False), progress=False)
         batches = trainer.batches()
         tokens = []

@@ -244,7 +244,13 @@ class DataConfig:
     val_fraction: float = option(0.1, "share held out for validation when --val-data is not given")
     on_bad_row: str = option("error", "a bad row: error (stop with file and row) or skip (skip and count)")
     num_workers: int = option(0, "DataLoader worker processes")
-    augment: bool = option(False, "small random shifts of training images (never of validation images)")
+    augment: bool = option(False, "augment training images (never validation images) with the data.aug_* "
+                                  "settings, the same way for a given (train.seed, epoch, row)")
+    aug_translate: float = option(0.125, "augment: largest shift, as a share of the image side")
+    aug_scale: float = option(0.0, "augment: zoom by up to this share in or out (0.1: 0.9x to 1.1x)")
+    aug_rotate: float = option(0.0, "augment: largest rotation in degrees")
+    aug_color: float = option(0.0, "augment: largest change of brightness and of contrast, as a share (0.2: "
+                                   "+-20 %)")
     max_rows: int | None = option(None, "read at most this many rows (null: all)")
     preload: bool = option(True, "true: decode every image once, up front, into memory; false: check images up "
                                  "front and decode them batch by batch in the workers (data larger than memory)")
@@ -260,6 +266,9 @@ class DataConfig:
         _check(0 <= self.val_fraction < 1, "data.val_fraction must be in [0, 1)")
         _check(self.on_bad_row in ("error", "skip"), f"data.on_bad_row must be error or skip, not {self.on_bad_row!r}")
         _check(self.num_workers >= 0, "data.num_workers must be >= 0")
+        for name in ("aug_translate", "aug_scale", "aug_color"):
+            _check(0 <= getattr(self, name) < 1, f"data.{name} must be in [0, 1)")
+        _check(0 <= self.aug_rotate <= 180, "data.aug_rotate must be in [0, 180] degrees")
 
 
 # The names of the training stages and parameter groups; which groups each stage trains is
@@ -284,7 +293,7 @@ class TrainConfig:
     beta2: float = option(0.98, "AdamW beta2")
     grad_clip: float = option(1.0, "gradient norm clipping")
     precision: str = option("auto", "auto (bf16 autocast on a GPU that has it, else fp32), fp32 or bf16")
-    eval_every: int = option(200, "steps between validations")
+    eval_every: int | None = option(None, "steps between validations (null: every 5 % of max_steps)")
     checkpoint_every: int = option(500, "steps between checkpoints")
     keep_checkpoints: int = option(3, "snapshots kept under checkpoints/; --resume falls back through them")
     max_bad_steps: int = option(10, "non-finite steps (loss or gradient norm) skipped in a row before the run stops")
@@ -308,6 +317,15 @@ class TrainConfig:
                                      "exact_match or bleu4 (highest); ties keep the earlier step")
     patience: int | None = option(None, "stop after this many validations in a row without a new best (null: "
                                         "never stop early)")
+    ema_decay: float = option(0.0, "keep an exponential moving average of the weights with this decay (0: off); "
+                                   "validation, checkpoints and inference use the average")
+    label_smoothing: float = option(0.0, "share of each answer token's target spread over the whole vocabulary "
+                                         "(training loss only)")
+
+    @property
+    def validation_interval(self) -> int:
+        """Steps between validations: train.eval_every, else 5 % of the run."""
+        return self.eval_every or max(1, round(self.max_steps / 20))
 
     def __post_init__(self):
         _check(self.stage in STAGES, f"train.stage must be {', '.join(STAGES)}, not {self.stage!r}")
@@ -317,9 +335,11 @@ class TrainConfig:
                    f"train.trainable must be a non-empty list of {', '.join(PARAM_GROUPS)}, not {self.trainable!r}")
         for name in ("lr_vision", "lr_projector", "lr_lm", "lr_moe"):
             _check(getattr(self, name) is None or getattr(self, name) > 0, f"train.{name} must be positive")
-        for name in ("batch_size", "grad_accum", "max_steps", "eval_every", "checkpoint_every", "keep_checkpoints",
-                     "log_every"):
+        for name in ("batch_size", "grad_accum", "max_steps", "checkpoint_every", "keep_checkpoints", "log_every"):
             _check(getattr(self, name) >= 1, f"train.{name} must be >= 1")
+        _check(self.eval_every is None or self.eval_every >= 1, "train.eval_every must be >= 1 or null")
+        _check(0 <= self.ema_decay < 1, "train.ema_decay must be in [0, 1)")
+        _check(0 <= self.label_smoothing < 1, "train.label_smoothing must be in [0, 1)")
         _check(self.max_bad_steps >= 0, "train.max_bad_steps must be >= 0")
         _check(self.lr > 0, "train.lr must be positive")
         _check(self.select in SELECT_METRICS,

@@ -12,11 +12,11 @@ import logging
 import math
 from typing import Iterator
 
-import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset, Sampler
 
+from moevlm.data.augment import Augmentation
 from moevlm.data.images import check_image, image_key, normalize, open_image
 from moevlm.data.records import Sample, SkippedRows, clean_prompt
 from moevlm.data.tokenizer import IGNORE_INDEX  # noqa: F401  (callers import it from here)
@@ -89,7 +89,8 @@ class ImageTextDataset(Dataset):
     """
 
     def __init__(self, samples: list[Sample], tokenizer, prepare_image, max_text_len: int, *,
-                 on_bad_row: str = "error", augment: bool = False, seed: int = 0, preload: bool = True):
+                 on_bad_row: str = "error", augment: Augmentation | None = None, seed: int = 0,
+                 preload: bool = True):
         if on_bad_row not in ("error", "skip"):
             raise ValueError(f"on_bad_row must be error or skip, not {on_bad_row!r}")
         self.on_bad_row, self.preload = on_bad_row, preload
@@ -142,7 +143,7 @@ class ImageTextDataset(Dataset):
         self.skipped.add(sample.source, sample.row, problem)
 
     def set_epoch(self, epoch: int) -> None:
-        """Choose the augmentation of this epoch.
+        """Choose the augmentation of this epoch: it depends on (seed, epoch, row) only.
 
         DataLoader workers hold copies of the dataset taken when an iterator starts, so call
         this before iterating (and do not use persistent_workers with augmentation).
@@ -194,24 +195,10 @@ class ImageTextDataset(Dataset):
         except OSError as err:
             sample = self.samples[index]
             return {"bad": (sample.source, sample.row, _unreadable(err)), "index": index, "unreadable": True}
-        if self.augment and self.has_image(index):
-            image = self._shift(image, index)
+        if self.augment is not None and self.has_image(index):
+            image = self.augment(image, self.seed, self.epoch, index)
         return {"image": image, "input_ids": self._input_ids[index], "labels": self._labels[index],
                 "index": index, "has_image": self.has_image(index)}
-
-    def _shift(self, image: torch.Tensor, index: int) -> torch.Tensor:
-        """Translate by up to 1/8 of the size, repeating the border pixels into the gap.
-
-        The shift depends on (seed, epoch, index) only, so it is the same whichever worker
-        process loads the item and however the batches are ordered.
-        """
-        _, height, width = image.shape
-        reach = max(height, width) // 8
-        rng = np.random.default_rng([self.seed, self.epoch, index])
-        dy, dx = (int(v) for v in rng.integers(-reach, reach + 1, size=2))
-        rows = (torch.arange(height) - dy).clamp_(0, height - 1)
-        cols = (torch.arange(width) - dx).clamp_(0, width - 1)
-        return image[:, rows][:, :, cols]
 
 
 def _unreadable(err: OSError) -> str:

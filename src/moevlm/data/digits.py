@@ -4,6 +4,10 @@
 one digit per image captioned with its word, and "scenes" of 2-3 digits whose caption
 names them left to right. Scenes for validation are built from scans that no training
 scene uses, so a validation score measures reading unseen handwriting.
+
+Training scenes are either written once (``write_digit_scenes``) or drawn afresh for every
+epoch and row (``DigitScenes``, what ``moevlm demo`` trains on): a fixed set of a few thousand
+scenes is soon memorised, fresh ones only leave the digits themselves to learn.
 """
 
 from __future__ import annotations
@@ -12,8 +16,13 @@ import csv
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 from sklearn.datasets import load_digits
+from torch.utils.data import Dataset
+
+from moevlm.data.augment import Augmentation
+from moevlm.data.records import SkippedRows
 
 DIGIT_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 VAL_POOL_FRACTION = 0.2  # share of the scans kept for validation scenes
@@ -35,8 +44,9 @@ def write_digit_captions(out_dir: str | Path, seed: int = 0) -> Path:
 
 def write_digit_scenes(out_dir: str | Path, num_train: int, num_val: int, seed: int = 0,
                        min_digits: int = 2, max_digits: int = 3, size: int = 32,
-                       snap: int = 1, packed: bool = False) -> tuple[Path, Path]:
-    """Write ``train.csv`` and ``val.csv`` of digit scenes (image path, caption) under out_dir.
+                       snap: int = 1, packed: bool = False) -> tuple[Path | None, Path | None]:
+    """Write ``train.csv`` and ``val.csv`` of digit scenes (image path, caption) under out_dir
+    (None in place of a split of 0 scenes).
 
     ``snap`` rounds digit positions to multiples of that many pixels: snapped to a ViT's patch
     grid, every digit fills whole patches, which makes the task much quicker to learn.
@@ -50,14 +60,16 @@ def write_digit_scenes(out_dir: str | Path, num_train: int, num_val: int, seed: 
     if side < 4:
         raise ValueError(f"a {size} px scene is too small for {max_digits} digits")
     scans, labels = _scans()
-    cells = np.stack([np.asarray(Image.fromarray(s).resize((side, side), Image.Resampling.BICUBIC))
-                      for s in scans])
+    cells = _cells(scans, side)
     train_pool, val_pool = digit_pools(len(scans), seed)
     out_dir = Path(out_dir)
     paths = []
     # Separate random streams per split: asking for more training scenes leaves the
     # validation scenes unchanged.
     for split, count, pool, stream in (("train", num_train, train_pool, 1), ("val", num_val, val_pool, 2)):
+        if count == 0:  # a split drawn afresh as it trains (SceneStream) is not written
+            paths.append(None)
+            continue
         rng = np.random.default_rng([seed, stream])
         (out_dir / split).mkdir(parents=True, exist_ok=True)
         rows = []
@@ -68,6 +80,10 @@ def write_digit_scenes(out_dir: str | Path, num_train: int, num_val: int, seed: 
             rows.append((name, " ".join(DIGIT_WORDS[labels[i]] for i in picks)))
         paths.append(_write_csv(out_dir / f"{split}.csv", rows))
     return paths[0], paths[1]
+
+
+def _cells(scans: np.ndarray, side: int) -> np.ndarray:
+    return np.stack([np.asarray(Image.fromarray(s).resize((side, side), Image.Resampling.BICUBIC)) for s in scans])
 
 
 def digit_pools(num_scans: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -100,6 +116,68 @@ def _scene(cells: np.ndarray, size: int, rng: np.random.Generator, snap: int = 1
         canvas[y:y + side, left:left + side] = cell
         x += side + int(gap)
     return canvas
+
+
+class SceneStream(Dataset):
+    """``length`` training scenes per epoch, each drawn afresh from the training scans by the
+    random stream (seed, epoch, row): the same for a given epoch and row whoever reads it, so
+    batches, workers and ``--resume`` behave as with scenes on disk, and never the same twice.
+    ``augment`` warps each digit in its cell (not the scene, whose layout the captions name).
+
+    Items are those of ``ImageTextDataset``; every scene's caption is one answer with no prompt,
+    as a CSV of (image, caption) rows gives."""
+
+    on_bad_row = "error"
+
+    def __init__(self, tokenizer, prepare_image, max_text_len: int, *, seed: int, length: int, size: int = 32,
+                 snap: int = 1, packed: bool = False, min_digits: int = 2, max_digits: int = 3,
+                 augment: Augmentation | None = None):
+        self.tokenizer, self.prepare_image, self.max_text_len = tokenizer, prepare_image, max_text_len
+        self.seed, self.length, self.size, self.snap, self.packed = seed, length, size, snap, packed
+        self.min_digits, self.max_digits, self.augment = min_digits, max_digits, augment
+        scans, self.labels = _scans()
+        self.cells = torch.from_numpy(_cells(scans, size // (max_digits + 1)))
+        self.pool, _ = digit_pools(len(scans), seed)
+        self.epoch = 0
+        self.skipped = SkippedRows()  # nothing is ever skipped; the trainer reports it
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.length
+
+    def has_image(self, index: int) -> bool:
+        return True
+
+    def scene(self, epoch: int, index: int) -> tuple[np.ndarray, str]:
+        """The uint8 scene and its caption at (epoch, index)."""
+        rng, picks = self._draw(epoch, index)
+        cells = self.cells[picks]
+        if self.augment is not None:
+            cells = torch.stack([self.augment(cell[None], self.seed, epoch, index, k)[0]
+                                 for k, cell in enumerate(cells)])
+        caption = " ".join(DIGIT_WORDS[self.labels[i]] for i in picks)
+        return _scene(cells.numpy(), self.size, rng, self.snap, self.packed), caption
+
+    def captions(self, epoch: int = 0) -> list[str]:
+        """The captions of an epoch (what a tokenizer is trained on), without drawing the images."""
+        return [" ".join(DIGIT_WORDS[self.labels[i]] for i in self._draw(epoch, index)[1])
+                for index in range(self.length)]
+
+    def _draw(self, epoch: int, index: int) -> tuple[np.random.Generator, np.ndarray]:
+        """The scene's random stream and the scans it picks (the stream goes on to lay them out)."""
+        rng = np.random.default_rng([self.seed, _STREAM, epoch, index])
+        return rng, rng.choice(self.pool, size=rng.integers(self.min_digits, self.max_digits + 1), replace=False)
+
+    def __getitem__(self, index: int) -> dict:
+        image, caption = self.scene(self.epoch, index)
+        ids, labels = self.tokenizer.encode_conversation([("", caption)], self.max_text_len)
+        return {"image": self.prepare_image(Image.fromarray(image)), "input_ids": torch.tensor(ids),
+                "labels": torch.tensor(labels), "index": index, "has_image": True}
+
+
+_STREAM = 3  # write_digit_scenes draws its training and validation scenes from streams 1 and 2
 
 
 def _write_csv(path: Path, rows: list[tuple[str, str]]) -> Path:

@@ -1,14 +1,18 @@
 """From ``--data`` (and ``--val-data``) to what training needs, in one call: the rows read, the
 validation rows held out (by image, data/dataset.py), a tokenizer trained on the training rows when
-the model has none yet, and the two datasets."""
+the model has none yet, and the two datasets. Rows made on the fly instead of read from a file
+(``moevlm demo``'s scenes) come from a ``GeneratedData``."""
 
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from moevlm.config import Config
+from moevlm.data.augment import Augmentation
 from moevlm.data.dataset import ImageTextDataset, split_samples, tokenizer_texts, unique_samples
 from moevlm.data.images import image_preparer
 from moevlm.data.records import Sample, SkippedRows
@@ -27,7 +31,15 @@ class TrainingData:
     skipped: SkippedRows  # rows skipped with data.on_bad_row=skip, by reason
 
 
-def dataset_for(samples: list[Sample], tokenizer: TextTokenizer, config: Config, augment: bool,
+class GeneratedData(Protocol):
+    """Training data made on the fly, in place of a ``--data`` file."""
+
+    def load(self, config: Config, val_data: Path | None, tokenizer: TextTokenizer | None,
+             folder: Path | None) -> TrainingData:
+        """What ``load_training_data`` returns, with the same arguments."""
+
+
+def dataset_for(samples: list[Sample], tokenizer: TextTokenizer, config: Config, augment: Augmentation | None,
                 folder: Path | None = None) -> ImageTextDataset:
     """``folder``: a checkpoint whose image processor to use (else the vision tower's source)."""
     return ImageTextDataset(samples, tokenizer, image_preparer(config.model, folder), config.model.decoder.max_text_len,
@@ -42,10 +54,12 @@ def new_tokenizer(config: Config, samples: list[Sample]) -> TextTokenizer:
     return Tokenizer.train(tokenizer_texts(samples), config.model.tokenizer.kind, config.model.tokenizer.vocab_size)
 
 
-def load_training_data(config: Config, data: Path, val_data: Path | None = None,
+def load_training_data(config: Config, data: Path | GeneratedData, val_data: Path | None = None,
                        tokenizer: TextTokenizer | None = None, folder: Path | None = None) -> TrainingData:
     """Read and split the data and build the datasets. ``tokenizer`` None: a new one (``new_tokenizer``);
     ``folder``: a checkpoint whose image processor the datasets use."""
+    if not isinstance(data, (str, os.PathLike)):
+        return data.load(config, val_data, tokenizer, folder)
     samples, skipped = read_data(data, config.data, config.data.max_rows)
     if val_data is not None:
         train_samples = unique_samples(samples)
@@ -54,8 +68,8 @@ def load_training_data(config: Config, data: Path, val_data: Path | None = None,
     else:
         train_samples, val_samples = split_samples(samples, config.data.val_fraction, config.train.seed)
     tokenizer = tokenizer or new_tokenizer(config, train_samples)
-    train_set = dataset_for(train_samples, tokenizer, config, config.data.augment, folder)
-    val_set = dataset_for(val_samples, tokenizer, config, False, folder) if val_samples else None
+    train_set = dataset_for(train_samples, tokenizer, config, Augmentation.from_config(config.data), folder)
+    val_set = dataset_for(val_samples, tokenizer, config, None, folder) if val_samples else None
     skipped.update(train_set.skipped)
     if val_set is not None:
         skipped.update(val_set.skipped)

@@ -105,7 +105,7 @@ class PretrainedVLM(nn.Module):
     # -- training / evaluation -------------------------------------------------------------
     def forward(self, images: torch.Tensor | None, input_ids: torch.Tensor,
                 attention_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None,
-                has_image: torch.Tensor | None = None) -> VLMOutput:
+                has_image: torch.Tensor | None = None, label_smoothing: float = 0.0) -> VLMOutput:
         """images (B, C, S, S) (None for text only); input_ids, attention_mask, labels (B, T),
         labels being next-token targets aligned with input_ids (-100: no loss); has_image (B,)
         False marks a text-only row in a mixed batch (None: every row has an image)."""
@@ -113,7 +113,7 @@ class PretrainedVLM(nn.Module):
         embeds, kind = self._embed(images, input_ids, mask, has_image)
         positions = (mask.long().cumsum(1) - 1).clamp(min=0)  # real tokens only: left padding is invisible
         logits = self._run_lm(embeds, mask, positions, kind)
-        return vlm_output(logits, labels, self.moe_layers, self.cfg.decoder.moe)
+        return vlm_output(logits, labels, self.moe_layers, self.cfg.decoder.moe, label_smoothing)
 
     # -- generation ------------------------------------------------------------------------
     def new_cache(self, batch: int, max_len: int):

@@ -28,9 +28,10 @@ class VisionLanguageModel(Protocol):
 
     def __call__(self, images: torch.Tensor | None, input_ids: torch.Tensor,
                  attention_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None,
-                 has_image: torch.Tensor | None = None) -> VLMOutput:
+                 has_image: torch.Tensor | None = None, label_smoothing: float = 0.0) -> VLMOutput:
         """Training and evaluation: logits at the text positions, loss given next-token labels.
-        has_image (B,) bool: False marks text-only rows of a mixed batch (their image is ignored)."""
+        has_image (B,) bool: False marks text-only rows of a mixed batch (their image is ignored).
+        label_smoothing: the share of each target spread over the vocabulary (training loss)."""
 
     @property
     def moe_layers(self) -> list[MoE]: ...

@@ -54,13 +54,14 @@ def attention_mask_for(key_mask: torch.Tensor, num_queries: int) -> torch.Tensor
 
 
 def vlm_output(logits: torch.Tensor, labels: torch.Tensor | None, moe_layers: list[MoE],
-               moe: MoEConfig) -> VLMOutput:
+               moe: MoEConfig, label_smoothing: float = 0.0) -> VLMOutput:
     """Logits (B, T, V) -> VLMOutput with the aux losses of the forward that just ran and,
-    given labels (next-token targets aligned with the logits), loss = CE + weighted aux."""
+    given labels (next-token targets aligned with the logits), loss = CE + weighted aux
+    (CE against targets smoothed by ``label_smoothing``)."""
     out = VLMOutput(logits=logits, aux=moe_aux(moe_layers))
     if labels is not None:
         out.lm_loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), labels.reshape(-1),
-                                      ignore_index=-100)
+                                      ignore_index=-100, label_smoothing=label_smoothing)
         out.loss = out.lm_loss
         if out.aux:
             out.loss = out.loss + moe.aux_loss_coef * out.aux["balance"] + moe.z_loss_coef * out.aux["z"]
@@ -138,7 +139,7 @@ class VLM(nn.Module):
 
     def forward(self, images: torch.Tensor | None, input_ids: torch.Tensor,
                 attention_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None,
-                has_image: torch.Tensor | None = None) -> VLMOutput:
+                has_image: torch.Tensor | None = None, label_smoothing: float = 0.0) -> VLMOutput:
         """images (B, C, S, S) (None: text only); input_ids, attention_mask, labels (B, T). labels
         are next-token targets aligned with input_ids (-100 = no loss), as built by
         ``moevlm.data.dataset``. has_image (B,) bool: False marks a text-only row, whose image
@@ -151,7 +152,7 @@ class VLM(nn.Module):
         positions = (key_mask.cumsum(1) - 1).clamp(min=0)
         hidden = self.decoder(embeds, positions, attn_mask, kind)
         logits = self.decoder.lm_head(hidden[:, self.num_image_tokens:])
-        return vlm_output(logits, labels, self.moe_layers, self.cfg.decoder.moe)
+        return vlm_output(logits, labels, self.moe_layers, self.cfg.decoder.moe, label_smoothing)
 
     @property
     def moe_layers(self) -> list[MoE]:

@@ -25,6 +25,7 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from moevlm.checkpoint import SHARDED
+from moevlm.train import ema
 from moevlm.train.distributed import World
 from moevlm.train.expert_parallel import local_experts
 
@@ -61,9 +62,13 @@ def save_shards(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer
 
 
 def load_sharded_optimizer(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer, world: World,
-                           expert_names: set[str]) -> None:
-    """The optimizer state of a sharded checkpoint, resharded for this run (any number of ranks)."""
+                           expert_names: set[str], averaged: bool = False) -> None:
+    """The optimizer state of a sharded checkpoint, resharded for this run (any number of ranks);
+    ``averaged``: it holds a weight average too (train/ema.py), which the layout must make room for."""
     _, optimizer_state = get_state_dict(model, optimizer)  # the layout to fill, in this run's shards
+    if averaged:
+        for moments in optimizer_state["state"].values():
+            moments[ema.KEY] = torch.empty_like(next(v for v in moments.values() if v.dim() > 0))
     optimizer_state = _optimizer_tensors_as_global(optimizer_state, expert_names, world)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process")
@@ -81,9 +86,14 @@ def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> 
 
 
 def load_full_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict, world: World,
-                        expert_names: set[str]) -> None:
+                        expert_names: set[str], averaged: bool = False) -> None:
     """Whole tensors keyed by name into this rank's optimizer: FSDP takes its shard of each, an expert
-    parameter its slice."""
+    parameter its slice. ``averaged``: the state holds a weight average too (train/ema.py)."""
+    if averaged:  # DCP shards only the entries the optimizer's own state has: give the average one
+        get_optimizer_state_dict(model, optimizer)  # fills the state, as a first step would
+        for param, moments in optimizer.state.items():
+            if moments:
+                moments[ema.KEY] = torch.zeros_like(param)
     for name in expert_names & set(state["state"]):
         state["state"][name] = {k: local_experts({name: v}, {name}, world.ep_group)[name] if v.dim() > 0 else v
                                 for k, v in state["state"][name].items()}

@@ -7,6 +7,9 @@ step: its weights exist at that step only, and inference (``--checkpoint best``)
 snapshot. The rotation keeps the best snapshot beside the newest ones. ``train.patience``
 validations in a row without a new best end the run as ``max_steps`` would.
 
+With ``train.ema_decay`` the weight average (train/ema.py) is what validation scores, what
+checkpoints hold as weights and what the trainer leaves in the model when ``fit`` returns.
+
 A step whose loss or gradient norm is not finite changes nothing but the counters: no update,
 no metrics, a warning. ``train.max_bad_steps`` of them in a row end the run with a
 ``TrainingError``; the weights then on disk are the last checkpoint written before it.
@@ -15,6 +18,7 @@ no metrics, a warning. ``train.max_bad_steps`` of them in a row end the run with
 from __future__ import annotations
 
 import base64
+import contextlib
 import logging
 import math
 import time
@@ -39,6 +43,7 @@ from moevlm.models.protocol import VisionLanguageModel
 from moevlm.models.vlm import expert_dropped
 from moevlm.train import dist_checkpoint, plots
 from moevlm.train.distributed import RankBatches, World, clip_gradients, parallelize
+from moevlm.train.ema import WeightAverage
 from moevlm.train.expert_parallel import sync_expert_grads
 from moevlm.train.selection import Selection
 from moevlm.train.snapshots import RunCheckpoints
@@ -114,6 +119,7 @@ class Trainer:
         trainable = freeze_for_stage(self.model, tc)
         self.from_source = still_from_source(set(from_source), self.model)
         state = state or {}
+        resumed = optimizer_state is not None
         if self.world.active:
             optimizer_state = self._parallelize(trainable, optimizer_state)
         else:
@@ -121,9 +127,12 @@ class Trainer:
             self.optimizer = build_optimizer(trainable, tc)
         if isinstance(optimizer_state, ShardedOptimizerState):
             dist_checkpoint.load_sharded_optimizer(optimizer_state.folder, self.model, self.optimizer, self.world,
-                                                   self.parallel.expert_names)
+                                                   self.parallel.expert_names, averaged=tc.ema_decay > 0)
         elif optimizer_state is not None:
             self._load_optimizer(self.optimizer, optimizer_state)
+        self.average = WeightAverage(self.optimizer, tc.ema_decay) if tc.ema_decay else None
+        if self.average is not None and resumed:
+            self.average.swap()  # a checkpoint holds the average as its weights, the training weights beside it
         # Training steps go through the compiled module; it shares the parameters, so
         # checkpoints, evaluation and generation use the plain one (DDP's inner module).
         self.forward = torch.compile(self.parallel.forward) if tc.compile else self.parallel.forward
@@ -195,7 +204,7 @@ class Trainer:
         self.expert_params = {params[name] for name in self.parallel.expert_names}
         if full_state is not None:
             dist_checkpoint.load_full_optimizer(self.model, self.optimizer, full_state, self.world,
-                                                self.parallel.expert_names)
+                                                self.parallel.expert_names, averaged=tc.ema_decay > 0)
         return optimizer_state
 
     def batches(self):
@@ -233,7 +242,15 @@ class Trainer:
             state["rank_rng"] = streams[1:]
         return state
 
+    def _averaged(self):
+        """The weight average in the model for the duration (train.ema_decay; nothing changes without it)."""
+        return self.average.swapped() if self.average is not None else contextlib.nullcontext()
+
     def save(self) -> None:
+        with self._averaged():
+            self._save()
+
+    def _save(self) -> None:
         prepared = PreparedModel(self.model, self.tokenizer, self.config, self.from_source)
         if self.world.active:
             self.checkpoints.save_sharded(
@@ -269,6 +286,7 @@ class Trainer:
                 with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
                                     enabled=self.amp_dtype is not None):
                     out = self.forward(batch["images"], batch["input_ids"], batch["attention_mask"], batch["labels"],
+                                       label_smoothing=tc.label_smoothing,
                                        **{k: v.to(self.device) for k, v in mixed.items()})
                 lm_loss, loss = out.lm_loss, out.loss
                 if self.world.active:
@@ -306,6 +324,8 @@ class Trainer:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
+        if self.average is not None:
+            self.average.update(self.step)
         totals.update(lr=lr, grad_norm=grad_norm, tokens=tokens)
         return totals
 
@@ -373,8 +393,9 @@ class Trainer:
                                 tok_s=f"{tokens_per_s:,.0f}")
             bar.update(1)
             improved = False
-            if self.step % tc.eval_every == 0 or self.step == tc.max_steps:
-                last_val = self.validate()
+            if self.step % tc.validation_interval == 0 or self.step == tc.max_steps:
+                with self._averaged():
+                    last_val = self.validate()
                 if last_val is not None:
                     improved = self.selection.update(self.step, last_val)
                     self.checkpoints.best = self.selection.best_step
@@ -387,6 +408,9 @@ class Trainer:
                     or stop is not None):
                 self.save()
         bar.close()
+        if self.average is not None:  # what was validated and saved is what the caller gets
+            self.average.swap()
+            self.average = None
         if stop is not None and self.step < tc.max_steps and self.world.is_main:
             bar.write(f"step {self.step}: {stop}")
         return self.finish(last_val)
