@@ -1,30 +1,25 @@
 """train.ema_decay: the weight average, what validation and checkpoints use, and resume."""
 
-import shutil
-
 import pytest
+import runs
 import torch
+from runs import keep_copy_at, train
 from safetensors.torch import load_file
 
 from moevlm.checkpoint import load_model
-from moevlm.config import load_config
 from moevlm.evaluate import evaluate
 from moevlm.train import trainer as trainer_module
 from moevlm.train.ema import decay_at
-from moevlm.train.run import run_training
 
 DECAY = 0.5
 
 
+SETTINGS = {"train.max_steps": 3, "train.checkpoint_every": 3, "train.eval_every": 3, "train.val_generate": 2,
+            "data.val_fraction": 0.25, "train.ema_decay": DECAY, "moe.router_noise": "false"}
+
+
 def tiny(**overrides):
-    values = {"train.max_steps": 3, "train.checkpoint_every": 3, "train.eval_every": 3, "train.val_generate": 2,
-              "data.val_fraction": 0.25, "train.ema_decay": DECAY, "moe.router_noise": "false"}
-    values.update(overrides)
-    return load_config("tiny", overrides=[f"{k}={v}" for k, v in values.items()])
-
-
-def train(config, data, out, **kw):
-    return run_training(config, data, out, tracking=False, progress=False, **kw)
+    return runs.tiny(SETTINGS, **overrides)
 
 
 @pytest.fixture
@@ -72,16 +67,9 @@ def test_validation_scores_the_average_and_inference_reads_it(shapes_csv, tmp_pa
 def test_resume_goes_on_with_the_training_weights_and_the_average(shapes_csv, tmp_path, monkeypatch):
     config = tiny(**{"train.max_steps": 6, "train.log_every": 1})
     straight, _ = train(config, shapes_csv, tmp_path / "straight")
-    saved = trainer_module.Trainer.save
-
-    def save_and_keep_step_3(self):
-        saved(self)
-        if self.step == 3:
-            shutil.copytree(self.out_dir, tmp_path / "interrupted")
-
-    monkeypatch.setattr(trainer_module.Trainer, "save", save_and_keep_step_3)
-    train(config, shapes_csv, tmp_path / "other")
-    monkeypatch.setattr(trainer_module.Trainer, "save", saved)
+    with monkeypatch.context() as patch:
+        keep_copy_at(patch, 3, tmp_path / "interrupted")
+        train(config, shapes_csv, tmp_path / "other")
     resumed, _ = train(config, shapes_csv, tmp_path / "interrupted", resume=True)
     timing = "train/tokens_per_s"
     assert {k: v for k, v in resumed.history.items() if k != timing} == \

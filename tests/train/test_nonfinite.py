@@ -6,27 +6,23 @@ import math
 import shutil
 
 import pytest
+import runs
 import torch
+from runs import train
 from safetensors.torch import load_file
 
 from moevlm.checkpoint import load_model
 from moevlm.cli import main
-from moevlm.config import load_config
 from moevlm.errors import TrainingError
 from moevlm.models.vlm import VLM
 from moevlm.train import trainer as trainer_module
-from moevlm.train.run import run_training
+
+SETTINGS = {"train.max_steps": 6, "train.checkpoint_every": 3, "train.eval_every": 100, "train.log_every": 1,
+            "data.val_fraction": 0.25}
 
 
 def tiny(**overrides):
-    values = {"train.max_steps": 6, "train.checkpoint_every": 3, "train.eval_every": 100, "train.log_every": 1,
-              "data.val_fraction": 0.25}
-    values.update(overrides)
-    return load_config("tiny", overrides=[f"{k}={v}" for k, v in values.items()])
-
-
-def train(config, data, out, **kw):
-    return run_training(config, data, out, tracking=False, progress=False, **kw)
+    return runs.tiny(SETTINGS, **overrides)
 
 
 @pytest.fixture

@@ -6,32 +6,29 @@ import json
 import shutil
 
 import pytest
+import runs
 import torch
 from ranks import train_ranks
+from runs import train
 from safetensors.torch import load_file
 
 from moevlm.checkpoint import resolve_checkpoint
 from moevlm.cli import main
-from moevlm.config import load_config
 from moevlm.errors import CheckpointError, ConfigError
 from moevlm.train import trainer as trainer_module
 from moevlm.train.plots import loss_figure, plot_loss_curves
-from moevlm.train.run import run_training
 from moevlm.train.selection import Selection
 
 # Validation loss by step: the best is step 4 (not a checkpoint step); step 8 ties it (the earlier stays).
 LOSSES = {2: 3.0, 4: 1.0, 6: 2.0, 8: 1.0, 10: 2.5, 12: 2.6}
 
 
+SETTINGS = {"train.max_steps": 12, "train.checkpoint_every": 6, "train.eval_every": 2, "train.keep_checkpoints": 1,
+            "train.val_generate": 0, "data.val_fraction": 0.25}
+
+
 def tiny(**overrides):
-    values = {"train.max_steps": 12, "train.checkpoint_every": 6, "train.eval_every": 2, "train.keep_checkpoints": 1,
-              "train.val_generate": 0, "data.val_fraction": 0.25}
-    values.update(overrides)
-    return load_config("tiny", overrides=[f"{k}={v}" for k, v in values.items()])
-
-
-def train(config, data, out, **kw):
-    return run_training(config, data, out, tracking=False, progress=False, **kw)
+    return runs.tiny(SETTINGS, **overrides)
 
 
 @pytest.fixture

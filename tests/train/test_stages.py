@@ -185,7 +185,7 @@ def test_stage_moe_upcycles_and_the_cli_upcycle_keeps_the_eval_loss(pretrained_p
         from moevlm.evaluate import evaluate
         model, tokenizer, config = load_model(folder)
         samples, _ = read_samples(data["conversations"])
-        dataset = dataset_for(samples, tokenizer, config, False, folder)
+        dataset = dataset_for(samples, tokenizer, config, None, folder)
         return evaluate(model, dataset, tokenizer, max_generate=0)["loss"]
 
     assert eval_loss(tmp_path / "moe0") == pytest.approx(eval_loss(tmp_path / "sft"), rel=1e-5)

@@ -1,8 +1,8 @@
 import json
-import shutil
 
 import pytest
 import torch
+from runs import keep_copy_at
 from safetensors.torch import load_file
 
 from moevlm.checkpoint import load_model
@@ -61,16 +61,9 @@ def test_checkpoint_reload_gives_identical_logits(shapes_csv, tmp_path):
 def test_resume_continues_the_same_loss_curve_and_weights(shapes_csv, tmp_path, monkeypatch):
     straight, _ = train(tiny(), shapes_csv, tmp_path / "straight")
 
-    saved = trainer_module.Trainer.save
-
-    def save_and_keep_step_6(self):
-        saved(self)
-        if self.step == 6:
-            shutil.copytree(self.out_dir, tmp_path / "interrupted")
-
-    monkeypatch.setattr(trainer_module.Trainer, "save", save_and_keep_step_6)
-    train(tiny(), shapes_csv, tmp_path / "other")
-    monkeypatch.setattr(trainer_module.Trainer, "save", saved)
+    with monkeypatch.context() as patch:
+        keep_copy_at(patch, 6, tmp_path / "interrupted")
+        train(tiny(), shapes_csv, tmp_path / "other")
 
     resumed, _ = train(tiny(), shapes_csv, tmp_path / "interrupted", resume=True)
     assert resumed.history["train/loss"] == straight.history["train/loss"]
@@ -153,10 +146,10 @@ def _record_steps(monkeypatch, config, data, out):
         steps.append({"weights": weights, "names": names, "batches": [], "grads": None})
         return train_step(self, batches)
 
-    def recording_forward(self, images, input_ids, attention_mask=None, labels=None):
+    def recording_forward(self, images, input_ids, attention_mask=None, labels=None, **options):
         if labels is not None:
             steps[-1]["batches"].append((images, input_ids, attention_mask, labels))
-        return forward(self, images, input_ids, attention_mask, labels)
+        return forward(self, images, input_ids, attention_mask, labels, **options)
 
     def recording_clip(params, max_norm):
         params = list(params)
