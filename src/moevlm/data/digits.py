@@ -6,7 +6,7 @@ names them left to right. Scenes for validation are built from scans that no tra
 scene uses, so a validation score measures reading unseen handwriting.
 
 Training scenes are either written once (``write_digit_scenes``) or drawn afresh for every
-epoch and row (``DigitScenes``, what ``moevlm demo`` trains on): a fixed set of a few thousand
+epoch and row (``SceneStream``, what ``moevlm demo`` trains on): a fixed set of a few thousand
 scenes is soon memorised, fresh ones only leave the digits themselves to learn.
 """
 
@@ -139,7 +139,7 @@ class SceneStream(Dataset):
         self.cells = torch.from_numpy(_cells(scans, size // (max_digits + 1)))
         self.pool, _ = digit_pools(len(scans), seed)
         self.epoch = 0
-        self.skipped = SkippedRows()  # nothing is ever skipped; the trainer reports it
+        self.skipped = SkippedRows()  # the trainer reports skipped rows; a drawn scene is never bad
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
