@@ -77,13 +77,18 @@ def write_digit_scenes(out_dir: str | Path, num_train: int, num_val: int, seed: 
             picks = rng.choice(pool, size=rng.integers(min_digits, max_digits + 1), replace=False)
             name = f"{split}/{n:06d}.png"
             Image.fromarray(_scene(cells[picks], size, rng, snap, packed)).save(out_dir / name)
-            rows.append((name, " ".join(DIGIT_WORDS[labels[i]] for i in picks)))
+            rows.append((name, _caption(labels, picks)))
         paths.append(_write_csv(out_dir / f"{split}.csv", rows))
     return paths[0], paths[1]
 
 
 def _cells(scans: np.ndarray, side: int) -> np.ndarray:
     return np.stack([np.asarray(Image.fromarray(s).resize((side, side), Image.Resampling.BICUBIC)) for s in scans])
+
+
+def _caption(labels: np.ndarray, picks: np.ndarray) -> str:
+    """The scans' digits named left to right, as the scene lays them out."""
+    return " ".join(DIGIT_WORDS[labels[i]] for i in picks)
 
 
 def digit_pools(num_scans: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -157,13 +162,11 @@ class SceneStream(Dataset):
         if self.augment is not None:
             cells = torch.stack([self.augment(cell[None], self.seed, epoch, index, k)[0]
                                  for k, cell in enumerate(cells)])
-        caption = " ".join(DIGIT_WORDS[self.labels[i]] for i in picks)
-        return _scene(cells.numpy(), self.size, rng, self.snap, self.packed), caption
+        return _scene(cells.numpy(), self.size, rng, self.snap, self.packed), _caption(self.labels, picks)
 
     def captions(self, epoch: int = 0) -> list[str]:
         """The captions of an epoch (what a tokenizer is trained on), without drawing the images."""
-        return [" ".join(DIGIT_WORDS[self.labels[i]] for i in self._draw(epoch, index)[1])
-                for index in range(self.length)]
+        return [_caption(self.labels, self._draw(epoch, index)[1]) for index in range(self.length)]
 
     def _draw(self, epoch: int, index: int) -> tuple[np.random.Generator, np.ndarray]:
         """The scene's random stream and the scans it picks (the stream goes on to lay them out)."""
