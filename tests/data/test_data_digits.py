@@ -8,7 +8,7 @@ from PIL import Image
 from sklearn.datasets import load_digits
 
 from moevlm.data import digits
-from moevlm.data.digits import DIGIT_WORDS, digit_pools, write_digit_captions, write_digit_scenes
+from moevlm.data.digits import DIGIT_WORDS, digit_pools, digit_scenes, write_digit_captions, write_digit_scenes
 from moevlm.data.records import read_samples
 
 
@@ -63,6 +63,23 @@ def test_scenes_use_only_their_own_pool_and_name_digits_left_to_right(tmp_path, 
             assert 2 <= len(used) <= 3
             assert set(used) <= pool
             assert s.turns[0][1] == " ".join(DIGIT_WORDS[i % 10] for i in used)
+
+
+def test_digit_scenes_are_the_written_scenes_with_their_scans(tmp_path, monkeypatch):
+    monkeypatch.setattr(digits, "_scans", numbered_scans)
+    _, val_csv = write_digit_scenes(tmp_path, num_train=0, num_val=30, seed=3, snap=8, packed=True)
+    samples, _ = read_samples(val_csv)
+    drawn = list(digit_scenes("val", 30, seed=3, snap=8, packed=True))
+    assert len(drawn) == len(samples) == 30
+    for sample, (image, caption, picks) in zip(samples, drawn):
+        assert np.array_equal(np.asarray(Image.open(sample.image)), image)
+        assert caption == sample.turns[0][1]
+        assert picks.tolist() == scans_in_scene(sample.image)
+
+
+def test_digit_scenes_refuse_an_unknown_split():
+    with pytest.raises(ValueError, match="split must be train or val, not 'test'"):
+        digit_scenes("test", 1)
 
 
 def test_scenes_are_real_digits_and_deterministic(tmp_path):

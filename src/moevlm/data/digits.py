@@ -13,6 +13,7 @@ scenes is soon memorised, fresh ones only leave the digits themselves to learn.
 from __future__ import annotations
 
 import csv
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -53,6 +54,29 @@ def write_digit_scenes(out_dir: str | Path, num_train: int, num_val: int, seed: 
     ``packed`` lays the digits side by side from the left edge (vertical offsets stay random),
     so the n-th word always names the n-th column: quicker still.
     """
+    out_dir = Path(out_dir)
+    paths = []
+    for split, count in (("train", num_train), ("val", num_val)):
+        if count == 0:  # a split drawn afresh as it trains (SceneStream) is not written
+            paths.append(None)
+            continue
+        scenes = digit_scenes(split, count, seed, min_digits, max_digits, size, snap, packed)
+        (out_dir / split).mkdir(parents=True, exist_ok=True)
+        rows = []
+        for n, (image, caption, _) in enumerate(scenes):
+            name = f"{split}/{n:06d}.png"
+            Image.fromarray(image).save(out_dir / name)
+            rows.append((name, caption))
+        paths.append(_write_csv(out_dir / f"{split}.csv", rows))
+    return paths[0], paths[1]
+
+
+def digit_scenes(split: str, count: int, seed: int = 0, min_digits: int = 2, max_digits: int = 3, size: int = 32,
+                 snap: int = 1, packed: bool = False) -> Iterator[tuple[np.ndarray, str, np.ndarray]]:
+    """The scenes ``write_digit_scenes`` writes for ``split`` (train or val), as (uint8 image, caption,
+    indices of the scans it shows, left to right): what a baseline that reads the scans needs."""
+    if split not in ("train", "val"):
+        raise ValueError(f"split must be train or val, not {split!r}")
     if not 1 <= min_digits <= max_digits:
         raise ValueError(f"need 1 <= min_digits <= max_digits, got {min_digits}, {max_digits}")
     # One digit cell per digit plus at least one cell of slack for the random gaps.
@@ -62,24 +86,17 @@ def write_digit_scenes(out_dir: str | Path, num_train: int, num_val: int, seed: 
     scans, labels = _scans()
     cells = _cells(scans, side)
     train_pool, val_pool = digit_pools(len(scans), seed)
-    out_dir = Path(out_dir)
-    paths = []
+    pool = train_pool if split == "train" else val_pool
     # Separate random streams per split: asking for more training scenes leaves the
     # validation scenes unchanged.
-    for split, count, pool, stream in (("train", num_train, train_pool, 1), ("val", num_val, val_pool, 2)):
-        if count == 0:  # a split drawn afresh as it trains (SceneStream) is not written
-            paths.append(None)
-            continue
-        rng = np.random.default_rng([seed, stream])
-        (out_dir / split).mkdir(parents=True, exist_ok=True)
-        rows = []
-        for n in range(count):
+    rng = np.random.default_rng([seed, 1 if split == "train" else 2])
+
+    def scenes():  # a generator inside, so that bad arguments fail at the call, not at the first scene
+        for _ in range(count):
             picks = rng.choice(pool, size=rng.integers(min_digits, max_digits + 1), replace=False)
-            name = f"{split}/{n:06d}.png"
-            Image.fromarray(_scene(cells[picks], size, rng, snap, packed)).save(out_dir / name)
-            rows.append((name, _caption(labels, picks)))
-        paths.append(_write_csv(out_dir / f"{split}.csv", rows))
-    return paths[0], paths[1]
+            yield _scene(cells[picks], size, rng, snap, packed), _caption(labels, picks), picks
+
+    return scenes()
 
 
 def _cells(scans: np.ndarray, side: int) -> np.ndarray:
