@@ -58,6 +58,15 @@ def test_colour_jitter_changes_brightness_and_contrast_only():
     assert len(torch.unique(out)) <= 2 and not torch.equal(out, image.float())
 
 
+def test_grain_is_the_same_in_every_channel_with_the_asked_spread():
+    image = torch.full((3, 32, 32), 128, dtype=torch.uint8)
+    out = Augmentation(noise=0.1)(image, 2, 0, 5)
+    assert torch.equal(out[0], out[1]) and torch.equal(out[1], out[2])
+    assert 20 < (out.float() - 128).std() < 31  # 0.1 of 255 levels
+    assert torch.equal(out, Augmentation(noise=0.1)(image, 2, 0, 5))
+    assert not torch.equal(out, Augmentation(noise=0.1)(image, 2, 0, 6))
+
+
 def test_presets_and_config_give_the_augmentation():
     config = load_config("default")
     assert Augmentation.from_config(config.data) is not None
@@ -65,3 +74,6 @@ def test_presets_and_config_give_the_augmentation():
     assert Augmentation.from_config(off.data) is None
     with pytest.raises(Exception, match="data.aug_rotate must be in"):
         load_config("default", overrides=["data.aug_rotate=200"])
+    with pytest.raises(Exception, match=r"data.aug_noise must be in \[0, 1\)"):
+        load_config("default", overrides=["data.aug_noise=-0.1"])
+    assert Augmentation.from_config(load_config("default", overrides=["data.aug_noise=0.2"]).data).noise == 0.2

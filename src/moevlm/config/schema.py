@@ -251,6 +251,8 @@ class DataConfig:
     aug_rotate: float = option(0.0, "augment: largest rotation in degrees")
     aug_color: float = option(0.0, "augment: largest change of brightness and of contrast, as a share (0.2: "
                                    "+-20 %)")
+    aug_noise: float = option(0.0, "augment: grain, the standard deviation of noise added to each pixel, as a "
+                                   "share of the pixel range (0.1: 25 of 255 levels)")
     max_rows: int | None = option(None, "read at most this many rows (null: all)")
     preload: bool = option(True, "true: decode every image once, up front, into memory; false: check images up "
                                  "front and decode them batch by batch in the workers (data larger than memory)")
@@ -266,7 +268,7 @@ class DataConfig:
         _check(0 <= self.val_fraction < 1, "data.val_fraction must be in [0, 1)")
         _check(self.on_bad_row in ("error", "skip"), f"data.on_bad_row must be error or skip, not {self.on_bad_row!r}")
         _check(self.num_workers >= 0, "data.num_workers must be >= 0")
-        for name in ("aug_translate", "aug_scale", "aug_color"):
+        for name in ("aug_translate", "aug_scale", "aug_color", "aug_noise"):
             _check(0 <= getattr(self, name) < 1, f"data.{name} must be in [0, 1)")
         _check(0 <= self.aug_rotate <= 180, "data.aug_rotate must be in [0, 180] degrees")
 

@@ -1,4 +1,4 @@
-"""Training-image augmentation: one random affine warp (shift, zoom, rotation) and a colour jitter.
+"""Training-image augmentation: one random affine warp (shift, zoom, rotation), a colour jitter and grain.
 
 The draw depends only on the numbers it is given (train.seed, epoch, row), never on a global
 RNG, so a row looks the same whichever DataLoader worker reads it, in whatever order, and a
@@ -25,17 +25,19 @@ class Augmentation:
     scale: float = 0.0  # zoom in or out by up to this share
     rotate: float = 0.0  # degrees
     color: float = 0.0  # brightness and contrast change, as a share
+    noise: float = 0.0  # per-pixel noise's standard deviation, as a share of 255
 
     @classmethod
     def from_config(cls, data_config) -> Augmentation | None:
         """The augmentation data.augment asks for, None when it is off."""
         if not data_config.augment:
             return None
-        return cls(data_config.aug_translate, data_config.aug_scale, data_config.aug_rotate, data_config.aug_color)
+        return cls(data_config.aug_translate, data_config.aug_scale, data_config.aug_rotate, data_config.aug_color,
+                   data_config.aug_noise)
 
     @property
     def is_identity(self) -> bool:
-        return not (self.translate or self.scale or self.rotate or self.color)
+        return not (self.translate or self.scale or self.rotate or self.color or self.noise)
 
     def __call__(self, image: torch.Tensor, *seed: int) -> torch.Tensor:
         """uint8 (C, H, W) -> the same shape, warped as the numbers ``seed`` draw it."""
@@ -54,6 +56,9 @@ class Augmentation:
         if self.color:
             mean = out.mean()
             out = (out - mean) * (1 + self.color * contrast) + mean + 255 * self.color * brightness
+        if self.noise:  # one grain for all channels: a grey scan stays grey
+            _, height, width = image.shape
+            out += torch.from_numpy(rng.normal(0.0, 255 * self.noise, size=(1, height, width))).float()
         return out.round_().clamp_(0, 255).to(torch.uint8)
 
 
