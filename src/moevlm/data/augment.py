@@ -46,8 +46,8 @@ class Augmentation:
         rng = np.random.default_rng(list(seed))
         shift_y, shift_x, zoom, angle, brightness, contrast = rng.uniform(-1, 1, size=6)
         out = image.float()
+        _, height, width = image.shape
         if self.translate or self.scale or self.rotate:
-            _, height, width = image.shape
             move_x, move_y = self.translate * shift_x * width, self.translate * shift_y * height  # pixels
             if not (self.scale or self.rotate):  # whole pixels: a shift alone then blurs nothing
                 move_x, move_y = round(move_x), round(move_y)
@@ -57,7 +57,6 @@ class Augmentation:
             mean = out.mean()
             out = (out - mean) * (1 + self.color * contrast) + mean + 255 * self.color * brightness
         if self.noise:  # one grain for all channels: a grey scan stays grey
-            _, height, width = image.shape
             out += torch.from_numpy(rng.normal(0.0, 255 * self.noise, size=(1, height, width))).float()
         return out.round_().clamp_(0, 255).to(torch.uint8)
 

@@ -77,12 +77,7 @@ def digit_scenes(split: str, count: int, seed: int = 0, min_digits: int = 2, max
     indices of the scans it shows, left to right): what a baseline that reads the scans needs."""
     if split not in ("train", "val"):
         raise ValueError(f"split must be train or val, not {split!r}")
-    if not 1 <= min_digits <= max_digits:
-        raise ValueError(f"need 1 <= min_digits <= max_digits, got {min_digits}, {max_digits}")
-    # One digit cell per digit plus at least one cell of slack for the random gaps.
-    side = size // (max_digits + 1)
-    if side < 4:
-        raise ValueError(f"a {size} px scene is too small for {max_digits} digits")
+    side = _cell_side(size, min_digits, max_digits)
     scans, labels = _scans()
     cells = _cells(scans, side)
     train_pool, val_pool = digit_pools(len(scans), seed)
@@ -93,10 +88,25 @@ def digit_scenes(split: str, count: int, seed: int = 0, min_digits: int = 2, max
 
     def scenes():  # a generator inside, so that bad arguments fail at the call, not at the first scene
         for _ in range(count):
-            picks = rng.choice(pool, size=rng.integers(min_digits, max_digits + 1), replace=False)
+            picks = _pick(rng, pool, min_digits, max_digits)
             yield _scene(cells[picks], size, rng, snap, packed), _caption(labels, picks), picks
 
     return scenes()
+
+
+def _cell_side(size: int, min_digits: int, max_digits: int) -> int:
+    """The side of each digit's cell: one cell per digit plus at least one of slack for the gaps."""
+    if not 1 <= min_digits <= max_digits:
+        raise ValueError(f"need 1 <= min_digits <= max_digits, got {min_digits}, {max_digits}")
+    side = size // (max_digits + 1)
+    if side < 4:
+        raise ValueError(f"a {size} px scene is too small for {max_digits} digits")
+    return side
+
+
+def _pick(rng: np.random.Generator, pool: np.ndarray, min_digits: int, max_digits: int) -> np.ndarray:
+    """The scans of one scene, in their order left to right."""
+    return rng.choice(pool, size=rng.integers(min_digits, max_digits + 1), replace=False)
 
 
 def _cells(scans: np.ndarray, side: int) -> np.ndarray:
@@ -158,7 +168,7 @@ class SceneStream(Dataset):
         self.seed, self.length, self.size, self.snap, self.packed = seed, length, size, snap, packed
         self.min_digits, self.max_digits, self.augment = min_digits, max_digits, augment
         scans, self.labels = _scans()
-        self.cells = torch.from_numpy(_cells(scans, size // (max_digits + 1)))
+        self.cells = torch.from_numpy(_cells(scans, _cell_side(size, min_digits, max_digits)))
         self.pool, _ = digit_pools(len(scans), seed)
         self.epoch = 0
         self.skipped = SkippedRows()  # the trainer reports skipped rows; a drawn scene is never bad
@@ -188,7 +198,7 @@ class SceneStream(Dataset):
     def _draw(self, epoch: int, index: int) -> tuple[np.random.Generator, np.ndarray]:
         """The scene's random stream and the scans it picks (the stream goes on to lay them out)."""
         rng = np.random.default_rng([self.seed, _STREAM, epoch, index])
-        return rng, rng.choice(self.pool, size=rng.integers(self.min_digits, self.max_digits + 1), replace=False)
+        return rng, _pick(rng, self.pool, self.min_digits, self.max_digits)
 
     def __getitem__(self, index: int) -> dict:
         image, caption = self.scene(self.epoch, index)
