@@ -105,6 +105,8 @@ def test_scenes_are_real_digits_and_deterministic(tmp_path):
 def test_scenes_refuse_sizes_too_small():
     with pytest.raises(ValueError):
         write_digit_scenes("unused", 1, 1, size=12, max_digits=3)
+    with pytest.raises(ValueError, match="a 12 px scene is too small for 3 digits"):
+        digits.SceneStream(None, None, 8, seed=0, length=1, size=12)
 
 
 def test_snapped_scenes_put_every_digit_on_the_grid(tmp_path):
