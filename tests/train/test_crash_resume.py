@@ -12,6 +12,7 @@ import sys
 import textwrap
 
 import pytest
+import runs
 import torch
 from safetensors.torch import load_file
 
@@ -20,6 +21,7 @@ from moevlm.config import load_config
 from moevlm.errors import CheckpointError
 from moevlm.train.run import run_training
 from moevlm.train.snapshots import RunCheckpoints
+from moevlm.train.trainer import Trainer
 
 SETTINGS = {"train.max_steps": 18, "train.checkpoint_every": 6, "train.eval_every": 6, "data.val_fraction": 0.25,
             "train.keep_checkpoints": 1}
@@ -171,3 +173,37 @@ def test_kill_9_then_resume_gives_bitwise_the_same_weights(straight, tmp_path, m
     assert all(torch.equal(expected[name], got[name]) for name in expected)
     assert not [p for p in (out / "checkpoints").iterdir() if p.name.startswith(".")]
     assert [step for step, _ in RunCheckpoints(out).snapshots()] == [18] and not list(out.glob(".*.tmp"))
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_resume_in_the_middle_of_an_epoch_trains_on_the_same_batches(shapes_csv, tmp_path, monkeypatch, workers):
+    """9 training rows in batches of 2: 5 batches an epoch, so the checkpoint of step 6 is one batch
+    into the second epoch (the kills above all land on an epoch boundary). The resumed run trains on
+    the rows the straight run trained on after step 6, in the same batches, with the same losses."""
+    settings = {"train.batch_size": 2, "train.max_steps": 9, "train.checkpoint_every": 3, "train.eval_every": 100,
+                "train.log_every": 1, "data.val_fraction": 0.25, "data.num_workers": workers}
+    config = runs.tiny(settings)
+    trained = {}
+    real_batches = Trainer.batches
+
+    def recorded_batches(self):
+        rows = trained.setdefault(self.out_dir.name, [])
+        for batch in real_batches(self):
+            rows.append(batch["index"].tolist())
+            yield batch
+
+    monkeypatch.setattr(Trainer, "batches", recorded_batches)
+    straight, _ = runs.train(config, shapes_csv, tmp_path / "straight")
+    with monkeypatch.context() as patch:
+        runs.keep_copy_at(patch, 6, tmp_path / "resumed")
+        runs.train(config, shapes_csv, tmp_path / "other")
+    assert json.loads((tmp_path / "resumed" / "trainer_state.json").read_text())["batch_in_epoch"] == 1
+    resumed, _ = runs.train(config, shapes_csv, tmp_path / "resumed", resume=True)
+    assert len(straight.sampler) == 5 and len(trained["straight"]) == 9
+    assert trained["resumed"] == trained["straight"][6:]
+    timing = "train/tokens_per_s"
+    for name in straight.history.keys() - {timing}:
+        assert resumed.history[name] == straight.history[name], name
+    expected = load_file(str(tmp_path / "straight" / "model.safetensors"))
+    got = load_file(str(tmp_path / "resumed" / "model.safetensors"))
+    assert all(torch.equal(expected[name], got[name]) for name in expected)

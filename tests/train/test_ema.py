@@ -55,6 +55,21 @@ def test_the_saved_weights_are_the_hand_computed_average_over_three_steps(shapes
     assert any(torch.equal(r, w) for r in raw for w in w3.values())
 
 
+def test_past_the_warm_up_the_decay_is_train_ema_decay(shapes_csv, tmp_path, weights_after_each_update):
+    """(1 + t) / (10 + t) passes 0.5 at update 9: updates 9 and 10 use the cap, 0.5, not 10/19 and 11/20."""
+    train(tiny(**{"train.max_steps": 10, "train.lr": 0.02, "train.eval_every": 100}), shapes_csv, tmp_path / "run")
+    weights = weights_after_each_update
+    decays = {t: min(DECAY, (1 + t) / (10 + t)) for t in range(2, 11)}  # written out, not decay_at
+    assert [decays[t] for t in (8, 9, 10)] == [0.5, 0.5, 0.5] and decays[7] < 0.5
+    assert [decay_at(DECAY, t) for t in range(2, 11)] == list(decays.values())
+    saved = load_file(tmp_path / "run" / "model.safetensors")
+    for name in weights[0]:
+        expected = weights[0][name]
+        for t in range(2, 11):
+            expected = decays[t] * expected + (1 - decays[t]) * weights[t - 1][name]
+        torch.testing.assert_close(saved[name], expected, rtol=0, atol=1e-6, msg=name)
+
+
 def test_validation_scores_the_average_and_inference_reads_it(shapes_csv, tmp_path):
     trainer, result = train(tiny(), shapes_csv, tmp_path / "run")
     model = load_model(tmp_path / "run")[0]

@@ -96,8 +96,10 @@ def test_a_non_finite_step_is_skipped_and_training_goes_on(shapes_csv, tmp_path,
 
 
 def test_resume_after_a_skipped_step_stays_exact(shapes_csv, tmp_path, poison, monkeypatch):
+    """With the weight average, whose warm-up goes on counting the updates made (not the steps)."""
     poison({2, 5})
-    straight, _ = train(tiny(), shapes_csv, tmp_path / "straight")
+    config = tiny(**{"train.ema_decay": 0.5})
+    straight, _ = train(config, shapes_csv, tmp_path / "straight")
     saved = trainer_module.Trainer.save
 
     def save_and_keep_step_3(self):
@@ -106,14 +108,46 @@ def test_resume_after_a_skipped_step_stays_exact(shapes_csv, tmp_path, poison, m
             shutil.copytree(self.out_dir, tmp_path / "interrupted")
 
     monkeypatch.setattr(trainer_module.Trainer, "save", save_and_keep_step_3)
-    train(tiny(), shapes_csv, tmp_path / "other")
+    train(config, shapes_csv, tmp_path / "other")
     monkeypatch.setattr(trainer_module.Trainer, "save", saved)
-    resumed, _ = train(tiny(), shapes_csv, tmp_path / "interrupted", resume=True)
+    resumed, _ = train(config, shapes_csv, tmp_path / "interrupted", resume=True)
     assert resumed.skipped_steps == straight.skipped_steps == [2, 5]
     assert resumed.history["train/loss"] == straight.history["train/loss"]
     a = load_file(str(tmp_path / "straight" / "model.safetensors"))
     b = load_file(str(tmp_path / "interrupted" / "model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_the_weight_average_counts_only_the_updates_made(shapes_csv, tmp_path, poison, monkeypatch):
+    """Steps 1 and 3 are skipped: the average starts at step 2's weights, and steps 4 and 5 are
+    updates 2 and 3 for the decay's warm-up (decays 1/4 and 4/13), not 4 and 5."""
+    poison({1, 3})
+    weights = {}
+    train_step = trainer_module.Trainer.train_step
+
+    def recording_train_step(self, batches):
+        result = train_step(self, batches)
+        weights[self.step] = {name: p.detach().clone() for name, p in self.model.named_parameters()}
+        return result
+
+    monkeypatch.setattr(trainer_module.Trainer, "train_step", recording_train_step)
+    trainer, _ = train(tiny(**{"train.max_steps": 5, "train.lr": 0.02, "train.ema_decay": 0.5}), shapes_csv,
+                       tmp_path / "run")
+    assert trainer.skipped_steps == [1, 3]
+    saved = load_file(str(tmp_path / "run" / "model.safetensors"))
+    for name, at_5 in weights[5].items():
+        expected = 4 / 13 * (0.25 * weights[2][name] + 0.75 * weights[4][name]) + 9 / 13 * at_5
+        torch.testing.assert_close(saved[name], expected, rtol=0, atol=1e-6)
+
+
+def test_max_bad_steps_in_a_row_are_skipped_and_a_finite_step_starts_the_count_again(shapes_csv, tmp_path, poison,
+                                                                                     caplog):
+    poison({2, 3, 5, 6})
+    with caplog.at_level(logging.WARNING, logger="moevlm.train.trainer"):
+        trainer, _ = train(tiny(**{"train.max_steps": 7, "train.max_bad_steps": 2}), shapes_csv, tmp_path / "run")
+    assert trainer.step == 7 and trainer.skipped_steps == [2, 3, 5, 6]
+    assert [m.split("(")[1] for m in caplog.messages if "skipped" in m] == ["1 in a row, train.max_bad_steps=2)",
+                                                                           "2 in a row, train.max_bad_steps=2)"] * 2
 
 
 def test_too_many_in_a_row_stop_the_run_and_keep_the_last_good_checkpoint(shapes_csv, tmp_path, poison):

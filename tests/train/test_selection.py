@@ -144,6 +144,22 @@ def test_best_record_and_patience_count_survive_resume(shapes_csv, tmp_path, scr
     assert snapshot_steps(tmp_path / "run") == [4, 12]
 
 
+def test_a_resume_that_saves_before_its_first_validation_keeps_the_best_snapshot(shapes_csv, tmp_path, scripted):
+    """checkpoint_every=1: the resumed run saves step 7 before it validates again (step 8), so the
+    rotation must know the best step from the trainer state, not from a validation of this run."""
+    scripted.update(LOSSES)
+    run = tmp_path / "run"
+    train(tiny(**{"train.checkpoint_every": 1, "train.max_steps": 6}), shapes_csv, run)
+    assert snapshot_steps(run) == [4, 6]
+    best_weights = (run / "checkpoints" / "step-00000004" / "model.safetensors").read_bytes()
+    train(tiny(**{"train.checkpoint_every": 1, "train.max_steps": 8}), shapes_csv, run, resume=True,
+          compare_config=True)
+    assert snapshot_steps(run) == [4, 8] and state_of(run)["best"]["step"] == 4
+    best, note = resolve_checkpoint(run, "best")
+    assert best == run / "checkpoints" / "step-00000004" and "step 4" in note
+    assert (best / "model.safetensors").read_bytes() == best_weights
+
+
 def test_early_stopping_stops_after_patience_validations_without_a_new_best(shapes_csv, tmp_path, scripted,
                                                                               capsys):
     scripted.update(LOSSES)

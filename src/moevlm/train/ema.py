@@ -6,7 +6,8 @@ size) carries it too. It starts at the weights after the first update; after upd
 
     ema = d_t * ema + (1 - d_t) * weights,   d_t = min(train.ema_decay, (1 + t) / (10 + t))
 
-(the warm-up of d keeps the random initial weights from lingering in short runs).
+(the warm-up of d keeps the random initial weights from lingering in short runs). t counts the
+updates made: a step skipped as non-finite (train/trainer.py) is none.
 
 Validation, checkpoints and inference use the average: around them ``swapped()`` puts it into
 the parameters and the training weights into the ``"ema"`` entries. A checkpoint therefore

@@ -11,8 +11,9 @@ With ``train.ema_decay`` the weight average (train/ema.py) is what validation sc
 checkpoints hold as weights and what the trainer leaves in the model when ``fit`` returns.
 
 A step whose loss or gradient norm is not finite changes nothing but the counters: no update,
-no metrics, a warning. ``train.max_bad_steps`` of them in a row end the run with a
-``TrainingError``; the weights then on disk are the last checkpoint written before it.
+no metrics, a warning. Up to ``train.max_bad_steps`` of them in a row are skipped so; the next
+one in a row ends the run with a ``TrainingError`` (0: the first one does), and the weights then
+on disk are the last checkpoint written before it.
 """
 
 from __future__ import annotations
@@ -324,8 +325,8 @@ class Trainer:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        if self.average is not None:
-            self.average.update(self.step)
+        if self.average is not None:  # a skipped step is no update: the decay's warm-up counts the updates made
+            self.average.update(self.step - len(self.skipped_steps))
         totals.update(lr=lr, grad_norm=grad_norm, tokens=tokens)
         return totals
 
