@@ -65,6 +65,11 @@ def unsupported(param: str, why: str = "") -> ApiError:
     return ApiError(400, f"unsupported parameter: {param}{why}", param, "unsupported_parameter")
 
 
+def _plain(value: float) -> str:
+    """A bound as people write it: 4294967295, not 4.29497e+09."""
+    return str(int(value)) if float(value).is_integer() else f"{value:g}"
+
+
 def _number(body: dict, key: str, low: float, high: float, integer: bool = False):
     value = body.get(key)
     if value is None:
@@ -72,7 +77,7 @@ def _number(body: dict, key: str, low: float, high: float, integer: bool = False
     kind = int if integer else (int, float)
     if isinstance(value, bool) or not isinstance(value, kind) or not low <= value <= high:
         what = "an integer" if integer else "a number"
-        raise invalid(f"{key} must be {what} from {low:g} to {high:g}, not {value!r}", key)
+        raise invalid(f"{key} must be {what} from {_plain(low)} to {_plain(high)}, not {value!r}", key)
     return value
 
 
@@ -222,12 +227,13 @@ def parse_request(body, served_name: str) -> ChatRequest:
         raise invalid("stream_options must be an object", "stream_options")
     if not isinstance(extras, dict):
         raise invalid("moevlm must be an object", "moevlm")
-    unknown = sorted(set(options) - {"include_usage"}) or sorted(set(extras) - {"routing"})
+    unknown = [f"stream_options.{key}" for key in sorted(set(options) - {"include_usage"})] + \
+        [f"moevlm.{key}" for key in sorted(set(extras) - {"routing"})]
     if unknown:
         raise unsupported(unknown[0])
     sampling = _sampling(body)
     if extras.get("routing") and sampling["n"] > 1:
-        raise unsupported("moevlm", ": a routing trace takes n 1")
+        raise unsupported("moevlm.routing", " with n above 1 (a routing trace follows one choice)")
     return ChatRequest(model=model, turns=turns, image_url=images[0] if images else None, max_tokens=max_tokens,
                        stop=stop, stream=stream, include_usage=bool(options.get("include_usage")),
                        routing=bool(extras.get("routing")), image_urls=images, placed_turns=placed, **sampling)
