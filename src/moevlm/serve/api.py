@@ -136,7 +136,7 @@ def create_app(engine: Engine, options: ServeOptions):
         except QueueFull as err:
             raise ApiError(429, f"the server is busy ({err}); retry later", code="queue_full",
                            headers={"Retry-After": str(options.retry_after)}) from None
-        engine.metrics.add_request("ok", engine.prompt_tokens(jobs[0].prompt_ids))
+        engine.metrics.add_request("ok", engine.prompt_tokens(jobs[0].prompt_ids, len(req.image_urls)))
         reply = Reply(req, {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()),
                             "model": options.served_name},
                       {"num_experts": engine.config.model.decoder.moe.num_experts})

@@ -26,7 +26,7 @@ import torch
 from moevlm.checkpoint import load_model
 from moevlm.data.images import image_preparer, normalize
 from moevlm.device import autocast_dtype, resolve_device
-from moevlm.generate import GREEDY_BELOW, left_pad, new_token_room
+from moevlm.generate import GREEDY_BELOW, left_pad
 from moevlm.serve.batch import DecodeBatch, repack
 from moevlm.serve.metrics import ServerMetrics
 from moevlm.serve.sampling import SamplingParams, logprob_details, pick
@@ -137,12 +137,14 @@ class Engine:
         return keep
 
     def token_limit(self, prompt_ids: list[int]) -> int:
-        """How many tokens a prompt leaves room for (as ``generate`` counts it)."""
-        return new_token_room(self.model, len(prompt_ids))
+        """How many tokens a prompt leaves room for: ``decoder.max_text_len`` counts text tokens, not
+        the image ids a prompt holds (none, one image's or several's)."""
+        images = prompt_ids.count(self.model.image_token_id) if self.model.images_in_text else 0
+        return self.config.model.decoder.max_text_len - (len(prompt_ids) - images)
 
-    def prompt_tokens(self, prompt_ids: list[int]) -> int:
-        """Positions the prompt fills in the decoder, prepended image tokens included."""
-        return len(prompt_ids) + (0 if self.model.images_in_text else self.model.num_image_tokens)
+    def prompt_tokens(self, prompt_ids: list[int], images: int = 1) -> int:
+        """Positions the prompt fills in the decoder, prepended image tokens (if it has an image) included."""
+        return len(prompt_ids) + (0 if self.model.images_in_text or not images else self.model.num_image_tokens)
 
     @property
     def max_images(self) -> int:
@@ -343,9 +345,9 @@ class Engine:
             job.emit(("delta", ready[len(job.sent):], job.pending))
             job.sent, job.pending = ready, []
         if finish:
-            job.emit(("done", finish, {"prompt_tokens": self.prompt_tokens(job.prompt_ids),
-                                       "completion_tokens": job.sampled,
-                                       "total_tokens": self.prompt_tokens(job.prompt_ids) + job.sampled}))
+            prompt = self.prompt_tokens(job.prompt_ids, len(job.images))
+            job.emit(("done", finish, {"prompt_tokens": prompt, "completion_tokens": job.sampled,
+                                       "total_tokens": prompt + job.sampled}))
             self.metrics.add_request_latency(now - job.submitted)
             return True
         return False
