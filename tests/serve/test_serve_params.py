@@ -80,6 +80,12 @@ def test_every_refusal_names_its_param_and_code(case):
     assert words in error["message"] and "\n" not in error["message"]
 
 
+def test_null_is_a_parameter_not_given():
+    nulls = {key: None for key in ("logprobs", "top_logprobs", "tools", "tool_choice", "response_format", "user",
+                                   "metadata", "stream", "stream_options", "seed", "n", "ignore_eos", "logit_bias")}
+    assert parse_request(request("m", **nulls), "m") == parse_request(request("m"), "m")
+
+
 def test_an_unknown_model_and_a_body_that_is_no_object():
     with pytest.raises(ApiError) as refused:
         parse_request(request("other"), "m")

@@ -200,6 +200,7 @@ def _sampling(body: dict) -> dict:
 def parse_request(body, served_name: str) -> ChatRequest:
     if not isinstance(body, dict):
         raise invalid("the request body must be a JSON object", None)
+    body = {key: value for key, value in body.items() if value is not None}  # null: not given, as OpenAI reads it
     unknown = sorted(set(body) - KNOWN)
     if unknown:
         raise unsupported(unknown[0])
