@@ -68,3 +68,19 @@ def test_caption_prepares_images_like_the_training_data():
     caption(model, PromptTokenizer(), [img, img], prepare_image=lambda im: seen.append(im.size)
             or torch.full((3, 8, 8), 255, dtype=torch.uint8), max_new_tokens=1)
     assert seen == [(20, 10)] * 2 and bool((model.images == 1).all())
+
+
+def test_a_temperature_below_the_floor_and_top_p_zero_generate_the_greedy_answer():
+    from moevlm.generate import sample_next
+
+    torch.manual_seed(0)
+    logits = torch.randn(3, 40) * 50
+    greedy = logits.argmax(-1)
+    for temperature in (1e-40, 5e-324, 0.0):
+        assert torch.equal(sample_next(logits, temperature, generator=torch.Generator().manual_seed(1)), greedy)
+    for seed in range(20):  # any temperature: top_p 0 keeps the top token alone
+        assert torch.equal(sample_next(logits, 2.0, top_p=0.0, generator=torch.Generator().manual_seed(seed)), greedy)
+    model = Recorder(images_in_text=False)
+    out = generate(model, torch.zeros(2, 3, 8, 8), [[1], [1, 3]], eos_id=2, pad_id=0, max_new_tokens=3,
+                   temperature=1e-40, seed=0)
+    assert out == [[5, 5, 5], [5, 5, 5]]

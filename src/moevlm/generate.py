@@ -36,20 +36,31 @@ def new_token_room(model: VisionLanguageModel, prompt_length: int) -> int:
     return model.cfg.decoder.max_text_len + (model.num_image_tokens if model.images_in_text else 0) - prompt_length
 
 
+# Below this temperature sampling is greedy: dividing logits by a smaller one only sharpens a
+# distribution that is already all on its top token, and by 1e-40 it overflows to inf/nan.
+GREEDY_BELOW = 1e-5
+
+
 def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None,
                 top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
-    """logits (B, V) -> token ids (B,). temperature 0 is greedy."""
-    if temperature <= 0:
+    """logits (B, V) -> token ids (B,). temperature below ``GREEDY_BELOW`` is greedy; top_p keeps the
+    smallest set of most likely tokens holding that much probability, always the top one (top_p 0:
+    the top token only, as greedy)."""
+    if temperature < GREEDY_BELOW:
         return logits.argmax(dim=-1)
-    logits = logits.float() / temperature
+    # Shifted so the largest logit is 0: exp() never overflows, and the top token's term is 1, so
+    # the softmax's sum is at least 1 and every probability is finite.
+    logits = logits.float()
+    logits = (logits - logits.max(dim=-1, keepdim=True).values) / temperature
     if top_k is not None and top_k > 0:
         kth = logits.topk(min(top_k, logits.size(-1)), dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and 0 < top_p < 1:
+    if top_p is not None and top_p < 1:
         sorted_logits, order = logits.sort(dim=-1, descending=True)
-        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-        # Drop a token once the tokens before it already hold top_p of the mass.
-        drop_sorted = (cumulative - sorted_logits.softmax(dim=-1)) >= top_p
+        probs = sorted_logits.softmax(dim=-1)
+        # Drop a token once the tokens before it already hold top_p of the mass; never the first.
+        drop_sorted = (probs.cumsum(dim=-1) - probs) >= top_p
+        drop_sorted[:, 0] = False
         logits = logits.masked_fill(drop_sorted.scatter(1, order, drop_sorted), float("-inf"))
     probs = logits.softmax(dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(1)

@@ -111,13 +111,14 @@ class HFTokenizer:
     # -- conversations ---------------------------------------------------------------------
 
     def encode_conversation(self, turns: list[tuple[str, str]], max_text_len: int,
-                            image: bool = True) -> tuple[list[int], list[int]]:
+                            image: bool | int = True) -> tuple[list[int], list[int]]:
         """Token ids (image ids included) and next-token labels; see the module docstring.
 
         ``max_text_len`` counts text tokens only; a longer row raises ValueError. ``image``
-        False: a text-only conversation, with no image ids.
+        False: a text-only conversation, with no image ids; a number: that many images, each at
+        its placeholder in the prompts (the server's conversations with several images).
         """
-        if image and _is_caption(turns) and not self._template_says_all:
+        if image == 1 and _is_caption(turns) and not self._template_says_all:
             pieces = self._caption_prefix() + [(self.encode(turns[0][1]) + [self.eos_id], True)]
         else:
             pieces = self._conversation_pieces(turns, image=image)
@@ -142,11 +143,11 @@ class HFTokenizer:
         return [([self.bos_id] if self.bos_id is not None else [], False), (IMAGE_PLACEHOLDER, False)]
 
     def _conversation_pieces(self, turns: list[tuple[str, str]], prefix_only: bool = False,
-                             image: bool = True) -> list[Piece]:
+                             image: bool | int = True) -> list[Piece]:
         """Context and answer pieces of a conversation, with the image placeholder in the text
-        (none for a text-only row)."""
+        (none for a text-only row; with several images, one placeholder each already there)."""
         count = sum(prompt.count(IMAGE_PLACEHOLDER) for prompt, _ in turns)
-        if count > int(image):
+        if count > int(image) or int(image) > 1 and count != int(image):
             raise ValueError(f"{count} {IMAGE_PLACEHOLDER} placeholders for {int(image)} image")
         if count == 0 and image:  # as LLaVA writes it: the image first in the first user message
             turns = [(f"{IMAGE_PLACEHOLDER}\n{turns[0][0]}", turns[0][1])] + list(turns[1:])

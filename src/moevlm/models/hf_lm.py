@@ -83,11 +83,12 @@ class PretrainedVLM(nn.Module):
             images = images[has_image.bool()] if bool(has_image.any()) else None  # the image rows' only
         if images is not None:
             counts = is_image.sum(1)
-            assert bool(((counts == 0) | (counts == self.num_image_tokens)).all()) and \
-                int((counts > 0).sum()) == images.size(0), (
+            assert bool((counts % self.num_image_tokens == 0).all()) and \
+                int(counts.sum()) == images.size(0) * self.num_image_tokens, (
                 f"{images.size(0)} images need {self.num_image_tokens} image ids ({self.image_token_id}) each, "
                 f"got {counts.tolist()}")
-            features = self.encode_images(images).to(embeds.dtype)  # (image rows, n, D), in row order
+            # (images, n, D): the rows' images in order, several per row where the ids say so.
+            features = self.encode_images(images).to(embeds.dtype)
             embeds = embeds.masked_scatter(is_image.unsqueeze(-1), features)
         else:
             assert not bool(is_image.any()), "image ids in input_ids but no images"
@@ -124,10 +125,11 @@ class PretrainedVLM(nn.Module):
         return DynamicCache(config=self.lm.config)
 
     def prefill(self, images: torch.Tensor | None, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                cache=None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Left-padded prompts (image ids included) -> next-token logits (B, V), key mask (B, T)."""
+                cache=None, has_image: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Left-padded prompts (image ids included) -> next-token logits (B, V), key mask (B, T).
+        ``images``: every image the ids ask for, row by row (has_image None), or one per row."""
         mask = attention_mask.bool()
-        embeds, kind = self._embed(images, input_ids, mask)
+        embeds, kind = self._embed(images, input_ids, mask, has_image)
         positions = (mask.long().cumsum(1) - 1).clamp(min=0)
         logits = self._run_lm(embeds, mask, positions, kind, cache, last_only=True)
         return logits[:, -1], mask

@@ -42,8 +42,10 @@ class VisionLanguageModel(Protocol):
     def new_cache(self, batch: int, max_len: int) -> Any: ...
 
     def prefill(self, images: torch.Tensor | None, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                cache: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Left-padded prompts -> next-token logits (B, V) and the key mask (B, S)."""
+                cache: Any = None, has_image: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Left-padded prompts -> next-token logits (B, V) and the key mask (B, S). has_image as in
+        training: False marks a text-only row (images None: no row has one). A model with
+        ``images_in_text`` takes the images of every row, in order, as many as the image ids ask for."""
 
     def step(self, token_ids: torch.Tensor, key_mask: torch.Tensor, cache: Any) -> torch.Tensor:
         """One cached decoding step: token_ids (B,) -> next-token logits (B, V)."""

@@ -167,10 +167,12 @@ class VLM(nn.Module):
         p = self.decoder.tok_emb.weight
         return KVCache(d.depth, batch, d.kv_heads, max_len, d.width // d.heads, device=p.device, dtype=p.dtype)
 
-    def prefill(self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                cache: KVCache | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Runs image + prompt tokens; returns next-token logits (B, V) and the key mask (B, S)."""
-        embeds, key_mask, kind = self._embed(images, input_ids, attention_mask)
+    def prefill(self, images: torch.Tensor | None, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                cache: KVCache | None = None,
+                has_image: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Runs image + prompt tokens; returns next-token logits (B, V) and the key mask (B, S).
+        A text-only row (has_image False, or images None) keeps its image slots as padding, as training does."""
+        embeds, key_mask, kind = self._embed(images, input_ids, attention_mask, has_image)
         positions = (key_mask.cumsum(1) - 1).clamp(min=0)
         hidden = self.decoder(embeds, positions, attention_mask_for(key_mask, key_mask.size(1)), kind, cache)
         return self.decoder.lm_head(hidden[:, -1]), key_mask

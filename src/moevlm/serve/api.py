@@ -12,12 +12,18 @@ import uuid
 from dataclasses import dataclass
 from importlib import resources
 
-from moevlm.serve.chat import ChatRequest, parse_request, prompt_ids
+from moevlm.serve.chat import ChatRequest, check_for_model, choice_seed, parse_request, request_prompt
 from moevlm.serve.engine import Engine, Job, QueueFull
 from moevlm.serve.errors import ApiError
 from moevlm.serve.images import ImageLimits, load_image
+from moevlm.serve.responses import Reply
 
 DISCONNECT_POLL = 0.5  # seconds between checks that a waiting non-streaming client is still there
+
+
+def cancel(jobs: list[Job]) -> None:
+    for job in jobs:
+        job.cancelled = True
 
 
 @dataclass(frozen=True)
@@ -98,19 +104,20 @@ def create_app(engine: Engine, options: ServeOptions):
         except (ValueError, UnicodeDecodeError) as err:
             raise ApiError(400, f"the request body is not valid JSON: {err}") from None
 
-    def make_job(req: ChatRequest, emit, arrived: float) -> Job:
-        """Runs on a worker thread: image decoding and preparation take a while."""
-        pixels = engine.prepare_image(load_image(req.image_url, options.images))
-        ids = prompt_ids(engine.tokenizer, req.turns, engine.config.model.decoder.max_text_len)
-        room, most = engine.token_limit(ids), engine.config.model.decoder.max_text_len
-        if room < 1:
-            raise ApiError(400, f"the prompt leaves no room to answer within this model's {most} text tokens",
-                           "messages")
-        if req.max_tokens is not None and req.max_tokens > most:
-            raise ApiError(400, f"max_tokens {req.max_tokens} is above this model's limit of {most}", "max_tokens")
-        return Job(prompt_ids=ids, pixels=pixels, max_tokens=min(req.max_tokens or room, room), emit=emit,
-                   temperature=req.temperature, top_p=req.top_p, seed=req.seed, stop=req.stop, routing=req.routing,
-                   submitted=arrived)
+    def make_jobs(req: ChatRequest, emit_for, arrived: float) -> list[Job]:
+        """Runs on a worker thread: image decoding and preparation take a while. One job per choice."""
+        most = engine.config.model.decoder.max_text_len
+        ids = request_prompt(req, engine.tokenizer, most, engine.max_images)
+        room = engine.token_limit(ids)
+        check_for_model(req, engine.vocab_size, room, most, engine.max_queue)
+        pixels = [engine.prepare_image(load_image(url, options.images)) for url in req.image_urls]
+        return [Job(prompt_ids=ids, pixels=pixels[0] if pixels else None, more_pixels=pixels[1:],
+                    max_tokens=min(req.max_tokens or room, room), emit=emit_for(index),
+                    temperature=req.temperature, top_p=req.top_p, seed=choice_seed(req.seed, index), stop=req.stop,
+                    routing=req.routing, submitted=arrived, presence_penalty=req.presence_penalty,
+                    frequency_penalty=req.frequency_penalty, logit_bias=req.logit_bias, min_tokens=req.min_tokens,
+                    ignore_eos=req.ignore_eos, logprobs=req.logprobs, top_logprobs=req.top_logprobs)
+                for index in range(req.n)]
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
@@ -119,72 +126,50 @@ def create_app(engine: Engine, options: ServeOptions):
         check_ready()
         req = parse_request(await read_body(request), options.served_name)
         loop, events = asyncio.get_running_loop(), asyncio.Queue()
-        job = await run_in_threadpool(make_job, req, lambda event: loop.call_soon_threadsafe(events.put_nowait, event),
-                                      arrived)
+
+        def emit_for(index: int):
+            return lambda event: loop.call_soon_threadsafe(events.put_nowait, (index, event))
+
+        jobs = await run_in_threadpool(make_jobs, req, emit_for, arrived)
         try:
-            engine.submit(job)
+            engine.submit_all(jobs)
         except QueueFull as err:
             raise ApiError(429, f"the server is busy ({err}); retry later", code="queue_full",
                            headers={"Retry-After": str(options.retry_after)}) from None
-        engine.metrics.add_request("ok", engine.prompt_tokens(job.prompt_ids))
-        reply = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": options.served_name}
-        extras = {"num_experts": engine.config.model.decoder.moe.num_experts}
+        engine.metrics.add_request("ok", engine.prompt_tokens(jobs[0].prompt_ids, len(req.image_urls)))
+        reply = Reply(req, {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()),
+                            "model": options.served_name},
+                      {"num_experts": engine.config.model.decoder.moe.num_experts})
         if req.stream:
-            return StreamingResponse(_stream(job, events, reply, req, extras), media_type="text/event-stream",
+            return StreamingResponse(_stream(jobs, events, reply), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
-        return await _complete(request, job, events, reply, req, extras)
+        return await _complete(request, jobs, events, reply)
 
-    async def _complete(request, job: Job, events: asyncio.Queue, reply: dict, req: ChatRequest, extras: dict):
-        text, tokens = [], []
-        while True:
+    async def _complete(request, jobs: list[Job], events: asyncio.Queue, reply: Reply):
+        while not reply.finished:
             try:
-                event = await asyncio.wait_for(events.get(), DISCONNECT_POLL)
+                index, event = await asyncio.wait_for(events.get(), DISCONNECT_POLL)
             except asyncio.TimeoutError:
                 if await request.is_disconnected():
-                    job.cancelled = True
+                    cancel(jobs)
                     return JSONResponse({}, status_code=499)
                 continue
-            if event[0] == "delta":
-                text.append(event[1])
-                tokens += event[2]
-            elif event[0] == "error":
-                return JSONResponse({"error": {"message": event[1], "type": "server_error", "param": None,
-                                               "code": None}}, status_code=503)
-            else:
-                message = {"role": "assistant", "content": "".join(text)}
-                body = {**reply, "object": "chat.completion",
-                        "choices": [{"index": 0, "message": message, "finish_reason": event[1], "logprobs": None}],
-                        "usage": event[2]}
-                if req.routing:
-                    body["moevlm"] = {**extras, "tokens": tokens}
-                return body
+            reply.add(index, event)
+        if reply.error is not None:
+            cancel(jobs)
+            return JSONResponse(reply.error_body(), status_code=reply.error[1])
+        return reply.body()
 
-    async def _stream(job: Job, events: asyncio.Queue, reply: dict, req: ChatRequest, extras: dict):
-        base = {**reply, "object": "chat.completion.chunk"}
-
-        def chunk(delta: dict, finish: str | None = None, **more) -> str:
-            body = {**base, "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}],
-                    **more}
-            return f"data: {json.dumps(body)}\n\n"
-
+    async def _stream(jobs: list[Job], events: asyncio.Queue, reply: Reply):
         try:
-            yield chunk({"role": "assistant", "content": ""})
-            while True:
-                event = await events.get()
-                if event[0] == "delta":
-                    yield chunk({"content": event[1]}, **({"moevlm": {**extras, "tokens": event[2]}}
-                                                          if req.routing else {}))
-                elif event[0] == "error":
-                    error = {"error": {"message": event[1], "type": "server_error", "param": None, "code": None}}
-                    yield f"data: {json.dumps(error)}\n\n"
-                    break
-                else:
-                    yield chunk({}, event[1])
-                    if req.include_usage:
-                        yield f"data: {json.dumps({**base, 'choices': [], 'usage': event[2]})}\n\n"
-                    break
+            for line in reply.opening():
+                yield line
+            while not reply.finished:
+                index, event = await events.get()
+                for line in reply.chunks(index, event):
+                    yield line
             yield "data: [DONE]\n\n"
         finally:
-            job.cancelled = True  # a no-op once it finished; frees the slot when the client left early
+            cancel(jobs)  # a no-op once they finished; frees the slots when the client left early
 
     return app

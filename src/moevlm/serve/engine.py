@@ -4,7 +4,10 @@ Requests wait in a bounded queue; between two decoding steps the waiting ones ar
 together and join the batch, and finished or cancelled ones leave it (serve/batch.py). Each keeps
 its own sampling parameters, random generator, length limit and stop strings. What a request
 produces goes to its ``emit`` callback (called on the engine thread) as events:
-``("delta", text, tokens)`` and finally ``("done", finish_reason, usage)`` or ``("error", message)``.
+``("delta", text, tokens)`` and finally ``("done", finish_reason, usage)`` or ``("error", message[, status])``;
+``tokens`` has one dict per token when the job asked for routing or logprobs (``text``, and
+``experts`` or ``logprob`` and ``top_logprobs``). A request whose own sampling fails (a bug, or
+logits the model made non-finite) gets its error and leaves; the rest of the batch goes on.
 """
 
 from __future__ import annotations
@@ -23,11 +26,13 @@ import torch
 from moevlm.checkpoint import load_model
 from moevlm.data.images import image_preparer, normalize
 from moevlm.device import autocast_dtype, resolve_device
-from moevlm.generate import left_pad, new_token_room, sample_next
+from moevlm.generate import GREEDY_BELOW, left_pad
 from moevlm.serve.batch import DecodeBatch, repack
 from moevlm.serve.metrics import ServerMetrics
+from moevlm.serve.sampling import SamplingParams, logprob_details, pick
 
 log = logging.getLogger("moevlm.serve")
+MAX_IMAGES = 8  # per conversation, for a model that takes several
 
 
 class QueueFull(Exception):
@@ -36,10 +41,12 @@ class QueueFull(Exception):
 
 @dataclass
 class Job:
-    """One chat completion as the engine sees it. ``pixels``: uint8 (C, S, S), prepared for the model."""
+    """One chat completion (one choice of it) as the engine sees it. ``pixels``: uint8 (C, S, S),
+    prepared for the model, the conversation's first image (None: text only); ``more_pixels``: the
+    others, for a model with ``images_in_text`` (its prompt holds image ids for each)."""
 
     prompt_ids: list[int]
-    pixels: torch.Tensor
+    pixels: torch.Tensor | None
     max_tokens: int
     emit: Callable[[tuple], None]
     temperature: float = 1.0
@@ -57,6 +64,24 @@ class Job:
     pending: list[dict] = field(default_factory=list)  # per-token details not sent yet
     next_experts: list[list[int]] = field(default_factory=list)  # per MoE layer, for the next token
     generator: torch.Generator | None = None
+    more_pixels: list[torch.Tensor] = field(default_factory=list)
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    min_tokens: int = 0
+    ignore_eos: bool = False
+    logprobs: bool = False
+    top_logprobs: int = 0
+    next_logprobs: dict | None = None  # the next token's, once it is sampled
+
+    @property
+    def sampling(self) -> SamplingParams:
+        return SamplingParams(self.temperature, self.top_p, self.presence_penalty, self.frequency_penalty,
+                              self.logit_bias, self.min_tokens, self.ignore_eos, self.logprobs, self.top_logprobs)
+
+    @property
+    def images(self) -> list[torch.Tensor]:
+        return ([] if self.pixels is None else [self.pixels]) + self.more_pixels
 
 
 def _held_back(text: str, stops: list[str]) -> int:
@@ -112,18 +137,35 @@ class Engine:
         return keep
 
     def token_limit(self, prompt_ids: list[int]) -> int:
-        """How many tokens a prompt leaves room for (as ``generate`` counts it)."""
-        return new_token_room(self.model, len(prompt_ids))
+        """How many tokens a prompt leaves room for: ``decoder.max_text_len`` counts text tokens, not
+        the image ids a prompt holds (none, one image's or several's)."""
+        images = prompt_ids.count(self.model.image_token_id) if self.model.images_in_text else 0
+        return self.config.model.decoder.max_text_len - (len(prompt_ids) - images)
 
-    def prompt_tokens(self, prompt_ids: list[int]) -> int:
-        """Positions the prompt fills in the decoder, prepended image tokens included."""
-        return len(prompt_ids) + (0 if self.model.images_in_text else self.model.num_image_tokens)
+    def prompt_tokens(self, prompt_ids: list[int], images: int = 1) -> int:
+        """Positions the prompt fills in the decoder, prepended image tokens (if it has an image) included."""
+        return len(prompt_ids) + (0 if self.model.images_in_text or not images else self.model.num_image_tokens)
+
+    @property
+    def max_images(self) -> int:
+        """Images one conversation may hold: a scratch model prepends exactly one (or none); a model
+        with image ids in its text takes them where the conversation places them."""
+        return MAX_IMAGES if self.model.images_in_text else 1
+
+    @property
+    def vocab_size(self) -> int:
+        """Token ids a request may name (logit_bias): the tokenizer's, within the model's logits."""
+        return min(self.tokenizer.vocab_size, self.config.model.decoder.vocab_size)
 
     def submit(self, job: Job) -> None:
+        self.submit_all([job])
+
+    def submit_all(self, jobs: list[Job]) -> None:
+        """Queues the jobs (the choices of one request) together, or none of them."""
         with self._wake:
-            if len(self._waiting) >= self.max_queue:
+            if len(self._waiting) + len(jobs) > self.max_queue:
                 raise QueueFull(f"{len(self._waiting)} requests are waiting already")
-            self._waiting.append(job)
+            self._waiting.extend(jobs)
             self.metrics.queue_length = len(self._waiting)
             self._wake.notify()
 
@@ -153,7 +195,7 @@ class Engine:
                 except Exception:  # a bug: fail the requests in flight, keep serving the next ones
                     log.exception("decoding failed")
                     for job in jobs + joining:
-                        job.emit(("error", "internal error while decoding"))
+                        job.emit(("error", "internal error while decoding", 500))
                     jobs, state = [], (None, None)
                 self.metrics.set_batch_size(len(jobs))
         for job in jobs:
@@ -165,8 +207,8 @@ class Engine:
         than the extra re-pack that dropping it first would."""
         keep = []
         if jobs:
-            tokens = self._sample(jobs, logits)
-            keep = [row for row, job in enumerate(jobs) if not self._advance(job, int(tokens[row]))]
+            tokens = logits.argmax(dim=-1)
+            keep = [row for row, job in enumerate(jobs) if not self._take_token(job, logits, tokens, row)]
             if keep:
                 started = time.perf_counter()
                 logits = batch.step(tokens)
@@ -208,16 +250,30 @@ class Engine:
         ids, mask = left_pad([job.prompt_ids for job in jobs], self.tokenizer.pad_id, self.device)
         width = ids.size(1)
         for job in jobs:
-            if job.seed is not None or job.temperature > 0:
+            if job.seed is not None or job.temperature >= GREEDY_BELOW:
                 job.generator = torch.Generator(device=self.device)
-                job.generator.manual_seed(job.seed if job.seed is not None else secrets.randbits(63))
-        images = normalize(torch.stack([job.pixels for job in jobs])).to(self.device)
+                job.generator.manual_seed(job.seed if job.seed is not None else secrets.randbits(32))
+        images, has_image = self._images(jobs)
         prepended = 0 if self.model.images_in_text else self.model.num_image_tokens
         cache = self.model.new_cache(len(jobs), prepended + width)
         started = time.perf_counter()
-        logits, key_mask = self.model.prefill(images, ids, mask, cache)
+        logits, key_mask = self.model.prefill(images, ids, mask, cache, has_image=has_image)
         self._after_forward(jobs, prepended + width, started)
         return DecodeBatch(self.model, cache, key_mask), logits
+
+    def _images(self, jobs: list[Job]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(images, has_image) for ``prefill``: every image in row order for a model with image ids
+        in its text; else one per row, a blank one for a text-only row, which has_image marks."""
+        if self.model.images_in_text:
+            pixels = [image for job in jobs for image in job.images]
+            return (normalize(torch.stack(pixels)).to(self.device) if pixels else None), None
+        present = [job.pixels is not None for job in jobs]
+        if not any(present):
+            return None, None
+        blank = torch.zeros_like(next(job.pixels for job in jobs if job.pixels is not None))
+        images = normalize(torch.stack([blank if job.pixels is None else job.pixels for job in jobs]))
+        has_image = None if all(present) else torch.tensor(present, device=self.device)
+        return images.to(self.device), has_image
 
     def _after_forward(self, jobs: list[Job], positions: int, started: float) -> None:
         """Routing of the position each job's next token comes from, and the expert-load metrics."""
@@ -230,12 +286,31 @@ class Engine:
         for row, job in enumerate(jobs):
             job.next_experts = [layer[row] for layer in chosen]
 
-    def _sample(self, jobs: list[Job], logits: torch.Tensor) -> torch.Tensor:
-        tokens = logits.argmax(dim=-1)
-        for row, job in enumerate(jobs):
-            if job.temperature > 0:
-                tokens[row] = sample_next(logits[row:row + 1], job.temperature, None, job.top_p, job.generator)[0]
-        return tokens
+    def _take_token(self, job: Job, logits: torch.Tensor, tokens: torch.Tensor, row: int) -> bool:
+        """Samples row ``row``'s token into ``tokens`` (which holds the batch's argmax) and advances
+        its job; True when the job is finished. A failure here ends this job alone."""
+        try:
+            params = job.sampling
+            if not params.greedy_plain:
+                eos = self.tokenizer.eos_id
+                tokens[row] = pick(logits[row], params, job.generated, eos, job.generator)
+                if params.logprobs:
+                    job.next_logprobs = self._logprobs(job, logits[row], int(tokens[row]))
+            return self._advance(job, int(tokens[row]))
+        except Exception:
+            log.exception("sampling failed for one request; the others go on")
+            job.emit(("error", "internal error while sampling this request", 500))
+            return True
+
+    def _logprobs(self, job: Job, logits: torch.Tensor, token: int) -> dict:
+        """The chosen token's log-probability and the ``top_logprobs`` likeliest, each with its text
+        as it would extend the answer so far."""
+        chosen, top = logprob_details(logits, token, job.top_logprobs)
+        return {"logprob": chosen, "top_logprobs": [(self._piece(job, other), value) for other, value in top]}
+
+    def _piece(self, job: Job, token: int) -> str:
+        text = self.tokenizer.decode(job.generated + [token])
+        return text[len(job.text):] if text.startswith(job.text) else self.tokenizer.decode([token])
 
     def _advance(self, job: Job, token: int) -> bool:
         """Takes one sampled token; sends what can be sent; True when the job is finished."""
@@ -250,9 +325,13 @@ class Engine:
         else:
             job.generated.append(token)
             text = self.tokenizer.decode(job.generated)
-            if job.routing:
-                job.pending.append({"text": text[len(job.text):] if text.startswith(job.text) else "",
-                                    "experts": job.next_experts})
+            if job.routing or job.logprobs:
+                detail = {"text": text[len(job.text):] if text.startswith(job.text) else ""}
+                if job.routing:
+                    detail["experts"] = job.next_experts
+                if job.logprobs:
+                    detail.update(job.next_logprobs)
+                job.pending.append(detail)
             job.text = text
             cut = min((i for i in (text.find(stop) for stop in job.stop) if i >= 0), default=-1)
             if cut >= 0:
@@ -266,9 +345,9 @@ class Engine:
             job.emit(("delta", ready[len(job.sent):], job.pending))
             job.sent, job.pending = ready, []
         if finish:
-            job.emit(("done", finish, {"prompt_tokens": self.prompt_tokens(job.prompt_ids),
-                                       "completion_tokens": job.sampled,
-                                       "total_tokens": self.prompt_tokens(job.prompt_ids) + job.sampled}))
+            prompt = self.prompt_tokens(job.prompt_ids, len(job.images))
+            job.emit(("done", finish, {"prompt_tokens": prompt, "completion_tokens": job.sampled,
+                                       "total_tokens": prompt + job.sampled}))
             self.metrics.add_request_latency(now - job.submitted)
             return True
         return False
