@@ -26,10 +26,10 @@ def test_each_image_and_its_caption_file_make_a_row(tmp_path):
 def test_an_image_without_its_caption_file_is_a_bad_row(tmp_path):
     folder = write_image_folder(tmp_path / "pics", rows=3)
     (folder / "001.txt").unlink()
-    with pytest.raises(DataError, match=r"pics: row 2: no caption file '001.txt' for '001.png'$"):
+    with pytest.raises(DataError, match=r"pics: row 2 \('001.png'\): no caption file '001.txt'$"):
         read_image_folder(folder)
     samples, skipped = read_image_folder(folder, on_bad_row="skip")
-    assert len(samples) == 2 and str(skipped).startswith("1 bad row: 1 no caption file ... for ...")
+    assert len(samples) == 2 and str(skipped).startswith("1 bad row: 1 no caption file ...")
 
 
 @pytest.mark.parametrize("link", ["001.png", "001.txt"])
@@ -40,7 +40,7 @@ def test_symlinks_pointing_outside_are_refused(tmp_path, link):
     (folder / link).symlink_to(tmp_path / "secret")
     with pytest.raises(DataError) as info:
         read_image_folder(folder)
-    assert str(info.value) == f"{folder}: row 2: symlink {link!r} points outside the folder"
+    assert str(info.value) == f"{folder}: row 2 ('001.png'): symlink {link!r} points outside the folder"
 
 
 def test_a_symlink_inside_the_folder_is_fine(tmp_path):

@@ -188,30 +188,30 @@ def special(name, kind, linkname=""):
 GOOD = [("0.jpg", png(COLORS[0], "JPEG")), ("0.txt", b"a red square")]
 HOSTILE = {
     "dotdot": ([("../1.jpg", png(COLORS[1])), ("../1.txt", b"up")],
-               r"row 2: member '../1.jpg' has a name with '..' that points outside the shard$"),
-    "absolute": ([("/etc/1.jpg", png(COLORS[1]))], r"row 2: member '/etc/1.jpg' has an absolute name$"),
+               r"row 2 \(key '../1'\): member '../1.jpg' has a name with '..' that points outside the shard$"),
+    "absolute": ([("/etc/1.jpg", png(COLORS[1]))], r"row 2 \(key '/etc/1'\): member '/etc/1.jpg' has an absolute name$"),
     "symlink": ([special("1.jpg", tarfile.SYMTYPE, "/etc/passwd"), ("1.txt", b"x")],
-                r"row 2: member '1.jpg' is a link \(to '/etc/passwd'\); only regular files are read$"),
+                r"row 2 \(key '1'\): member '1.jpg' is a link \(to '/etc/passwd'\); only regular files are read$"),
     "hardlink": ([special("1.png", tarfile.LNKTYPE, "0.jpg"), ("1.txt", b"x")],
-                 r"row 2: member '1.png' is a link \(to '0.jpg'\); only regular files are read$"),
+                 r"row 2 \(key '1'\): member '1.png' is a link \(to '0.jpg'\); only regular files are read$"),
     "device": ([special("1.jpg", tarfile.CHRTYPE), ("1.txt", b"x")],
-               r"row 2: member '1.jpg' is a device, pipe or other special file; only regular files are read$"),
+               r"row 2 \(key '1'\): member '1.jpg' is a device, pipe or other special file; only regular files are read$"),
     "fifo": ([special("1.txt", tarfile.FIFOTYPE), ("1.jpg", png(COLORS[1]))],
-             r"row 2: member '1.txt' is a device, pipe or other special file; only regular files are read$"),
+             r"row 2 \(key '1'\): member '1.txt' is a device, pipe or other special file; only regular files are read$"),
     "sparse": ([special("1.jpg", tarfile.GNUTYPE_SPARSE), ("1.txt", b"x")],
-               r"row 2: member '1.jpg' is a device, pipe or other special file; only regular files are read$"),
-    "no text": ([("1.jpg", png(COLORS[1]))], r"row 2: key '1' has an image but no txt or json text$"),
-    "no image": ([("1.json", b'{"caption": "x"}')], r"row 2: key '1' has text but no image$"),
+               r"row 2 \(key '1'\): member '1.jpg' is a device, pipe or other special file; only regular files are read$"),
+    "no text": ([("1.jpg", png(COLORS[1]))], r"row 2 \(key '1'\): key '1' has an image but no txt or json text$"),
+    "no image": ([("1.json", b'{"caption": "x"}')], r"row 2 \(key '1'\): key '1' has text but no image$"),
     "two images": ([("1.jpg", png(COLORS[1], "JPEG")), ("1.png", png(COLORS[1])), ("1.txt", b"x")],
-                   r"row 2: key '1' has 2 images \(1.jpg, 1.png\)$"),
+                   r"row 2 \(key '1'\): key '1' has 2 images \(1.jpg, 1.png\)$"),
     "one extension twice": ([("1.jpg", png(COLORS[1])), ("1.JPG", png(COLORS[1])), ("1.txt", b"x")],
-                            r"row 2: key '1' has two jpg members$"),
-    "empty caption": ([("1.jpg", png(COLORS[1])), ("1.txt", b"  \n")], r"row 2: empty caption$"),
+                            r"row 2 \(key '1'\): key '1' has two jpg members$"),
+    "empty caption": ([("1.jpg", png(COLORS[1])), ("1.txt", b"  \n")], r"row 2 \(key '1'\): empty caption$"),
     "bad json": ([("1.jpg", png(COLORS[1])), ("1.json", b'{"caption": ')],
-                 r"row 2: not valid JSON: Expecting value at column 13$"),
-    "twice": ([("1.jpg", png(COLORS[1])), ("1.txt", b"x"), ("1.txt", b"y")], r"row 2: member '1.txt' appears twice$"),
+                 r"row 2 \(key '1'\): not valid JSON: Expecting value at column 13$"),
+    "twice": ([("1.jpg", png(COLORS[1])), ("1.txt", b"x"), ("1.txt", b"y")], r"row 2 \(key '1'\): member '1.txt' appears twice$"),
     "huge text": ([("1.jpg", png(COLORS[1])), ("1.txt", b"x" * (MiB + 1))],
-                  rf"row 2: member '1.txt' is {MiB + 1} bytes, over the 1 MiB limit for a txt member$"),
+                  rf"row 2 \(key '1'\): member '1.txt' is {MiB + 1} bytes, over the 1 MiB limit for a txt member$"),
 }
 
 
@@ -230,7 +230,7 @@ def test_a_hostile_member_is_refused_in_one_line_naming_shard_and_member_or_skip
 def test_a_member_over_the_image_limit_is_refused_from_its_header(tmp_path):
     shard = forged_huge_member(tmp_path / "huge.tar", "0.jpg", 65 * MiB)
     assert os.stat(shard).st_blocks * 512 < MiB  # a hole: the test writes nothing like 65 MiB
-    with pytest.raises(DataError, match=rf"huge.tar: row 1: member '0.jpg' is {65 * MiB} bytes, over the 64 MiB "
+    with pytest.raises(DataError, match=rf"huge.tar: row 1 \(key '0'\): member '0.jpg' is {65 * MiB} bytes, over the 64 MiB "
                                         r"limit for a jpg member$"):
         read_shards(shard)
 
@@ -242,7 +242,7 @@ def test_a_truncated_shard_is_refused_or_its_whole_members_kept(tmp_path):
         image = tar.getmember("1.jpg")
     os.truncate(shard, image.offset_data + 10)  # inside 1.jpg's data
     needs, has = image.offset_data + image.size, image.offset_data + 10
-    with pytest.raises(DataError, match=rf"t.tar: row 2: shard is truncated: member '1.jpg' needs {needs} bytes, "
+    with pytest.raises(DataError, match=rf"t.tar: row 2 \(key '1'\): shard is truncated: member '1.jpg' needs {needs} bytes, "
                                         rf"the file has {has}$"):
         read_shards(shard)
     samples, skipped = read_shards(shard, on_bad_row="skip")
@@ -274,4 +274,4 @@ def test_a_hostile_shard_stops_the_cli_with_exit_code_2(tmp_path, capsys):
     shard = write_tar(tmp_path / "s.tar", GOOD + HOSTILE["symlink"][0])
     code = main(["train", "--data", str(shard), "--preset", "tiny", "--out", str(tmp_path / "run")])
     err = capsys.readouterr().err
-    assert code == 2 and "s.tar: row 2: member '1.jpg' is a link (to '/etc/passwd')" in err
+    assert code == 2 and "s.tar: row 2 (key '1'): member '1.jpg' is a link (to '/etc/passwd')" in err
