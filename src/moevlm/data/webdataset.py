@@ -42,6 +42,8 @@ MiB = 2**20
 MAX_IMAGE_BYTES = 64 * MiB
 MAX_TEXT_BYTES = 1 * MiB
 _BLOCK = tarfile.BLOCKSIZE
+# A damaged or cut gzip stream: bad data, a bad CRC or length at its end, or no end at all.
+_GZIP_ERRORS = (gzip.BadGzipFile, EOFError, zlib.error)
 
 
 @dataclass(frozen=True, slots=True)  # slots: one per row, millions of them
@@ -141,10 +143,7 @@ class _Shard:
 
     def samples(self, limit: int | None) -> list[Sample]:
         with open(self.path, "rb") as f:
-            if self.compressed:
-                self._index_compressed(f)
-            else:
-                self._index(f)
+            self._index(gzip.GzipFile(fileobj=f, mode="rb") if self.compressed else f)
             out = []
             for row, (key, members) in enumerate(self.keys.items(), start=1):
                 if limit is not None and len(out) >= limit:
@@ -168,42 +167,35 @@ class _Shard:
         return list(self.keys).index(key) + 1 if key in self.keys else len(self.keys) + 1
 
     def _index(self, f) -> None:
-        """Read the headers; a member's problem stops the run here, before its data is read."""
+        """Read the headers; a member's problem stops the run here, before its data is read. Of a
+        compressed shard (``f`` a ``GzipFile``, read forwards only) the data of each member a row
+        uses is read here too."""
+        kind = "a gzip-compressed" if self.compressed else "an uncompressed"
         try:
             tar = tarfile.open(fileobj=f, mode="r:")
-        except tarfile.ReadError as err:
-            raise DataError(self.path, None, f"not an uncompressed tar file ({err})") from None
+        except (tarfile.ReadError, *_GZIP_ERRORS) as err:
+            raise DataError(self.path, None, f"not {kind} tar file ({err})") from None
         try:
             while (info := tar.next()) is not None:
-                self._add(info)
-        except tarfile.ReadError as err:  # a member's data runs past the end of the file
+                if self._add(info) and self.compressed:
+                    f.seek(info.offset_data)
+                    self.data[info.name] = f.read(info.size)
+            # tarfile ends quietly at a header it cannot parse or at the end of the file; a whole
+            # archive ends with zero blocks there.
+            f.seek(tar.offset)
+            end = f.read(_BLOCK)
+            if self.compressed:
+                while f.read(MiB):  # to the end of the gzip stream, which checks its CRC and length
+                    pass
+        except (tarfile.ReadError, *_GZIP_ERRORS) as err:  # data running past the end of the file
             if self._last_key not in self.problems:  # else counted already, as truncated
                 self._bad(self._row_of(self._last_key), f"shard is truncated or damaged after member "
                                                         f"{self._last_member!r} ({err})", self._last_key)
             return
-        # tarfile ends quietly at a header it cannot parse or at the end of the file; a whole
-        # archive ends with zero blocks there.
-        f.seek(tar.offset)
-        end = f.read(_BLOCK)
         if len(end) < _BLOCK or end.count(0) != _BLOCK:
             where = "ends" if len(end) < _BLOCK else "has a damaged header"
             self._bad(len(self.keys) + 1, f"shard is truncated or damaged: it {where} at byte {tar.offset}, "
                                           "not at the tar end-of-archive blocks", None)
-
-    def _index_compressed(self, f) -> None:
-        """``_index`` for a gzip-compressed shard, read as a stream: each header is checked before
-        its data is read, and the data of a member that is used is kept."""
-        try:
-            tar = tarfile.open(fileobj=f, mode="r|gz")
-            while (info := tar.next()) is not None:
-                if self._add(info):
-                    self.data[info.name] = tar.extractfile(info).read()
-        except (tarfile.ReadError, EOFError, zlib.error, gzip.BadGzipFile) as err:
-            if not self.keys:
-                raise DataError(self.path, None, f"not a gzip-compressed tar file ({err})") from None
-            if self._last_key not in self.problems:
-                self._bad(self._row_of(self._last_key), f"shard is truncated or damaged after member "
-                                                        f"{self._last_member!r} ({err})", self._last_key)
 
     def _add(self, info: tarfile.TarInfo) -> bool:
         """Index a member from its header; whether it is one a row uses."""
