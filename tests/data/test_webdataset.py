@@ -32,8 +32,10 @@ def png(color, fmt="PNG") -> bytes:
 
 
 def write_tar(path, members):
-    """``members``: (name, bytes) pairs, or TarInfo objects for members without data (links, devices)."""
-    with tarfile.open(path, "w:gz" if str(path).lower().endswith((".tgz", ".gz")) else "w", format=tarfile.GNU_FORMAT) as tar:
+    """``members``: (name, bytes) pairs, or TarInfo objects for members without data (links, devices);
+    gzip-compressed when ``path`` ends in .tgz or .gz."""
+    mode = "w:gz" if str(path).lower().endswith((".tgz", ".gz")) else "w"
+    with tarfile.open(path, mode, format=tarfile.GNU_FORMAT) as tar:
         for member in members:
             if isinstance(member, tarfile.TarInfo):
                 tar.addfile(member)
