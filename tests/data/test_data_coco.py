@@ -110,4 +110,11 @@ def test_evaluate_scores_each_image_once_against_all_its_captions(tmp_path, monk
     result = evaluation.evaluate(VLM(cfg.model), dataset, tok, batch_size=3)
     assert len(result["predictions"]) == 4 and result["num_samples"] == 12
     assert result["exact_match"] == 1.0 and result["bleu4"] == pytest.approx(1.0)
+    # CIDEr-D against all three captions of each of the 4 images: "a", "one", "the" and "square" are
+    # in every image's references (IDF 0), the colour's n-grams in one (IDF log 4). Against "one red
+    # square" itself orders 1-3 give cosine 1 each; against "a red square" (and "the ...") order 1
+    # gives 1 ("red" is the only weighted word), order 2 gives 1/2 ("red square" of two bigrams),
+    # order 3 gives 0. Per image 10 * (3 + 1.5 + 1.5) / 4 orders / 3 references = 5; against the
+    # first reference alone it would be 10 * 1.5 / 4 = 3.75.
+    assert result["cider_d"] == pytest.approx(5.0)
     assert result["predictions"][1] == ("a green square", "one green square")
