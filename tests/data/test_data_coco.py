@@ -30,6 +30,17 @@ def test_every_caption_is_a_row_of_its_image(tmp_path):
     assert samples[5].row == 6
 
 
+def test_a_repeated_image_id_is_refused_naming_both_files(tmp_path):
+    path = write_coco(tmp_path)
+    data = json.loads(path.read_text())
+    data["images"][2]["id"] = 2  # 000000000003.png now claims id 2 too: whose captions are they?
+    path.write_text(json.dumps(data))
+    with pytest.raises(DataError) as err:
+        read_coco(path)
+    assert str(err.value) == (f"{path}: COCO image id 2 appears twice in 'images' (file_name '000000000002.png' "
+                              "and '000000000003.png')")
+
+
 def test_split_keeps_an_images_captions_on_one_side(tmp_path):
     samples, _ = read_coco(write_coco(tmp_path))
     train, val = split_samples(samples, 0.5, seed=0)

@@ -13,8 +13,10 @@ from PIL import Image
 
 from moevlm.cli import main
 from moevlm.config import DataConfig, load_config
-from moevlm.data.images import image_key, open_image
+from moevlm.data.dataset import ImageTextDataset
+from moevlm.data.images import ScratchImages, image_key, open_image
 from moevlm.data.sources import read_data
+from moevlm.data.tokenizer import Tokenizer
 from moevlm.data.training_data import load_training_data
 from moevlm.data.webdataset import MiB, ShardImage, read_shards
 from moevlm.errors import DataError
@@ -271,6 +273,15 @@ def test_a_damaged_compressed_shard_is_refused_in_one_line(tmp_path):
     (tmp_path / "x.tgz").write_bytes(b"not gzip at all")
     with pytest.raises(DataError, match=r"x.tgz: not a gzip-compressed tar file"):
         read_shards(tmp_path / "x.tgz")
+
+
+@pytest.mark.parametrize("name", ["s.tar", "s.tgz"])
+def test_an_image_that_does_not_decode_is_named_by_shard_and_key(tmp_path, name):
+    shard = write_tar(tmp_path / name, GOOD + [("k7.jpg", b"not a jpeg"), ("k7.txt", b"x")])
+    samples, _ = read_shards(shard)
+    tok = Tokenizer.train(["a red square x"], "char", 0)
+    with pytest.raises(DataError, match=rf"^{shard}: row 2 \(key 'k7'\): cannot decode image"):
+        ImageTextDataset(samples, tok, ScratchImages(8), 40)
 
 
 def test_a_member_over_the_image_limit_is_refused_from_its_header(tmp_path):
