@@ -64,15 +64,15 @@ def trained_rows(seen: Seen, rows: int) -> int:
     return len(seen.rows())
 
 
-def summary(err: str) -> str:
-    return next(line for line in err.splitlines() if line.startswith("moevlm: data: "))
+def summary(out: str) -> str:
+    return next(line for line in out.splitlines() if line.startswith("data: "))
 
 
 def test_coco_captions_train_and_eval_with_every_reference(tmp_path, capsys, seen):
     data = write_coco(tmp_path / "coco")
     assert train(data, tmp_path / "run") == 0
     # 12 captions of 4 images; the 3 captions of 1 image (0.25) are held out.
-    assert summary(capsys.readouterr().err) == "moevlm: data: read 12 rows; dropped 0; train 9 rows, validation 3 rows"
+    assert summary(capsys.readouterr().out) == "data: read 12 rows; dropped 0; train 9 rows, validation 3 rows"
     assert trained_rows(seen, rows=12) == 9
     assert main(["eval", "--model", str(tmp_path / "run"), "--data", str(data), "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
@@ -85,8 +85,8 @@ def test_every_run_says_what_it_read_dropped_and_split_and_logs_it_to_mlflow(tmp
     data = write_llava_with_repeats(tmp_path / "llava")
     assert train(data, tmp_path / "run", "data.val_fraction=0.1", "train.max_steps=3") == 0  # 3 x 8 rows: an epoch
     # 21 distinct rows (11 pictures, 10 text-only conversations) are 21 split groups: 2 held out.
-    assert summary(capsys.readouterr().err) == (
-        f"moevlm: data: read 30 rows; dropped 9: 9 duplicate row (first: {data} row 22: duplicate row: same image "
+    assert summary(capsys.readouterr().out) == (
+        f"data: read 30 rows; dropped 9: 9 duplicate row (first: {data} row 22: duplicate row: same image "
         "and text as row 12); train 19 rows, validation 2 rows")
     assert trained_rows(seen, rows=21) == 19
     state = json.loads((tmp_path / "run" / "trainer_state.json").read_text())
@@ -140,7 +140,7 @@ def test_hugging_face_dataset_trains(tmp_path, monkeypatch, form, seen):
 def test_image_folder_trains(tmp_path, capsys, seen):
     data = write_image_folder(tmp_path / "pictures")
     assert train(data, tmp_path / "run") == 0
-    assert summary(capsys.readouterr().err) == "moevlm: data: read 8 rows; dropped 0; train 6 rows, validation 2 rows"
+    assert summary(capsys.readouterr().out) == "data: read 8 rows; dropped 0; train 6 rows, validation 2 rows"
     assert trained_rows(seen, rows=8) == 6
 
 

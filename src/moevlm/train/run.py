@@ -7,7 +7,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import sys
 from pathlib import Path
 
 import torch
@@ -168,7 +167,7 @@ def _run(config: Config, data: Path, out: Path, world: World, device: torch.devi
     training_data = load_training_data(config, data, val_data, prepared.tokenizer if prepared else None,
                                        folder=out if resume else from_dir)
     if world.is_main:
-        print(f"moevlm: {training_data.summary.line()}", file=sys.stderr, flush=True)
+        print(training_data.summary.line(), flush=True)  # beside the run's other notes (step N: val loss ...)
     if prepared is None:
         prepared = fresh_model(config, training_data.tokenizer)
         config = prepared.config
