@@ -18,8 +18,8 @@ class DataSummary:
     dropped: SkippedRows = field(default_factory=SkippedRows)
 
     def line(self) -> str:
-        """E.g. ``data: read 30 rows; dropped 9: 9 duplicate row (first: d.json row 12: same image and
-        text as row 2); train 19 rows, validation 2 rows``."""
+        """E.g. ``data: read 30 rows; dropped 9: 9 duplicate row (first: d.json row 22: duplicate row: same
+        image and text as row 12); train 19 rows, validation 2 rows``."""
         dropped = f"dropped {len(self.dropped)}: {self.dropped.reasons()}" if self.dropped else "dropped 0"
         return (f"data: read {self.rows_read} rows; {dropped}; train {self.train_rows} rows, "
                 f"validation {self.val_rows} rows")
