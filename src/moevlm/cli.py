@@ -237,7 +237,7 @@ def _cmd_eval(args) -> int:
     if args.json:
         print(json.dumps(_public_result(result)))
         return 0
-    for key in ("num_samples", "exact_match", "bleu4", "loss", "perplexity", "expert_balance"):
+    for key in ("num_samples", "exact_match", "bleu4", "cider_d", "loss", "perplexity", "expert_balance"):
         if key in result:
             value = result[key]
             print(f"{key:>15}: {value:.4f}" if isinstance(value, float) else f"{key:>15}: {value}")

@@ -1,5 +1,5 @@
-"""Evaluation on a data set: token loss and perplexity, greedy captions scored by exact match
-and BLEU-4, and per-layer expert load split into image and text tokens."""
+"""Evaluation on a data set: token loss and perplexity, greedy captions scored by exact match,
+BLEU-4 and CIDEr-D, and per-layer expert load split into image and text tokens."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from moevlm.data.training_data import dataset_for
 from moevlm.device import autocast_dtype, resolve_device
 from moevlm.errors import ConfigError
 from moevlm.generate import generate_texts
-from moevlm.metrics import bleu4, exact_match, expert_balance
+from moevlm.metrics import bleu4, cider_d, exact_match, expert_balance
 from moevlm.models.protocol import VisionLanguageModel
 from moevlm.models.vlm import expert_dropped
 
@@ -41,13 +41,13 @@ def generation_limit(tokenizer: TextTokenizer, references: list[str]) -> int:
 def evaluate(model: VisionLanguageModel, dataset: ImageTextDataset, tokenizer: TextTokenizer, *, batch_size: int = 64,
              max_generate: int | None = None, max_new_tokens: int | None = None,
              amp_dtype: torch.dtype | None = None) -> dict:
-    """Returns exact_match, bleu4, loss, perplexity, num_samples, expert_load (per layer),
+    """Returns exact_match, bleu4, cider_d, loss, perplexity, num_samples, expert_load (per layer),
     expert_balance, with moe.capacity_factor dropped (per layer: the share of real assignments
     training would drop; inference drops none), plus expert_load_counts (tensor) and
     predictions [(reference, prediction)].
 
-    ``max_generate`` limits how many images are captioned (None: all, 0: none, and exact_match
-    and bleu4 are then 0 over none); the loss uses every row. Rows with the same image and first
+    ``max_generate`` limits how many images are captioned (None: all, 0: none, and exact_match,
+    bleu4 and cider_d are then 0 over none); the loss uses every row. Rows with the same image and first
     prompt (COCO's captions of one picture) are generated once, from that prompt (``<image>``
     placeholder and all: the tokenizer places or drops it as in training), and scored against
     all their first turns' answers, as COCO evaluation does; ``predictions`` pairs each with its
@@ -101,6 +101,8 @@ def evaluate(model: VisionLanguageModel, dataset: ImageTextDataset, tokenizer: T
     result = {
         "exact_match": exact_match(predictions, references),
         "bleu4": bleu4(predictions, references) if predictions else 0.0,
+        # Its document frequencies come from the references of the images captioned here.
+        "cider_d": cider_d(predictions, references),
         "loss": loss,
         "perplexity": math.exp(min(loss, 50.0)),
         "num_samples": len(dataset),
@@ -130,7 +132,7 @@ def reference_groups(dataset: ImageTextDataset) -> list[list[int]]:
 def evaluate_file(model_dir: str | Path, data: str | Path, *, device: str = "auto", max_new_tokens: int | None = None,
                   generate: bool = True, image_root: str | None = None) -> dict:
     """``moevlm eval``: ``evaluate`` of the checkpoint in ``model_dir`` on a data file, on ``device``.
-    ``generate`` False: loss and perplexity only (no exact match or BLEU in the result). ``image_root``:
+    ``generate`` False: loss and perplexity only (no exact match, BLEU or CIDEr-D in the result). ``image_root``:
     ``data.image_root`` for this file (the training run's would point at its own images)."""
     if max_new_tokens is not None and max_new_tokens < 1:
         raise ConfigError(f"--max-new-tokens must be at least 1, not {max_new_tokens}")
@@ -146,5 +148,5 @@ def evaluate_file(model_dir: str | Path, data: str | Path, *, device: str = "aut
                       amp_dtype=autocast_dtype("auto", where), max_generate=None if generate else 0,
                       max_new_tokens=max_new_tokens)
     if not generate:  # nothing was captioned: no scores to report
-        del result["exact_match"], result["bleu4"]
+        del result["exact_match"], result["bleu4"], result["cider_d"]
     return result

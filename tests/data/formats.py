@@ -50,6 +50,24 @@ def write_mixed_llava(folder, rows=8):
     return path
 
 
+def write_llava_with_repeats(folder):
+    """30 LLaVA rows: 11 with an image (rows 1-11), 10 text-only (12-21), then rows 12-20 again (22-30)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    items = []
+    for i in range(11):
+        color = list(COLORS)[i % 4]
+        (folder / f"img{i}.png").write_bytes(png(color))
+        items.append({"image": f"img{i}.png", "conversations": [
+            {"from": "human", "value": "<image>\nwhat colour?"}, {"from": "gpt", "value": color}]})
+    for i in range(10):
+        items.append({"conversations": [{"from": "human", "value": f"what is {i} plus one?"},
+                                        {"from": "gpt", "value": f"{i + 1}"}]})
+    items += items[11:20]
+    path = folder / "repeats.json"
+    path.write_text(json.dumps(items))
+    return path
+
+
 def hf_dataset(rows=8, text="caption"):
     """A datasets.Dataset with an Image() column and a caption (or ShareGPT conversations) column."""
     import datasets

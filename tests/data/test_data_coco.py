@@ -30,6 +30,17 @@ def test_every_caption_is_a_row_of_its_image(tmp_path):
     assert samples[5].row == 6
 
 
+def test_a_repeated_image_id_is_refused_naming_both_files(tmp_path):
+    path = write_coco(tmp_path)
+    data = json.loads(path.read_text())
+    data["images"][2]["id"] = 2  # 000000000003.png now claims id 2 too: whose captions are they?
+    path.write_text(json.dumps(data))
+    with pytest.raises(DataError) as err:
+        read_coco(path)
+    assert str(err.value) == (f"{path}: COCO image id 2 appears twice in 'images' (file_name '000000000002.png' "
+                              "and '000000000003.png')")
+
+
 def test_split_keeps_an_images_captions_on_one_side(tmp_path):
     samples, _ = read_coco(write_coco(tmp_path))
     train, val = split_samples(samples, 0.5, seed=0)
@@ -110,4 +121,11 @@ def test_evaluate_scores_each_image_once_against_all_its_captions(tmp_path, monk
     result = evaluation.evaluate(VLM(cfg.model), dataset, tok, batch_size=3)
     assert len(result["predictions"]) == 4 and result["num_samples"] == 12
     assert result["exact_match"] == 1.0 and result["bleu4"] == pytest.approx(1.0)
+    # CIDEr-D against all three captions of each of the 4 images: "a", "one", "the" and "square" are
+    # in every image's references (IDF 0), the colour's n-grams in one (IDF log 4). Against "one red
+    # square" itself orders 1-3 give cosine 1 each; against "a red square" (and "the ...") order 1
+    # gives 1 ("red" is the only weighted word), order 2 gives 1/2 ("red square" of two bigrams),
+    # order 3 gives 0. Per image 10 * (3 + 1.5 + 1.5) / 4 orders / 3 references = 5; against the
+    # first reference alone it would be 10 * 1.5 / 4 = 3.75.
+    assert result["cider_d"] == pytest.approx(5.0)
     assert result["predictions"][1] == ("a green square", "one green square")

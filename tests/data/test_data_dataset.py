@@ -13,9 +13,9 @@ from moevlm.data.dataset import (
     EpochBatchSampler,
     ImageTextDataset,
     collate,
+    drop_duplicates,
     split_samples,
     tokenizer_texts,
-    unique_samples,
     usable_batch,
 )
 from moevlm.data.images import ScratchImages, image_key
@@ -62,21 +62,24 @@ def sample(i, caption="ab", image=None):
     return Sample(image=image or f"/img/{i}.png", turns=[("", caption)], source="d.csv", row=i + 1)
 
 
-def test_unique_samples_keeps_first_of_exact_duplicates():
+def test_drop_duplicates_keeps_the_first_and_counts_each_drop_naming_the_row_it_repeats():
     rows = [sample(0), sample(1), sample(0), sample(0, caption="xy"), sample(1)]
     rows[2].row = 99
-    kept = unique_samples(rows)
+    kept, dropped = drop_duplicates(rows)
     assert [(s.image, s.turns[0][1], s.row) for s in kept] == [
         ("/img/0.png", "ab", 1), ("/img/1.png", "ab", 2), ("/img/0.png", "xy", 1)]
+    assert dropped.counts == {"duplicate row": 2}
+    assert dropped.reasons() == "2 duplicate row (first: d.csv row 99: duplicate row: same image and text as row 1)"
 
 
 def test_split_is_deterministic_and_never_leaks_duplicates():
     rows = [sample(i % 37) for i in range(200)]  # 37 unique rows, each repeated
+    rows += [Sample(None, [("q", "a")], "d.csv", 300 + k) for k in range(3)]  # a text-only row, 3 times
     train, val = split_samples(rows, val_fraction=0.3, seed=5)
-    assert len(val) == 11 and len(train) == 26  # floor(37 * 0.3)
+    assert len({s.image for s in val}) == 11 and len({s.image for s in train}) == 27  # floor(38 * 0.3) pictures
     key = lambda s: (s.image, tuple(s.turns))  # noqa: E731
-    assert not {key(s) for s in train} & {key(s) for s in val}
-    assert {key(s) for s in train + val} == {key(s) for s in rows}
+    assert not {key(s) for s in train} & {key(s) for s in val}  # repeats (text-only too) stay together
+    assert sorted(train + val, key=lambda s: s.row) == sorted(rows, key=lambda s: s.row)
     again = split_samples(list(rows), val_fraction=0.3, seed=5)
     assert again == (train, val)
     other_seed = split_samples(rows, val_fraction=0.3, seed=6)[1]

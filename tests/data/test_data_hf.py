@@ -2,6 +2,8 @@
 Arrow files; columns found or chosen; images left in the file until decoded; wrong schemas and
 column types refused before any row is read."""
 
+import json
+import logging
 import pickle
 import shutil
 
@@ -139,3 +141,52 @@ def test_streaming_keeps_images_in_the_file(tmp_path):
     dataset = ImageTextDataset(samples, tok, ScratchImages(8), 40, preload=False)
     assert dataset.images is None
     assert dataset[5]["image"][:, 0, 0].tolist() == list(COLORS["green"])
+
+
+def write_image_folder_dataset(folder, splits=("",)):
+    """An ImageFolder as ``datasets`` reads it: images and a metadata.jsonl of their captions, per split folder."""
+    for split in splits:
+        (folder / split).mkdir(parents=True, exist_ok=True)
+        rows = []
+        for i, color in enumerate(["red", "green", "blue"]):
+            (folder / split / f"{i}.png").write_bytes(png(color))
+            rows.append(json.dumps({"file_name": f"{i}.png", "text": f"{split or 'one'} {color}"}))
+        (folder / split / "metadata.jsonl").write_text("\n".join(rows) + "\n")
+    return folder
+
+
+def test_an_image_folder_with_metadata_reads_as_a_plain_folder_as_with_hf(tmp_path, monkeypatch):
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "cache")
+    folder = write_image_folder_dataset(tmp_path / "pics")
+    samples, _ = read_data(folder, data_cfg())
+    assert [s.turns for s in samples] == [[("", "one red")], [("", "one green")], [("", "one blue")]]
+    assert open_image(samples[2].image).getpixel((0, 0)) == COLORS["blue"]
+    assert [s.turns for s in read_data(f"hf:{folder}", data_cfg())[0]] == [s.turns for s in samples]
+
+
+def test_a_data_set_with_splits_reads_train_and_says_so_or_the_split_chosen(tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "cache")
+    folder = write_image_folder_dataset(tmp_path / "pics", splits=("train", "test"))
+    with caplog.at_level(logging.WARNING):
+        samples, _ = read_data(folder, data_cfg())
+    assert samples[0].turns == [("", "train red")]
+    assert caplog.messages == [f"{folder}: reading split 'train', not 'test' (data.split chooses another)"]
+    assert read_data(folder, data_cfg("data.split=test"))[0][0].turns == [("", "test red")]
+    assert read_data(f"hf:{folder}:test", data_cfg())[0][0].turns == [("", "test red")]
+    with pytest.raises(DataError, match=rf"^{folder}: no split 'dev' \(have: train, test\)$"):
+        read_data(folder, data_cfg("data.split=dev"))
+    with pytest.raises(DataError, match=r"names split 'test' but data.split is 'train'$"):
+        read_data(f"hf:{folder}:test", data_cfg("data.split=train"))
+
+
+def test_a_saved_dataset_dict_reads_train_and_says_so_or_the_split_chosen(tmp_path, caplog):
+    datasets.DatasetDict({"validation": hf_dataset(rows=2), "train": hf_dataset(rows=5)}).save_to_disk(
+        str(tmp_path / "saved"))
+    with caplog.at_level(logging.WARNING):
+        assert len(read_data(tmp_path / "saved", data_cfg())[0]) == 5
+    assert caplog.messages == [f"{tmp_path / 'saved'}: reading split 'train', not 'validation' (data.split "
+                               "chooses another)"]
+    assert len(read_data(tmp_path / "saved", data_cfg("data.split=validation"))[0]) == 2
+    datasets.DatasetDict({"a": hf_dataset(rows=2), "b": hf_dataset(rows=3)}).save_to_disk(str(tmp_path / "ab"))
+    with pytest.raises(DataError, match=r"ab: splits a, b: choose one with data.split$"):
+        read_data(tmp_path / "ab", data_cfg())

@@ -97,6 +97,20 @@ def test_llava_json_multi_turn(tmp_path):
     assert [s.row for s in samples] == [1, 2]
 
 
+def test_llava_json_takes_user_assistant_and_system_roles_as_the_parquet_reader_does(tmp_path):
+    human_gpt = [{"from": "human", "value": "<image>\nWhat is this?"}, {"from": "gpt", "value": "A cat."},
+                 {"from": "human", "value": "What colour?"}, {"from": "gpt", "value": "Black."}]
+    roles = [{"from": "user", "value": "<image>\nWhat is this?"}, {"from": "assistant", "value": "A cat."},
+             {"role": "user", "content": "What colour?"}, {"role": "assistant", "content": "Black."}]
+    system = [{"role": "system", "content": "Answer briefly."}] + human_gpt
+    path = tmp_path / "d.json"
+    path.write_text(json.dumps([{"image": "x.png", "conversations": c} for c in (human_gpt, roles, system)]))
+    samples, _ = read_samples(path)
+    assert samples[1].turns == samples[0].turns == [("<image>\nWhat is this?", "A cat."), ("What colour?", "Black.")]
+    # The system text goes before the first prompt, as the Parquet reader puts it.
+    assert samples[2].turns == [("Answer briefly.\n<image>\nWhat is this?", "A cat."), ("What colour?", "Black.")]
+
+
 def test_max_rows_caps_kept_samples(tmp_path):
     path = write_csv(tmp_path / "d.csv", ["image", "caption"], [[f"{i}.png", f"c{i}"] for i in range(5)])
     samples, _ = read_samples(path, max_rows=2)

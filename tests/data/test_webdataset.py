@@ -4,6 +4,7 @@ import io
 import json
 import os
 import pickle
+import re
 import tarfile
 
 import pytest
@@ -11,8 +12,11 @@ import torch
 from PIL import Image
 
 from moevlm.cli import main
-from moevlm.config import load_config
-from moevlm.data.images import image_key, open_image
+from moevlm.config import DataConfig, load_config
+from moevlm.data.dataset import ImageTextDataset
+from moevlm.data.images import ScratchImages, image_key, open_image
+from moevlm.data.sources import read_data
+from moevlm.data.tokenizer import Tokenizer
 from moevlm.data.training_data import load_training_data
 from moevlm.data.webdataset import MiB, ShardImage, read_shards
 from moevlm.errors import DataError
@@ -30,8 +34,10 @@ def png(color, fmt="PNG") -> bytes:
 
 
 def write_tar(path, members):
-    """``members``: (name, bytes) pairs, or TarInfo objects for members without data (links, devices)."""
-    with tarfile.open(path, "w", format=tarfile.GNU_FORMAT) as tar:
+    """``members``: (name, bytes) pairs, or TarInfo objects for members without data (links, devices);
+    gzip-compressed when ``path`` ends in .tgz or .gz."""
+    mode = "w:gz" if str(path).lower().endswith((".tgz", ".gz")) else "w"
+    with tarfile.open(path, mode, format=tarfile.GNU_FORMAT) as tar:
         for member in members:
             if isinstance(member, tarfile.TarInfo):
                 tar.addfile(member)
@@ -188,50 +194,101 @@ def special(name, kind, linkname=""):
 GOOD = [("0.jpg", png(COLORS[0], "JPEG")), ("0.txt", b"a red square")]
 HOSTILE = {
     "dotdot": ([("../1.jpg", png(COLORS[1])), ("../1.txt", b"up")],
-               r"row 2: member '../1.jpg' has a name with '..' that points outside the shard$"),
-    "absolute": ([("/etc/1.jpg", png(COLORS[1]))], r"row 2: member '/etc/1.jpg' has an absolute name$"),
+               r"member '../1.jpg' has a name with '..' that points outside the shard$"),
+    "absolute": ([("/etc/1.jpg", png(COLORS[1]))], r"member '/etc/1.jpg' has an absolute name$"),
     "symlink": ([special("1.jpg", tarfile.SYMTYPE, "/etc/passwd"), ("1.txt", b"x")],
-                r"row 2: member '1.jpg' is a link \(to '/etc/passwd'\); only regular files are read$"),
+                r"member '1.jpg' is a link \(to '/etc/passwd'\); only regular files are read$"),
     "hardlink": ([special("1.png", tarfile.LNKTYPE, "0.jpg"), ("1.txt", b"x")],
-                 r"row 2: member '1.png' is a link \(to '0.jpg'\); only regular files are read$"),
+                 r"member '1.png' is a link \(to '0.jpg'\); only regular files are read$"),
     "device": ([special("1.jpg", tarfile.CHRTYPE), ("1.txt", b"x")],
-               r"row 2: member '1.jpg' is a device, pipe or other special file; only regular files are read$"),
+               r"member '1.jpg' is a device, pipe or other special file; only regular files are read$"),
     "fifo": ([special("1.txt", tarfile.FIFOTYPE), ("1.jpg", png(COLORS[1]))],
-             r"row 2: member '1.txt' is a device, pipe or other special file; only regular files are read$"),
+             r"member '1.txt' is a device, pipe or other special file; only regular files are read$"),
     "sparse": ([special("1.jpg", tarfile.GNUTYPE_SPARSE), ("1.txt", b"x")],
-               r"row 2: member '1.jpg' is a device, pipe or other special file; only regular files are read$"),
-    "no text": ([("1.jpg", png(COLORS[1]))], r"row 2: key '1' has an image but no txt or json text$"),
-    "no image": ([("1.json", b'{"caption": "x"}')], r"row 2: key '1' has text but no image$"),
+               r"member '1.jpg' is a device, pipe or other special file; only regular files are read$"),
+    "no text": ([("1.jpg", png(COLORS[1]))], r"key '1' has an image but no txt or json text$"),
+    "no image": ([("1.json", b'{"caption": "x"}')], r"key '1' has text but no image$"),
     "two images": ([("1.jpg", png(COLORS[1], "JPEG")), ("1.png", png(COLORS[1])), ("1.txt", b"x")],
-                   r"row 2: key '1' has 2 images \(1.jpg, 1.png\)$"),
+                   r"key '1' has 2 images \(1.jpg, 1.png\)$"),
     "one extension twice": ([("1.jpg", png(COLORS[1])), ("1.JPG", png(COLORS[1])), ("1.txt", b"x")],
-                            r"row 2: key '1' has two jpg members$"),
-    "empty caption": ([("1.jpg", png(COLORS[1])), ("1.txt", b"  \n")], r"row 2: empty caption$"),
+                            r"key '1' has two jpg members$"),
+    "empty caption": ([("1.jpg", png(COLORS[1])), ("1.txt", b"  \n")], r"empty caption$"),
     "bad json": ([("1.jpg", png(COLORS[1])), ("1.json", b'{"caption": ')],
-                 r"row 2: not valid JSON: Expecting value at column 13$"),
-    "twice": ([("1.jpg", png(COLORS[1])), ("1.txt", b"x"), ("1.txt", b"y")], r"row 2: member '1.txt' appears twice$"),
+                 r"not valid JSON: Expecting value at column 13$"),
+    "twice": ([("1.jpg", png(COLORS[1])), ("1.txt", b"x"), ("1.txt", b"y")], r"member '1.txt' appears twice$"),
     "huge text": ([("1.jpg", png(COLORS[1])), ("1.txt", b"x" * (MiB + 1))],
-                  rf"row 2: member '1.txt' is {MiB + 1} bytes, over the 1 MiB limit for a txt member$"),
+                  rf"member '1.txt' is {MiB + 1} bytes, over the 1 MiB limit for a txt member$"),
 }
 
 
+def files_under(folder):
+    return {str(path.relative_to(folder)) for path in folder.rglob("*")}
+
+
+@pytest.mark.parametrize("name", ["s.tar", "s.tar.gz"])
 @pytest.mark.parametrize("case", list(HOSTILE))
-def test_a_hostile_member_is_refused_in_one_line_naming_shard_and_member_or_skipped(tmp_path, case):
+def test_a_hostile_member_is_refused_in_one_line_naming_shard_and_member_or_skipped(tmp_path, monkeypatch, case,
+                                                                                    name):
     members, message = HOSTILE[case]
-    shard = write_tar(tmp_path / "s.tar", GOOD + members)
-    with pytest.raises(DataError, match=rf"^{tmp_path / 's.tar'}: {message}") as err:
+    # Where tarfile would write a member: the working directory (1.jpg), its parent (../1.jpg), an
+    # absolute path (/etc/1.jpg); the shard's own folder too. All of them are watched.
+    work, shard = tmp_path / "work", tmp_path / "shards" / name
+    work.mkdir(), shard.parent.mkdir()
+    monkeypatch.chdir(work)
+    write_tar(shard, GOOD + members)
+    before = files_under(tmp_path)
+    first = members[0] if isinstance(members[0], tarfile.TarInfo) else tarfile.TarInfo(members[0][0])
+    key = re.escape(first.name.rsplit(".", 1)[0])  # the row's __key__: its members' name without the extension
+    with pytest.raises(DataError, match=rf"^{shard}: row 2 \(key '{key}'\): {message}") as err:
         read_shards(shard)
     assert "\n" not in str(err.value)
     samples, skipped = read_shards(shard, on_bad_row="skip")
     assert [s.row for s in samples] == [1] and len(skipped) == 1
-    assert not (tmp_path / "1.jpg").exists() and not (tmp_path.parent / "1.jpg").exists()  # nothing extracted
+    assert open_image(samples[0].image).size == (16, 16)  # the good row's image read, from the shard
+    assert files_under(tmp_path) == before and not os.path.exists("/etc/1.jpg")  # nothing extracted
+
+
+def test_compressed_shards_read_as_their_tar(shards, tmp_path):
+    folder, _ = shards
+    plain, _ = read_shards(f"{folder}/{{00000..00002}}.tar")
+    for k, suffix in enumerate([".tgz", ".tar.gz", ".TAR.GZ"]):
+        with tarfile.open(folder / f"{k:05d}.tar") as tar:
+            write_tar(tmp_path / f"{k:05d}{suffix}", [(m.name, tar.extractfile(m).read()) for m in tar.getmembers()])
+    assert [s.turns for s in read_data(tmp_path / "00000.tgz", DataConfig())[0]] == [s.turns for s in plain[:4]]
+    packed = [s for k, suffix in enumerate([".tgz", ".tar.gz", ".TAR.GZ"])
+              for s in read_shards(tmp_path / f"{k:05d}{suffix}")[0]]
+    assert [s.turns for s in packed] == [s.turns for s in plain]
+    assert [s.image.read_bytes() for s in packed] == [s.image.read_bytes() for s in plain]
+    assert [s.label for s in packed] == [s.label for s in plain] == [f"key '{k:05d}{i:04d}'" for k in range(3)
+                                                                     for i in range(4)]
+    assert len({image_key(s.image) for s in packed}) == 12
+    assert pickle.loads(pickle.dumps(packed[1].image)) == packed[1].image  # travels to DataLoader workers
+
+
+def test_a_damaged_compressed_shard_is_refused_in_one_line(tmp_path):
+    shard = write_tar(tmp_path / "t.tar.gz", GOOD + [("1.jpg", png(COLORS[1])), ("1.txt", b"a green square")])
+    shard.write_bytes(shard.read_bytes()[:-30])  # the gzip stream's end cut off
+    with pytest.raises(DataError, match=r"t.tar.gz: row \d \(key '\d'\): shard is truncated or damaged after member"):
+        read_shards(shard)
+    (tmp_path / "x.tgz").write_bytes(b"not gzip at all")
+    with pytest.raises(DataError, match=r"x.tgz: not a gzip-compressed tar file"):
+        read_shards(tmp_path / "x.tgz")
+
+
+@pytest.mark.parametrize("name", ["s.tar", "s.tgz"])
+def test_an_image_that_does_not_decode_is_named_by_shard_and_key(tmp_path, name):
+    shard = write_tar(tmp_path / name, GOOD + [("k7.jpg", b"not a jpeg"), ("k7.txt", b"x")])
+    samples, _ = read_shards(shard)
+    tok = Tokenizer.train(["a red square x"], "char", 0)
+    with pytest.raises(DataError, match=rf"^{shard}: row 2 \(key 'k7'\): cannot decode image"):
+        ImageTextDataset(samples, tok, ScratchImages(8), 40)
 
 
 def test_a_member_over_the_image_limit_is_refused_from_its_header(tmp_path):
     shard = forged_huge_member(tmp_path / "huge.tar", "0.jpg", 65 * MiB)
     assert os.stat(shard).st_blocks * 512 < MiB  # a hole: the test writes nothing like 65 MiB
-    with pytest.raises(DataError, match=rf"huge.tar: row 1: member '0.jpg' is {65 * MiB} bytes, over the 64 MiB "
-                                        r"limit for a jpg member$"):
+    with pytest.raises(DataError, match=rf"huge.tar: row 1 \(key '0'\): member '0.jpg' is {65 * MiB} bytes, over "
+                                        r"the 64 MiB limit for a jpg member$"):
         read_shards(shard)
 
 
@@ -242,8 +299,8 @@ def test_a_truncated_shard_is_refused_or_its_whole_members_kept(tmp_path):
         image = tar.getmember("1.jpg")
     os.truncate(shard, image.offset_data + 10)  # inside 1.jpg's data
     needs, has = image.offset_data + image.size, image.offset_data + 10
-    with pytest.raises(DataError, match=rf"t.tar: row 2: shard is truncated: member '1.jpg' needs {needs} bytes, "
-                                        rf"the file has {has}$"):
+    with pytest.raises(DataError, match=rf"t.tar: row 2 \(key '1'\): shard is truncated: member '1.jpg' needs "
+                                        rf"{needs} bytes, the file has {has}$"):
         read_shards(shard)
     samples, skipped = read_shards(shard, on_bad_row="skip")
     assert [s.turns for s in samples] == [[("", "a red square")]] and len(skipped) == 1
@@ -274,4 +331,4 @@ def test_a_hostile_shard_stops_the_cli_with_exit_code_2(tmp_path, capsys):
     shard = write_tar(tmp_path / "s.tar", GOOD + HOSTILE["symlink"][0])
     code = main(["train", "--data", str(shard), "--preset", "tiny", "--out", str(tmp_path / "run")])
     err = capsys.readouterr().err
-    assert code == 2 and "s.tar: row 2: member '1.jpg' is a link (to '/etc/passwd')" in err
+    assert code == 2 and "s.tar: row 2 (key '1'): member '1.jpg' is a link (to '/etc/passwd')" in err

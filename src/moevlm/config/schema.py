@@ -263,11 +263,18 @@ class DataConfig:
                                             "'image' or 'images')")
     text_column: str | None = option(None, "Hugging Face datasets / Parquet / Arrow: the text column (null: "
                                            "'conversations', 'messages', 'texts', 'caption' or 'text')")
+    split: str | None = option(None, "the split to read of a data set with several (a DatasetDict folder, an "
+                                     "ImageFolder with split folders, hf:NAME); null: train, or the only one "
+                                     "(hf:NAME:SPLIT names it too)")
+    dedupe: str = option("drop", "rows repeating an earlier row (same image and text): drop (counted in the data "
+                                 "summary) or keep; kept repeats stay on one side of the validation split")
 
     def __post_init__(self):
         _check(0 <= self.val_fraction < 1, "data.val_fraction must be in [0, 1)")
         _check(self.on_bad_row in ("error", "skip"), f"data.on_bad_row must be error or skip, not {self.on_bad_row!r}")
         _check(self.num_workers >= 0, "data.num_workers must be >= 0")
+        _check(self.dedupe in ("drop", "keep"), f"data.dedupe must be drop or keep, not {self.dedupe!r}")
+        _check(self.split is None or bool(str(self.split).strip()), "data.split must be a split name or null")
         for name in ("aug_translate", "aug_scale", "aug_color", "aug_noise"):
             _check(0 <= getattr(self, name) < 1, f"data.{name} must be in [0, 1)")
         _check(0 <= self.aug_rotate <= 180, "data.aug_rotate must be in [0, 180] degrees")

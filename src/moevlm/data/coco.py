@@ -54,7 +54,7 @@ def read_coco(path: str | Path, on_bad_row: str = "error", max_rows: int | None 
     if not os.path.isdir(folder):
         raise DataError(path, None, f"image folder {folder} does not exist (set data.image_root)")
     files = _image_files(path, data["images"], folder)
-    rows = ((row, partial(_caption_row, item, files)) for row, item in enumerate(data["annotations"], start=1))
+    rows = ((row, partial(_caption_row, item, files), None) for row, item in enumerate(data["annotations"], start=1))
     return collect_samples(path, rows, on_bad_row, max_rows)
 
 
@@ -82,12 +82,18 @@ def _load(path: Path) -> dict:
 def _image_files(path: Path, images: list, folder: str) -> dict[Any, str | BadRow]:
     """image id -> absolute file path, or the problem its captions' rows have."""
     files: dict[Any, str | BadRow] = {}
+    names: dict[Any, Any] = {}  # image id -> its file_name, to name both entries of a repeated id
     for number, entry in enumerate(images, start=1):
         if not isinstance(entry, dict) or "id" not in entry:
             raise DataError(path, None, f"COCO image entry {number} is not an object with an 'id'")
         image_id, name = entry["id"], entry.get("file_name")
         if isinstance(image_id, (dict, list)):
             raise DataError(path, None, f"COCO image entry {number}: id must be a number or string")
+        if image_id in names:
+            # Which of the two pictures the captions describe cannot be known: neither may win.
+            raise DataError(path, None, f"COCO image id {image_id!r} appears twice in 'images' (file_name "
+                                        f"{names[image_id]!r} and {name!r})")
+        names[image_id] = name
         files[image_id] = _resolve(name, folder)
     return files
 

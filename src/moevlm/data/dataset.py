@@ -25,41 +25,49 @@ from moevlm.errors import DataError
 log = logging.getLogger(__name__)
 
 
-def unique_samples(samples: list[Sample]) -> list[Sample]:
-    """Drop rows whose image reference and turns repeat an earlier row (first one kept)."""
-    seen: set[tuple[str, tuple[tuple[str, str], ...]]] = set()
-    out = []
+DUPLICATE = "duplicate row"  # the reason data.dedupe=drop counts dropped rows under
+
+
+def drop_duplicates(samples: list[Sample]) -> tuple[list[Sample], SkippedRows]:
+    """The rows without those whose image reference and turns repeat an earlier row (the first
+    is kept), and the dropped ones counted as ``duplicate row``, each naming the row it repeats."""
+    first: dict[tuple, Sample] = {}
+    kept, dropped = [], SkippedRows()
     for sample in samples:
         key = (sample.image, tuple(sample.turns))
-        if key not in seen:
-            seen.add(key)
-            out.append(sample)
-    return out
+        if key in first:
+            same = first[key]
+            where = f"row {same.where}" if same.source == sample.source else f"{same.source} row {same.where}"
+            dropped.add(sample.source, sample.where, f"{DUPLICATE}: same image and text as {where}")
+            continue
+        first[key] = sample
+        kept.append(sample)
+    return kept, dropped
 
 
 def split_samples(samples: list[Sample], val_fraction: float,
                   seed: int) -> tuple[list[Sample], list[Sample]]:
-    """Deterministic (train, val) split of the unique rows by image: val gets every row of
+    """Deterministic (train, val) split of the rows by image: val gets every row of
     floor(n_images * fraction) images, so a picture with several captions (COCO has five) is
     never scored on captions of it that were trained on. ``images.image_key`` says which
-    references are the same image. Both sides keep the rows' order."""
-    unique = unique_samples(samples)
+    references are the same image; text-only rows with the same turns count as one picture,
+    so rows repeated in the data (``data.dedupe=keep``) never land on both sides. Both sides
+    keep the rows' order."""
     group_of: dict[str, int] = {}  # image key -> its number, in order of first appearance
-    groups = [group_of.setdefault(_split_key(s), len(group_of)) for s in unique]
+    groups = [group_of.setdefault(_split_key(s), len(group_of)) for s in samples]
     # The epsilon keeps 0.3 * 10 = 3.0000000000000004 and 0.29 * 100 = 28.999999999999996
     # at the counts a person would expect.
     num_val = math.floor(len(group_of) * val_fraction + 1e-9)
     order = torch.randperm(len(group_of), generator=torch.Generator().manual_seed(seed)).tolist()
     val_groups = set(order[:num_val])
-    train = [s for s, group in zip(unique, groups) if group not in val_groups]
-    val = [s for s, group in zip(unique, groups) if group in val_groups]
+    train = [s for s, group in zip(samples, groups) if group not in val_groups]
+    val = [s for s, group in zip(samples, groups) if group in val_groups]
     return train, val
 
 
 def _split_key(sample: Sample) -> str:
-    """A text-only row is a group of its own."""
     if sample.image is None:
-        return f"text-only:{sample.source}#{sample.row}"
+        return f"text-only:{sample.turns!r}"
     return image_key(sample.image)
 
 
@@ -121,7 +129,7 @@ class ImageTextDataset(Dataset):
                 except ValueError as err:
                     decoded[sample.image] = str(err)
                 except OSError as err:
-                    raise DataError(sample.source, sample.row, _unreadable(err)) from None
+                    raise DataError(sample.source, sample.where, _unreadable(err)) from None
             image = decoded[sample.image]
             if isinstance(image, str):
                 self._bad(sample, image, on_bad_row)
@@ -139,8 +147,8 @@ class ImageTextDataset(Dataset):
 
     def _bad(self, sample: Sample, problem: str, on_bad_row: str) -> None:
         if on_bad_row == "error":
-            raise DataError(sample.source, sample.row, problem)
-        self.skipped.add(sample.source, sample.row, problem)
+            raise DataError(sample.source, sample.where, problem)
+        self.skipped.add(sample.source, sample.where, problem)
 
     def set_epoch(self, epoch: int) -> None:
         """Choose the augmentation of this epoch: it depends on (seed, epoch, row) only.
@@ -181,9 +189,9 @@ class ImageTextDataset(Dataset):
                 kept.append(index)
             except ValueError as err:
                 if self.on_bad_row == "error":
-                    raise DataError(self.samples[index].source, self.samples[index].row, str(err)) from None
+                    raise DataError(self.samples[index].source, self.samples[index].where, str(err)) from None
             except OSError as err:
-                raise DataError(self.samples[index].source, self.samples[index].row, _unreadable(err)) from None
+                raise DataError(self.samples[index].source, self.samples[index].where, _unreadable(err)) from None
         return (torch.stack(images) if images else torch.empty(0, dtype=torch.uint8)), kept
 
     def __getitem__(self, index: int) -> dict:
@@ -191,10 +199,10 @@ class ImageTextDataset(Dataset):
             image = self.image(index)
         except ValueError as err:
             sample = self.samples[index]
-            return {"bad": (sample.source, sample.row, str(err)), "index": index}
+            return {"bad": (sample.source, sample.where, str(err)), "index": index}
         except OSError as err:
             sample = self.samples[index]
-            return {"bad": (sample.source, sample.row, _unreadable(err)), "index": index, "unreadable": True}
+            return {"bad": (sample.source, sample.where, _unreadable(err)), "index": index, "unreadable": True}
         if self.augment is not None and self.has_image(index):
             image = self.augment(image, self.seed, self.epoch, index)
         return {"image": image, "input_ids": self._input_ids[index], "labels": self._labels[index],

@@ -1,5 +1,8 @@
 """Hugging Face ``datasets`` data: ``hf:NAME[:split]`` (``datasets.load_dataset``, offline from the
-local cache with ``HF_DATASETS_OFFLINE=1``), a ``save_to_disk`` folder, ``.arrow`` and ``.parquet`` files.
+local cache with ``HF_DATASETS_OFFLINE=1``), a ``save_to_disk`` folder, an ImageFolder (images and a
+``metadata.jsonl``, read by ``load_dataset`` as ``hf:FOLDER`` is), ``.arrow`` and ``.parquet`` files.
+Of a data set with several splits, ``data.split`` (or ``hf:NAME:SPLIT``) chooses one, else ``train``
+is read and the others are named on stderr.
 
 The image column (``data.image_column``, else ``image`` or ``images``) holds an ``Image`` feature
 (``{bytes, path}``), bytes, or a path string; the text column (``data.text_column``, else
@@ -11,6 +14,7 @@ the dataset decodes them. A conversation row without an image is a text-only row
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from functools import partial
@@ -27,20 +31,32 @@ from moevlm.data.records import (
     collect_samples,
     conversation_turns,
     image_ref,
+    sharegpt_messages,
 )
 from moevlm.errors import DataError
+
+log = logging.getLogger(__name__)
 
 IMAGE_COLUMNS = ("image", "images")
 TEXT_COLUMNS = ("conversations", "messages", "texts", "caption", "text")
 # The message shapes a conversation column may have: ShareGPT, OpenAI, and The Cauldron's
 # (nanoVLM's data: one {user, assistant} pair per turn).
+_METADATA_SUFFIXES = (".jsonl", ".csv", ".parquet")
 _MESSAGE_FIELDS = (("from", "value"), ("role", "content"), ("user", "assistant"))
-_SPEAKERS = {"human": "human", "user": "human", "gpt": "gpt", "assistant": "gpt"}
 
 
 def is_saved_dataset(path: Path) -> bool:
     """A folder written by ``Dataset.save_to_disk`` / ``DatasetDict.save_to_disk``."""
     return path.is_dir() and any((path / name).is_file() for name in ("state.json", "dataset_dict.json"))
+
+
+def is_image_folder_dataset(path: Path) -> bool:
+    """A Hugging Face ImageFolder: images with a ``metadata.jsonl`` (``.csv``, ``.parquet``) holding
+    their captions, in the folder or in its split folders (``train/``, ``test/``)."""
+    if not path.is_dir():
+        return False
+    folders = [path] + [child for child in path.iterdir() if child.is_dir()]
+    return any((folder / f"metadata{suffix}").is_file() for folder in folders for suffix in _METADATA_SUFFIXES)
 
 
 @dataclass(frozen=True)
@@ -108,7 +124,7 @@ def read_hf(spec: str | Path, data, max_rows: int | None = None) -> tuple[list[S
     """A Hugging Face data set (``hf:NAME[:split]``, a ``save_to_disk`` folder, ``.arrow`` or
     ``.parquet``) -> samples; ``data``: the ``DataConfig`` (columns, image_root, on_bad_row)."""
     source = str(spec)
-    parts, folder = _parts(source)
+    parts, folder = _parts(source, data.split)
     schema = _schema(parts[0])
     image_column, text_column = _choose_columns(source, schema, data)
     image_kind = _image_kind(source, schema, image_column) if image_column else None
@@ -148,23 +164,52 @@ def _arrow_copy(part: _Part) -> list[_Part]:
     return _dataset_parts(part.path, dataset)
 
 
-def _parts(source: str) -> tuple[list[_Part], str]:
+def _parts(source: str, split: str | None) -> tuple[list[_Part], str]:
     """The files of a data set, and the folder relative image paths start from."""
     if source.startswith("hf:"):
-        return _hub_parts(source)
+        name, _, named = source[len("hf:"):].partition(":")
+        if named and split and named != split:
+            raise DataError(source, None, f"names split {named!r} but data.split is {split!r}")
+        return _loaded_parts(source, name, named or split), os.getcwd()
     path = Path(source)
     if not path.exists():
         raise DataError(path, None, "no such file or folder")
+    if is_image_folder_dataset(path):
+        return _loaded_parts(source, str(path), split), str(path.resolve())
     if path.is_dir():
-        return _saved_parts(path), str(path.resolve())
+        return _saved_parts(path, split), str(path.resolve())
     return [_Part(str(path.resolve()), path.suffix.lower() == ".parquet")], str(path.resolve().parent)
 
 
-def _hub_parts(source: str) -> tuple[list[_Part], str]:
-    name, _, split = source[len("hf:"):].partition(":")
+def choose_split(source: str, splits: list[str], asked: str | None) -> str:
+    """``asked`` (data.split or ``hf:NAME:SPLIT``), else ``train``, else the only split; the
+    splits left unread are said on stderr, never ignored without a word."""
+    if asked is not None:
+        if asked not in splits:
+            raise DataError(source, None, f"no split {asked!r} (have: {', '.join(splits)})")
+        return asked
+    if "train" not in splits and len(splits) != 1:
+        raise DataError(source, None, f"splits {', '.join(splits)}: choose one with data.split")
+    chosen = "train" if "train" in splits else splits[0]
+    others = [name for name in splits if name != chosen]
+    if others:
+        log.warning("%s: reading split %r, not %s (data.split chooses another)", source, chosen,
+                    ", ".join(map(repr, others)))
+    return chosen
+
+
+def _loaded_parts(source: str, name: str, split: str | None) -> list[_Part]:
+    """A hub data set, or a folder ``load_dataset`` reads (an ImageFolder with ``metadata.jsonl``)."""
     # Lazy: datasets takes seconds to import and only hf: data needs it.
     import datasets
 
+    try:
+        # Only the split names: preparing every split of a hub data set would download them all.
+        splits = datasets.get_dataset_split_names(name)
+    except Exception:  # noqa: BLE001 - unknown here (offline, no split info): load_dataset says why below
+        splits = None
+    if splits:
+        split = choose_split(source, list(splits), split)
     try:
         dataset = datasets.load_dataset(name, split=split or "train")
     except Exception as err:  # noqa: BLE001 - datasets raises many kinds (hub, network, cache, split)
@@ -172,10 +217,10 @@ def _hub_parts(source: str) -> tuple[list[_Part], str]:
             if os.environ.get("HF_DATASETS_OFFLINE") in ("1", "true", "TRUE") else ""
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise DataError(source, None, f"cannot load the data set{offline}: {reason}") from None
-    return _dataset_parts(source, dataset), os.getcwd()
+    return _dataset_parts(source, dataset)
 
 
-def _saved_parts(path: Path) -> list[_Part]:
+def _saved_parts(path: Path, split: str | None) -> list[_Part]:
     if not is_saved_dataset(path):
         raise DataError(path, None, "not a folder written by datasets' save_to_disk")
     # Lazy: datasets takes seconds to import and only these formats need it.
@@ -187,10 +232,9 @@ def _saved_parts(path: Path) -> list[_Part]:
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise DataError(path, None, f"cannot load the saved data set: {reason}") from None
     if isinstance(dataset, datasets.DatasetDict):
-        splits = list(dataset)
-        if "train" not in splits and len(splits) != 1:
-            raise DataError(path, None, f"splits {', '.join(splits)}: save the one to use on its own")
-        dataset = dataset["train" if "train" in splits else splits[0]]
+        dataset = dataset[choose_split(str(path), list(dataset), split)]
+    elif split is not None:
+        raise DataError(path, None, f"data.split is {split!r} but the saved data set has no splits")
     return _dataset_parts(str(path), dataset)
 
 
@@ -266,7 +310,7 @@ def _rows(parts: list[_Part], image_column: str | None, image_kind: str | None, 
         for texts, images in part.chunks(text_column, image_column, image_kind == "stored", folder):
             for text, image in zip(texts, images):
                 row += 1
-                yield row, partial(_parse, image, text, text_kind, folder)
+                yield row, partial(_parse, image, text, text_kind, folder), None
 
 
 def _parse(image: Any, text: Any, text_kind: str, folder: str) -> tuple[Any, list[tuple[str, str]]]:
@@ -278,35 +322,8 @@ def _parse(image: Any, text: Any, text_kind: str, folder: str) -> tuple[Any, lis
         if image is None:
             raise BadRow("missing image")
         return image, [("", answer_text(text, "caption"))]
-    messages = _sharegpt(text)
+    messages = sharegpt_messages(text)
     if image is not None and not any(IMAGE_PLACEHOLDER in str(m.get("value")) for m in messages):
         # As LLaVA writes it: the image first in the first user message.
         messages[0] = {**messages[0], "value": f"{IMAGE_PLACEHOLDER}\n{messages[0].get('value')}"}
     return image, conversation_turns(messages, with_image=image is not None)
-
-
-def _sharegpt(messages: Any) -> list[dict]:
-    """from/value, role/content or user/assistant messages -> LLaVA's from (human/gpt) / value;
-    system text goes before the first user message, an image part of a content list becomes
-    ``<image>``."""
-    if not isinstance(messages, list) or not messages:
-        raise BadRow("conversation must be a non-empty list")
-    if all(isinstance(m, dict) and m.get("user") is not None for m in messages):
-        messages = [{"from": speaker, "value": m.get(key)} for m in messages
-                    for speaker, key in (("human", "user"), ("gpt", "assistant"))]
-    out, system = [], []
-    for message in messages:
-        speaker = message.get("from") if message.get("from") is not None else message.get("role")
-        value = message.get("value") if message.get("value") is not None else message.get("content")
-        if isinstance(value, list):  # OpenAI content parts
-            value = "".join(IMAGE_PLACEHOLDER if isinstance(p, dict) and p.get("type") == "image"
-                            else str(p.get("text") or "") if isinstance(p, dict) else str(p) for p in value)
-        if speaker == "system":
-            system.append(str(value))
-            continue
-        out.append({"from": _SPEAKERS.get(speaker, speaker), "value": value})
-    if not out:
-        raise BadRow("conversation has no user or assistant message")
-    if system and isinstance(out[0]["value"], str):
-        out[0]["value"] = "\n".join(system + [out[0]["value"]])
-    return out

@@ -28,6 +28,8 @@ IMAGE_PLACEHOLDER = "<image>"
 _IMAGE_PLACEHOLDER = re.compile(r"\s*<image>\s*")
 # Python's json parser recurses per nesting level; no data row needs more than a few.
 _TOO_DEEP = "not valid JSON: nested too deeply"
+# LLaVA's speakers and OpenAI's roles, as LLaVA's: what conversation_turns pairs.
+_SPEAKERS = {"human": "human", "user": "human", "gpt": "gpt", "assistant": "gpt"}
 
 
 @dataclass
@@ -42,6 +44,19 @@ class Sample:
     turns: list[tuple[str, str]]
     source: str  # the data file, for messages
     row: int  # 1-based: CSV record after the header, JSONL line, JSON list item
+    # How messages name the row besides its number where the number alone does not find it:
+    # an image folder's file ("'cats/003.png'"), a shard's key ("key '000017'").
+    label: str | None = None
+
+    @property
+    def where(self) -> int | str:
+        """The row as messages name it: its number, and its label when it has one."""
+        return row_name(self.row, self.label)
+
+
+def row_name(row: int | None, label: str | None) -> int | str | None:
+    """``DataError``'s row: the number, with the label after it ("4 ('003.png')")."""
+    return row if label is None or row is None else f"{row} ({label})"
 
 
 class SkippedRows:
@@ -71,12 +86,15 @@ class SkippedRows:
     def __len__(self) -> int:
         return sum(self.counts.values())
 
-    def __str__(self) -> str:
-        """E.g. ``3 bad rows: 2 cannot decode image (first: d.csv row 4: cannot decode image: image
-        file is truncated), 1 empty caption (first: d.csv row 9)``."""
+    def reasons(self) -> str:
+        """E.g. ``2 cannot decode image (first: d.csv row 4: cannot decode image: image file is
+        truncated), 1 empty caption (first: d.csv row 9)``, the most common reason first."""
         reasons = sorted(self.counts, key=lambda reason: -self.counts[reason])
-        parts = ", ".join(f"{self.counts[r]} {r} (first: {self.first[r]})" for r in reasons)
-        return f"{len(self)} bad row{'s' if len(self) != 1 else ''}: {parts}"
+        return ", ".join(f"{self.counts[r]} {r} (first: {self.first[r]})" for r in reasons)
+
+    def __str__(self) -> str:
+        """E.g. ``3 bad rows: `` and the ``reasons``."""
+        return f"{len(self)} bad row{'s' if len(self) != 1 else ''}: {self.reasons()}"
 
 
 class BadRow(Exception):
@@ -106,27 +124,30 @@ def read_samples(path: str | Path, on_bad_row: str = "error",
         raise DataError(path, None, f"unknown data format {path.suffix or '(no extension)'!r} "
                                     "(use .csv, .jsonl or .json)")
     folder = os.path.abspath(path.parent)
-    return collect_samples(path, ((row, partial(parse, folder)) for row, parse in reader(path)), on_bad_row, max_rows)
+    rows = ((row, partial(parse, folder), None) for row, parse in reader(path))
+    return collect_samples(path, rows, on_bad_row, max_rows)
 
 
-def collect_samples(source: str | Path, rows: Iterable[tuple[int, Callable[[], tuple[ImageRef | None, Turns]]]],
+def collect_samples(source: str | Path,
+                    rows: Iterable[tuple[int, Callable[[], tuple[ImageRef | None, Turns]], str | None]],
                     on_bad_row: str, max_rows: int | None = None) -> tuple[list[Sample], SkippedRows]:
-    """The samples of ``rows`` (row number, parse: () -> (image, turns) or raises ``BadRow``),
-    each bad row stopping the run or counted as skipped; every reader ends here."""
+    """The samples of ``rows`` (row number, parse: () -> (image, turns) or raises ``BadRow``,
+    the row's ``Sample.label`` or None), each bad row stopping the run or counted as skipped;
+    every reader ends here."""
     samples: list[Sample] = []
     skipped = SkippedRows()
     try:
-        for row, parse in rows:
+        for row, parse, label in rows:
             if max_rows is not None and len(samples) >= max_rows:
                 break
             try:
                 image, turns = parse()
             except BadRow as bad:
                 if on_bad_row == "error":
-                    raise DataError(source, row, str(bad)) from None
-                skipped.add(source, row, str(bad))
+                    raise DataError(source, row_name(row, label), str(bad)) from None
+                skipped.add(source, row_name(row, label), str(bad))
                 continue
-            samples.append(Sample(image=image, turns=turns, source=str(source), row=row))
+            samples.append(Sample(image=image, turns=turns, source=str(source), row=row, label=label))
     except OSError as err:
         raise DataError(source, None, f"cannot read data file: {err.strerror or err}") from None
     if not samples:
@@ -219,7 +240,8 @@ def _json_rows(path: Path) -> Iterator[tuple[int, RowParser]]:
 
 
 def _object(item: Any, folder: str) -> tuple[str, list[tuple[str, str]]]:
-    """One JSON object: ``image`` plus ``conversations`` (LLaVA) or ``caption``."""
+    """One JSON object: ``image`` plus ``conversations`` (LLaVA's ``from``/``value`` messages, or any
+    shape ``sharegpt_messages`` reads: ``user``/``assistant``/``system`` roles too) or ``caption``."""
     if not isinstance(item, dict):
         raise BadRow(f"expected a JSON object, got {type(item).__name__}")
     image = item.get("image")
@@ -234,17 +256,45 @@ def _object(item: Any, folder: str) -> tuple[str, list[tuple[str, str]]]:
     return image_ref(image, folder), turns
 
 
-def conversation_turns(messages: Any, with_image: bool = True) -> list[tuple[str, str]]:
-    """Pair each human message with the gpt message that follows it."""
+def sharegpt_messages(messages: Any) -> list[dict]:
+    """from/value, role/content or user/assistant messages -> LLaVA's from (human/gpt) / value;
+    system text goes before the first user message, an image part of a content list becomes
+    ``<image>``."""
     if not isinstance(messages, list) or not messages:
         raise BadRow("conversations must be a non-empty list")
+    for number, message in enumerate(messages, start=1):
+        if not isinstance(message, dict):
+            raise BadRow(f"conversation message {number} is not an object")
+    if all(m.get("user") is not None for m in messages):
+        messages = [{"from": speaker, "value": m.get(key)} for m in messages
+                    for speaker, key in (("human", "user"), ("gpt", "assistant"))]
+    out, system = [], []
+    for message in messages:
+        speaker = message.get("from") if message.get("from") is not None else message.get("role")
+        value = message.get("value") if message.get("value") is not None else message.get("content")
+        if isinstance(value, list):  # OpenAI content parts
+            value = "".join(IMAGE_PLACEHOLDER if isinstance(p, dict) and p.get("type") == "image"
+                            else str(p.get("text") or "") if isinstance(p, dict) else str(p) for p in value)
+        if speaker == "system":
+            system.append(str(value))
+            continue
+        out.append({"from": _SPEAKERS.get(speaker, speaker), "value": value})
+    if not out:
+        raise BadRow("conversation has no user or assistant message")
+    if system and isinstance(out[0]["value"], str):
+        out[0]["value"] = "\n".join(system + [out[0]["value"]])
+    return out
+
+
+def conversation_turns(messages: Any, with_image: bool = True) -> list[tuple[str, str]]:
+    """Pair each human message with the gpt message that follows it; ``messages`` in any shape
+    ``sharegpt_messages`` reads."""
+    messages = sharegpt_messages(messages)
     if len(messages) % 2:
         raise BadRow(f"conversation has {len(messages)} messages; expected human/gpt pairs")
     turns = []
     for i in range(0, len(messages), 2):
         pair = messages[i:i + 2]
-        if not all(isinstance(m, dict) for m in pair):
-            raise BadRow(f"conversation message {i + 1} is not an object")
         speakers = [m.get("from") for m in pair]
         if speakers != ["human", "gpt"]:
             raise BadRow(f"conversation not alternating human/gpt at message {i + 1} "

@@ -13,10 +13,11 @@ from typing import Protocol
 
 from moevlm.config import Config
 from moevlm.data.augment import Augmentation
-from moevlm.data.dataset import ImageTextDataset, split_samples, tokenizer_texts, unique_samples
+from moevlm.data.dataset import ImageTextDataset, drop_duplicates, split_samples, tokenizer_texts
 from moevlm.data.images import image_preparer
 from moevlm.data.records import Sample, SkippedRows
 from moevlm.data.sources import read_data
+from moevlm.data.summary import DataSummary
 from moevlm.data.tokenizer import Tokenizer
 from moevlm.data.tokenizer_factory import TextTokenizer, load_tokenizer
 
@@ -29,6 +30,12 @@ class TrainingData:
     val_set: ImageTextDataset | None
     tokenizer: TextTokenizer
     skipped: SkippedRows  # rows skipped with data.on_bad_row=skip, by reason
+    summary: DataSummary | None = None  # None: every row was used (generated data)
+
+    def __post_init__(self):
+        if self.summary is None:
+            val_rows = len(self.val_set) if self.val_set is not None else 0
+            self.summary = DataSummary(len(self.train_set) + val_rows, len(self.train_set), val_rows)
 
 
 class GeneratedData(Protocol):
@@ -61,10 +68,15 @@ def load_training_data(config: Config, data: Path | GeneratedData, val_data: Pat
     if not isinstance(data, (str, os.PathLike)):
         return data.load(config, val_data, tokenizer, folder)
     samples, skipped = read_data(data, config.data, config.data.max_rows)
+    rows_read = len(samples) + len(skipped)
+    samples, dropped = _dedupe(samples, config.data.dedupe)
     if val_data is not None:
-        train_samples = unique_samples(samples)
+        train_samples = samples
         val_samples, val_skipped = read_data(val_data, config.data, config.data.max_rows)
+        rows_read += len(val_samples) + len(val_skipped)
         skipped.update(val_skipped)
+        val_samples, val_dropped = _dedupe(val_samples, config.data.dedupe)
+        dropped.update(val_dropped)
     else:
         train_samples, val_samples = split_samples(samples, config.data.val_fraction, config.train.seed)
     tokenizer = tokenizer or new_tokenizer(config, train_samples)
@@ -75,4 +87,11 @@ def load_training_data(config: Config, data: Path | GeneratedData, val_data: Pat
         skipped.update(val_set.skipped)
     if skipped:
         log.warning("data.on_bad_row=skip: skipped %s", skipped)
-    return TrainingData(train_set, val_set, tokenizer, skipped)
+    dropped.update(skipped)
+    summary = DataSummary(rows_read, len(train_set), len(val_set) if val_set is not None else 0, dropped)
+    return TrainingData(train_set, val_set, tokenizer, skipped, summary)
+
+
+def _dedupe(samples: list[Sample], dedupe: str) -> tuple[list[Sample], SkippedRows]:
+    """``data.dedupe``: drop repeated rows (counted), or keep them (the split keeps them together)."""
+    return drop_duplicates(samples) if dedupe == "drop" else (samples, SkippedRows())

@@ -1,4 +1,5 @@
-"""WebDataset tar shards as ``--data``: ``'shards/{00000..00099}.tar'`` (brace patterns and globs).
+"""WebDataset tar shards as ``--data``: ``'shards/{00000..00099}.tar'`` (brace patterns and globs;
+``.tgz`` and ``.tar.gz`` shards too).
 
 A shard holds members named ``KEY.EXT``; the members of one key make one row: an image
 (``jpg``, ``jpeg``, ``png``, ``webp``) and its text (``txt``: the caption; else ``json``: an
@@ -10,22 +11,29 @@ the dataset decodes it. The rows then go through the same map-style dataset as e
 format: a uniform shuffle per epoch, each row exactly once per epoch across DataLoader workers,
 exact resume by position, and ``data.preload=false`` reading each image when it is used.
 Every member's name and type is checked before any data is read, and nothing is extracted.
+A compressed shard cannot be read at an offset, so its images are read while it is indexed and
+kept in memory, still encoded (``PackedImage``); for data larger than memory use ``.tar`` shards.
+Messages name the shard, the row and its key (``s.tar: row 2 (key '0007'): ...``).
 """
 
 from __future__ import annotations
 
 import glob
+import gzip
 import json
 import os
 import tarfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
 from braceexpand import UnbalancedBracesError, braceexpand
 
-from moevlm.data.records import BadRow, Sample, SkippedRows, answer_text, conversation_turns
+from moevlm.data.records import BadRow, Sample, SkippedRows, answer_text, conversation_turns, row_name
 from moevlm.errors import DataError
 
+SHARD_SUFFIXES = (".tar", ".tgz", ".tar.gz")
+COMPRESSED_SUFFIXES = (".tgz", ".tar.gz")
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 TEXT_EXTENSIONS = ("txt", "json")  # in order of preference when a key has both
 MiB = 2**20
@@ -34,6 +42,8 @@ MiB = 2**20
 MAX_IMAGE_BYTES = 64 * MiB
 MAX_TEXT_BYTES = 1 * MiB
 _BLOCK = tarfile.BLOCKSIZE
+# A damaged or cut gzip stream: bad data, a bad CRC or length at its end, or no end at all.
+_GZIP_ERRORS = (gzip.BadGzipFile, EOFError, zlib.error)
 
 
 @dataclass(frozen=True, slots=True)  # slots: one per row, millions of them
@@ -55,9 +65,23 @@ class ShardImage:
         return data
 
 
+@dataclass(frozen=True, slots=True)
+class PackedImage:
+    """An image member of a compressed shard (an ``images.StoredImage``), its bytes read at indexing."""
+
+    shard: str  # absolute path
+    member: str
+    data: bytes
+    key: str  # as ShardImage's
+
+    def read_bytes(self) -> bytes:
+        return self.data
+
+
 def is_shard_pattern(data: str | Path) -> bool:
-    """Whether ``--data`` names WebDataset shards: a ``.tar`` file, brace pattern or glob."""
-    return str(data).lower().endswith(".tar")
+    """Whether ``--data`` names WebDataset shards: a ``.tar``, ``.tgz`` or ``.tar.gz`` file, brace
+    pattern or glob."""
+    return str(data).lower().endswith(SHARD_SUFFIXES)
 
 
 def expand_shards(pattern: str) -> list[str]:
@@ -113,11 +137,13 @@ class _Shard:
         self.keys: dict[str, dict[str, tarfile.TarInfo]] = {}
         self.problems: dict[str, str] = {}  # key -> the first problem of its members
         self.file_size = os.path.getsize(path)
+        self.compressed = path.lower().endswith(COMPRESSED_SUFFIXES)
+        self.data: dict[str, bytes] = {}  # a compressed shard's members, by name, read while indexing
         self._last_key, self._last_member = "", ""  # the member being indexed, for messages
 
     def samples(self, limit: int | None) -> list[Sample]:
         with open(self.path, "rb") as f:
-            self._index(f)
+            self._index(gzip.GzipFile(fileobj=f, mode="rb") if self.compressed else f)
             out = []
             for row, (key, members) in enumerate(self.keys.items(), start=1):
                 if limit is not None and len(out) >= limit:
@@ -125,44 +151,54 @@ class _Shard:
                 try:
                     sample = self._sample(f, key, members, row)
                 except BadRow as bad:
-                    self._bad(row, str(bad))
+                    self._bad(row, str(bad), key)
                     continue
                 if sample is not None:
                     out.append(sample)
         return out
 
-    def _bad(self, row: int | None, problem: str) -> None:
+    def _bad(self, row: int | None, problem: str, key: str | None) -> None:
+        where = row_name(row, None if key is None else _label(key))
         if self.on_bad_row == "error":
-            raise DataError(self.path, row, problem)
-        self.skipped.add(self.path, row, problem)
+            raise DataError(self.path, where, problem)
+        self.skipped.add(self.path, where, problem)
 
     def _row_of(self, key: str) -> int:
         return list(self.keys).index(key) + 1 if key in self.keys else len(self.keys) + 1
 
     def _index(self, f) -> None:
-        """Read the headers; a member's problem stops the run here, before its data is read."""
+        """Read the headers; a member's problem stops the run here, before its data is read. Of a
+        compressed shard (``f`` a ``GzipFile``, read forwards only) the data of each member a row
+        uses is read here too."""
+        kind = "a gzip-compressed" if self.compressed else "an uncompressed"
         try:
             tar = tarfile.open(fileobj=f, mode="r:")
-        except tarfile.ReadError as err:
-            raise DataError(self.path, None, f"not an uncompressed tar file ({err})") from None
+        except (tarfile.ReadError, *_GZIP_ERRORS) as err:
+            raise DataError(self.path, None, f"not {kind} tar file ({err})") from None
         try:
             while (info := tar.next()) is not None:
-                self._add(info)
-        except tarfile.ReadError as err:  # a member's data runs past the end of the file
+                if self._add(info) and self.compressed:
+                    f.seek(info.offset_data)
+                    self.data[info.name] = f.read(info.size)
+            # tarfile ends quietly at a header it cannot parse or at the end of the file; a whole
+            # archive ends with zero blocks there.
+            f.seek(tar.offset)
+            end = f.read(_BLOCK)
+            if self.compressed:
+                while f.read(MiB):  # to the end of the gzip stream, which checks its CRC and length
+                    pass
+        except (tarfile.ReadError, *_GZIP_ERRORS) as err:  # data running past the end of the file
             if self._last_key not in self.problems:  # else counted already, as truncated
                 self._bad(self._row_of(self._last_key), f"shard is truncated or damaged after member "
-                                                        f"{self._last_member!r} ({err})")
+                                                        f"{self._last_member!r} ({err})", self._last_key)
             return
-        # tarfile ends quietly at a header it cannot parse or at the end of the file; a whole
-        # archive ends with zero blocks there.
-        f.seek(tar.offset)
-        end = f.read(_BLOCK)
         if len(end) < _BLOCK or end.count(0) != _BLOCK:
             where = "ends" if len(end) < _BLOCK else "has a damaged header"
             self._bad(len(self.keys) + 1, f"shard is truncated or damaged: it {where} at byte {tar.offset}, "
-                                          "not at the tar end-of-archive blocks")
+                                          "not at the tar end-of-archive blocks", None)
 
-    def _add(self, info: tarfile.TarInfo) -> None:
+    def _add(self, info: tarfile.TarInfo) -> bool:
+        """Index a member from its header; whether it is one a row uses."""
         name = info.name
         folder, _, base = name.rpartition("/")
         stem, _, ext = base.partition(".")
@@ -170,10 +206,10 @@ class _Shard:
         self._last_key, self._last_member = key, name
         problem = _member_problem(info, ext)
         if problem is None and info.isdir():
-            return
+            return False
         if problem is None and ext not in IMAGE_EXTENSIONS + TEXT_EXTENSIONS:
-            return  # metadata (.cls, .__key__ ...) a caption data set does not use
-        if problem is None and info.offset_data + info.size > self.file_size:
+            return False  # metadata (.cls, .__key__ ...) a caption data set does not use
+        if problem is None and not self.compressed and info.offset_data + info.size > self.file_size:
             problem = (f"shard is truncated: member {name!r} needs {info.offset_data + info.size} bytes, "
                        f"the file has {self.file_size}")
         members = self.keys.setdefault(key, {})
@@ -182,10 +218,11 @@ class _Shard:
                 f"key {key!r} has two {ext} members"
         if problem is not None:
             if self.on_bad_row == "error":
-                raise DataError(self.path, self._row_of(key), problem)
+                raise DataError(self.path, row_name(self._row_of(key), _label(key)), problem)
             self.problems.setdefault(key, problem)
-            return
+            return False
         members[ext] = info
+        return True
 
     def _sample(self, f, key: str, members: dict[str, tarfile.TarInfo], row: int) -> Sample | None:
         if key in self.problems:
@@ -201,10 +238,22 @@ class _Shard:
         if not texts:
             raise BadRow(f"key {key!r} has an image but no txt or json text")
         image, text = members[images[0]], members[texts[0]]
-        f.seek(text.offset_data)
-        turns = _turns(f.read(text.size), texts[0])
-        stored = ShardImage(self.absolute, image.name, image.offset_data, image.size, f"{self.absolute}#{key}")
-        return Sample(image=stored, turns=turns, source=self.path, row=row)
+        turns = _turns(self._read(f, text), texts[0])
+        picture = f"{self.absolute}#{key}"
+        stored = PackedImage(self.absolute, image.name, self.data[image.name], picture) if self.compressed else \
+            ShardImage(self.absolute, image.name, image.offset_data, image.size, picture)
+        return Sample(image=stored, turns=turns, source=self.path, row=row, label=_label(key))
+
+    def _read(self, f, member: tarfile.TarInfo) -> bytes:
+        if self.compressed:
+            return self.data[member.name]
+        f.seek(member.offset_data)
+        return f.read(member.size)
+
+
+def _label(key: str) -> str:
+    """How messages name a row of a shard besides its number: its key."""
+    return f"key {key!r}"
 
 
 def _member_problem(info: tarfile.TarInfo, ext: str) -> str | None:

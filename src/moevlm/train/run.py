@@ -166,6 +166,8 @@ def _run(config: Config, data: Path, out: Path, world: World, device: torch.devi
     configure_world(world, config, device)
     training_data = load_training_data(config, data, val_data, prepared.tokenizer if prepared else None,
                                        folder=out if resume else from_dir)
+    if world.is_main:
+        print(training_data.summary.line(), flush=True)  # beside the run's other notes (step N: val loss ...)
     if prepared is None:
         prepared = fresh_model(config, training_data.tokenizer)
         config = prepared.config
@@ -178,8 +180,7 @@ def _run(config: Config, data: Path, out: Path, world: World, device: torch.devi
         for section in ("vision", "decoder"):  # the backbone's whole config.json; it is in config.json
             params["model"][section].pop("hf_config")
         params["data"].update(train_file=str(data), val_file=str(val_data or ""), from_checkpoint=str(from_dir or ""),
-                              train_rows=len(train_set),
-                              val_rows=len(val_set) if val_set else 0, skipped_rows=len(training_data.skipped))
+                              skipped_rows=len(training_data.skipped), **training_data.summary.params())
         tracker.log_params(params)
     trainer = Trainer(config, prepared.model, prepared.tokenizer, train_set, val_set, out, tracker, state,
                       optimizer_state, progress=progress, from_source=prepared.from_source,
