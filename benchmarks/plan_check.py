@@ -1,0 +1,137 @@
+"""``moevlm plan --device cpu`` against the measured peak memory of real training steps on this machine.
+
+Each shape trains in a fresh process: random weights (pretrained parts built from their config.json
+alone), its stage's parameters frozen, fp32 AdamW as the trainer builds it, rows of the planned length,
+two steps (forward, backward, clipping, optimizer step; the second one runs with the optimizer state
+in place). Its peak is ``resource.getrusage`` maxrss minus maxrss after the imports; the plan's figure
+is the one-process, no-checkpointing row of ``make_plan(..., device="cpu")``.
+
+    flock /tmp/moevlm-heavy.lock timeout 1800 python benchmarks/plan_check.py [--shapes tiny default smollm2]
+
+Shapes: ``tiny`` and ``default`` (their presets, at their own batch and longest row) and ``smollm2``: a
+SmolLM2-360M-shaped Llama (960 wide, 32 layers, 15 heads, 5 key/value heads, MLP 2,560, vocabulary
+49,152, tied) with a SigLIP-base-patch16-224-shaped tower, stage instruct, rows of 1,024 tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+SMOLLM2_360M = dict(vocab_size=49152, hidden_size=960, intermediate_size=2560, num_hidden_layers=32,
+                    num_attention_heads=15, num_key_value_heads=5, max_position_embeddings=8192, rope_theta=100000.0,
+                    tie_word_embeddings=True, hidden_act="silu")
+SIGLIP_BASE_224 = dict(image_size=224, patch_size=16, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                       num_attention_heads=12)
+
+
+def write_sources(folder: Path) -> tuple[str, str]:
+    """config.json-only folders of the two pretrained parts (no weights: the plan never reads any)."""
+    from transformers import LlamaConfig, SiglipVisionConfig
+
+    LlamaConfig(**SMOLLM2_360M).save_pretrained(folder / "lm")
+    SiglipVisionConfig(**SIGLIP_BASE_224).save_pretrained(folder / "vision")
+    return str(folder / "lm"), str(folder / "vision")
+
+
+def shapes(sources: tuple[str, str], batch: int) -> dict[str, dict]:
+    lm, vision = sources
+    return {
+        # Not a check: what the plan's CPU_RUNTIME constant comes from (it has next to no tensors).
+        "runtime": {"preset": "tiny", "seq_len": None,
+                    "overrides": ["decoder.width=8", "decoder.heads=1", "decoder.depth=1", "vision.width=8",
+                                  "vision.heads=1", "train.batch_size=1", "decoder.max_text_len=4"]},
+        "tiny": {"preset": "tiny", "overrides": [], "seq_len": None},
+        "default": {"preset": "default", "overrides": [], "seq_len": None},
+        "smollm2": {"preset": "llava", "seq_len": 1024,
+                    "overrides": [f"model.lm=hf:{lm}", f"model.vision=hf:{vision}", "train.stage=instruct",
+                                  f"train.batch_size={batch}", "decoder.max_text_len=828"]},
+    }
+
+
+def measure(preset: str, overrides: list[str], seq_len: int | None, steps: int = 2) -> dict:
+    """Peak resident memory above the imports' of ``steps`` training steps (run in a fresh process)."""
+    import torch
+
+    from moevlm.config import load_config
+    from moevlm.models.factory import build_model
+    from moevlm.plan.activations import row_shape
+    from moevlm.plan.memory import planned_config
+    from moevlm.train.stages import freeze_for_stage
+    from moevlm.train.trainer import build_optimizer
+
+    torch.set_num_threads(1)
+    config = planned_config(load_config(preset, overrides=overrides + ["train.device=cpu"]))
+    baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    torch.manual_seed(0)
+    model = build_model(config.model, load_weights=False)
+    model.train()
+    optimizer = build_optimizer(freeze_for_stage(model, config.train), config.train)
+    shape = row_shape(config, seq_len)
+    batch, n_image = config.train.batch_size, shape.image_tokens
+    text = shape.decoder_tokens - (0 if model.images_in_text else n_image)
+    vocab = config.model.decoder.vocab_size
+    size = config.model.vision.image_size
+    for _ in range(steps):
+        ids = torch.randint(0, vocab, (batch, text))
+        labels = ids.clone()
+        if model.images_in_text:
+            ids[:, :n_image] = config.model.decoder.image_token_id
+            labels[:, :n_image] = -100
+        images = torch.rand(batch, config.model.vision.channels, size, size) * 2 - 1
+        out = model(images, ids, torch.ones_like(ids, dtype=torch.bool), labels)
+        out.loss.backward()
+        del out
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {"measured": (peak - baseline) * 1024}  # KiB on Linux
+
+
+def planned(preset: str, overrides: list[str], seq_len: int | None) -> dict:
+    from moevlm.config import load_config
+    from moevlm.plan import make_plan
+
+    plan = make_plan(load_config(preset, overrides=overrides), 1, 1 << 50, device="cpu", seq_len=seq_len)
+    row = next(r for r in plan.rows if r.checkpointing == "none")
+    return {"planned": row.peak, "params": plan.counts.params, "trainable": plan.counts.trainable,
+            "batch": plan.batch_per_rank, "seq_len": plan.seq_len}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shapes", nargs="+", default=["runtime", "tiny", "default", "smollm2"])
+    parser.add_argument("--smollm2-batch", type=int, default=2, help="rows per step at the SmolLM2 shape")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(measure(**json.loads(args.child))))
+        return
+    with tempfile.TemporaryDirectory() as folder:
+        table = shapes(write_sources(Path(folder)), args.smollm2_batch)
+        print("| shape | parameters (trainable) | batch x tokens | planned GiB | measured GiB | error |")
+        print("|---|---|---|---|---|---|")
+        for name in args.shapes:
+            spec = table[name]
+            plan = planned(**spec)
+            done = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True,
+                                  text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+            if done.returncode != 0:
+                sys.exit(f"{name} failed:\n{done.stderr.strip()}")
+            measured = json.loads(done.stdout.strip().splitlines()[-1])["measured"]
+            error = plan["planned"] / measured - 1
+            print(f"| {name} | {plan['params']:,} ({plan['trainable']:,}) | {plan['batch']} x {plan['seq_len']} | "
+                  f"{plan['planned'] / 2**30:.3f} | {measured / 2**30:.3f} | {error:+.0%} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
