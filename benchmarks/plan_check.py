@@ -3,7 +3,8 @@
 Each shape trains in a fresh process: random weights (pretrained parts built from their config.json
 alone), its stage's parameters frozen, fp32 AdamW as the trainer builds it, rows of the planned length,
 two steps (forward, backward, clipping, optimizer step; the second one runs with the optimizer state
-in place). Its peak is ``resource.getrusage`` maxrss minus maxrss after the imports; the plan's figure
+in place). Its peak is the peak resident size (VmHWM, which ``resource.getrusage`` reports as maxrss)
+minus the resident size after the imports, the peak mark reset there (``resident_baseline``); the plan's figure
 is the one-process, no-checkpointing row of ``make_plan(..., device="cpu")``.
 
     flock /tmp/moevlm-heavy.lock timeout 1800 python benchmarks/plan_check.py [--shapes tiny default smollm2]
@@ -16,6 +17,8 @@ SmolLM2-360M-shaped Llama (960 wide, 32 layers, 15 heads, 5 key/value heads, MLP
 from __future__ import annotations
 
 import argparse
+import ctypes
+import gc
 import json
 import os
 import resource
@@ -70,7 +73,7 @@ def measure(preset: str, overrides: list[str], seq_len: int | None, steps: int =
 
     torch.set_num_threads(1)
     config = planned_config(load_config(preset, overrides=overrides + ["train.device=cpu"]))
-    baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    baseline = resident_baseline()
     torch.manual_seed(0)
     model = build_model(config.model, load_weights=False)
     model.train()
@@ -93,8 +96,24 @@ def measure(preset: str, overrides: list[str], seq_len: int | None, steps: int =
         torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return {"measured": (peak - baseline) * 1024}  # KiB on Linux
+    return {"measured": (status_kib("VmHWM") - baseline) * 1024}
+
+
+def status_kib(key: str) -> int:
+    with open("/proc/self/status") as status:
+        return int(next(line for line in status if line.startswith(key + ":")).split()[1])
+
+
+def resident_baseline() -> int:
+    """Resident KiB after the imports, with the peak mark reset to it: free heap handed back first, and
+    the mark (VmHWM, what ru_maxrss reports) moved down to the present, or the steps would first refill
+    memory the imports once touched and the peak would not show them."""
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    with open("/proc/self/clear_refs", "w") as refs:
+        refs.write("5")  # Linux: reset the peak resident size to the current one
+    assert status_kib("VmHWM") <= resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return status_kib("VmRSS")
 
 
 def planned(preset: str, overrides: list[str], seq_len: int | None) -> dict:

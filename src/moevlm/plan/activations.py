@@ -15,8 +15,10 @@ shapes; h width, kv = key/value heads x head size, f feed-forward width, a heads
 - a frozen block that a gradient still passes through keeps no inputs of its matrix products:
   2h fewer in attention, h + f fewer in the feed-forward (k (h + f) in an MoE layer).
 - a block no gradient reaches (a frozen tower with nothing trainable before it) keeps nothing.
-- the head: the final norm 2h and the logits twice (logits, log-softmax: 8 bytes per vocabulary entry
-  in fp32; 10 in bf16 with its fp32 copy), plus the same again for a moment at the start of the backward.
+- the head (``head_bytes``): the final norm 2h, RoPE's cos and sin, the attention mask and the fp32
+  log-softmax (4 bytes per vocabulary entry); beside them the logits (2 or 4 bytes an entry) and, in
+  the loss's backward, two fp32 gradients of their size (8 bytes an entry). At a vocabulary of 49,152
+  this is 16 bytes x 49,152 = 786 kB a token, more than a 960-wide block keeps.
 
 The backward of a block makes a gradient for each tensor it kept, for a moment: one block's set more
 (the largest) on top of what is kept.
@@ -107,11 +109,13 @@ def vision_elements(config: Config) -> tuple[float, float]:
 
 
 def head_bytes(config: Config, shape: Shape, act_bytes: int) -> tuple[float, float]:
-    """(kept, extra at the start of the backward) bytes of the final norm and the logits."""
-    vocab = config.model.decoder.vocab_size
-    per_entry = 8 if act_bytes == 4 else 10
-    kept = shape.decoder_tokens * (2 * config.model.decoder.width * act_bytes + per_entry * vocab)
-    return kept, shape.decoder_tokens * 8 * vocab
+    """(kept by autograd, alive beside it at the start of the backward) bytes of a row's head and of the
+    inputs every layer shares: the final norm (2h), RoPE's cos and sin (2 x head size), the attention
+    mask (s: one float per key), the fp32 log-softmax (4 bytes per vocabulary entry); beside them the
+    logits the loss came from and, in the loss's backward, two fp32 gradients of their size."""
+    d = config.model.decoder
+    per_token = (2 * d.width + 2 * d.width // d.heads + shape.decoder_tokens) * act_bytes + 4 * d.vocab_size
+    return shape.decoder_tokens * per_token, shape.decoder_tokens * (act_bytes + 8) * d.vocab_size
 
 
 def activation_bytes(config: Config, counts: Counts, shape: Shape, mode: str, act_bytes: int) -> float:
@@ -135,7 +139,8 @@ def activation_parts(config: Config, counts: Counts, shape: Shape, mode: str,
             attn, ffn = vision_elements(config)
         else:
             tokens = shape.decoder_tokens
-            attn, ffn = attention_elements(config, through), ffn_elements(config, block.moe, through)
+            frozen_attention = through or not block.trainable_outside_moe
+            attn, ffn = attention_elements(config, frozen_attention), ffn_elements(config, block.moe, through)
         whole = (attn + ffn) * tokens
         working = max(working, whole)
         if mode == "none":

@@ -27,6 +27,7 @@ class Block:
     trainable: int
     grad: str
     moe: bool
+    trainable_outside_moe: int = 0  # stage moe: the attention around a learning MoE layer is frozen
 
 
 @dataclass
@@ -64,6 +65,7 @@ def count(model: nn.Module) -> Counts:
     experts = {id(getattr(layer, name)) for layer in model.modules() if isinstance(layer, MoE)
                for name in EXPERT_PARAMETERS if getattr(layer, name, None) is not None}
     vision = {id(p) for p in model.vision.parameters()}
+    in_moe = {id(p) for layer in model.modules() if isinstance(layer, MoE) for p in layer.parameters()}
     block_of = {id(p): block for block in repeated_blocks(model) for p in block.parameters()}
     seen_blocks: dict[int, Block] = {}
     flowing = False  # a trainable weight runs before this point of the forward: gradients pass here
@@ -88,6 +90,7 @@ def count(model: nn.Module) -> Counts:
             counts.blocks.append(entry)
         entry.params += n
         entry.trainable += n * learns
+        entry.trainable_outside_moe += n * (learns and id(param) not in in_moe)
         flowing |= learns
         if flowing:
             entry.grad = "train" if entry.trainable else "through"

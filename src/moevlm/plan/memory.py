@@ -3,7 +3,7 @@ activations; whether that fits a GPU (or, with ``device="cpu"``, a host) and the
 
 Model states, per rank (P: parameters it holds, T: the trainable ones among them):
 - one process or DDP: every rank holds every parameter; FSDP2: 1/N of each (N ranks); routed experts
-  under expert parallelism (degree ep): 1/ep of them, on every strategy (kept out of DDP and FSDP).
+  under expert parallelism (degree ep > 1): 1/ep of them, on either strategy (kept out of DDP and FSDP).
 - weights 4 P (fp32: under bf16 they are the master copy the optimizer updates); gradients 4 T; AdamW
   8 T (two fp32 moments), 4 T more with ``train.ema_decay`` (the weight average).
 - DDP adds its fp32 gradient buckets (4 T outside the experts), and bf16 autocast caches a bf16 copy
@@ -23,15 +23,18 @@ imports took, which also holds the kernels' code and scratch that a first traini
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from dataclasses import dataclass
 
 from moevlm.config import Config
 from moevlm.errors import ConfigError
+from moevlm.models.hf_config import resolve_pretrained
 from moevlm.plan.activations import MODES, activation_bytes, row_shape
 from moevlm.plan.counts import Counts, count, meta_model
 from moevlm.train.run import prepare_config
+from moevlm.train.stages import moe_layers_to_train
 
 # A scratch model's vocabulary comes from its tokenizer, trained on the data; without data: a char
 # tokenizer has at most this many entries (bytes), a BPE one tokenizer.vocab_size.
@@ -40,7 +43,7 @@ GiB = 1024 ** 3
 # What the first training step of a minute model (one block, 8 wide) adds to a process's resident
 # memory on the CPU besides its tensors: code pages and scratch of the kernels it runs
 # (benchmarks/plan_check.py measures it as its "runtime" row; torch 2.13, Linux).
-CPU_RUNTIME = 34 * 1024 ** 2
+CPU_RUNTIME = 94 * 1024 ** 2
 UNITS = {"": 1, "B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12,
          "KIB": 1024, "MIB": 1024 ** 2, "GIB": GiB, "TIB": 1024 ** 4, "K": 1024, "M": 1024 ** 2, "G": GiB}
 
@@ -84,6 +87,10 @@ class Plan:
 
 def planned_config(config: Config) -> Config:
     """The run's config as training completes it (sources read, stage's MoE layers) with a vocabulary."""
+    # Sizes from the sources first: stage moe upcycles every layer of the LM, as many as it has.
+    layers = moe_layers_to_train(dataclasses.replace(config, model=resolve_pretrained(config.model)), [])
+    if layers != config.model.decoder.moe_layer_indices:
+        config = config.updated({"model.decoder.moe.layers": layers})
     config = prepare_config(config)
     if config.model.tokenizer.kind != "hf" and not config.model.decoder.vocab_size:
         vocab = CHAR_VOCAB if config.model.tokenizer.kind == "char" else config.model.tokenizer.vocab_size
@@ -109,8 +116,9 @@ def expert_degrees(config: Config, counts: Counts, world_size: int) -> list[int]
 def state_bytes(config: Config, c: Counts, strategy: str, n: int, ep: int, bf16: bool) -> tuple[float, ...]:
     """(weights, gradients, optimizer, buffers, root gradients) bytes on one rank."""
     shard = n if strategy == "fsdp" else 1
-    params = (c.params - c.experts) / shard + c.experts / ep
-    trainable = (c.trainable - c.experts_trainable) / shard + c.experts_trainable / ep
+    split = ep if ep > 1 else shard  # without expert parallelism the experts are sharded like the rest
+    params = (c.params - c.experts) / shard + c.experts / split
+    trainable = (c.trainable - c.experts_trainable) / shard + c.experts_trainable / split
     optimizer = (8 + 4 * (config.train.ema_decay > 0)) * trainable
     if strategy == "fsdp":
         unit = 2 if bf16 else 4
@@ -118,7 +126,8 @@ def state_bytes(config: Config, c: Counts, strategy: str, n: int, ep: int, bf16:
                    + (4 + 2 * bf16) * c.largest_trainable_block + 4 * c.root_trainable)
         root_grads = 0.0  # counted in the buffers: unsharded until the step's end
     else:
-        buffers = 4 * (c.trainable - c.experts_trainable) * (strategy == "ddp") + 2 * trainable * bf16
+        bucketed = c.trainable - c.experts_trainable * (ep > 1)  # DDP leaves the split experts out
+        buffers = 4 * bucketed * (strategy == "ddp") + 2 * trainable * bf16
         root_grads = 4 * c.root_trainable
     return 4 * params, 4 * trainable, optimizer, buffers, root_grads
 
