@@ -30,6 +30,9 @@ def sources(tmp_path_factory):
     folder = tmp_path_factory.mktemp("sources")
     llama_config(300, hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, tie_word_embeddings=True).save_pretrained(folder / "llama")
+    # A vocabulary large enough that the head keeps more than the blocks (as at real shapes).
+    llama_config(5000, hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, tie_word_embeddings=False).save_pretrained(folder / "vocab")
     SiglipVisionConfig(image_size=32, patch_size=8, hidden_size=64, intermediate_size=256, num_hidden_layers=3,
                        num_attention_heads=4).save_pretrained(folder / "siglip")
     return folder
@@ -75,13 +78,15 @@ CASES = {
     "llama + siglip, instruct": ("llava", ["model.lm=hf:{llama}", "model.vision=hf:{siglip}", "train.stage=instruct"]),
     "llama + siglip, pretrain": ("llava", ["model.lm=hf:{llama}", "model.vision=hf:{siglip}", "train.stage=pretrain"]),
     "llama + siglip, full": ("llava", ["model.lm=hf:{llama}", "model.vision=hf:{siglip}", "train.stage=full"]),
+    "llama with a large vocabulary": ("llava", ["model.lm=hf:{vocab}", "model.vision=hf:{siglip}",
+                                                "train.stage=instruct"]),
     "llama + siglip, moe": ("llava", ["model.lm=hf:{llama}", "model.vision=hf:{siglip}", "train.stage=moe"]),
 }
 
 
 def case_config(name, sources):
     preset, overrides = CASES[name]
-    overrides = [o.format(llama=sources / "llama", siglip=sources / "siglip")
+    overrides = [o.format(llama=sources / "llama", vocab=sources / "vocab", siglip=sources / "siglip")
                  for o in overrides]
     return load_config(preset, overrides=overrides + ["decoder.max_text_len=40", "train.batch_size=2"])
 
