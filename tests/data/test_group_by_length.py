@@ -1,13 +1,17 @@
 """data.group_by_length: batches of one modality and similar length, still shuffled, exactly
 resumable, the same on any number of ranks, and much less padding on a LLaVA-like length mix."""
 
+import json
 import random
 import shutil
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 from formats import write_mixed_llava
 
+from moevlm.cli import main
 from moevlm.config import load_config
 from moevlm.data.dataset import EpochBatchSampler
 from moevlm.data.length_groups import LengthGroupedBatchSampler, length_grouped_batches, padded_share
@@ -141,3 +145,20 @@ def test_a_training_run_groups_by_length_and_resumes_exactly(tmp_path, monkeypat
     timing = "train/tokens_per_s"
     assert {k: v for k, v in resumed.history.items() if k != timing} == \
         {k: v for k, v in straight.history.items() if k != timing}
+
+
+def test_two_ranks_train_on_the_batches_one_process_trains_on(tmp_path):
+    """A real two-rank (gloo, DDP) run groups by length as one process does: the same losses."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "train"))
+    from ranks import train_ranks
+
+    data = write_mixed_llava(tmp_path, rows=24)
+    args = ["--data", str(data), "--preset", "tiny", "--no-tracking", "--set", "data.group_by_length=true",
+            "--set", "moe.router_noise=false", "--set", "train.batch_size=4", "--set", "train.max_steps=6",
+            "--set", "train.log_every=1", "--set", "train.eval_every=6", "--set", "train.val_generate=0",
+            "--set", "data.val_fraction=0", "--set", "decoder.max_text_len=32", "--set", "dist.strategy=ddp"]
+    assert main(["train", *args, "--out", str(tmp_path / "one")]) == 0
+    train_ranks([*args, "--out", str(tmp_path / "two")])
+    one, two = (json.loads((tmp_path / run / "trainer_state.json").read_text())["history"] for run in ("one", "two"))
+    for key in ("train/loss", "train/lm_loss", "train/grad_norm"):
+        assert [v for _, v in two[key]] == pytest.approx([v for _, v in one[key]], rel=1e-5, abs=1e-6), key
