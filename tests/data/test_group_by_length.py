@@ -6,6 +6,7 @@ import random
 import shutil
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -15,8 +16,9 @@ from moevlm.cli import main
 from moevlm.config import load_config
 from moevlm.data.dataset import EpochBatchSampler
 from moevlm.data.length_groups import LengthGroupedBatchSampler, length_grouped_batches, padded_share
+from moevlm.errors import ConfigError
 from moevlm.train import trainer as trainer_module
-from moevlm.train.distributed import RankBatches
+from moevlm.train.distributed import RankBatches, World
 from moevlm.train.run import run_training
 
 
@@ -162,3 +164,12 @@ def test_two_ranks_train_on_the_batches_one_process_trains_on(tmp_path):
     one, two = (json.loads((tmp_path / run / "trainer_state.json").read_text())["history"] for run in ("one", "two"))
     for key in ("train/loss", "train/lm_loss", "train/grad_norm"):
         assert [v for _, v in two[key]] == pytest.approx([v for _, v in one[key]], rel=1e-5, abs=1e-6), key
+
+
+def test_rows_without_known_lengths_are_refused_in_one_line():
+    config = load_config("tiny", overrides=["data.group_by_length=true"])
+    trainer = SimpleNamespace(config=config, world=World())
+    with pytest.raises(ConfigError, match=r"^data.group_by_length needs rows whose lengths are known up front; "
+                                          r"generated rows \(the demo's scenes, drawn afresh each epoch\) have none: "
+                                          r"set it to false$"):
+        trainer_module.Trainer._batch_sampler(trainer, None, SimpleNamespace())

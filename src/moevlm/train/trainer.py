@@ -37,7 +37,7 @@ from moevlm.data.dataset import IGNORE_INDEX, EpochBatchSampler, ImageTextDatase
 from moevlm.data.length_groups import LengthGroupedBatchSampler
 from moevlm.data.tokenizer_factory import TextTokenizer
 from moevlm.device import autocast_dtype, resolve_device
-from moevlm.errors import CheckpointError, MoevlmError, TrainingError
+from moevlm.errors import CheckpointError, ConfigError, MoevlmError, TrainingError
 from moevlm.evaluate import evaluate
 from moevlm.metrics import expert_balance
 from moevlm.models.protocol import VisionLanguageModel
@@ -168,6 +168,9 @@ class Trainer:
         tc = self.config.train
         if not self.config.data.group_by_length:
             return EpochBatchSampler(len(train_set), tc.batch_size, seed=tc.seed, min_rows=self.world.size)
+        if not hasattr(train_set, "lengths"):
+            raise ConfigError("data.group_by_length needs rows whose lengths are known up front; generated rows "
+                              "(the demo's scenes, drawn afresh each epoch) have none: set it to false")
         lengths = train_set.lengths(0 if model.images_in_text else model.num_image_tokens)
         has_image = [train_set.has_image(i) for i in range(len(train_set))]
         return LengthGroupedBatchSampler(lengths, has_image, tc.batch_size, seed=tc.seed, min_rows=self.world.size)
