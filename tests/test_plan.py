@@ -31,7 +31,8 @@ def sources(tmp_path_factory):
     llama_config(300, hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, tie_word_embeddings=True).save_pretrained(folder / "llama")
     # A vocabulary large enough that the head keeps more than the blocks (as at real shapes).
-    llama_config(5000, hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+    # (and more layers than the preset's decoder.depth, which the source's own replaces)
+    llama_config(5000, hidden_size=64, intermediate_size=256, num_hidden_layers=6, num_attention_heads=4,
                  num_key_value_heads=2, tie_word_embeddings=False).save_pretrained(folder / "vocab")
     SiglipVisionConfig(image_size=32, patch_size=8, hidden_size=64, intermediate_size=256, num_hidden_layers=3,
                        num_attention_heads=4).save_pretrained(folder / "siglip")
@@ -80,6 +81,8 @@ CASES = {
     "llama + siglip, full": ("llava", ["model.lm=hf:{llama}", "model.vision=hf:{siglip}", "train.stage=full"]),
     "llama with a large vocabulary": ("llava", ["model.lm=hf:{vocab}", "model.vision=hf:{siglip}",
                                                 "train.stage=instruct"]),
+    "6-layer llama, moe every other layer": ("llava", ["model.lm=hf:{vocab}", "model.vision=hf:{siglip}",
+                                                       "train.stage=moe", "moe.layers=every-other"]),
     "llama + siglip, moe": ("llava", ["model.lm=hf:{llama}", "model.vision=hf:{siglip}", "train.stage=moe"]),
 }
 
@@ -216,3 +219,9 @@ def test_the_table_names_each_column():
     text = render(make_plan(load_config("tiny"), 2, parse_bytes("1GB")))
     assert text.splitlines()[5].split() == ["strategy", "ep", "checkpointing", "weights", "grads", "optimizer",
                                             "buffers", "activations", "peak", "fits", "max", "batch/rank"]
+
+
+def test_stage_moe_upcycles_the_layers_of_the_source_not_of_the_preset(sources):
+    counts = count(meta_model(planned_config(case_config("6-layer llama, moe every other layer", sources))))
+    assert [b.moe for b in counts.blocks if b.stack == "decoder"] == [False, True] * 3
+    assert [b.grad for b in counts.blocks if b.stack == "decoder"] == ["none"] + ["train", "through"] * 2 + ["train"]

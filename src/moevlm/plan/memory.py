@@ -88,9 +88,11 @@ class Plan:
 def planned_config(config: Config) -> Config:
     """The run's config as training completes it (sources read, stage's MoE layers) with a vocabulary."""
     # Sizes from the sources first: stage moe upcycles every layer of the LM, as many as it has.
-    layers = moe_layers_to_train(dataclasses.replace(config, model=resolve_pretrained(config.model)), [])
-    if layers != config.model.decoder.moe_layer_indices:
-        config = config.updated({"model.decoder.moe.layers": layers})
+    resolved = dataclasses.replace(config, model=resolve_pretrained(config.model))
+    layers = moe_layers_to_train(resolved, [])
+    if layers != resolved.model.decoder.moe_layer_indices:
+        config = config.updated({"model.decoder.depth": resolved.model.decoder.depth,
+                                 "model.decoder.moe.layers": layers})
     config = prepare_config(config)
     if config.model.tokenizer.kind != "hf" and not config.model.decoder.vocab_size:
         vocab = CHAR_VOCAB if config.model.tokenizer.kind == "char" else config.model.tokenizer.vocab_size
