@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.utils.checkpoint import checkpoint
 from transformers import SiglipVisionConfig
 
 from moevlm.cli import main
@@ -17,6 +18,7 @@ from moevlm.plan import make_plan, parse_bytes, render
 from moevlm.plan.activations import activation_parts, row_shape
 from moevlm.plan.counts import count, meta_model
 from moevlm.plan.memory import CPU_RUNTIME, planned_config
+from moevlm.train.distributed import repeated_blocks
 from moevlm.train.stages import freeze_for_stage
 from pretrained_fixtures import llama_config
 
@@ -39,20 +41,47 @@ def sources(tmp_path_factory):
     return folder
 
 
-def kept_by_autograd(model, images, ids, labels) -> int:
-    """Bytes of the distinct non-parameter storages autograd keeps for the backward of one forward."""
+def kept_by_autograd(model, images, ids, labels, checkpointing="none") -> int:
+    """Bytes of the distinct non-parameter storages autograd keeps for the backward of one forward
+    (with ``checkpointing``: also the inputs the recomputed modules keep)."""
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     kept = {}
 
     def pack(tensor):
         storage = tensor.untyped_storage()
-        if storage.data_ptr() not in params:
+        if storage.data_ptr() not in params and tensor.device.type != "meta":
             kept[storage.data_ptr()] = storage.nbytes()
         return tensor
 
+    recomputed = checkpointed_modules(model, checkpointing)
+    for module in recomputed:
+        forward = module.forward
+
+        def keep_inputs(*args, _forward=forward, **kwargs):
+            if torch.is_grad_enabled() and any(t.requires_grad for t in args if isinstance(t, torch.Tensor)):
+                for tensor in args:
+                    if isinstance(tensor, torch.Tensor):
+                        pack(tensor)
+                return checkpoint(_forward, *args, use_reentrant=False, **kwargs)
+            return _forward(*args, **kwargs)
+
+        module.forward = keep_inputs
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
         model(images, ids, torch.ones_like(ids, dtype=torch.bool), labels)
+    for module in recomputed:
+        del module.forward
     return sum(kept.values())
+
+
+def checkpointed_modules(model, mode):
+    """What train.activation_checkpointing recomputes: every block (full) or each block's feed-forward
+    (selective), as the plan assumes."""
+    blocks = repeated_blocks(model)
+    if mode == "full":
+        return blocks
+    if mode == "selective":
+        return [getattr(block, "mlp", None) or block.ffn for block in blocks]
+    return []
 
 
 def real_model(config, batch):
@@ -111,6 +140,17 @@ def test_the_activation_formula_is_within_12_percent_of_what_autograd_keeps(name
     formula, _ = activation_parts(config, counts, row_shape(config, None), "none", 4)
     model, images, ids, labels = real_model(config, 2)
     assert 2 * formula == pytest.approx(kept_by_autograd(model, images, ids, labels), rel=0.12)
+
+
+@pytest.mark.parametrize("mode", ["full", "selective"])
+@pytest.mark.parametrize("name", ["scratch llama + MoE", "scratch gpt, dense", "llama + siglip, instruct",
+                                  "llama + siglip, full"])
+def test_what_checkpointing_keeps_is_within_15_percent_of_the_formula(name, mode, sources):
+    config = planned_config(case_config(name, sources))
+    counts = count(meta_model(config))
+    formula, _ = activation_parts(config, counts, row_shape(config, None), mode, 4)
+    model, images, ids, labels = real_model(config, 2)
+    assert 2 * formula == pytest.approx(kept_by_autograd(model, images, ids, labels, mode), rel=0.15)
 
 
 def test_a_frozen_tower_keeps_nothing_and_checkpointing_keeps_less(sources):

@@ -110,11 +110,12 @@ def vision_elements(config: Config) -> tuple[float, float]:
 
 def head_bytes(config: Config, shape: Shape, act_bytes: int) -> tuple[float, float]:
     """(kept by autograd, alive beside it at the start of the backward) bytes of a row's head and of the
-    inputs every layer shares: the final norm (2h), RoPE's cos and sin (2 x head size), the attention
+    inputs every layer shares: the final norm (2h), RoPE's cos and sin (2 x head size; Llama-style LMs), the attention
     mask (s: one float per key), the fp32 log-softmax (4 bytes per vocabulary entry); beside them the
     logits the loss came from and, in the loss's backward, two fp32 gradients of their size."""
     d = config.model.decoder
-    per_token = (2 * d.width + 2 * d.width // d.heads + shape.decoder_tokens) * act_bytes + 4 * d.vocab_size
+    rope = 2 * d.width // d.heads if (d.arch == "llama" if d.pretrained is None else _hf_gated(config)) else 0
+    per_token = (2 * d.width + rope + shape.decoder_tokens) * act_bytes + 4 * d.vocab_size
     return shape.decoder_tokens * per_token, shape.decoder_tokens * (act_bytes + 8) * d.vocab_size
 
 
