@@ -8,6 +8,7 @@ minus the resident size after the imports, the peak mark reset there (``resident
 is the one-process, no-checkpointing row of ``make_plan(..., device="cpu")``.
 
     flock /tmp/moevlm-heavy.lock timeout 1800 python benchmarks/plan_check.py [--shapes tiny default smollm2]
+        [--checkpointing none full selective]
 
 Shapes: ``tiny`` and ``default`` (their presets, at their own batch and longest row) and ``smollm2``: a
 SmolLM2-360M-shaped Llama (960 wide, 32 layers, 15 heads, 5 key/value heads, MLP 2,560, vocabulary
@@ -60,7 +61,28 @@ def shapes(sources: tuple[str, str], batch: int) -> dict[str, dict]:
     }
 
 
-def measure(preset: str, overrides: list[str], seq_len: int | None, steps: int = 2) -> dict:
+def recompute(model, mode: str) -> None:
+    """``train.activation_checkpointing`` as the plan counts it: every block of every stack (full) or each
+    block's feed-forward (selective) runs under non-reentrant ``torch.utils.checkpoint`` where a
+    gradient passes through it."""
+    import torch
+    from torch.utils.checkpoint import checkpoint
+
+    from moevlm.train.distributed import repeated_blocks
+
+    blocks = repeated_blocks(model)
+    modules = blocks if mode == "full" else [getattr(b, "mlp", None) or b.ffn for b in blocks]
+    for module in modules if mode != "none" else []:
+        def forward(*args, _forward=module.forward, **kwargs):
+            if torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in args):
+                return checkpoint(_forward, *args, use_reentrant=False, **kwargs)
+            return _forward(*args, **kwargs)
+
+        module.forward = forward
+
+
+def measure(preset: str, overrides: list[str], seq_len: int | None, checkpointing: str = "none",
+            steps: int = 2) -> dict:
     """Peak resident memory above the imports' of ``steps`` training steps (run in a fresh process)."""
     import torch
 
@@ -73,10 +95,12 @@ def measure(preset: str, overrides: list[str], seq_len: int | None, steps: int =
 
     torch.set_num_threads(1)
     config = planned_config(load_config(preset, overrides=overrides + ["train.device=cpu"]))
+    import torch.utils.checkpoint  # noqa: F401  (imported before the baseline: its import is not the step's)
     baseline = resident_baseline()
     torch.manual_seed(0)
     model = build_model(config.model, load_weights=False)
     model.train()
+    recompute(model, checkpointing)
     optimizer = build_optimizer(freeze_for_stage(model, config.train), config.train)
     shape = row_shape(config, seq_len)
     batch, n_image = config.train.batch_size, shape.image_tokens
@@ -116,12 +140,12 @@ def resident_baseline() -> int:
     return status_kib("VmRSS")
 
 
-def planned(preset: str, overrides: list[str], seq_len: int | None) -> dict:
+def planned(preset: str, overrides: list[str], seq_len: int | None, checkpointing: str = "none") -> dict:
     from moevlm.config import load_config
     from moevlm.plan import make_plan
 
     plan = make_plan(load_config(preset, overrides=overrides), 1, 1 << 50, device="cpu", seq_len=seq_len)
-    row = next(r for r in plan.rows if r.checkpointing == "none")
+    row = next(r for r in plan.rows if r.checkpointing == checkpointing)
     return {"planned": row.peak, "params": plan.counts.params, "trainable": plan.counts.trainable,
             "batch": plan.batch_per_rank, "seq_len": plan.seq_len}
 
@@ -130,6 +154,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shapes", nargs="+", default=["runtime", "tiny", "default", "smollm2"])
     parser.add_argument("--smollm2-batch", type=int, default=2, help="rows per step at the SmolLM2 shape")
+    parser.add_argument("--checkpointing", nargs="+", default=["none"], choices=["none", "full", "selective"],
+                        help="activation checkpointing modes to check (emulated here with torch.utils.checkpoint "
+                             "on every block or every feed-forward, as train.activation_checkpointing applies it)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -137,10 +164,10 @@ def main() -> None:
         return
     with tempfile.TemporaryDirectory() as folder:
         table = shapes(write_sources(Path(folder)), args.smollm2_batch)
-        print("| shape | parameters (trainable) | batch x tokens | planned GiB | measured GiB | error |")
-        print("|---|---|---|---|---|---|")
-        for name in args.shapes:
-            spec = table[name]
+        print("| shape | parameters (trainable) | rows x tokens | checkpointing | planned GiB | measured GiB | error |")
+        print("|---|---|---|---|---|---|---|")
+        for name, mode in [(name, mode) for name in args.shapes for mode in args.checkpointing]:
+            spec = table[name] | {"checkpointing": mode}
             plan = planned(**spec)
             done = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True,
                                   text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -149,7 +176,7 @@ def main() -> None:
             measured = json.loads(done.stdout.strip().splitlines()[-1])["measured"]
             error = plan["planned"] / measured - 1
             print(f"| {name} | {plan['params']:,} ({plan['trainable']:,}) | {plan['batch']} x {plan['seq_len']} | "
-                  f"{plan['planned'] / 2**30:.3f} | {measured / 2**30:.3f} | {error:+.0%} |", flush=True)
+                  f"{mode} | {plan['planned'] / 2**30:.3f} | {measured / 2**30:.3f} | {error:+.0%} |", flush=True)
 
 
 if __name__ == "__main__":
