@@ -1,4 +1,4 @@
-"""Command line: ``moevlm train | caption | eval | demo | upcycle | export | bench | serve`` (README, "Usage").
+"""Command line: ``moevlm train | caption | eval | demo | upcycle | export | bench | plan | serve`` (README, "Usage").
 
 User mistakes end with one line on stderr and exit code 2; no traceback.
 """
@@ -169,6 +169,27 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--json", action="store_true", help="print one JSON object")
     bench.add_argument("--quick", action="store_true", help="tiny sizes, seconds: checks that it runs, "
                                                              "figures mean nothing")
+    plan = sub.add_parser("plan", help="per-rank memory of a training run (DDP / FSDP, checkpointing): what fits",
+                          description="Bytes per rank of weights, gradients, AdamW state, DDP/FSDP2 buffers and "
+                                      "activations (with and without activation checkpointing) for a config, read "
+                                      "from config files only (no weights), and the largest batch per rank that "
+                                      "fits (README, \"Memory plan\").")
+    plan.add_argument("--preset", choices=sorted(PRESETS), help="starting config (default: default)")
+    plan.add_argument("--config", type=Path, help="YAML file of config values over the preset")
+    plan.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                      help="override a config value, as for train (repeatable)")
+    plan.add_argument("--stage", choices=STAGES, help="shorthand for --set train.stage=NAME")
+    plan.add_argument("--gpus", "--world-size", dest="world_size", type=int, default=1, metavar="N",
+                       help="ranks (torchrun processes, one per GPU; default 1)")
+    plan.add_argument("--gpu-memory", required=True, metavar="SIZE",
+                      help="memory of one rank's device, e.g. 80GB, 24GiB (with --device cpu: the host's)")
+    plan.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
+                      help="cuda (default: bf16 mixed precision unless train.precision=fp32, 1 GiB + 10 %% kept "
+                           "back) or cpu (fp32, the process's resident memory)")
+    plan.add_argument("--seq-len", type=int, metavar="N",
+                      help="tokens per row in the LM, image tokens included (default: image tokens + "
+                           "decoder.max_text_len, the longest row)")
+
     serve = sub.add_parser("serve", help="serve a model: OpenAI-compatible chat API and a web page",
                            description="OpenAI-compatible /v1/chat/completions (images as base64 data: URLs, "
                                        "streaming, continuous batching), /v1/models, /health, /metrics and a "
@@ -276,6 +297,16 @@ def _cmd_export(args) -> int:
     return 0
 
 
+def _cmd_plan(args) -> int:
+    from moevlm.plan import make_plan, parse_bytes, render
+    from moevlm.train.run import config_from_command_line
+
+    memory = parse_bytes(args.gpu_memory)
+    config, _ = config_from_command_line(args.preset, args.config, args.overrides, args.stage)
+    print(render(make_plan(config, args.world_size, memory, device=args.device, seq_len=args.seq_len)))
+    return 0
+
+
 def _cmd_bench(args) -> int:
     from moevlm.bench.harness import format_table
     from moevlm.bench.scenarios import run_bench
@@ -298,7 +329,8 @@ def _cmd_serve(args) -> int:
 
 
 COMMANDS = {"train": _cmd_train, "caption": _cmd_caption, "eval": _cmd_eval, "demo": _cmd_demo,
-            "upcycle": _cmd_upcycle, "export": _cmd_export, "bench": _cmd_bench, "serve": _cmd_serve}
+            "upcycle": _cmd_upcycle, "export": _cmd_export, "bench": _cmd_bench, "plan": _cmd_plan,
+            "serve": _cmd_serve}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -254,6 +254,9 @@ class DataConfig:
     aug_noise: float = option(0.0, "augment: grain, the standard deviation of noise added to each pixel, as a "
                                    "share of the pixel range (0.1: 25 of 255 levels)")
     max_rows: int | None = option(None, "read at most this many rows (null: all)")
+    group_by_length: bool = option(False, "training batches of rows of one modality (image or text-only) and similar "
+                                          "length, still shuffled, resumable and the same on any number of ranks: "
+                                          "less padding")
     preload: bool = option(True, "true: decode every image once, up front, into memory; false: check images up "
                                  "front and decode them batch by batch in the workers (data larger than memory)")
     image_root: str | None = option(None, "the folder COCO file names (and relative image paths of Hugging Face "

@@ -170,6 +170,11 @@ class ImageTextDataset(Dataset):
     def has_image(self, index: int) -> bool:
         return self.samples[index].image is not None
 
+    def lengths(self, image_tokens: int) -> list[int]:
+        """Each row's length in the model's sequence, no image decoded: its token ids plus
+        ``image_tokens`` if it has an image (0 where the ids already hold the image's)."""
+        return [len(ids) + image_tokens * self.has_image(i) for i, ids in enumerate(self._input_ids)]
+
     def image(self, index: int) -> torch.Tensor:
         """The prepared uint8 image of row ``index`` (blank for a text-only row); ValueError if it
         cannot be decoded, OSError if its file cannot be read."""
@@ -291,15 +296,20 @@ class EpochBatchSampler(Sampler):
             raise ValueError(f"position epoch {epoch} batch {batch} is outside 0..{len(self)} batches")
         self.epoch, self.batch = epoch, batch
 
-    def __iter__(self) -> Iterator[list[int]]:
-        epoch, start = self.epoch, self.batch
+    def epoch_batches(self, epoch: int) -> list[list[int]]:
+        """Every batch of ``epoch``, in order: a function of (seed, epoch) only."""
         generator = torch.Generator().manual_seed(self.seed + epoch)
         order = torch.randperm(self.num_samples, generator=generator).tolist()
+        return [order[b * self.batch_size:(b + 1) * self.batch_size] for b in range(len(self))]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        epoch, start = self.epoch, self.batch
+        batches = self.epoch_batches(epoch)
         last = len(self) - 1
         for b in range(start, len(self)):
             # Move the position before yielding, so it already names the next batch while
             # the caller works on this one.
             self.epoch, self.batch = (epoch + 1, 0) if b == last else (epoch, b + 1)
-            yield order[b * self.batch_size:(b + 1) * self.batch_size]
+            yield batches[b]
         if start > last:  # resumed at the very end of an epoch: nothing left but to move on
             self.epoch, self.batch = epoch + 1, 0

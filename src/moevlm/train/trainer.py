@@ -35,9 +35,10 @@ from tqdm.auto import tqdm
 from moevlm.checkpoint import PreparedModel, ShardedOptimizerState, fingerprint, tied_copies
 from moevlm.config import Config
 from moevlm.data.dataset import IGNORE_INDEX, EpochBatchSampler, ImageTextDataset, collate, usable_batch
+from moevlm.data.length_groups import LengthGroupedBatchSampler
 from moevlm.data.tokenizer_factory import TextTokenizer
 from moevlm.device import autocast_dtype, resolve_device
-from moevlm.errors import CheckpointError, MoevlmError, TrainingError
+from moevlm.errors import CheckpointError, ConfigError, MoevlmError, TrainingError
 from moevlm.evaluate import evaluate
 from moevlm.metrics import expert_balance
 from moevlm.models.protocol import VisionLanguageModel
@@ -137,7 +138,7 @@ class Trainer:
         # Training steps go through the compiled module; it shares the parameters, so
         # checkpoints, evaluation and generation use the plain one (DDP's inner module).
         self.forward = torch.compile(self.parallel.forward) if tc.compile else self.parallel.forward
-        whole_batches = EpochBatchSampler(len(train_set), tc.batch_size, seed=tc.seed, min_rows=self.world.size)
+        whole_batches = self._batch_sampler(model, train_set)
         self.sampler = (RankBatches(whole_batches, self.world.rank, self.world.size) if self.world.active
                         else whole_batches)
         # Its own generator: a DataLoader draws a seed per iterator, which must not come from
@@ -162,6 +163,18 @@ class Trainer:
                 _set_rng_state(ranks[self.world.rank - 1], self.device)
             else:
                 torch.manual_seed(_rank_seed(tc.seed, self.world.rank, self.step))
+
+    def _batch_sampler(self, model: VisionLanguageModel, train_set: ImageTextDataset) -> EpochBatchSampler:
+        """The whole batches over all ranks: random, or grouped by length (``data.group_by_length``)."""
+        tc = self.config.train
+        if not self.config.data.group_by_length:
+            return EpochBatchSampler(len(train_set), tc.batch_size, seed=tc.seed, min_rows=self.world.size)
+        if not hasattr(train_set, "lengths"):
+            raise ConfigError("data.group_by_length needs rows whose lengths are known up front; generated rows "
+                              "(the demo's scenes, drawn afresh each epoch) have none: set it to false")
+        lengths = train_set.lengths(0 if model.images_in_text else model.num_image_tokens)
+        has_image = [train_set.has_image(i) for i in range(len(train_set))]
+        return LengthGroupedBatchSampler(lengths, has_image, tc.batch_size, seed=tc.seed, min_rows=self.world.size)
 
     def _load_optimizer(self, optimizer: torch.optim.Optimizer, state: dict) -> None:
         try:
