@@ -382,3 +382,14 @@ def test_tower_weights_the_image_tokens_never_use_are_frozen_even_when_the_tower
     freeze_for_stage(model, config.train)
     frozen = {name for name, p in model.named_parameters() if name.startswith("vision.") and not p.requires_grad}
     assert frozen == without_gradient
+
+
+def test_a_fresh_stage_moe_upcycles_every_layer_of_the_pretrained_lm_not_of_the_preset(tmp_path):
+    # tiny's decoder has 2 layers; the LM has 3: all 3 become MoE layers.
+    from pretrained_fixtures import tiny_llama
+
+    lm = tiny_llama(tmp_path / "llama3", num_hidden_layers=3)
+    config = load_config("tiny", overrides=["train.stage=moe", f"model.lm=hf:{lm}"])
+    prepared = prepare_config(config)
+    assert prepared.model.decoder.depth == 3
+    assert prepared.model.decoder.moe_layer_indices == [0, 1, 2]

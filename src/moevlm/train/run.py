@@ -63,9 +63,10 @@ def prepare_config(config: Config) -> Config:
     """A fresh run's config, complete: sources as absolute folders, the MoE layers of its stage, and
     what the pretrained sources say (``resolve_pretrained``)."""
     config = _absolute_sources(config)
-    layers = moe_layers_to_train(config, [])
-    if layers != config.model.decoder.moe_layer_indices:  # stage moe on a dense pretrained LM: upcycle every FFN
-        config = config.updated({"model.decoder.moe.layers": layers})
+    if moe_layers_to_train(config, []) != config.model.decoder.moe_layer_indices:
+        # Stage moe on a dense LM upcycles every FFN: "all" of the pretrained LM's own depth, which
+        # resolve_pretrained reads, not the preset's.
+        config = config.updated({"model.decoder.moe.layers": "all"})
     return dataclasses.replace(config, model=resolve_pretrained(config.model))
 
 
