@@ -1,7 +1,7 @@
 """train.activation_checkpointing (moevlm/train/checkpointing.py): with full and selective
 recompute the gradients are those of a run without, for the scratch model and for transformers
 towers and LMs with installed MoE layers, with router noise, dropout, capacity drops and padding on;
-frozen towers are not recomputed; one process and 2 FSDP / expert-parallel ranks train as before."""
+frozen towers are not recomputed; one process and 2 DDP / FSDP / expert-parallel ranks train as before."""
 
 import pytest
 import torch
@@ -144,15 +144,27 @@ def reference(data, tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("settings", [["dist.strategy=fsdp", "train.activation_checkpointing=full"],
+@pytest.mark.parametrize("settings", [["dist.strategy=ddp", "train.activation_checkpointing=selective"],
+                                      ["dist.strategy=fsdp", "train.activation_checkpointing=full"],
                                       ["dist.strategy=fsdp", "dist.expert_parallel=2",
                                        "train.activation_checkpointing=selective"]],
-                         ids=["fsdp-full", "fsdp-ep-selective"])
+                         ids=["ddp-selective", "fsdp-full", "fsdp-ep-selective"])
 def test_two_ranks_with_checkpointing_train_as_one_process_without(data, reference, tmp_path, settings):
     out = tmp_path / "run"
     sets = [arg for setting in settings for arg in ("--set", setting)]
     train_ranks(["--data", str(data), "--out", str(out), *COMMON, "--set", "train.max_steps=8", *sets])
     assert_same_history(history(out), history(reference))
+
+
+def test_two_fsdp_ranks_with_router_noise_and_dropout_train_as_they_do_without_checkpointing(data, tmp_path):
+    """Each rank draws its own noise and dropout (so no split equals one process): the same on 2
+    ranks with and without checkpointing."""
+    noisy = [*COMMON, "--set", "train.max_steps=4", "--set", "dist.strategy=fsdp", "--set", "moe.router_noise=true",
+             "--set", "decoder.dropout=0.1", "--set", "vision.dropout=0.1"]
+    train_ranks(["--data", str(data), "--out", str(tmp_path / "plain"), *noisy])
+    train_ranks(["--data", str(data), "--out", str(tmp_path / "full"), *noisy,
+                 "--set", "train.activation_checkpointing=full"])
+    assert_same_history(history(tmp_path / "full"), history(tmp_path / "plain"))
 
 
 def test_a_checkpointed_run_resumes_as_a_plain_one_and_may_change_its_mode_on_resume(data, tmp_path, monkeypatch):
