@@ -75,6 +75,7 @@ def apply_activation_checkpointing(model: nn.Module, mode: str) -> int:
 
 
 def is_checkpointed(module: nn.Module) -> bool:
+    """Whether ``apply_activation_checkpointing`` made ``module`` recompute its forward."""
     forward = vars(module).get("forward")
     return getattr(forward, "__func__", None) is _checkpointed_forward
 
@@ -84,6 +85,7 @@ def _needs_grad(values) -> bool:
 
 
 def _checkpointed_forward(self: nn.Module, *args, **kwargs):
+    """The module's own forward, checkpointed where a gradient flows through it."""
     forward = type(self).forward
     if not torch.is_grad_enabled() or not (_needs_grad(args) or _needs_grad(kwargs.values())
                                            or _needs_grad(self.parameters())):
