@@ -108,8 +108,9 @@ def test_resume_holds_the_command_line_to_the_config_the_run_started_with(shapes
         f"--resume: the command line's config differs from the run in {tmp_path / 'run'}: "
         "data.val_fraction 0.25 (checkpoint) vs 0.5 (now); model.decoder.moe.router_noise True (checkpoint) vs "
         "False (now) (on resume only train.max_steps, train.log_every, train.eval_every, train.checkpoint_every, "
-        "train.keep_checkpoints, train.max_bad_steps, train.patience, train.val_generate, data.num_workers, "
-        "dist.strategy, dist.expert_parallel, dist.backend, dist.timeout_s may change)")
+        "train.keep_checkpoints, train.max_bad_steps, train.patience, train.val_generate, "
+        "train.activation_checkpointing, data.num_workers, dist.strategy, dist.expert_parallel, dist.backend, "
+        "dist.timeout_s, dist.mixed_precision may change)")
     # Without compare_config (the command line gave no config) the checkpoint's own config is used.
     trainer, _ = train(tiny(**{"moe.router_noise": False}), shapes_csv, tmp_path / "run", resume=True, max_steps=4)
     assert trainer.step == 4 and trainer.config.model.decoder.moe.router_noise

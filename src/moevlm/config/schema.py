@@ -288,6 +288,7 @@ class DataConfig:
 STAGES = ("full", "pretrain", "instruct", "moe")
 PARAM_GROUPS = ("vision", "projector", "lm", "moe")
 PRECISIONS = ("auto", "fp32", "bf16")
+ACTIVATION_CHECKPOINTING = ("none", "full", "selective")
 SELECT_METRICS = ("val_loss", "exact_match", "bleu4")
 
 
@@ -333,6 +334,9 @@ class TrainConfig:
                                    "validation, checkpoints and inference use the average")
     label_smoothing: float = option(0.0, "share of each answer token's target spread over the whole vocabulary "
                                          "(training loss only)")
+    activation_checkpointing: str = option("none", "none; full (every block of the towers and the LM keeps only its "
+                                                   "input and recomputes the rest in the backward); selective (only "
+                                                   "each block's feed-forward or MoE sub-block recomputes)")
 
     @property
     def validation_interval(self) -> int:
@@ -360,9 +364,13 @@ class TrainConfig:
                f"train.select={self.select} needs train.val_generate > 0 (with 0 no row is captioned at validation)")
         _check(self.patience is None or self.patience >= 1, "train.patience must be >= 1 or null")
         _check(self.precision in PRECISIONS, f"train.precision must be {', '.join(PRECISIONS)}, not {self.precision!r}")
+        _check(self.activation_checkpointing in ACTIVATION_CHECKPOINTING,
+               f"train.activation_checkpointing must be {', '.join(ACTIVATION_CHECKPOINTING)}, "
+               f"not {self.activation_checkpointing!r}")
 
 
 STRATEGIES = ("auto", "ddp", "fsdp")
+MIXED_PRECISIONS = ("auto", "bf16", "fp32")
 BACKENDS = ("auto", "gloo", "nccl")
 
 
@@ -376,12 +384,18 @@ class DistConfig:
                                      "num_experts / E); 1: every rank holds every expert")
     backend: str = option("auto", "auto (nccl on CUDA, gloo on CPU), gloo or nccl")
     timeout_s: int = option(600, "seconds a rank waits for the others in one collective before the run fails")
+    mixed_precision: str = option("auto", "FSDP2's parameter dtype: bf16 (weights gathered and computed in bf16, "
+                                          "gradients reduced in fp32, fp32 weights in the optimizer), fp32, or auto "
+                                          "(bf16 on a CUDA GPU that has it, else fp32); bf16 needs dist.strategy "
+                                          "fsdp and no expert parallelism")
 
     def __post_init__(self):
         _check(self.strategy in STRATEGIES, f"dist.strategy must be {', '.join(STRATEGIES)}, not {self.strategy!r}")
         _check(self.backend in BACKENDS, f"dist.backend must be {', '.join(BACKENDS)}, not {self.backend!r}")
         _check(self.expert_parallel >= 1, "dist.expert_parallel must be >= 1")
         _check(self.timeout_s >= 1, "dist.timeout_s must be >= 1")
+        _check(self.mixed_precision in MIXED_PRECISIONS,
+               f"dist.mixed_precision must be {', '.join(MIXED_PRECISIONS)}, not {self.mixed_precision!r}")
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 from torch.utils.data import Sampler
 
 from moevlm.config import Config
@@ -169,6 +169,26 @@ def strategy_for(config: Config, model: nn.Module, device: torch.device) -> str:
     return "ddp" if needed <= memory // 2 else "fsdp"
 
 
+def mixed_precision_dtype(config: Config, device: torch.device, strategy: str, expert_parallel: int) -> torch.dtype:
+    """``dist.mixed_precision`` resolved: the dtype FSDP2 gathers and computes the weights in (they
+    stay fp32 in their shards and in the optimizer; gradients are reduced in fp32). ``auto``: bf16
+    under FSDP on a CUDA device that has it, else fp32. DDP keeps fp32 weights (bf16 there is
+    ``train.precision``'s autocast), and FSDP leaves expert-parallel experts out, unconverted: bf16
+    is refused for both."""
+    choice = config.dist.mixed_precision
+    if choice == "bf16" and strategy != "fsdp":
+        raise ConfigError(f"dist.mixed_precision=bf16 applies to dist.strategy=fsdp, not {strategy}: set "
+                          f"dist.mixed_precision=fp32 (train.precision=bf16 gives bf16 autocast)")
+    if choice == "bf16" and expert_parallel > 1:
+        raise ConfigError(f"dist.mixed_precision=bf16 does not reach the experts of dist.expert_parallel="
+                          f"{expert_parallel} (FSDP leaves them out): set dist.mixed_precision=fp32 "
+                          f"(train.precision=bf16 gives bf16 autocast)")
+    if choice == "bf16" or (choice == "auto" and strategy == "fsdp" and expert_parallel == 1
+                            and device.type == "cuda" and torch.cuda.is_bf16_supported()):
+        return torch.bfloat16
+    return torch.float32
+
+
 def repeated_blocks(model: nn.Module) -> list[nn.Module]:
     """The layers of every stack (the ViT's and the decoder's blocks, a transformers model's
     ``layers``): what FSDP2 shards one at a time, so only one layer's weights are gathered at once."""
@@ -207,17 +227,22 @@ def parallelize(model: nn.Module, world: World, config: Config, device: torch.de
         expert_names = apply_expert_parallel(model, world.ep_group)
     strategy = strategy_for(config, model, device)
     if strategy == "ddp":
+        mixed_precision_dtype(config, device, strategy, world.expert_parallel)  # refuses bf16
         if expert_names:
             nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, sorted(expert_names))
         forward = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None, forward_sync_buffers=False,
             find_unused_parameters=unused_parameters)
         return Parallel(forward, strategy, expert_names)
+    # Activation checkpointing (train/checkpointing.py) is already in the blocks' forward: each
+    # block's FSDP unit gathers its weights once for the backward, recompute included.
+    policy = MixedPrecisionPolicy(param_dtype=mixed_precision_dtype(config, device, strategy, world.expert_parallel),
+                                  reduce_dtype=torch.float32)
     params = dict(model.named_parameters())
     ignored = {params[name] for name in expert_names}
     for block in repeated_blocks(model):
-        fully_shard(block, ignored_params={p for p in block.parameters() if p in ignored} or None)
-    fully_shard(model, ignored_params=ignored or None)
+        fully_shard(block, ignored_params={p for p in block.parameters() if p in ignored} or None, mp_policy=policy)
+    fully_shard(model, ignored_params=ignored or None, mp_policy=policy)
     for method in ("prefill", "step"):  # generation (validation) calls these, not forward
         register_fsdp_forward_method(model, method)
     return Parallel(model, strategy, expert_names)

@@ -31,10 +31,13 @@ log = logging.getLogger(__name__)
 # Keys a resumed run may change: when to stop, log, validate and checkpoint, and how many workers
 # load the data. None of them changes the model, the batches or an update.
 # How many ranks and how they split the work may change too: the batches and updates are those
-# of the whole batch whatever the split (README, "Training on several processes").
+# of the whole batch whatever the split (README, "Training on several processes"); so may FSDP's
+# weight dtype (dist.mixed_precision, which ``auto`` ties to the strategy and the device), and
+# activation checkpointing, which trades memory for time and leaves the gradients as they are.
 RESUME_MAY_DIFFER = ("train.max_steps", "train.log_every", "train.eval_every", "train.checkpoint_every",
                      "train.keep_checkpoints", "train.max_bad_steps", "train.patience", "train.val_generate",
-                     "data.num_workers", "dist.strategy", "dist.expert_parallel", "dist.backend", "dist.timeout_s")
+                     "train.activation_checkpointing", "data.num_workers", "dist.strategy", "dist.expert_parallel",
+                     "dist.backend", "dist.timeout_s", "dist.mixed_precision")
 
 
 def config_from_command_line(preset: str | None, config_file: Path | None, overrides: list[str],

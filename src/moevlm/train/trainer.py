@@ -44,6 +44,7 @@ from moevlm.metrics import expert_balance
 from moevlm.models.protocol import VisionLanguageModel
 from moevlm.models.vlm import expert_dropped
 from moevlm.train import dist_checkpoint, plots
+from moevlm.train.checkpointing import apply_activation_checkpointing
 from moevlm.train.distributed import RankBatches, World, clip_gradients, parallelize
 from moevlm.train.ema import WeightAverage
 from moevlm.train.expert_parallel import sync_expert_grads
@@ -122,6 +123,8 @@ class Trainer:
         self.from_source = still_from_source(set(from_source), self.model)
         state = state or {}
         resumed = optimizer_state is not None
+        # Before DDP or FSDP2 wrap the blocks: their hooks stay outside the recomputed forward.
+        apply_activation_checkpointing(self.model, tc.activation_checkpointing)
         if self.world.active:
             optimizer_state = self._parallelize(trainable, optimizer_state)
         else:
