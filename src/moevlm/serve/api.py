@@ -5,7 +5,6 @@ an OpenAI-shaped 4xx and the server goes on; the engine only ever sees valid job
 """
 
 import asyncio
-import hmac
 import json
 import time
 import uuid
@@ -15,9 +14,9 @@ from importlib import resources
 from moevlm.serve.chat import ChatRequest, parse_request, prompt_ids
 from moevlm.serve.engine import Engine, Job, QueueFull
 from moevlm.serve.errors import ApiError
-from moevlm.serve.images import ImageLimits, load_image
-
-DISCONNECT_POLL = 0.5  # seconds between checks that a waiting non-streaming client is still there
+from moevlm.serve.http import check_key, install, read_json
+from moevlm.serve.images import ImageLimits, ImageLoader
+from moevlm.serve.waiting import CLOSING, GONE, TIMEOUT, client_gone, next_event
 
 
 @dataclass(frozen=True)
@@ -27,6 +26,8 @@ class ServeOptions:
     max_body_bytes: int = 20 * 2**20
     images: ImageLimits = ImageLimits()
     retry_after: int = 1  # seconds, for 429 and 503
+    request_timeout: float = 600.0  # seconds from arrival to the last token
+    allowed_origins: tuple[str, ...] = ()  # CORS
 
 
 def create_app(engine: Engine, options: ServeOptions):
@@ -37,20 +38,11 @@ def create_app(engine: Engine, options: ServeOptions):
     from fastapi.concurrency import run_in_threadpool
     from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
 
-    app = FastAPI(title="moevlm", docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(title="moevlm", docs_url=None, redoc_url=None)
+    app.state.closing = asyncio.Event()  # set by the server when --grace has run out (serve/server.py)
     page = resources.files("moevlm.serve").joinpath("page.html").read_text(encoding="utf-8")
-
-    @app.exception_handler(ApiError)
-    async def api_error(request: Request, err: ApiError):
-        engine.metrics.add_request(str(err.status))
-        return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
-
-    def check_key(request: Request) -> None:
-        if options.api_key is None:
-            return
-        given = request.headers.get("authorization", "")
-        if not hmac.compare_digest(given.encode(), f"Bearer {options.api_key}".encode()):
-            raise ApiError(401, "missing or wrong API key (Authorization: Bearer KEY)", code="invalid_api_key")
+    install(app, engine.metrics, list(options.allowed_origins))
+    images = ImageLoader(options.images)
 
     def check_ready() -> None:
         if not engine.ready.is_set() or engine.failed is not None:
@@ -70,37 +62,34 @@ def create_app(engine: Engine, options: ServeOptions):
         return {"status": "ok"}
 
     @app.get("/metrics")
-    async def metrics():
+    async def metrics(request: Request):
+        check_key(request, options.api_key)
         return PlainTextResponse(engine.metrics.render(), media_type="text/plain; version=0.0.4")
+
+    def model_card() -> dict:
+        moe = engine.config.model.decoder.moe
+        return {"id": options.served_name, "object": "model", "created": int(time.time()), "owned_by": "moevlm",
+                "moevlm": {"moe_layers": len(engine.model.moe_layers), "num_experts": moe.num_experts,
+                           "top_k": moe.top_k, "max_tokens": engine.config.model.decoder.max_text_len}}
 
     @app.get("/v1/models")
     async def models(request: Request):
-        check_key(request)
+        check_key(request, options.api_key)
         check_ready()
-        moe = engine.config.model.decoder.moe
-        return {"object": "list", "data": [{
-            "id": options.served_name, "object": "model", "created": int(time.time()), "owned_by": "moevlm",
-            "moevlm": {"moe_layers": len(engine.model.moe_layers), "num_experts": moe.num_experts,
-                       "top_k": moe.top_k, "max_tokens": engine.config.model.decoder.max_text_len}}]}
+        return {"object": "list", "data": [model_card()]}
 
-    async def read_body(request: Request) -> dict:
-        declared = request.headers.get("content-length")
-        if declared and declared.isdigit() and int(declared) > options.max_body_bytes:
-            raise ApiError(413, f"the request body is over {options.max_body_bytes} bytes")
-        chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > options.max_body_bytes:
-                raise ApiError(413, f"the request body is over {options.max_body_bytes} bytes")
-            chunks.append(chunk)
-        try:
-            return json.loads(b"".join(chunks))
-        except (ValueError, UnicodeDecodeError) as err:
-            raise ApiError(400, f"the request body is not valid JSON: {err}") from None
+    @app.get("/v1/models/{model_id:path}")
+    async def model(request: Request, model_id: str):
+        check_key(request, options.api_key)
+        check_ready()
+        if model_id != options.served_name:
+            raise ApiError(404, f"the model {model_id[:100]!r} does not exist; this server has "
+                                f"{options.served_name!r}", "model", "model_not_found")
+        return model_card()
 
     def make_job(req: ChatRequest, emit, arrived: float) -> Job:
         """Runs on a worker thread: image decoding and preparation take a while."""
-        pixels = engine.prepare_image(load_image(req.image_url, options.images))
+        pixels = engine.prepare_image(images.load(req.image_url))
         ids = prompt_ids(engine.tokenizer, req.turns, engine.config.model.decoder.max_text_len)
         room, most = engine.token_limit(ids), engine.config.model.decoder.max_text_len
         if room < 1:
@@ -115,9 +104,9 @@ def create_app(engine: Engine, options: ServeOptions):
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         arrived = time.perf_counter()  # time to first token counts from here
-        check_key(request)
+        check_key(request, options.api_key)
         check_ready()
-        req = parse_request(await read_body(request), options.served_name)
+        req = parse_request(await read_json(request, options.max_body_bytes), options.served_name)
         loop, events = asyncio.get_running_loop(), asyncio.Queue()
         job = await run_in_threadpool(make_job, req, lambda event: loop.call_soon_threadsafe(events.put_nowait, event),
                                       arrived)
@@ -134,30 +123,45 @@ def create_app(engine: Engine, options: ServeOptions):
                                      headers={"Cache-Control": "no-cache"})
         return await _complete(request, job, events, reply, req, extras)
 
+    def deadline_of(arrived: float) -> float:
+        return arrived + options.request_timeout
+
+    def cut_short(event: tuple) -> ApiError:
+        """The error a request gets when its deadline passed or the server is closing."""
+        if event is TIMEOUT:
+            return ApiError(504, f"the request took longer than the server's limit of {options.request_timeout:g} s",
+                            code="timeout")
+        return ApiError(503, "the server is shutting down", code="server_shutting_down",
+                        headers={"Retry-After": str(options.retry_after)})
+
     async def _complete(request, job: Job, events: asyncio.Queue, reply: dict, req: ChatRequest, extras: dict):
         text, tokens = [], []
-        while True:
-            try:
-                event = await asyncio.wait_for(events.get(), DISCONNECT_POLL)
-            except asyncio.TimeoutError:
-                if await request.is_disconnected():
+        gone = asyncio.ensure_future(client_gone(request))
+        try:
+            while True:
+                event = await next_event(events, deadline_of(job.submitted), app.state.closing, gone)
+                if event is GONE:
                     job.cancelled = True
                     return JSONResponse({}, status_code=499)
-                continue
-            if event[0] == "delta":
-                text.append(event[1])
-                tokens += event[2]
-            elif event[0] == "error":
-                return JSONResponse({"error": {"message": event[1], "type": "server_error", "param": None,
-                                               "code": None}}, status_code=503)
-            else:
-                message = {"role": "assistant", "content": "".join(text)}
-                body = {**reply, "object": "chat.completion",
-                        "choices": [{"index": 0, "message": message, "finish_reason": event[1], "logprobs": None}],
-                        "usage": event[2]}
-                if req.routing:
-                    body["moevlm"] = {**extras, "tokens": tokens}
-                return body
+                if event in (TIMEOUT, CLOSING):
+                    job.cancelled = True
+                    raise cut_short(event)
+                if event[0] == "delta":
+                    text.append(event[1])
+                    tokens += event[2]
+                elif event[0] == "error":
+                    return JSONResponse({"error": {"message": event[1], "type": "server_error", "param": None,
+                                                   "code": None}}, status_code=503)
+                else:
+                    message = {"role": "assistant", "content": "".join(text)}
+                    body = {**reply, "object": "chat.completion",
+                            "choices": [{"index": 0, "message": message, "finish_reason": event[1], "logprobs": None}],
+                            "usage": event[2]}
+                    if req.routing:
+                        body["moevlm"] = {**extras, "tokens": tokens}
+                    return body
+        finally:
+            gone.cancel()
 
     async def _stream(job: Job, events: asyncio.Queue, reply: dict, req: ChatRequest, extras: dict):
         base = {**reply, "object": "chat.completion.chunk"}
@@ -170,7 +174,11 @@ def create_app(engine: Engine, options: ServeOptions):
         try:
             yield chunk({"role": "assistant", "content": ""})
             while True:
-                event = await events.get()
+                event = await next_event(events, deadline_of(job.submitted), app.state.closing)
+                if event in (TIMEOUT, CLOSING):
+                    yield f"data: {json.dumps(cut_short(event).body())}\n\n"
+                    yield chunk({}, "length")
+                    break
                 if event[0] == "delta":
                     yield chunk({"content": event[1]}, **({"moevlm": {**extras, "tokens": event[2]}}
                                                           if req.routing else {}))
