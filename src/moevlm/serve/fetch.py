@@ -80,10 +80,11 @@ class Fetcher:
             fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0))
         except (OSError, ValueError):
             raise unreadable from None
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            os.close(fd)
+            raise unreadable
         with os.fdopen(fd, "rb") as file:
-            info = os.fstat(file.fileno())
-            if not stat.S_ISREG(info.st_mode):
-                raise unreadable
             if info.st_size > max_bytes:
                 raise _too_large(max_bytes)
             try:
@@ -114,6 +115,7 @@ class Fetcher:
             # a server that drips its headers a byte at a time.
             watchdog = threading.Timer(max(deadline - time.monotonic(), 0), _cut, (connection,))
             watchdog.start()
+            response = None
             try:
                 target = urllib.parse.urlunsplit(("", "", parts.path or "/", parts.query, ""))
                 connection.request("GET", target, headers={"User-Agent": "moevlm", "Accept": "image/*"})
@@ -131,6 +133,8 @@ class Fetcher:
                 raise failed from None
             finally:
                 watchdog.cancel()
+                if response is not None:
+                    response.close()
                 connection.close()
         raise failed
 
