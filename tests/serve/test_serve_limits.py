@@ -14,6 +14,7 @@ import threading
 import time
 import urllib.request
 import zlib
+from unittest.mock import ANY
 
 import pytest
 from PIL import Image
@@ -51,42 +52,61 @@ def b64_url(data: bytes) -> str:
     return "data:image/png;base64," + base64.b64encode(data).decode()
 
 
+def two_images_in_one_message() -> list[dict]:
+    message = user_message(data_url(picture(0)), "compare")
+    message[0]["content"].insert(1, {"type": "image_url", "image_url": {"url": data_url(picture(1))}})
+    return message
+
+
+# case: (status, param, code (ANY: not checked here), body, headers)
 BAD = {
-    "no key": (401, lambda m: json.dumps(body(m)).encode(), {}),
-    "malformed JSON": (400, lambda m: b'{"model": ', AUTH),
-    "body too large": (413, lambda m: json.dumps(body(m, user="x" * 200_000)).encode(), AUTH),
-    "unknown model": (404, lambda m: json.dumps({**body(m), "model": "gpt-4o"}).encode(), AUTH),
-    "unsupported parameter": (400, lambda m: json.dumps(body(m, tools=[])).encode(), AUTH),
-    "bad base64": (400, lambda m: json.dumps(body(m, messages=user_message("data:image/png;base64,@@@"))).encode(),
+    "no key": (401, None, "invalid_api_key", lambda m: json.dumps(body(m)).encode(), {}),
+    "malformed JSON": (400, None, "invalid_json", lambda m: b'{"model": ', AUTH),
+    "JSON nested too deeply": (400, None, "invalid_json", lambda m: b"[" * 100_000, AUTH),
+    "not JSON": (415, None, "unsupported_media_type", lambda m: json.dumps(body(m)).encode(),
+                 {**AUTH, "Content-Type": "text/plain"}),
+    "body too large": (413, None, "body_too_large", lambda m: json.dumps(body(m, user="x" * 200_000)).encode(),
+                       AUTH),
+    "unknown model": (404, "model", "model_not_found", lambda m: json.dumps({**body(m), "model": "gpt-4o"}).encode(),
+                      AUTH),
+    "unsupported parameter": (400, "tools", "unsupported_parameter",
+                              lambda m: json.dumps(body(m, tools=[])).encode(), AUTH),
+    "bad base64": (400, "messages", "invalid_image_url",
+                   lambda m: json.dumps(body(m, messages=user_message("data:image/png;base64,@@@"))).encode(), AUTH),
+    "not an image": (400, "messages", "invalid_image",
+                     lambda m: json.dumps(body(m, messages=user_message(b64_url(b"hello")))).encode(), AUTH),
+    "http image": (400, "messages", "image_url_refused",
+                   lambda m: json.dumps(body(m, messages=user_message("http://127.0.0.1:9/a.png"))).encode(), AUTH),
+    "file image": (400, "messages", "image_url_refused",
+                   lambda m: json.dumps(body(m, messages=user_message("file:///etc/hostname"))).encode(), AUTH),
+    "two images": (400, "messages", ANY, lambda m: json.dumps(body(m, messages=two_images_in_one_message())).encode(),
                    AUTH),
-    "not an image": (400, lambda m: json.dumps(body(m, messages=user_message(b64_url(b"hello")))).encode(), AUTH),
-    "http image": (400, lambda m: json.dumps(body(m, messages=user_message("http://127.0.0.1:9/a.png"))).encode(),
-                   AUTH),
-    "two images": (400, lambda m: json.dumps(body(m, messages=user_message(data_url(picture(0)))
-                                                  + user_message(data_url(picture(1))))).encode(), AUTH),
-    "no image": (400, lambda m: json.dumps(body(m, messages=[{"role": "user", "content": "hi"}])).encode(), AUTH),
-    "too many pixels": (413, lambda m: json.dumps(body(m, messages=user_message(
+    "no image": (400, "messages", ANY,
+                 lambda m: json.dumps(body(m, messages=[{"role": "user", "content": "hi"}])).encode(), AUTH),
+    "too many pixels": (413, "messages", "image_too_large", lambda m: json.dumps(body(m, messages=user_message(
         data_url(Image.new("RGB", (100, 100)))))).encode(), AUTH),
-    "decompression bomb": (413, lambda m: json.dumps(body(m, messages=user_message(
+    "decompression bomb": (413, "messages", "image_too_large", lambda m: json.dumps(body(m, messages=user_message(
         b64_url(bomb_png(100_000, 100_000))))).encode(), AUTH),
-    "image bytes": (413, lambda m: json.dumps(body(m, messages=user_message(
+    "image bytes": (413, "messages", "image_too_large", lambda m: json.dumps(body(m, messages=user_message(
         b64_url(os.urandom(30_000))))).encode(), AUTH),
-    "max_tokens over the limit": (400, lambda m: json.dumps(body(m, max_tokens=10_000)).encode(), AUTH),
-    "temperature": (400, lambda m: json.dumps(body(m, temperature="hot")).encode(), AUTH),
-    "n": (400, lambda m: json.dumps(body(m, n=2)).encode(), AUTH),
-    "roles": (400, lambda m: json.dumps(body(m, messages=user_message(data_url(picture(0)))
-                                             + [{"role": "assistant", "content": "a"}])).encode(), AUTH),
+    "max_tokens over the limit": (400, "max_tokens", ANY, lambda m: json.dumps(body(m, max_tokens=10_000)).encode(),
+                                  AUTH),
+    "temperature": (400, "temperature", ANY, lambda m: json.dumps(body(m, temperature="hot")).encode(), AUTH),
+    "n": (400, "n", ANY, lambda m: json.dumps(body(m, n=2)).encode(), AUTH),
+    "roles": (400, "messages", ANY, lambda m: json.dumps(body(m, messages=user_message(data_url(picture(0)))
+                                                         + [{"role": "assistant", "content": "a"}])).encode(), AUTH),
 }
 
 
 @pytest.mark.parametrize("case", BAD)
 def test_a_bad_request_gets_its_4xx_and_the_next_good_one_succeeds(strict, case):
     url, model = strict
-    status, code, headers = BAD[case][0], *BAD[case][1:]
-    got, _, reply = http(f"{url}/v1/chat/completions", code(model), headers)
+    status, param, code, make, headers = BAD[case]
+    got, _, reply = http(f"{url}/v1/chat/completions", make(model), headers)
     error = json.loads(reply)["error"]
     assert got == status, error
     assert error["message"] and "\n" not in error["message"] and error["type"]
+    assert (error["param"], error["code"]) == (param, code), error
     got, _, reply = http(f"{url}/v1/chat/completions", json.dumps(body(model)).encode(), AUTH)
     assert got == 200 and json.loads(reply)["choices"][0]["message"]["role"] == "assistant"
 
