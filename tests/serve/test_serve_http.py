@@ -8,6 +8,7 @@ import io
 import json
 import socket
 import struct
+import tempfile
 import urllib.parse
 
 import pytest
@@ -192,3 +193,39 @@ def test_a_non_streaming_client_that_leaves_frees_its_slot_at_once(checkpoint, m
         wait_for(lambda: batch_size() == 1)
         client.close()
         wait_for(lambda: batch_size() == 0, seconds=2)
+
+
+def test_the_page_with_a_key_sends_one_request_for_two_enters(checkpoint, tmp_path):
+    """With --api-key the page first asks for the key (no JavaScript error in the status); pressing
+    Enter twice sends one request, and the answer is that request's alone."""
+    from playwright.sync_api import sync_playwright
+    from test_serve_page import CHROMIUM_ARGS, chromium_path
+
+    executable = chromium_path()
+    image = tmp_path / "picture.png"
+    picture(3).resize((96, 96)).save(image)
+    with live_server(checkpoint, api_key=KEY) as (url, engine), sync_playwright() as playwright, \
+            tempfile.TemporaryDirectory() as profile:
+        alone = json.loads(http(f"{url}/v1/chat/completions", json.dumps(request(
+            checkpoint.name, max_tokens=32, messages=user_message(data_url(Image.open(image)), "what is it")
+        )).encode(), AUTH)[2])["choices"][0]["message"]["content"]
+        before = outcome_count(url, "ok")
+        browser = playwright.chromium.launch_persistent_context(profile, executable_path=executable,
+                                                                args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page()
+            page.goto(url + "/")
+            page.wait_for_function("document.getElementById('status').textContent !== ''")
+            assert page.text_content("#status") == "enter the API key, then send"
+            page.fill("#key", KEY)
+            page.set_input_files("#file", str(image))
+            page.wait_for_function("document.getElementById('preview').src.startsWith('data:image/png')")
+            page.fill("#prompt", "what is it")
+            page.press("#prompt", "Enter")
+            page.press("#prompt", "Enter")
+            page.wait_for_function("document.getElementById('status').textContent.startsWith('done')",
+                                   timeout=30_000)
+            assert page.text_content("#answer") == alone
+        finally:
+            browser.close()
+        assert outcome_count(url, "ok") == before + 1

@@ -16,6 +16,7 @@ from moevlm.serve.engine import Engine, Job, QueueFull
 from moevlm.serve.errors import ApiError
 from moevlm.serve.http import check_key, install, read_json
 from moevlm.serve.images import ImageLimits, ImageLoader
+from moevlm.serve.schema import REQUEST_BODY, ChatCompletion, ModelCard, ModelList, add_request_schema, errors
 from moevlm.serve.waiting import CLOSING, GONE, TIMEOUT, client_gone, next_event
 
 
@@ -42,6 +43,7 @@ def create_app(engine: Engine, options: ServeOptions):
     app.state.closing = asyncio.Event()  # set by the server when --grace has run out (serve/server.py)
     page = resources.files("moevlm.serve").joinpath("page.html").read_text(encoding="utf-8")
     install(app, engine.metrics, list(options.allowed_origins))
+    add_request_schema(app, options.served_name)
     images = ImageLoader(options.images)
 
     def check_ready() -> None:
@@ -72,13 +74,14 @@ def create_app(engine: Engine, options: ServeOptions):
                 "moevlm": {"moe_layers": len(engine.model.moe_layers), "num_experts": moe.num_experts,
                            "top_k": moe.top_k, "max_tokens": engine.config.model.decoder.max_text_len}}
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", response_model=None, responses={200: {"model": ModelList}, **errors(401, 503)})
     async def models(request: Request):
         check_key(request, options.api_key)
         check_ready()
         return {"object": "list", "data": [model_card()]}
 
-    @app.get("/v1/models/{model_id:path}")
+    @app.get("/v1/models/{model_id:path}", response_model=None,
+             responses={200: {"model": ModelCard}, **errors(401, 404, 503)})
     async def model(request: Request, model_id: str):
         check_key(request, options.api_key)
         check_ready()
@@ -101,7 +104,9 @@ def create_app(engine: Engine, options: ServeOptions):
                    temperature=req.temperature, top_p=req.top_p, seed=req.seed, stop=req.stop, routing=req.routing,
                    submitted=arrived)
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", openapi_extra=REQUEST_BODY, response_model=None,
+              responses={200: {"model": ChatCompletion, "content": {"text/event-stream": {}}},
+                         **errors(400, 401, 404, 413, 415, 429, 503, 504)})
     async def chat_completions(request: Request):
         arrived = time.perf_counter()  # time to first token counts from here
         check_key(request, options.api_key)
