@@ -206,8 +206,9 @@ def test_the_page_with_a_key_sends_one_request_for_two_enters(checkpoint, tmp_pa
     picture(3).resize((96, 96)).save(image)
     with live_server(checkpoint, api_key=KEY) as (url, engine), sync_playwright() as playwright, \
             tempfile.TemporaryDirectory() as profile:
+        most = engine.config.model.decoder.max_text_len  # what the page sends (its default 32, at most this)
         alone = json.loads(http(f"{url}/v1/chat/completions", json.dumps(request(
-            checkpoint.name, max_tokens=32, messages=user_message(data_url(Image.open(image)), "what is it")
+            checkpoint.name, max_tokens=min(32, most), messages=user_message(data_url(Image.open(image)), "what is it")
         )).encode(), AUTH)[2])["choices"][0]["message"]["content"]
         before = outcome_count(url, "ok")
         browser = playwright.chromium.launch_persistent_context(profile, executable_path=executable,
