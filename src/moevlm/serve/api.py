@@ -92,7 +92,7 @@ def create_app(engine: Engine, options: ServeOptions):
 
     def make_job(req: ChatRequest, emit, arrived: float) -> Job:
         """Runs on a worker thread: image decoding and preparation take a while."""
-        pixels = engine.prepare_image(images.load(req.image_url))
+        pixels = images.load(req.image_url, engine.prepare_image)
         ids = prompt_ids(engine.tokenizer, req.turns, engine.config.model.decoder.max_text_len)
         room, most = engine.token_limit(ids), engine.config.model.decoder.max_text_len
         if room < 1:

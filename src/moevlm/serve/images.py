@@ -12,6 +12,7 @@ import re
 import threading
 import urllib.parse
 from dataclasses import dataclass, field
+from typing import Callable, TypeVar
 
 from PIL import Image
 
@@ -22,7 +23,8 @@ from moevlm.serve.fetch import Fetcher, FetchPolicy
 # 4096 x 4096: a hundred times the pixels the models look at (224-384 px squares), and above a
 # 12-megapixel phone photo; decoded as RGB it takes 50 MB.
 DEFAULT_MAX_PIXELS = 4096 * 4096
-WHITESPACE = re.compile(r"[\s]+")
+WHITESPACE = re.compile(r"\s+")
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -41,7 +43,9 @@ class ImageLoader:
         self.fetcher = Fetcher(limits.fetch)
         self._decoding = threading.BoundedSemaphore(limits.max_decodes)
 
-    def load(self, url: str) -> Image.Image:
+    def load(self, url: str, prepare: Callable[[Image.Image], T] | None = None) -> Image.Image | T:
+        """``prepare`` (e.g. the model's resize) runs within the decode bound, so that a large decoded
+        image is dropped before another takes its place."""
         data = self.image_bytes(url)
         width, height = header_size(data)
         if width * height > self.limits.max_pixels:
@@ -49,9 +53,10 @@ class ImageLoader:
                                 f"{self.limits.max_pixels}", "messages", "image_too_large")
         with self._decoding:
             try:
-                return open_image_bytes(data)
+                image = open_image_bytes(data)
             except (ValueError, OSError) as err:
                 raise ApiError(400, f"image_url: {err}", "messages", "invalid_image") from None
+            return image if prepare is None else prepare(image)
 
     def image_bytes(self, url: str) -> bytes:
         if not isinstance(url, str):
