@@ -109,7 +109,7 @@ def test_file_urls_read_only_regular_files_inside_the_media_folder(tmp_path):
                 (media / "none.png").as_uri(), (media / "fifo.png").as_uri(), "file:///proc/self/fd/0",
                 "file:///dev/zero", f"file://otherhost{media}/a.png"]:
         result = []
-        reader = threading.Thread(target=lambda: result.append(refused(lambda: fetcher.read(url, 10**6))))
+        reader = threading.Thread(target=lambda: result.append(refused(lambda: fetcher.read(url, 10**6))), daemon=True)
         reader.start()
         reader.join(10)
         assert not reader.is_alive(), f"{url}: the read hangs"
