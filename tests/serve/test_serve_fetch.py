@@ -171,8 +171,8 @@ def test_a_dripping_server_is_cut_off_at_the_deadline():
 def test_the_byte_limit_holds_while_reading_and_redirects_keep_their_scheme(tmp_path):
     def endless(conn, log, stop):
         request = read_request(conn)
-        if b"GET /to-file" in request:
-            conn.sendall(b"HTTP/1.1 302 Found\r\nLocation: file:///etc/passwd\r\nContent-Length: 0\r\n\r\n")
+        if b"GET /to-https" in request:
+            conn.sendall(b"HTTP/1.1 302 Found\r\nLocation: https://127.0.0.1:1/png\r\nContent-Length: 0\r\n\r\n")
             return
         if b"GET /to-png" in request:
             conn.sendall(b"HTTP/1.1 302 Found\r\nLocation: /png\r\nContent-Length: 0\r\n\r\n")
@@ -189,7 +189,7 @@ def test_the_byte_limit_holds_while_reading_and_redirects_keep_their_scheme(tmp_
     with tcp_server(endless) as (port, log):
         err = refused(lambda: fetcher.read(f"http://127.0.0.1:{port}/big.png", 10_000))
         assert (err.status, err.param, err.code) == (413, "messages", "image_too_large")
-        err = refused(lambda: fetcher.read(f"http://127.0.0.1:{port}/to-file", 10_000))
+        err = refused(lambda: fetcher.read(f"http://127.0.0.1:{port}/to-https", 10_000))
         assert (err.status, err.code) == (400, "image_fetch_failed") and "another scheme" in err.message
         assert fetcher.read(f"http://127.0.0.1:{port}/to-png", 10_000) == png_bytes()
     assert log == ["closed"]  # the reader hung up long before 64 MiB were sent

@@ -162,6 +162,7 @@ def _read_body(response, deadline: float, max_bytes: int) -> bytes:
         _left(deadline)
         chunk = response.read1(CHUNK)
         if not chunk:
+            _left(deadline)  # an end that the watchdog made is no end of the image
             return b"".join(chunks)
         size += len(chunk)
         if size > max_bytes:
