@@ -229,3 +229,48 @@ def test_hanging_fetches_never_starve_a_data_url_request(checkpoint):
         assert status == 200 and json.loads(reply)["choices"][0]["message"]["role"] == "assistant"
         assert log.count("open") == 8 and len(statuses) == 32  # the 8 still hang
         assert all(s == 429 and json.loads(body)["error"]["code"] == "too_many_fetches" for s, _, body in statuses)
+
+
+def test_at_most_max_decodes_images_decode_and_prepare_at_once(monkeypatch):
+    import moevlm.serve.images as images
+
+    running, most, lock = [0], [0], threading.Lock()
+    decode = images.open_image_bytes
+
+    def counted(data):
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        time.sleep(0.05)
+        return decode(data)
+
+    def prepare(image):
+        time.sleep(0.05)
+        with lock:
+            running[0] -= 1
+        return image.size
+
+    monkeypatch.setattr(images, "open_image_bytes", counted)
+    loader = images.ImageLoader(images.ImageLimits(max_decodes=2))
+    sizes = []
+    threads = [threading.Thread(target=lambda: sizes.append(loader.load(data_url(picture(1)), prepare)))
+               for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert sizes == [(24, 24)] * 8 and most[0] == 2
+
+
+def test_serve_refuses_bad_fetch_and_image_flags_with_exit_code_2(checkpoint, tmp_path, capsys):
+    from moevlm.cli import main
+
+    assert main(["serve", "--model", str(checkpoint), "--allowed-local-media-path", str(tmp_path / "none")]) == 2
+    assert f"--allowed-local-media-path {tmp_path / 'none'}: not a folder" in capsys.readouterr().err
+    assert main(["serve", "--model", str(checkpoint), "--max-image-pixels", "200000000"]) == 2
+    assert ("--max-image-pixels must be at most 178956970 (Pillow decodes no larger image), not 200000000"
+            in capsys.readouterr().err)
+    assert main(["serve", "--model", str(checkpoint), "--request-timeout", "0"]) == 2
+    assert "--request-timeout must be > 0, not 0.0" in capsys.readouterr().err
+    assert main(["serve", "--model", str(checkpoint), "--max-image-decodes", "0"]) == 2
+    assert "--max-image-decodes must be >= 1, not 0" in capsys.readouterr().err
