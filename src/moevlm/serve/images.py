@@ -1,7 +1,8 @@
 """Images of a chat request: ``data:`` URLs always; ``file:`` and ``http(s):`` URLs only where the server
 allows them (serve/fetch.py). Memory is bounded by pixels, not bytes: the size is read from the header
 (without Pillow's own decompression-bomb cut-off, so the message says what the header says) and an
-image over the pixel limit is refused before decoding; at most ``max_decodes`` images decode at once."""
+image over the pixel limit is refused before decoding; ``max_decodes`` threads decode (and prepare)
+every image, so at most that many are in memory at once."""
 
 from __future__ import annotations
 
@@ -9,8 +10,8 @@ import base64
 import binascii
 import io
 import re
-import threading
 import urllib.parse
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, TypeVar
 
@@ -41,22 +42,20 @@ class ImageLoader:
     def __init__(self, limits: ImageLimits):
         self.limits = limits
         self.fetcher = Fetcher(limits.fetch)
-        self._decoding = threading.BoundedSemaphore(limits.max_decodes)
+        # Decoding on a few threads of its own, not on each request's: every thread that decodes a large
+        # image keeps its own malloc arena of freed memory, so decoding on 40 request threads two at a
+        # time would still hold 40 arenas' worth.
+        self._decoders = ThreadPoolExecutor(max_workers=limits.max_decodes, thread_name_prefix="moevlm-decode")
 
     def load(self, url: str, prepare: Callable[[Image.Image], T] | None = None) -> Image.Image | T:
-        """``prepare`` (e.g. the model's resize) runs within the decode bound, so that a large decoded
+        """``prepare`` (e.g. the model's resize) runs on the decoding thread too, so that a large decoded
         image is dropped before another takes its place."""
         data = self.image_bytes(url)
         width, height = header_size(data)
         if width * height > self.limits.max_pixels:
             raise ApiError(413, f"image_url: the image has {width}x{height} pixels, over the limit of "
                                 f"{self.limits.max_pixels}", "messages", "image_too_large")
-        with self._decoding:
-            try:
-                image = open_image_bytes(data)
-            except (ValueError, OSError) as err:
-                raise ApiError(400, f"image_url: {err}", "messages", "invalid_image") from None
-            return image if prepare is None else prepare(image)
+        return self._decoders.submit(_decode, data, prepare).result()
 
     def image_bytes(self, url: str) -> bytes:
         if not isinstance(url, str):
@@ -74,6 +73,14 @@ class ImageLoader:
         if not data:
             raise ApiError(400, "image_url: no image bytes", "messages", "invalid_image")
         return data
+
+
+def _decode(data: bytes, prepare):
+    try:
+        image = open_image_bytes(data)
+    except (ValueError, OSError) as err:
+        raise ApiError(400, f"image_url: {err}", "messages", "invalid_image") from None
+    return image if prepare is None else prepare(image)
 
 
 def data_url_bytes(url: str) -> bytes:
