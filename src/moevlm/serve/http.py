@@ -50,6 +50,8 @@ async def read_json(request, max_bytes: int):
 
 def install(app, metrics, allowed_origins: list[str]) -> None:
     """Error handlers and middleware of the app; ``metrics`` counts every error by status."""
+    # Lazy: the server stack is only needed by `moevlm serve`. Routing's 404/405 are Starlette's own
+    # HTTPException, which FastAPI's subclass of it would not catch.
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse
     from starlette.exceptions import HTTPException
@@ -81,7 +83,7 @@ def install(app, metrics, allowed_origins: list[str]) -> None:
 
     app.add_middleware(RequestIdMiddleware)
     if allowed_origins:
-        from starlette.middleware.cors import CORSMiddleware
+        from fastapi.middleware.cors import CORSMiddleware  # Lazy: as above
 
         app.add_middleware(CORSMiddleware, allow_origins=allowed_origins, allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "Content-Type", "x-request-id"],
