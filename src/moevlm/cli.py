@@ -207,10 +207,29 @@ def build_parser() -> argparse.ArgumentParser:
                        help="most requests waiting for a batch slot; more get 429 (default 64)")
     serve.add_argument("--grace", type=float, default=10.0,
                        help="seconds in-flight requests get to finish after SIGTERM (default 10)")
+    serve.add_argument("--request-timeout", type=float, default=600.0,
+                       help="seconds from a request's arrival to its last token; then it ends with a 504 (a stream: "
+                            "an error chunk, finish_reason length) (default 600)")
+    serve.add_argument("--allowed-origins", nargs="+", default=[], metavar="ORIGIN",
+                       help="web origins allowed to call the API from a browser (CORS), e.g. https://app.example; "
+                            "'*' for any (default: none)")
     serve.add_argument("--allow-http-images", action="store_true",
-                       help="also accept http(s): and file: image URLs (fetched with the size limit, 10 s timeout)")
+                       help="also accept http(s): image URLs: fetched with --max-image-bytes, one deadline for the "
+                            "whole fetch, redirects to the same scheme only. The server then fetches any address "
+                            "a client names, internal ones included")
+    serve.add_argument("--allowed-local-media-path", default=None, metavar="DIR",
+                       help="accept file: image URLs of regular files under DIR (symlinks resolved; nothing outside "
+                            "DIR) (default: file: URLs refused)")
+    serve.add_argument("--image-fetch-timeout", type=float, default=10.0,
+                       help="seconds for a whole http(s) image fetch (default 10)")
+    serve.add_argument("--max-image-fetches", type=int, default=8,
+                       help="http(s) image fetches at once; more get 429 (default 8)")
     serve.add_argument("--max-image-bytes", type=int, default=10 * 2**20, help="per image (default 10 MiB)")
-    serve.add_argument("--max-image-pixels", type=int, default=40_000_000, help="per image (default 40 million)")
+    serve.add_argument("--max-image-pixels", type=int, default=4096 * 4096,
+                       help="per image, read from its header before decoding; larger ones get 413 "
+                            "(default 16777216, 4096 x 4096)")
+    serve.add_argument("--max-image-decodes", type=int, default=2,
+                       help="images decoded at once, server-wide; bounds the memory of decoding (default 2)")
     serve.add_argument("--max-body-bytes", type=int, default=20 * 2**20, help="per request (default 20 MiB)")
     return parser
 
@@ -324,7 +343,10 @@ def _cmd_serve(args) -> int:
           served_name=args.served_model_name or args.model.resolve().name, max_batch=args.max_batch,
           max_queue=args.max_queue, grace=args.grace,
           allow_http_images=args.allow_http_images, max_image_bytes=args.max_image_bytes,
-          max_image_pixels=args.max_image_pixels, max_body_bytes=args.max_body_bytes)
+          max_image_pixels=args.max_image_pixels, max_image_decodes=args.max_image_decodes,
+          max_image_fetches=args.max_image_fetches, image_fetch_timeout=args.image_fetch_timeout,
+          allowed_local_media_path=args.allowed_local_media_path, max_body_bytes=args.max_body_bytes,
+          request_timeout=args.request_timeout, allowed_origins=args.allowed_origins)
     return 0
 
 

@@ -61,7 +61,7 @@ def test_file_urls_are_read_only_when_allowed(checkpoint, tmp_path):
     path = tmp_path / "picture.png"
     picture(5).save(path)
     request = {"model": checkpoint.name, "temperature": 0, "max_tokens": 8}
-    with live_server(checkpoint, allow_http_images=True) as (url, _):
+    with live_server(checkpoint, allowed_local_media_path=tmp_path) as (url, _):
         by_file = http(f"{url}/v1/chat/completions", json.dumps(
             {**request, "messages": user_message(path.as_uri())}).encode())
         inline = http(f"{url}/v1/chat/completions", json.dumps(
@@ -70,7 +70,7 @@ def test_file_urls_are_read_only_when_allowed(checkpoint, tmp_path):
             {**request, "messages": user_message((tmp_path / "none.png").as_uri())}).encode())
     assert by_file[0] == inline[0] == 200
     assert json.loads(by_file[2])["choices"] == json.loads(inline[2])["choices"]
-    assert missing[0] == 400 and "cannot fetch" in json.loads(missing[2])["error"]["message"]
+    assert missing[0] == 400 and json.loads(missing[2])["error"]["code"] == "image_unreadable"
 
 
 def test_serve_refuses_a_missing_folder_and_bad_limits_with_exit_code_2(checkpoint, tmp_path, capsys):

@@ -5,7 +5,6 @@ an OpenAI-shaped 4xx and the server goes on; the engine only ever sees valid job
 """
 
 import asyncio
-import hmac
 import json
 import time
 import uuid
@@ -15,10 +14,11 @@ from importlib import resources
 from moevlm.serve.chat import ChatRequest, check_for_model, choice_seed, parse_request, request_prompt
 from moevlm.serve.engine import Engine, Job, QueueFull
 from moevlm.serve.errors import ApiError
-from moevlm.serve.images import ImageLimits, load_image
+from moevlm.serve.http import check_key, install, read_json
+from moevlm.serve.images import ImageLimits, ImageLoader
 from moevlm.serve.responses import Reply
-
-DISCONNECT_POLL = 0.5  # seconds between checks that a waiting non-streaming client is still there
+from moevlm.serve.schema import REQUEST_BODY, ChatCompletion, ModelCard, ModelList, add_request_schema, errors
+from moevlm.serve.waiting import CLOSING, GONE, TIMEOUT, client_gone, next_event
 
 
 def cancel(jobs: list[Job]) -> None:
@@ -33,6 +33,8 @@ class ServeOptions:
     max_body_bytes: int = 20 * 2**20
     images: ImageLimits = ImageLimits()
     retry_after: int = 1  # seconds, for 429 and 503
+    request_timeout: float = 600.0  # seconds from arrival to the last token
+    allowed_origins: tuple[str, ...] = ()  # CORS
 
 
 def create_app(engine: Engine, options: ServeOptions):
@@ -43,20 +45,12 @@ def create_app(engine: Engine, options: ServeOptions):
     from fastapi.concurrency import run_in_threadpool
     from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
 
-    app = FastAPI(title="moevlm", docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(title="moevlm", docs_url=None, redoc_url=None)
+    app.state.closing = asyncio.Event()  # set by the server when --grace has run out (serve/server.py)
     page = resources.files("moevlm.serve").joinpath("page.html").read_text(encoding="utf-8")
-
-    @app.exception_handler(ApiError)
-    async def api_error(request: Request, err: ApiError):
-        engine.metrics.add_request(str(err.status))
-        return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
-
-    def check_key(request: Request) -> None:
-        if options.api_key is None:
-            return
-        given = request.headers.get("authorization", "")
-        if not hmac.compare_digest(given.encode(), f"Bearer {options.api_key}".encode()):
-            raise ApiError(401, "missing or wrong API key (Authorization: Bearer KEY)", code="invalid_api_key")
+    install(app, engine.metrics, list(options.allowed_origins))
+    add_request_schema(app, options.served_name)
+    images = ImageLoader(options.images)
 
     def check_ready() -> None:
         if not engine.ready.is_set() or engine.failed is not None:
@@ -76,33 +70,31 @@ def create_app(engine: Engine, options: ServeOptions):
         return {"status": "ok"}
 
     @app.get("/metrics")
-    async def metrics():
+    async def metrics(request: Request):
+        check_key(request, options.api_key)
         return PlainTextResponse(engine.metrics.render(), media_type="text/plain; version=0.0.4")
 
-    @app.get("/v1/models")
-    async def models(request: Request):
-        check_key(request)
-        check_ready()
+    def model_card() -> dict:
         moe = engine.config.model.decoder.moe
-        return {"object": "list", "data": [{
-            "id": options.served_name, "object": "model", "created": int(time.time()), "owned_by": "moevlm",
-            "moevlm": {"moe_layers": len(engine.model.moe_layers), "num_experts": moe.num_experts,
-                       "top_k": moe.top_k, "max_tokens": engine.config.model.decoder.max_text_len}}]}
+        return {"id": options.served_name, "object": "model", "created": int(time.time()), "owned_by": "moevlm",
+                "moevlm": {"moe_layers": len(engine.model.moe_layers), "num_experts": moe.num_experts,
+                           "top_k": moe.top_k, "max_tokens": engine.config.model.decoder.max_text_len}}
 
-    async def read_body(request: Request) -> dict:
-        declared = request.headers.get("content-length")
-        if declared and declared.isdigit() and int(declared) > options.max_body_bytes:
-            raise ApiError(413, f"the request body is over {options.max_body_bytes} bytes")
-        chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > options.max_body_bytes:
-                raise ApiError(413, f"the request body is over {options.max_body_bytes} bytes")
-            chunks.append(chunk)
-        try:
-            return json.loads(b"".join(chunks))
-        except (ValueError, UnicodeDecodeError) as err:
-            raise ApiError(400, f"the request body is not valid JSON: {err}") from None
+    @app.get("/v1/models", response_model=None, responses={200: {"model": ModelList}, **errors(401, 503)})
+    async def models(request: Request):
+        check_key(request, options.api_key)
+        check_ready()
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{model_id:path}", response_model=None,
+             responses={200: {"model": ModelCard}, **errors(401, 404, 503)})
+    async def model(request: Request, model_id: str):
+        check_key(request, options.api_key)
+        check_ready()
+        if model_id != options.served_name:
+            raise ApiError(404, f"the model {model_id[:100]!r} does not exist; this server has "
+                                f"{options.served_name!r}", "model", "model_not_found")
+        return model_card()
 
     def make_jobs(req: ChatRequest, emit_for, arrived: float) -> list[Job]:
         """Runs on a worker thread: image decoding and preparation take a while. One job per choice."""
@@ -110,7 +102,7 @@ def create_app(engine: Engine, options: ServeOptions):
         ids = request_prompt(req, engine.tokenizer, most, engine.max_images)
         room = engine.token_limit(ids)
         check_for_model(req, engine.vocab_size, room, most, engine.max_queue)
-        pixels = [engine.prepare_image(load_image(url, options.images)) for url in req.image_urls]
+        pixels = [images.load(url, engine.prepare_image) for url in req.image_urls]
         return [Job(prompt_ids=ids, pixels=pixels[0] if pixels else None, more_pixels=pixels[1:],
                     max_tokens=min(req.max_tokens or room, room), emit=emit_for(index),
                     temperature=req.temperature, top_p=req.top_p, seed=choice_seed(req.seed, index), stop=req.stop,
@@ -119,12 +111,14 @@ def create_app(engine: Engine, options: ServeOptions):
                     ignore_eos=req.ignore_eos, logprobs=req.logprobs, top_logprobs=req.top_logprobs)
                 for index in range(req.n)]
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", openapi_extra=REQUEST_BODY, response_model=None,
+              responses={200: {"model": ChatCompletion, "content": {"text/event-stream": {}}},
+                         **errors(400, 401, 404, 413, 415, 429, 503, 504)})
     async def chat_completions(request: Request):
         arrived = time.perf_counter()  # time to first token counts from here
-        check_key(request)
+        check_key(request, options.api_key)
         check_ready()
-        req = parse_request(await read_body(request), options.served_name)
+        req = parse_request(await read_json(request, options.max_body_bytes), options.served_name)
         loop, events = asyncio.get_running_loop(), asyncio.Queue()
 
         def emit_for(index: int):
@@ -145,28 +139,46 @@ def create_app(engine: Engine, options: ServeOptions):
                                      headers={"Cache-Control": "no-cache"})
         return await _complete(request, jobs, events, reply)
 
+    def deadline_of(arrived: float) -> float:
+        return arrived + options.request_timeout
+
+    def cut_short(event: tuple) -> ApiError:
+        """The error a request gets when its deadline passed or the server is closing."""
+        if event is TIMEOUT:
+            return ApiError(504, f"the request took longer than the server's limit of {options.request_timeout:g} s",
+                            code="timeout")
+        return ApiError(503, "the server is shutting down", code="server_shutting_down",
+                        headers={"Retry-After": str(options.retry_after)})
+
     async def _complete(request, jobs: list[Job], events: asyncio.Queue, reply: Reply):
-        while not reply.finished:
-            try:
-                index, event = await asyncio.wait_for(events.get(), DISCONNECT_POLL)
-            except asyncio.TimeoutError:
-                if await request.is_disconnected():
-                    cancel(jobs)
+        gone = asyncio.ensure_future(client_gone(request))
+        try:
+            while not reply.finished:
+                event = await next_event(events, deadline_of(jobs[0].submitted), app.state.closing, gone)
+                if event is GONE:
                     return JSONResponse({}, status_code=499)
-                continue
-            reply.add(index, event)
-        if reply.error is not None:
-            cancel(jobs)
-            return JSONResponse(reply.error_body(), status_code=reply.error[1])
-        return reply.body()
+                if event in (TIMEOUT, CLOSING):
+                    raise cut_short(event)
+                reply.add(*event)
+            if reply.error is not None:
+                return JSONResponse(reply.error_body(), status_code=reply.error[1])
+            return reply.body()
+        finally:
+            gone.cancel()
+            cancel(jobs)  # a no-op once they finished; frees the slots otherwise
 
     async def _stream(jobs: list[Job], events: asyncio.Queue, reply: Reply):
         try:
             for line in reply.opening():
                 yield line
             while not reply.finished:
-                index, event = await events.get()
-                for line in reply.chunks(index, event):
+                event = await next_event(events, deadline_of(jobs[0].submitted), app.state.closing)
+                if event in (TIMEOUT, CLOSING):
+                    yield f"data: {json.dumps(cut_short(event).body())}\n\n"
+                    for line in reply.cut_short():
+                        yield line
+                    break
+                for line in reply.chunks(*event):
                     yield line
             yield "data: [DONE]\n\n"
         finally:

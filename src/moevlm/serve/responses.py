@@ -107,3 +107,8 @@ class Reply:
         if self.finished and self.req.include_usage:
             lines.append(sse({**self.base, "object": "chat.completion.chunk", "choices": [], "usage": self.usage()}))
         return lines
+
+    def cut_short(self) -> list[str]:
+        """A stream's end when the request's deadline passed or the server is closing: every choice
+        still running ends with finish_reason "length"."""
+        return [self._chunk(index, {}, "length") for index, choice in enumerate(self.choices) if not choice.finish]
