@@ -9,6 +9,7 @@ import json
 import socket
 import struct
 import tempfile
+import time
 import urllib.parse
 
 import pytest
@@ -195,6 +196,14 @@ def test_a_non_streaming_client_that_leaves_frees_its_slot_at_once(checkpoint, m
         wait_for(lambda: batch_size() == 0, seconds=2)
 
 
+def slow_down(engine, seconds: float) -> None:
+    for name in ("prefill", "step"):
+        def slowed(*args, original=getattr(engine.model, name), **kwargs):
+            time.sleep(seconds)
+            return original(*args, **kwargs)
+        setattr(engine.model, name, slowed)
+
+
 def test_the_page_with_a_key_sends_one_request_for_two_enters(checkpoint, tmp_path):
     """With --api-key the page first asks for the key (no JavaScript error in the status); pressing
     Enter twice sends one request, and the answer is that request's alone."""
@@ -211,6 +220,7 @@ def test_the_page_with_a_key_sends_one_request_for_two_enters(checkpoint, tmp_pa
             checkpoint.name, max_tokens=min(32, most), messages=user_message(data_url(Image.open(image)), "what is it")
         )).encode(), AUTH)[2])["choices"][0]["message"]["content"]
         before = outcome_count(url, "ok")
+        slow_down(engine, 0.2)  # the first answer is still running when Enter is pressed again
         browser = playwright.chromium.launch_persistent_context(profile, executable_path=executable,
                                                                 args=CHROMIUM_ARGS)
         try:
