@@ -21,6 +21,7 @@ Loading: ``load_model`` (inference: model, tokenizer, config), ``load_checkpoint
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -41,6 +42,7 @@ from moevlm.errors import CheckpointError, ConfigError, DamagedCheckpointError, 
 from moevlm.models.factory import build_model, import_llava
 from moevlm.models.lora import apply_lora
 from moevlm.models.protocol import VisionLanguageModel
+from moevlm.models.quantized import check_quantize, quantize_model
 
 CONFIG, WEIGHTS, TOKENIZER, STATE, OPTIMIZER, CHECKSUMS, PRETRAINED = (
     "config.json", "model.safetensors", "tokenizer.json", "trainer_state.json", "optimizer.pt", "checksums.json",
@@ -277,13 +279,34 @@ def read_config(model_dir: Path) -> Config:
         raise CheckpointError(f"{path}: {err}") from None
 
 
-def load_model(model_dir: Path, device: str | torch.device = "cpu"):
+def load_model(model_dir: Path, device: str | torch.device = "cpu", quantize: str | None = None):
     """Verify the checksums, then rebuild the model from config.json and load weights and tokenizer.
+    ``quantize`` (``--quantize``: int8, nf4; None: as saved) swaps quantized weights into the decoder
+    (models/quantized.py); None takes the default set by ``quantize_on_load``.
 
     Returns (model, tokenizer, config); ``load_checkpoint`` also says which weights came from a source.
     """
+    quantize = check_quantize(quantize or _default_quantize)  # before the seconds of loading
     bundle = load_checkpoint(model_dir)
-    return bundle.model.to(device).eval(), bundle.tokenizer, bundle.config
+    model = bundle.model.eval()
+    if quantize is not None:
+        model = quantize_model(model, quantize, torch.device(device))
+    return model.to(device), bundle.tokenizer, bundle.config
+
+
+_default_quantize: str | None = None
+
+
+@contextlib.contextmanager
+def quantize_on_load(kind: str | None):
+    """``load_model`` calls inside (on any thread) quantize to ``kind`` unless they name their own:
+    for the commands whose loading happens deeper down (caption, the server's engine thread)."""
+    global _default_quantize
+    before, _default_quantize = _default_quantize, check_quantize(kind)
+    try:
+        yield
+    finally:
+        _default_quantize = before
 
 
 def load_checkpoint(model_dir: Path) -> PreparedModel:

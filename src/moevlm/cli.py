@@ -18,6 +18,12 @@ from moevlm.config import PRESETS, STAGES, describe_fields
 EXIT_USER_ERROR = 2
 
 
+def _add_quantize_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--quantize", default=None, metavar="int8|nf4",
+                        help="quantized decoder weights: int8 (weight-only, per output channel; CPU and GPU) or "
+                             "nf4 (bitsandbytes, CUDA only); default: the weights as saved")
+
+
 def _add_sampling_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=64, help="most tokens to generate (default 64)")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy decoding")
@@ -108,6 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     caption.add_argument("--prompt", default="", help="text prompt (default: none, plain captioning)")
     _add_sampling_flags(caption)
     _add_device_flag(caption)
+    _add_quantize_flag(caption)
     caption.add_argument("--batch-size", type=int, default=32,
                          help="images read and captioned together; captions print batch by batch (default 32)")
     caption.add_argument("--json", action="store_true", help='one {"image", "text"} JSON object per line')
@@ -127,6 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     generation.add_argument("--no-generate", action="store_true",
                             help="loss and perplexity only: no captions, no exact match or BLEU")
     _add_device_flag(evaluate)
+    _add_quantize_flag(evaluate)
 
     demo = sub.add_parser("demo", help="build a handwritten-digit scene task and train on it (a few minutes)")
     demo.add_argument("--out", type=Path, default=Path("runs/demo"), help="where data, checkpoint and plots go")
@@ -178,6 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     serve.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
     _add_device_flag(serve)
+    _add_quantize_flag(serve)
     serve.add_argument("--api-key", default=None, help="require Authorization: Bearer KEY on /v1 requests")
     serve.add_argument("--served-model-name", default=None, help="the model's name in the API "
                                                                   "(default: the folder's name)")
@@ -215,13 +224,15 @@ def _cmd_train(args) -> int:
 
 
 def _cmd_caption(args) -> int:
+    from moevlm.checkpoint import quantize_on_load
     from moevlm.generate import caption_files
 
     captions = caption_files(_checkpoint_folder(args), args.images, prompt=args.prompt, device=args.device,
                              batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
                              temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
-    for path, text in captions:
-        print(json.dumps({"image": str(path), "text": text}) if args.json else f"{path}: {text}", flush=True)
+    with quantize_on_load(args.quantize):  # the model loads at the first caption
+        for path, text in captions:
+            print(json.dumps({"image": str(path), "text": text}) if args.json else f"{path}: {text}", flush=True)
     return 0
 
 
@@ -233,7 +244,7 @@ def _cmd_eval(args) -> int:
     from moevlm.evaluate import evaluate_file
 
     result = evaluate_file(_checkpoint_folder(args), args.data, device=args.device, max_new_tokens=args.max_new_tokens,
-                           generate=not args.no_generate, image_root=args.image_root)
+                           generate=not args.no_generate, image_root=args.image_root, quantize=args.quantize)
     if args.json:
         print(json.dumps(_public_result(result)))
         return 0
@@ -286,14 +297,16 @@ def _cmd_bench(args) -> int:
 
 
 def _cmd_serve(args) -> int:
+    from moevlm.checkpoint import quantize_on_load
     from moevlm.serve.server import serve
 
-    # The run folder's name whichever checkpoint of it is served.
-    serve(_checkpoint_folder(args), host=args.host, port=args.port, device=args.device, api_key=args.api_key,
-          served_name=args.served_model_name or args.model.resolve().name, max_batch=args.max_batch,
-          max_queue=args.max_queue, grace=args.grace,
-          allow_http_images=args.allow_http_images, max_image_bytes=args.max_image_bytes,
-          max_image_pixels=args.max_image_pixels, max_body_bytes=args.max_body_bytes)
+    # The run folder's name whichever checkpoint of it is served; the engine's thread loads the model.
+    with quantize_on_load(args.quantize):
+        serve(_checkpoint_folder(args), host=args.host, port=args.port, device=args.device, api_key=args.api_key,
+              served_name=args.served_model_name or args.model.resolve().name, max_batch=args.max_batch,
+              max_queue=args.max_queue, grace=args.grace,
+              allow_http_images=args.allow_http_images, max_image_bytes=args.max_image_bytes,
+              max_image_pixels=args.max_image_pixels, max_body_bytes=args.max_body_bytes)
     return 0
 
 
