@@ -1,27 +1,25 @@
 """Quantized weights for inference (``--quantize``), swapped into a loaded model's decoder.
 
 ``int8``: weight-only, symmetric, one scale per output channel: ``w ~ q * s`` with
-``s = max|w_row| / 127`` and ``q = round(w / s)`` in [-127, 127], so each weight is off by at most
-``s / 2``. Covered: every linear layer of the decoder (attention, dense and shared-expert MLPs, the
-LM head; a head tied to the input embedding gets its own int8 copy while the embedding stays
-float, as a lookup reads one row) and the MoE experts' stacked weights (``Int8MoE``). Routers stay
-float: their logits pick the experts. The vision tower and projector stay float: they run once per
-image, not once per generated token.
+``s = max|w_row| / 127`` (rounded up to a bf16 value) and ``q = round(w / s)`` in [-127, 127], so
+each weight is off by at most ``s / 2``. Covered: every linear layer of the decoder (attention,
+dense and shared-expert MLPs, the LM head; a head tied to the input embedding gets its own int8
+copy while the embedding stays float, as a lookup reads one row) and the MoE experts' stacked
+weights (``Int8MoE``). Routers stay float: their logits pick the experts. The vision tower and
+projector stay float: they run once per image, not once per generated token.
 
 Activations stay in their dtype. ``int8_matmul_reference`` is the plain version: dequantize, then
 matmul. On the CPU a few rows at a time (decoding) go through ``torch._weight_int8pack_mm``, which
-reads the int8 weights directly; it takes bf16 activations, so there the input is rounded to bf16
-and the bf16 product is scaled in the activations' dtype (unit scales inside the kernel: bf16
-scales would add up to 127 * s * 2^-9 of error per weight). With more rows the dequantized matmul
-is faster (measured in benchmarks/quantize_speed.py's notes) and the reference path runs.
+reads the int8 weights directly; it takes bf16 activations and scales, so there the input is
+rounded to bf16 and the product comes back in bf16 (each scale is rounded up to a bf16 value when
+quantizing, so the kernel and the reference use the same one). With more rows the dequantized
+matmul is faster (FAST_ROWS) and the reference path runs.
 
 ``nf4``: bitsandbytes' 4-bit NormalFloat ``Linear4bit`` on the decoder's linear layers, CUDA only
 (the weights are quantized when the model moves to the card).
 """
 
 from __future__ import annotations
-
-import functools
 
 import torch
 import torch.nn.functional as F
@@ -40,28 +38,31 @@ KINDS = ("int8", "nf4")
 FAST_ROWS = 8
 
 
+def bf16_ceil(x: torch.Tensor) -> torch.Tensor:
+    """The smallest bf16 value >= each (positive, finite) float32 of x, as float32."""
+    return ((x.float().view(torch.int32) + 0xFFFF) & -0x10000).view(torch.float32)
+
+
 def quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric int8 along the last dim: (..., N, K) -> q (..., N, K) int8, scale (..., N) fp32."""
+    """Symmetric int8 along the last dim: (..., N, K) -> q (..., N, K) int8, scale (..., N) bf16.
+
+    The scale is max|w_row| / 127 rounded up to a bf16 value (at most 2^-7 more): the CPU kernel
+    takes bf16 scales, and a scale it can hold exactly keeps every weight within scale / 2."""
     w = w.detach().float()
     # An all-zero row keeps q = 0 with any positive scale.
-    scale = (w.abs().amax(dim=-1) / 127).clamp(min=torch.finfo(torch.float32).tiny)
+    scale = bf16_ceil((w.abs().amax(dim=-1) / 127).clamp(min=torch.finfo(torch.float32).tiny))
     q = torch.round(w / scale.unsqueeze(-1)).clamp(-127, 127).to(torch.int8)
-    return q, scale
+    return q, scale.bfloat16()
 
 
 def dequantize_rows(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return q.float() * scale.unsqueeze(-1)
+    return q.float() * scale.float().unsqueeze(-1)
 
 
 def int8_matmul_reference(x: torch.Tensor, q_NK: torch.Tensor, scale_N: torch.Tensor,
                           bias: torch.Tensor | None = None) -> torch.Tensor:
     """``x @ (q * s)^T + bias`` with the weight dequantized first."""
     return F.linear(x, dequantize_rows(q_NK, scale_N).to(x.dtype), bias)
-
-
-@functools.cache
-def _unit_scales(n: int, device: torch.device) -> torch.Tensor:
-    return torch.ones(n, dtype=torch.bfloat16, device=device)
 
 
 def fast_path_applies(x: torch.Tensor) -> bool:
@@ -76,7 +77,7 @@ def int8_matmul_fast(x: torch.Tensor, q_NK: torch.Tensor, scale_N: torch.Tensor,
     """The CPU kernel on bf16-rounded activations; equals the reference on ``x.bfloat16()`` up to the
     bf16 rounding of the product (relative 2^-8)."""
     rows = x.reshape(-1, x.size(-1)).to(torch.bfloat16)
-    y = torch._weight_int8pack_mm(rows, q_NK, _unit_scales(q_NK.size(0), q_NK.device)).to(x.dtype) * scale_N.to(x.dtype)
+    y = torch._weight_int8pack_mm(rows, q_NK, scale_N.to(torch.bfloat16)).to(x.dtype)
     if bias is not None:
         y = y + bias
     return y.view(*x.shape[:-1], q_NK.size(0))
@@ -90,7 +91,7 @@ def int8_matmul(x: torch.Tensor, q_NK: torch.Tensor, scale_N: torch.Tensor,
 
 
 class Int8Linear(nn.Module):
-    """A linear layer with int8 weights (out, in) and one fp32 scale per output channel."""
+    """A linear layer with int8 weights (out, in) and one bf16 scale per output channel."""
 
     def __init__(self, weight_q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None):
         super().__init__()
