@@ -65,19 +65,27 @@ def int8_matmul_reference(x: torch.Tensor, q_NK: torch.Tensor, scale_N: torch.Te
     return F.linear(x, dequantize_rows(q_NK, scale_N).to(x.dtype), bias)
 
 
+HAS_KERNEL = hasattr(torch, "_weight_int8pack_mm")
+FAST_DTYPES = (torch.float32, torch.bfloat16)
+
+
 def fast_path_applies(x: torch.Tensor) -> bool:
     # In torch 2.13 the kernel crashes or returns garbage for an input width that is not a multiple
     # of 16 (tried: 2 .. 56 against 1 .. 70 outputs); multiples of 16 matched the reference everywhere.
-    return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and x.size(-1) % 16 == 0
-            and hasattr(torch, "_weight_int8pack_mm") and x.numel() // x.size(-1) <= FAST_ROWS)
+    # Checked once per layer and step: kept to cheap tensor attributes (a few us of a ~40 us layer).
+    width = x.size(-1)
+    return HAS_KERNEL and x.is_cpu and x.dtype in FAST_DTYPES and width % 16 == 0 and x.numel() <= FAST_ROWS * width
 
 
 def int8_matmul_fast(x: torch.Tensor, q_NK: torch.Tensor, scale_N: torch.Tensor,
                      bias: torch.Tensor | None = None) -> torch.Tensor:
     """The CPU kernel on bf16-rounded activations; equals the reference on ``x.bfloat16()`` up to the
     bf16 rounding of the product (relative 2^-8)."""
-    rows = x.reshape(-1, x.size(-1)).to(torch.bfloat16)
-    y = torch._weight_int8pack_mm(rows, q_NK, scale_N.to(torch.bfloat16)).to(x.dtype)
+    if scale_N.dtype != torch.bfloat16:  # a model cast with .float() after quantizing
+        scale_N = scale_N.bfloat16()
+    y = torch._weight_int8pack_mm(x.reshape(-1, x.size(-1)).to(torch.bfloat16), q_NK, scale_N)
+    if y.dtype != x.dtype:
+        y = y.to(x.dtype)
     if bias is not None:
         y = y + bias
     return y.view(*x.shape[:-1], q_NK.size(0))
