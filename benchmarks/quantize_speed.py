@@ -5,10 +5,10 @@ shaped like SigLIP-base-patch16-224 (196 image tokens) and an LM shaped like Smo
 576, 30 layers, 9 heads with 3 KV heads, MLP 1536, vocabulary 49,152, tied embeddings). ``--moe``
 upcycles every other MLP to 4 SwiGLU experts, top-2 (as the real-shapes chain's moe stage).
 
-Speed: one image and an 8-token prompt, greedy, no early stop; tokens/s of the decoding steps alone,
-from the difference between generating ``--short`` and ``--long`` tokens (so the prefill, 204
-positions through both models, cancels). The two models alternate, ``--repeats`` times each; the
-median and the range are printed. Loss: the mean next-token loss of both models on one fixed batch
+Speed: one image and an 8-token prompt, greedy, no early stop; tokens/s of the decoding steps alone
+(one over the median step time of a repeat, so the prefill of 204 positions and bursts of other
+work on the machine do not count). The two models alternate, ``--repeats`` times each; the median
+and the range over repeats are printed. Loss: the mean next-token loss of both models on one fixed batch
 of 4 rows (random weights: the loss is ~ln(vocabulary); its change is what counts).
 
     OMP_NUM_THREADS=1 python benchmarks/quantize_speed.py [--moe] [--repeats 3]
@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 os.environ["HF_HUB_OFFLINE"] = "1"
 
 from moevlm.config import load_config  # noqa: E402
-from moevlm.generate import generate  # noqa: E402
+from moevlm.generate import generate_stream  # noqa: E402
 from moevlm.models.factory import build_model  # noqa: E402
 from moevlm.models.hf_config import resolve_pretrained  # noqa: E402
 from moevlm.models.quantized import Int8Linear, Int8MoE, quantize_model  # noqa: E402
@@ -54,11 +54,16 @@ def build(root: Path, moe: bool):
     return build_model(cfg).eval(), cfg
 
 
-def decode_seconds(model, image: torch.Tensor, prompt: list[int], tokens: int) -> float:
-    began = time.perf_counter()
-    out = generate(model, image, [prompt], eos_id=-1, pad_id=0, max_new_tokens=tokens)
-    assert len(out[0]) == tokens
-    return time.perf_counter() - began
+def step_seconds(model, image: torch.Tensor, prompt: list[int], tokens: int) -> list[float]:
+    """The wall time of each decoding step after the first token (which comes with the prefill)."""
+    times, last = [], time.perf_counter()
+    for index, _ in enumerate(generate_stream(model, image, [prompt], eos_id=-1, pad_id=0, max_new_tokens=tokens)):
+        now = time.perf_counter()
+        if index:
+            times.append(now - last)
+        last = now
+    assert len(times) == tokens - 1
+    return times
 
 
 def fixed_batch_loss(model, cfg, generator: torch.Generator) -> float:
@@ -74,8 +79,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--moe", action="store_true", help="every other MLP as 4 experts, top-2")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--short", type=int, default=8)
-    parser.add_argument("--long", type=int, default=40)
+    parser.add_argument("--tokens", type=int, default=33, help="tokens generated per repeat (default 33)")
     args = parser.parse_args()
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory(prefix="moevlm-quantize-") as root:
@@ -92,12 +96,10 @@ def main() -> None:
     rates = {"fp32": [], "int8": []}
     with torch.inference_mode():
         for name, model in (("fp32", fp32), ("int8", int8)):  # warm-up
-            decode_seconds(model, image, prompt, 2)
+            step_seconds(model, image, prompt, 3)
         for _ in range(args.repeats):
             for name, model in (("fp32", fp32), ("int8", int8)):
-                short = decode_seconds(model, image, prompt, args.short)
-                long = decode_seconds(model, image, prompt, args.long)
-                rates[name].append((args.long - args.short) / (long - short))
+                rates[name].append(1 / statistics.median(step_seconds(model, image, prompt, args.tokens)))
         losses = {name: fixed_batch_loss(model, cfg, torch.Generator().manual_seed(2))
                   for name, model in (("fp32", fp32), ("int8", int8))}
     for name, values in rates.items():
