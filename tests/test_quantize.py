@@ -247,3 +247,17 @@ def test_int8_linear_matches_f_linear_shapes_with_bias():
     int8 = Int8Linear.from_weight(layer.weight, layer.bias)
     x = torch.randn(2, 3, 8)
     assert int8(x).shape == F.linear(x, layer.weight, layer.bias).shape == (2, 3, 5)
+
+
+def test_the_servers_engine_loads_quantized_on_its_own_thread(trained):
+    import threading
+
+    from moevlm.serve.engine import Engine
+
+    engine = Engine(trained / "run", device="cpu", max_batch=2, max_queue=2)
+    with quantize_on_load("int8"):  # what `moevlm serve --quantize int8` wraps the server in
+        loader = threading.Thread(target=engine.load)
+        loader.start()
+        loader.join()
+    assert isinstance(engine.model.decoder.lm_head, Int8Linear)
+    assert all(isinstance(layer, Int8MoE) for layer in engine.model.moe_layers)
