@@ -12,7 +12,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "moevlm"
 # Imported inside functions on purpose: each takes seconds (torch.distributed.checkpoint: 0.7 s, for
 # sharded checkpoints only), and many runs never need it.
 LAZY_LIBRARIES = ("transformers", "huggingface_hub", "peft", "mlflow", "requests", "fastapi", "uvicorn", "starlette",
-                  "datasets", "pyarrow", "torch.distributed.checkpoint")
+                  "datasets", "pyarrow", "torch.distributed.checkpoint", "bitsandbytes")
 # Files that wrap transformers models and so may import it at module level.
 HF_WRAPPERS = {"moevlm.models.hf_config", "moevlm.models.hf_vision", "moevlm.models.hf_lm", "moevlm.models.factory",
                "moevlm.models.moe_install", "moevlm.models.lora"}

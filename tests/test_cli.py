@@ -143,7 +143,7 @@ def test_device_auto_loads_the_model_on_cuda_then_mps(trained, tmp_path, capsys,
             "eval": ["eval", "--model", trained / "run", "--data", trained / "shapes.csv"]}[command]
     loaded_on = []
 
-    def load_model(model_dir, device="cpu"):
+    def load_model(model_dir, device="cpu", quantize=None):
         loaded_on.append(torch.device(device))
         raise checkpoint.CheckpointError("stop here")  # this machine may have neither device
 

@@ -41,6 +41,7 @@ from moevlm.errors import CheckpointError, ConfigError, DamagedCheckpointError, 
 from moevlm.models.factory import build_model, import_llava
 from moevlm.models.lora import apply_lora
 from moevlm.models.protocol import VisionLanguageModel
+from moevlm.models.quantized import check_quantize, quantize_model
 
 CONFIG, WEIGHTS, TOKENIZER, STATE, OPTIMIZER, CHECKSUMS, PRETRAINED = (
     "config.json", "model.safetensors", "tokenizer.json", "trainer_state.json", "optimizer.pt", "checksums.json",
@@ -277,13 +278,19 @@ def read_config(model_dir: Path) -> Config:
         raise CheckpointError(f"{path}: {err}") from None
 
 
-def load_model(model_dir: Path, device: str | torch.device = "cpu"):
+def load_model(model_dir: Path, device: str | torch.device = "cpu", quantize: str | None = None):
     """Verify the checksums, then rebuild the model from config.json and load weights and tokenizer.
+    ``quantize`` (``--quantize``: int8, nf4; None: as saved) swaps quantized weights into the decoder
+    (models/quantized.py).
 
     Returns (model, tokenizer, config); ``load_checkpoint`` also says which weights came from a source.
     """
+    quantize = check_quantize(quantize)  # before the seconds of loading
     bundle = load_checkpoint(model_dir)
-    return bundle.model.to(device).eval(), bundle.tokenizer, bundle.config
+    model = bundle.model.eval()
+    if quantize is not None:
+        model = quantize_model(model, quantize, torch.device(device))
+    return model.to(device), bundle.tokenizer, bundle.config
 
 
 def load_checkpoint(model_dir: Path) -> PreparedModel:

@@ -18,6 +18,12 @@ from moevlm.config import PRESETS, STAGES, describe_fields
 EXIT_USER_ERROR = 2
 
 
+def _add_quantize_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--quantize", default=None, metavar="int8|nf4",
+                        help="quantized decoder weights: int8 (weight-only, per output channel; CPU and GPU) or "
+                             "nf4 (bitsandbytes, CUDA only); default: the weights as saved")
+
+
 def _add_sampling_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=64, help="most tokens to generate (default 64)")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy decoding")
@@ -88,8 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "command line serves the first run and every restart. --preset/--config/--set/--stage/"
                             "--from may be given again: they must give the config the run was started with, except "
                             "train.max_steps, log_every, eval_every, checkpoint_every, keep_checkpoints, "
-                            "max_bad_steps, patience, val_generate, data.num_workers and dist.strategy, "
-                            "expert_parallel, backend, timeout_s, which take the new value; under torchrun it may "
+                            "max_bad_steps, patience, val_generate, activation_checkpointing, data.num_workers and "
+                            "dist.strategy, expert_parallel, backend, timeout_s, mixed_precision, which take the new "
+                            "value; under torchrun it may "
                             "continue on another number of ranks")
     train.add_argument("--stage", choices=STAGES, help="what learns: pretrain (projector), instruct (projector + "
                                                        "LM), moe (MoE layers; upcycles a dense LM), full (all; "
@@ -108,6 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     caption.add_argument("--prompt", default="", help="text prompt (default: none, plain captioning)")
     _add_sampling_flags(caption)
     _add_device_flag(caption)
+    _add_quantize_flag(caption)
     caption.add_argument("--batch-size", type=int, default=32,
                          help="images read and captioned together; captions print batch by batch (default 32)")
     caption.add_argument("--json", action="store_true", help='one {"image", "text"} JSON object per line')
@@ -127,6 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     generation.add_argument("--no-generate", action="store_true",
                             help="loss and perplexity only: no captions, no exact match or BLEU")
     _add_device_flag(evaluate)
+    _add_quantize_flag(evaluate)
 
     demo = sub.add_parser("demo", help="build a handwritten-digit scene task and train on it (a few minutes)")
     demo.add_argument("--out", type=Path, default=Path("runs/demo"), help="where data, checkpoint and plots go")
@@ -199,6 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     serve.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
     _add_device_flag(serve)
+    _add_quantize_flag(serve)
     serve.add_argument("--api-key", default=None, help="require Authorization: Bearer KEY on /v1 requests")
     serve.add_argument("--served-model-name", default=None, help="the model's name in the API "
                                                                   "(default: the folder's name)")
@@ -259,7 +269,8 @@ def _cmd_caption(args) -> int:
 
     captions = caption_files(_checkpoint_folder(args), args.images, prompt=args.prompt, device=args.device,
                              batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
-                             temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+                             temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                             quantize=args.quantize)
     for path, text in captions:
         print(json.dumps({"image": str(path), "text": text}) if args.json else f"{path}: {text}", flush=True)
     return 0
@@ -273,7 +284,7 @@ def _cmd_eval(args) -> int:
     from moevlm.evaluate import evaluate_file
 
     result = evaluate_file(_checkpoint_folder(args), args.data, device=args.device, max_new_tokens=args.max_new_tokens,
-                           generate=not args.no_generate, image_root=args.image_root)
+                           generate=not args.no_generate, image_root=args.image_root, quantize=args.quantize)
     if args.json:
         print(json.dumps(_public_result(result)))
         return 0
@@ -346,7 +357,7 @@ def _cmd_serve(args) -> int:
           max_image_pixels=args.max_image_pixels, max_image_decodes=args.max_image_decodes,
           max_image_fetches=args.max_image_fetches, image_fetch_timeout=args.image_fetch_timeout,
           allowed_local_media_path=args.allowed_local_media_path, max_body_bytes=args.max_body_bytes,
-          request_timeout=args.request_timeout, allowed_origins=args.allowed_origins)
+          request_timeout=args.request_timeout, allowed_origins=args.allowed_origins, quantize=args.quantize)
     return 0
 
 

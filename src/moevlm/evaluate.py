@@ -130,14 +130,15 @@ def reference_groups(dataset: ImageTextDataset) -> list[list[int]]:
 
 
 def evaluate_file(model_dir: str | Path, data: str | Path, *, device: str = "auto", max_new_tokens: int | None = None,
-                  generate: bool = True, image_root: str | None = None) -> dict:
+                  generate: bool = True, image_root: str | None = None, quantize: str | None = None) -> dict:
     """``moevlm eval``: ``evaluate`` of the checkpoint in ``model_dir`` on a data file, on ``device``.
     ``generate`` False: loss and perplexity only (no exact match, BLEU or CIDEr-D in the result). ``image_root``:
-    ``data.image_root`` for this file (the training run's would point at its own images)."""
+    ``data.image_root`` for this file (the training run's would point at its own images). ``quantize``:
+    ``--quantize`` (int8, nf4; models/quantized.py)."""
     if max_new_tokens is not None and max_new_tokens < 1:
         raise ConfigError(f"--max-new-tokens must be at least 1, not {max_new_tokens}")
     where = resolve_device(device, key="--device")
-    model, tokenizer, config = load_model(model_dir, device=where)
+    model, tokenizer, config = load_model(model_dir, device=where, quantize=quantize)
     config = config.updated({"data.image_root": image_root})
     samples, skipped = read_data(data, config.data)
     dataset = dataset_for(samples, tokenizer, config, augment=None, folder=model_dir)

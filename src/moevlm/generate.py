@@ -151,15 +151,16 @@ def caption(model: VisionLanguageModel, tokenizer: TextTokenizer, images: list, 
 
 
 def caption_files(model_dir: str | Path, paths: list[Path], *, prompt: str = "", device: str = "auto",
-                  batch_size: int = 32, **options) -> Iterator[tuple[Path, str]]:
+                  batch_size: int = 32, quantize: str | None = None, **options) -> Iterator[tuple[Path, str]]:
     """``moevlm caption``: (path, caption) of each image file with the checkpoint in ``model_dir``, on
-    ``device`` (``--device``: auto, cpu, cuda, mps; bf16 where it has it), ``batch_size`` at a time.
+    ``device`` (``--device``: auto, cpu, cuda, mps; bf16 where it has it), ``batch_size`` at a time,
+    decoder weights quantized to ``quantize`` (``--quantize``) if given.
     Every path is checked before the first caption, so a typo does not end a long job halfway."""
     if batch_size < 1:
         raise ConfigError(f"--batch-size must be >= 1, not {batch_size}")
     where = resolve_device(device, key="--device")
     amp_dtype = autocast_dtype("auto", where)
-    model, tokenizer, config = load_model(model_dir, device=where)
+    model, tokenizer, config = load_model(model_dir, device=where, quantize=quantize)
     for path in paths:
         if not Path(path).is_file():
             raise DataError(path, None, "a folder, not an image file" if Path(path).is_dir() else "no such image file")

@@ -100,8 +100,9 @@ class Engine:
     """Loads the model from ``model_dir`` on its own thread (``ready`` is set once it is loaded),
     then decodes. ``max_batch``: most requests decoding together; ``max_queue``: most waiting."""
 
-    def __init__(self, model_dir: str | Path, device: str = "auto", max_batch: int = 16, max_queue: int = 64):
-        self.model_dir, self.device_name = Path(model_dir), device
+    def __init__(self, model_dir: str | Path, device: str = "auto", max_batch: int = 16, max_queue: int = 64,
+                 quantize: str | None = None):
+        self.model_dir, self.device_name, self.quantize = Path(model_dir), device, quantize
         self.max_batch, self.max_queue = max_batch, max_queue
         self.metrics = ServerMetrics()
         self.ready = threading.Event()
@@ -122,7 +123,7 @@ class Engine:
         where = resolve_device(self.device_name, key="--device")
         self.amp_dtype = autocast_dtype("auto", where)
         self.device = where
-        model, tokenizer, config = load_model(self.model_dir, device=where)
+        model, tokenizer, config = load_model(self.model_dir, device=where, quantize=self.quantize)
         model.eval()
         self.prepare_image = image_preparer(config.model, self.model_dir)
         self._gate_logits = [None] * len(model.moe_layers)

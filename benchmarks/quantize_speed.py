@@ -1,0 +1,114 @@
+"""Batch-1 greedy decoding speed and loss, float32 against ``--quantize int8``, at real shapes.
+
+Built from configs with random weights, offline (as benchmarks/real_shapes_chain.py): a vision tower
+shaped like SigLIP-base-patch16-224 (196 image tokens) and an LM shaped like SmolLM2-135M (width
+576, 30 layers, 9 heads with 3 KV heads, MLP 1536, vocabulary 49,152, tied embeddings). ``--moe``
+upcycles every other MLP to 4 SwiGLU experts, top-2 (as the real-shapes chain's moe stage).
+
+Speed: one image and an 8-token prompt, greedy, no early stop; tokens/s of the decoding steps alone
+(one over the median step time of a repeat, so the prefill of 204 positions and bursts of other
+work on the machine do not count). The two models alternate, ``--repeats`` times each; the median
+and the range over repeats are printed. Loss: the mean next-token loss of both models on one fixed batch
+of 4 rows (random weights: the loss is ~ln(vocabulary); its change is what counts).
+
+    OMP_NUM_THREADS=1 python benchmarks/quantize_speed.py [--moe] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+from moevlm.config import load_config  # noqa: E402
+from moevlm.generate import generate_stream  # noqa: E402
+from moevlm.models.factory import build_model  # noqa: E402
+from moevlm.models.hf_config import resolve_pretrained  # noqa: E402
+from moevlm.models.quantized import Int8Linear, Int8MoE, quantize_model  # noqa: E402
+from pretrained_fixtures import tiny_llama, tiny_siglip_vision  # noqa: E402
+
+SIGLIP_BASE_224 = dict(image_size=224, patch_size=16, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                       num_attention_heads=12)
+SMOLLM2_135M = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                    num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=2048, rope_theta=100000.0,
+                    tie_word_embeddings=True)
+
+
+def build(root: Path, moe: bool):
+    vision = tiny_siglip_vision(root / "siglip", **SIGLIP_BASE_224)
+    lm = tiny_llama(root / "lm", **SMOLLM2_135M)
+    overrides = [f"model.vision=hf:{vision}", f"model.lm=hf:{lm}"]
+    if moe:
+        overrides += ["moe.num_experts=4", "moe.top_k=2", "moe.layers=every-other"]
+    cfg = resolve_pretrained(load_config("llava", overrides=overrides).model)
+    return build_model(cfg).eval(), cfg
+
+
+def step_seconds(model, image: torch.Tensor, prompt: list[int], tokens: int) -> list[float]:
+    """The wall time of each decoding step after the first token (which comes with the prefill)."""
+    times, last = [], time.perf_counter()
+    for index, _ in enumerate(generate_stream(model, image, [prompt], eos_id=-1, pad_id=0, max_new_tokens=tokens)):
+        now = time.perf_counter()
+        if index:
+            times.append(now - last)
+        last = now
+    assert len(times) == tokens - 1
+    return times
+
+
+def fixed_batch_loss(model, cfg, generator: torch.Generator) -> float:
+    n_img, vocab = cfg.vision.num_image_tokens, cfg.decoder.vocab_size
+    images = torch.rand(4, 3, cfg.vision.image_size, cfg.vision.image_size, generator=generator) * 2 - 1
+    text = torch.randint(0, vocab, (4, 64), generator=generator)
+    ids = torch.cat([torch.full((4, n_img), cfg.decoder.image_token_id), text], dim=1)
+    labels = torch.cat([torch.full((4, n_img), -100), text[:, 1:], torch.full((4, 1), -100)], dim=1)
+    return float(model(images, ids, labels=labels).loss)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--moe", action="store_true", help="every other MLP as 4 experts, top-2")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--tokens", type=int, default=33, help="tokens generated per repeat (default 33)")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory(prefix="moevlm-quantize-") as root:
+        began = time.perf_counter()
+        fp32, cfg = build(Path(root), args.moe)
+    int8 = quantize_model(copy.deepcopy(fp32), "int8", torch.device("cpu"))
+    layers = [type(m) for m in int8.modules()]
+    print(f"built in {time.perf_counter() - began:.0f} s; {torch.get_num_threads()} thread(s), "
+          f"torch {torch.__version__}; int8: {layers.count(Int8Linear)} linear layers, "
+          f"{layers.count(Int8MoE)} MoE layers")
+    size = cfg.vision.image_size
+    image = torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    prompt = [cfg.decoder.image_token_id] * cfg.vision.num_image_tokens + list(range(10, 18))
+    rates = {"fp32": [], "int8": []}
+    with torch.inference_mode():
+        for name, model in (("fp32", fp32), ("int8", int8)):  # warm-up
+            step_seconds(model, image, prompt, 3)
+        for _ in range(args.repeats):
+            for name, model in (("fp32", fp32), ("int8", int8)):
+                rates[name].append(1 / statistics.median(step_seconds(model, image, prompt, args.tokens)))
+        losses = {name: fixed_batch_loss(model, cfg, torch.Generator().manual_seed(2))
+                  for name, model in (("fp32", fp32), ("int8", int8))}
+    for name, values in rates.items():
+        print(f"{name}: {statistics.median(values):.1f} tokens/s (range {min(values):.1f}-{max(values):.1f}), "
+              f"loss on the fixed batch {losses[name]:.5f}")
+    ratios = [i / f for f, i in zip(rates["fp32"], rates["int8"])]
+    print(f"int8 / fp32: {statistics.median(ratios):.2f}x (per repeat: {', '.join(f'{r:.2f}' for r in ratios)}); "
+          f"loss change {losses['int8'] - losses['fp32']:+.5f}")
+
+
+if __name__ == "__main__":
+    main()
