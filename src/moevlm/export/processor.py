@@ -123,11 +123,10 @@ def write_processor(out: Path, tokenizer, images, vision: VisionPart, patch_size
     return processor
 
 
-def write_generation_config(out: Path, special: dict[str, int | None], max_length: int,
-                            suppress: list[int]) -> None:
+def write_generation_config(out: Path, special: dict[str, int | None], suppress: list[int]) -> None:
     # Lazy: transformers takes seconds to import.
     from transformers import GenerationConfig
 
     config = GenerationConfig(bos_token_id=special["bos"], eos_token_id=special["eos"], pad_token_id=special["pad"],
-                              max_length=max_length, do_sample=False, suppress_tokens=suppress or None)
+                              do_sample=False, suppress_tokens=suppress or None)
     config.save_pretrained(str(out))
