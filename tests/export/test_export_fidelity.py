@@ -19,7 +19,6 @@ from PIL import Image
 from moevlm.checkpoint import load_model
 from moevlm.cli import main
 from moevlm.data.images import image_preparer, normalize, open_image
-from moevlm.export.card import carried_card, hub_ids
 from moevlm.export.hf import export_hf
 
 
@@ -77,6 +76,8 @@ def test_export_import_export_is_byte_identical(exported, tmp_path):
 
 
 def test_the_card_names_hub_ids_only_and_a_re_export_keeps_them_and_the_run(tmp_path):
+    from moevlm.export.card import carried_card, hub_ids
+
     folder = tmp_path / "llama"
     folder.mkdir()
     assert hub_ids([str(folder), "./llama", "~/x", "HuggingFaceTB/SmolLM2-135M", "gpt2", "a/b/c"]) == \
