@@ -55,6 +55,8 @@ def test_the_written_keys_are_those_transformers_4_and_5_both_read(exported):
     assert config["vision_config"]["vision_use_head"] is False  # vLLM assumes a head when absent
     tokenizer = json.loads((out / "tokenizer_config.json").read_text())
     assert tokenizer["tokenizer_class"] == "PreTrainedTokenizerFast"  # 4.x has no TokenizersBackend
+    # 4.x's fast tokenizer would add token_type_ids, which the MoE text models' forward refuses
+    assert tokenizer["model_input_names"] == ["input_ids", "attention_mask"]
     assert not {"is_local", "local_files_only", "model_specific_special_tokens"} & set(tokenizer)
     generation = json.loads((out / "generation_config.json").read_text())
     assert "max_length" not in generation  # it warns beside every generate(max_new_tokens=...)

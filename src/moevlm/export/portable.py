@@ -43,12 +43,15 @@ def portable_config(folder: Path) -> None:
 
 
 def portable_tokenizer_config(folder: Path) -> None:
-    """tokenizer_config.json: a class transformers 4 and 5 both have, the named special tokens as
-    the dict 4.x expects, and nothing about where the tokenizer was loaded from."""
+    """tokenizer_config.json: a class transformers 4 and 5 both have, the inputs the model takes, and
+    nothing about where the tokenizer was loaded from."""
     def change(config: dict) -> None:
         for key in _LOAD_RECORDS:
             config.pop(key, None)
         config["tokenizer_class"] = TOKENIZER_CLASS
+        # 4.x's PreTrainedTokenizerFast returns token_type_ids too, which the MoE text models'
+        # forward refuses: model(**processor(...)) would fail.
+        config["model_input_names"] = ["input_ids", "attention_mask"]
         if not config.get("extra_special_tokens"):
             config.pop("extra_special_tokens", None)
 
