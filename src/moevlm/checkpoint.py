@@ -318,12 +318,18 @@ def is_transformers_llava(model_dir: Path) -> bool:
 def _load_transformers_llava(model_dir: Path) -> PreparedModel:
     model, model_cfg = import_llava(str(model_dir))
     config = Config(model=model_cfg)
-    # moevlm export writes the text length cap as generation_config.json's max_length.
-    try:
-        max_length = json.loads((model_dir / "generation_config.json").read_text()).get("max_length")
-    except (OSError, ValueError, AttributeError):
-        max_length = None
-    if isinstance(max_length, int) and max_length - model_cfg.vision.num_image_tokens >= 3:
+    # moevlm export writes the length cap (image tokens + text) as the tokenizer's model_max_length;
+    # exports before it, as generation_config.json's max_length.
+    max_length = None
+    for name, key in (("tokenizer_config.json", "model_max_length"), ("generation_config.json", "max_length")):
+        try:
+            value = json.loads((model_dir / name).read_text()).get(key)
+        except (OSError, ValueError, AttributeError):
+            continue
+        if isinstance(value, int) and value < 10**9:  # transformers' "no limit" is ~1e30
+            max_length = value
+            break
+    if max_length is not None and max_length - model_cfg.vision.num_image_tokens >= 3:
         config = config.updated({"model.decoder.max_text_len": max_length - model_cfg.vision.num_image_tokens})
         model.cfg = config.model
     try:

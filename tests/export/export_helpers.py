@@ -150,7 +150,8 @@ def assert_export_matches(checkpoint: Path, out: Path, prompts: tuple[str, str],
         theirs_tokens.append(tokens)
     assert theirs_tokens == ours_tokens, (theirs_tokens, ours_tokens)
     return {"tokens": ours_tokens, "max_logit_diff": float((theirs_logits[..., :vocab][real] -
-                                                             ours_logits[real]).abs().max())}
+                                                             ours_logits[real]).abs().max()),
+            "max_abs_logit": float(ours_logits[real].abs().max())}
 
 
 SCRATCH_TEXTS = ["a red circle", "a blue square", "two green triangles", "What is it?", "Describe it."]

@@ -50,8 +50,6 @@ def test_upcycled_qwen3_exports_as_qwen3_moe(pretrained_parts, tiny_qwen3, tmp_p
 
 def test_an_export_reads_back_into_moevlm_and_exports_again_to_the_same_files(pretrained_parts, tmp_path):
     """export -> import -> export is a fixed point, and moevlm captions the export as the checkpoint."""
-    from safetensors.torch import load_file
-
     from moevlm.generate import caption_files
 
     checkpoint = pretrained_checkpoint(tmp_path / "ckpt", pretrained_parts["siglip"], pretrained_parts["llama"])
@@ -59,12 +57,8 @@ def test_an_export_reads_back_into_moevlm_and_exports_again_to_the_same_files(pr
     export_hf(tmp_path / "one", tmp_path / "two")
     files = sorted(p.name for p in (tmp_path / "one").iterdir())
     assert files == sorted(p.name for p in (tmp_path / "two").iterdir())
-    for name in files:
-        if name == "model.safetensors":
-            one, two = load_file(str(tmp_path / "one" / name)), load_file(str(tmp_path / "two" / name))
-            assert one.keys() == two.keys() and all(one[k].equal(two[k]) for k in one)
-        elif name != "README.md":  # the card names its own folder
-            assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes(), name
+    for name in files:  # the card and the weights included
+        assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes(), name
     image = tmp_path / "image.png"
     sample_images(40)[0].save(image)
     for prompt in ("", "What is it?"):

@@ -1,9 +1,11 @@
-"""A run trained through the command line, then exported: transformers captions as moevlm does,
-moevlm captions the export as the run, and --register versions it in the run's own MLflow store."""
+"""A run trained through the command line, then exported: transformers captions as moevlm does (the
+README's own lines, without a warning), moevlm captions the export as the run, an export of the export
+is byte-identical, and --register versions it in the run's own MLflow store."""
 
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 from export_helpers import hf_messages
@@ -47,8 +49,24 @@ def test_train_export_and_caption_with_transformers_and_with_moevlm(tmp_path, ca
     script = script[:script.index("```")]
     assert len(script.strip().splitlines()) == 5
     script = script.replace("runs/demo/hf", str(out)).replace("runs/demo/data/val/000000.png", str(images[0]))
-    exec(compile(script, "README.md", "exec"), {})
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logging.getLogger("transformers").addHandler(handler)
+    try:
+        exec(compile(script, "README.md", "exec"), {})
+    finally:
+        logging.getLogger("transformers").removeHandler(handler)
     assert capsys.readouterr().out.strip() == ours[0]
+    assert not [r.getMessage() for r in records if r.levelno >= logging.WARNING]  # "Both max_new_tokens and ..."
+
+    # Export, import, export: the same bytes, the run's figures and expert picture in the card included.
+    assert main(["export", "--model", str(out), "--to", "hf", "--out", str(tmp_path / "again")]) == 0
+    assert "## Training figures" in (out / "README.md").read_text()
+    names = sorted(p.name for p in out.iterdir())
+    assert names == sorted(p.name for p in (tmp_path / "again").iterdir())
+    for name in names:
+        assert (out / name).read_bytes() == (tmp_path / "again" / name).read_bytes(), name
 
     # What the model card's example does, on a batch of two.
     model = AutoModelForImageTextToText.from_pretrained(out)

@@ -3,7 +3,17 @@ parameter counts, the run's figures, how to load it)."""
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import torch
+
+# The card's part that comes from the training run (figures, MLflow run, expert load): an export of an
+# export has no run, so it carries this part of its source's card over unchanged.
+RUN_BEGIN, RUN_END = "<!-- moevlm run -->", "<!-- /moevlm run -->"
+# What a Hub model id looks like ("gpt2", "org/name"); anything else is a local path, which the
+# card's base_model must not name.
+_HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-]*)?")
 
 
 def parameter_counts(weights: dict[str, torch.Tensor], experts: int, top_k: int) -> tuple[int, int]:
@@ -23,19 +33,53 @@ def _run_figures(history: dict) -> list[str]:
     return rows
 
 
-def model_card(name: str, text_config: dict, vision_config: dict, counts: tuple[int, int], history: dict,
-               run_id: str | None, sources: list[str], num_image_tokens: int, load_example: str,
-               has_expert_picture: bool) -> str:
+def hub_ids(sources: list[str]) -> list[str]:
+    """The sources that are Hub model ids: not a path, not a folder here."""
+    return sorted({s for s in sources if _HUB_ID.fullmatch(s) and not Path(s).expanduser().exists()})
+
+
+def carried_card(folder: Path) -> tuple[list[str], str | None]:
+    """An exported folder's card: its base_model ids and its run part (None when it has no card)."""
+    try:
+        card = (folder / "README.md").read_text()
+    except OSError:
+        return [], None
+    header = card.split("\n---\n", 1)[0]
+    models = re.search(r"^base_model:\n((?:- .*\n?)+)", header, re.MULTILINE)
+    ids = [line[2:].strip() for line in models.group(1).splitlines()] if models else []
+    begin, end = card.find(RUN_BEGIN), card.find(RUN_END)
+    return ids, card[begin:end + len(RUN_END)] if 0 <= begin < end else None
+
+
+def run_part(history: dict, run_id: str | None, has_expert_picture: bool) -> str:
+    """The card's figures, MLflow run and expert-load picture, between the RUN markers."""
+    lines = [RUN_BEGIN]
+    figures = _run_figures(history)
+    if figures:
+        lines += ["## Training figures", "", "Last values logged by the training run (validation split):", "",
+                  "| metric | value | step |", "|---|---|---|", *figures, ""]
+    if run_id:
+        lines += [f"MLflow run: `{run_id}`.", ""]
+    if has_expert_picture:
+        lines += ["## Expert load", "", "Tokens routed to each expert on the validation rows (image and text "
+                  "tokens apart):", "", "![expert load](expert_load.png)", ""]
+    return "\n".join(lines + [RUN_END])
+
+
+def model_card(text_config: dict, vision_config: dict, counts: tuple[int, int], run: str, base_models: list[str],
+               num_image_tokens: int, load_example: str) -> str:
+    """``run``: ``run_part``'s text; ``base_models``: Hub ids only."""
     experts = text_config.get("num_local_experts") or text_config.get("num_experts")
     header = ["---", "library_name: transformers", "pipeline_tag: image-text-to-text",
               "tags:", "- moevlm", "- llava", f"- {text_config['model_type']}"]
     if experts:
         header.append("- mixture-of-experts")
-    if sources:
-        header += ["base_model:"] + [f"- {source}" for source in sources]
+    if base_models:
+        header += ["base_model:"] + [f"- {source}" for source in base_models]
     header.append("---")
     total, active = counts
-    lines = [*header, "", f"# {name}", "",
+    title = f"LLaVA with a {text_config['architectures'][0].removesuffix('ForCausalLM')} text model"
+    lines = [*header, "", f"# {title}", "",
              "A vision-language model trained with [moevlm](https://pypi.org/project/moevlm/) and exported "
              "to transformers' `LlavaForConditionalGeneration`.", "",
              "| part | |", "|---|---|",
@@ -46,17 +90,10 @@ def model_card(name: str, text_config: dict, vision_config: dict, counts: tuple[
              f"width {text_config['hidden_size']}, vocabulary {text_config['vocab_size']} |"]
     if experts:
         lines.append(f"| experts | {experts} per MoE layer, top-{text_config['num_experts_per_tok']} |")
-    lines += [f"| parameters | {total:,} in all, {active:,} active per token |", ""]
-    figures = _run_figures(history)
-    if figures:
-        lines += ["## Training figures", "", "Last values logged by the training run (validation split):", "",
-                  "| metric | value | step |", "|---|---|---|", *figures, ""]
-    if run_id:
-        lines += [f"MLflow run: `{run_id}`.", ""]
-    if has_expert_picture:
-        lines += ["## Expert load", "", "Tokens routed to each expert on the validation rows (image and text "
-                  "tokens apart):", "", "![expert load](expert_load.png)", ""]
+    lines += [f"| parameters | {total:,} in all, {active:,} active per token |", "", run, ""]
     lines += ["## Use", "", "```python", load_example.strip(), "```", "",
               "Load the image processor with `backend=\"pil\"`: it resizes with Pillow's bicubic filter, as the "
-              "model was trained; torchvision's resize gives slightly different pixels.", ""]
+              "model was trained; torchvision's resize gives slightly different pixels. Open images upright "
+              "(`ImageOps.exif_transpose`), and give 16-bit grey images as 8 bits scaled (`v / 257`), as moevlm "
+              "reads them; Pillow's and transformers' own conversion clips them at 255.", ""]
     return "\n".join(lines)

@@ -11,11 +11,13 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from moevlm.checkpoint import STATE, load_checkpoint
+from moevlm.checkpoint import STATE, is_transformers_llava, load_checkpoint
+from moevlm.data.chat import MOEVLM_LAYOUT_MARKER
 from moevlm.errors import ExportError
 from moevlm.export.blockers import check_exportable
-from moevlm.export.card import model_card, parameter_counts
+from moevlm.export.card import carried_card, hub_ids, model_card, parameter_counts, run_part
 from moevlm.export.language import TextPart, pretrained_text_part, scratch_text_part
+from moevlm.export.portable import follow_umask, portable_config, portable_tokenizer_config
 from moevlm.export.processor import (
     IMAGE_TOKEN,
     SCRATCH_TEMPLATE,
@@ -31,14 +33,19 @@ from moevlm.export.vision import VisionPart, pretrained_vision_part, scratch_vis
 from moevlm.models.hf_vision import HFVisionTower
 from moevlm.models.lora import has_lora, merge_lora
 
+# The card's example names no folder of this machine, so that an export of an export writes the same card.
 LOAD_EXAMPLE = """
 from transformers import AutoModelForImageTextToText, AutoProcessor
-from PIL import Image
-model = AutoModelForImageTextToText.from_pretrained("{out}")
-processor = AutoProcessor.from_pretrained("{out}", backend="pil")
+from PIL import Image, ImageOps
+model_id = "."  # this folder, or its Hub id once uploaded
+model = AutoModelForImageTextToText.from_pretrained(model_id)
+processor = AutoProcessor.from_pretrained(model_id, backend="pil")
 messages = [{{"role": "user", "content": [{{"type": "image"}}, {{"type": "text", "text": "{prompt}"}}]}}]
 text = processor.apply_chat_template(messages, add_generation_prompt=True)
-inputs = processor(images=Image.open("image.png"), text=text, return_tensors="pt")
+image = ImageOps.exif_transpose(Image.open("image.png"))
+if image.mode.startswith("I;16"):
+    image = image.point(lambda v: v / 257 + 0.5).convert("L")
+inputs = processor(images=image, text=text, return_tensors="pt")
 ids = model.generate(**inputs, max_new_tokens=64)
 print(processor.decode(ids[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))
 """
@@ -85,13 +92,15 @@ def export_hf(model_dir: Path, out: Path, *, register: str | None = None, tracki
         template = pretrained_template(tokenizer.chat_template)
     assert tokenizer.convert_tokens_to_ids(IMAGE_TOKEN) == text.image_token_id, "image token ids disagree"
     weights = _llava_weights(vision, model.projector, text)
-    moe = mc.decoder.moe
-    counts = parameter_counts(weights, moe.num_experts if mc.decoder.moe_layer_indices else 0, moe.top_k)
+    # From the written config, so that an imported export (whose MoE layers transformers builds) counts alike.
+    experts = text.config.get("num_local_experts") or text.config.get("num_experts") or 0
+    counts = parameter_counts(weights, experts, text.config.get("num_experts_per_tok") or 0)
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     state = _trainer_state(model_dir)
     try:
-        _write(partial, model_dir, mc, vision, text, weights, tokenizer, template, special, counts, state, out)
+        _write(partial, model_dir, mc, vision, text, weights, tokenizer, template, special, counts, state)
+        follow_umask(partial)
         if out.exists():
             out.rmdir()
         partial.rename(out)
@@ -119,7 +128,7 @@ def _llava_weights(vision: VisionPart, projector, text: TextPart) -> dict[str, t
 
 
 def _write(folder: Path, model_dir: Path, mc, vision: VisionPart, text: TextPart, weights, tokenizer, template,
-           special, counts, state: dict, out: Path) -> None:
+           special, counts, state: dict) -> None:
     """``state``: the checkpoint's trainer_state.json (empty for an imported folder)."""
     # Lazy: transformers takes seconds to import.
     from transformers import LlavaConfig
@@ -132,6 +141,7 @@ def _write(folder: Path, model_dir: Path, mc, vision: VisionPart, text: TextPart
                         architectures=["LlavaForConditionalGeneration"])
     llava.text_config.architectures = text.config["architectures"]  # vLLM picks the LM class by it
     llava.save_pretrained(str(folder))
+    portable_config(folder)
     save_file(weights, str(folder / "model.safetensors"), metadata={"format": "pt"})
     source_images = None
     if mc.vision.pretrained is not None:  # the checkpoint keeps its tower's own processor
@@ -140,17 +150,25 @@ def _write(folder: Path, model_dir: Path, mc, vision: VisionPart, text: TextPart
 
         source_images = AutoImageProcessor.from_pretrained(str(model_dir))
     images = image_processor(vision, mc.vision.image_size, source_images)
+    # The longest input_ids the model was trained for, image tokens included: there (not as
+    # generation_config's max_length, which warns beside every max_new_tokens) moevlm reads it back.
+    tokenizer.model_max_length = tokenizer.init_kwargs["model_max_length"] = \
+        mc.vision.num_image_tokens + mc.decoder.max_text_len
     write_processor(folder, tokenizer, images, vision, mc.vision.patch_size, template)
+    portable_tokenizer_config(folder)
     suppress = [text.image_token_id] if text.image_token_id >= text.config["vocab_size"] - 1 else []
-    write_generation_config(folder, special, mc.vision.num_image_tokens + mc.decoder.max_text_len, suppress)
+    write_generation_config(folder, special, suppress)
     has_picture = (model_dir / "expert_load.png").is_file()
     if has_picture:
         shutil.copyfile(model_dir / "expert_load.png", folder / "expert_load.png")
-    sources = sorted({s for s in (mc.vision.pretrained, mc.decoder.pretrained) if s})
-    prompt = "" if mc.decoder.pretrained is None else "Describe the image."
-    card = model_card(out.name, text.config, vision.config, counts, state.get("history", {}),
-                      state.get("mlflow_run_id"), sources,
-                      mc.vision.num_image_tokens, LOAD_EXAMPLE.format(out=out, prompt=prompt), has_picture)
+    carried, run = carried_card(model_dir) if is_transformers_llava(model_dir) else ([], None)
+    if run is None:
+        run = run_part(state.get("history", {}), state.get("mlflow_run_id"), has_picture)
+        carried = hub_ids([s for s in (mc.vision.pretrained, mc.decoder.pretrained) if s])
+    # A scratch model answers what it was trained on: plain captions without a prompt.
+    prompt = "" if template and MOEVLM_LAYOUT_MARKER in template else "Describe the image."
+    card = model_card(text.config, vision.config, counts, run, carried, mc.vision.num_image_tokens,
+                      LOAD_EXAMPLE.format(prompt=prompt))
     (folder / "README.md").write_text(card)
 
 

@@ -4,7 +4,8 @@ that resizes as moevlm does, ``LlavaProcessor``'s config and ``generation_config
 
 Prompt layouts, as ``input_ids`` (``<image>`` expanded to the image tokens by the processor):
 - a model trained from scratch: ``<image> <bos> prompt <sep>`` (no ``<sep>`` for an empty prompt:
-  plain captioning), then ``answer <eos>``, and further turns ``prompt <sep> answer <eos>``;
+  plain captioning; no ``<image>`` in a text-only conversation), then ``answer <eos>``, and further
+  turns ``prompt <sep> answer <eos>``; system texts before the first prompt, joined by newlines;
 - a pretrained LM: its own chat template with ``<image>\\n`` before the first user text, or, for
   plain captioning (one user message with no text), ``<bos> <image>``, as moevlm trains it.
 """
@@ -21,34 +22,60 @@ from moevlm.export.vision import VisionPart
 
 IMAGE_TOKEN = "<image>"
 
-# Message content is a string or OpenAI-style parts; text parts are joined, image parts placed
-# where the layout puts the image.
+# Message content is a string or OpenAI-style parts; text parts are joined by newlines (as
+# ``moevlm serve`` joins them), image parts placed where the layout puts the image.
 _TEXT_OF = """{%- if message['content'] is string -%}{%- set text = message['content'] -%}
 {%- else -%}
-{%- set text = message['content'] | selectattr('type', 'equalto', 'text') | map(attribute='text') | join(' ') -%}
+{%- set text = message['content'] | selectattr('type', 'equalto', 'text') | map(attribute='text') | join('\\n') -%}
 {%- endif -%}"""
+# Whether the conversation has an image: an image part, or a placeholder typed in the text.
+_HAS_IMAGE = """{%- set moevlm_image = namespace(found=false) -%}
+{%- for message in messages -%}""" + _TEXT_OF + """
+{%- if message['content'] is not string and message['content'] | selectattr('type', 'in', ['image', 'image_url'])
+ | list or '<image>' in text -%}{%- set moevlm_image.found = true -%}{%- endif -%}
+{%- endfor -%}"""
 
-SCRATCH_TEMPLATE = ("{#- " + MOEVLM_LAYOUT_MARKER + ": the image, <bos>, then per turn: prompt <sep> (if any), "
-                    "answer <eos> -#}\n{{- '" + IMAGE_TOKEN + "' + bos_token -}}\n"
-                    "{%- for message in messages -%}\n" + _TEXT_OF + """
-{%- set text = text | replace('<image>', ' ') | trim -%}
-{%- if message['role'] == 'assistant' -%}{{- text + eos_token -}}
-{%- elif message['role'] == 'user' and text -%}{{- text + '<sep>' -}}
+# System messages go before the next user text, joined by newlines, as moevlm's data readers and
+# server put them; <image> placeholders and the whitespace around them become one space (clean_prompt).
+SCRATCH_TEMPLATE = ("{#- " + MOEVLM_LAYOUT_MARKER + ": the image (if any), <bos>, then per turn: "
+                    "system and prompt <sep> (if any), answer <eos> -#}\n" + _HAS_IMAGE + """
+{{- ('<image>' if moevlm_image.found else '') + bos_token -}}
+{%- set moevlm_ns = namespace(system=[]) -%}
+{%- for message in messages -%}""" + _TEXT_OF + """
+{%- if message['role'] in ['system', 'developer'] -%}{%- set moevlm_ns.system = moevlm_ns.system + [text] -%}
+{%- elif message['role'] == 'assistant' -%}{{- text + eos_token -}}
+{%- elif message['role'] == 'user' -%}
+{%- set text = (moevlm_ns.system + [text]) | join('\\n') -%}{%- set moevlm_ns.system = [] -%}
+{%- set text = text.split('<image>') | map('trim') | join(' ') | trim -%}
+{%- if text -%}{{- text + '<sep>' -}}{%- endif -%}
 {%- endif -%}
 {%- endfor -%}""")
 
-# Before a pretrained LM's own template: list contents become strings with the image
-# placeholder in front of the first user text, as moevlm renders them.
+# Before a pretrained LM's own template: system texts joined before the first user text, and list
+# contents become strings with the image placeholder in front of the first user text, as moevlm
+# renders them.
 _WRAPPED_MARKER = "moevlm image placement"
-_PRETRAINED_PREFIX = "{#- " + _WRAPPED_MARKER + " -#}\n" + """{%- set moevlm_ns = namespace(messages=[], text=0) -%}
+_PRETRAINED_PREFIX = "{#- " + _WRAPPED_MARKER + " -#}\n" + """
+{%- set moevlm_ns = namespace(messages=[], text=0, users=0, system=[]) -%}
 {%- for message in messages -%}""" + _TEXT_OF + """
-{%- if message['content'] is not string and message['content'] | selectattr('type', 'equalto', 'image') | list -%}
-{%- set text = '<image>\\n' + text -%}{%- endif -%}
+{%- if message['role'] in ['system', 'developer'] -%}{%- set moevlm_ns.system = moevlm_ns.system + [text] -%}
+{%- else -%}
+{%- if message['role'] == 'user' and moevlm_ns.system -%}
+{%- set text = (moevlm_ns.system + [text]) | join('\\n') -%}{%- set moevlm_ns.system = [] -%}{%- endif -%}
+{%- if message['content'] is not string and message['content'] | selectattr('type', 'in', ['image', 'image_url'])
+ | list -%}{%- set text = '<image>\\n' + text -%}{%- endif -%}
+{%- if message['role'] == 'user' -%}{%- set moevlm_ns.users = moevlm_ns.users + 1 -%}
 {%- if text | replace('<image>', '') | trim -%}{%- set moevlm_ns.text = moevlm_ns.text + 1 -%}{%- endif -%}
+{%- endif -%}
 {%- set moevlm_ns.messages = moevlm_ns.messages + [{'role': message['role'], 'content': text}] -%}
+{%- endif -%}
 {%- endfor -%}
 {%- set messages = moevlm_ns.messages -%}
-{%- if messages | length == 1 and moevlm_ns.text == 0 -%}{{- (bos_token or '') + '<image>' -}}{%- else -%}
+{%- if moevlm_ns.users == 1 and moevlm_ns.text == 0 and messages[0]['role'] == 'user'
+ and '<image>' in messages[0]['content'] -%}
+{{- (bos_token or '') + '<image>' -}}
+{%- if messages | length > 1 -%}{{- messages[1]['content'] + eos_token -}}{%- endif -%}
+{%- else -%}
 """
 
 
@@ -123,11 +150,10 @@ def write_processor(out: Path, tokenizer, images, vision: VisionPart, patch_size
     return processor
 
 
-def write_generation_config(out: Path, special: dict[str, int | None], max_length: int,
-                            suppress: list[int]) -> None:
+def write_generation_config(out: Path, special: dict[str, int | None], suppress: list[int]) -> None:
     # Lazy: transformers takes seconds to import.
     from transformers import GenerationConfig
 
     config = GenerationConfig(bos_token_id=special["bos"], eos_token_id=special["eos"], pad_token_id=special["pad"],
-                              max_length=max_length, do_sample=False, suppress_tokens=suppress or None)
+                              do_sample=False, suppress_tokens=suppress or None)
     config.save_pretrained(str(out))
