@@ -366,6 +366,9 @@ class DistConfig:
                                      "num_experts / E); 1: every rank holds every expert")
     backend: str = option("auto", "auto (nccl on CUDA, gloo on CPU), gloo or nccl")
     timeout_s: int = option(600, "seconds a rank waits for the others in one collective before the run fails")
+    meta_init: bool = option(True, "FSDP with a pretrained LM: build the model on the meta device and have each rank "
+                                   "read only its shards of the pretrained weights (no rank holds the whole model); "
+                                   "false: every rank builds and loads the whole model, then shards it")
 
     def __post_init__(self):
         _check(self.strategy in STRATEGIES, f"dist.strategy must be {', '.join(STRATEGIES)}, not {self.strategy!r}")
