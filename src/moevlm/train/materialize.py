@@ -30,11 +30,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from torch import nn
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import _CHECKPOINT_PREFIX
+from torch.distributed.tensor import DTensor, Shard
+from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 from moevlm.config import Config
 from moevlm.errors import MoevlmError
 from moevlm.models.factory import build_model
+from moevlm.models.hf_config import LM_KEY, VISION_KEY, hf_config_object
 from moevlm.models.hf_vision import HFVisionTower, pixel_stats
 from moevlm.models.moe_install import DenseWeights, MoEMLP, experts_from_dense, read_dense_mlp
 from moevlm.models.projector import build_projector
@@ -92,9 +97,8 @@ def build_on_meta(config: Config) -> tuple[nn.Module, MetaStart]:
         model = build_model(config.model, load_weights=False)
     # install_moe_layers replaced the dense MLPs; a dense LM of the same config still has them.
     if config.model.decoder.moe_layer_indices:
+        # Lazy: transformers takes seconds to import.
         from transformers import AutoModelForCausalLM
-
-        from moevlm.models.hf_config import hf_config_object
 
         with torch.device("meta"):
             dense_lm = AutoModelForCausalLM.from_config(hf_config_object(config.model.decoder.hf_config),
@@ -104,6 +108,12 @@ def build_on_meta(config: Config) -> tuple[nn.Module, MetaStart]:
             if isinstance(module, MoEMLP):
                 start.dense_mlps[name] = dense[name.removeprefix("lm.")]
     return model, start
+
+
+def plain_name(name: str) -> str:
+    """``name`` as the model's state_dict and the sources spell it: without the wrapper that
+    activation checkpointing puts around a block (its state_dict hooks drop it too)."""
+    return name.replace(_CHECKPOINT_PREFIX, "")
 
 
 def tied_names(model: nn.Module) -> set[str]:
@@ -122,9 +132,6 @@ def tied_names(model: nn.Module) -> set[str]:
 def local_rows(param: torch.Tensor) -> tuple[torch.Tensor, int, int]:
     """This rank's part of ``param`` (a plain tensor: all of it) and the rows [start, stop) of the
     whole tensor it holds. FSDP2 shards dim 0 only."""
-    from torch.distributed.tensor import DTensor, Shard
-    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-
     if not isinstance(param, DTensor):
         return param.data, 0, param.shape[0] if param.dim() else 0
     assert all(p == Shard(0) for p in param.placements), f"unexpected placements {param.placements}"
@@ -152,8 +159,6 @@ class SafetensorsSource:
     the hub cache, downloaded as from_pretrained would), read one slice at a time."""
 
     def __init__(self, source: str, key: str):
-        from safetensors import safe_open
-
         folder = Path(source) if Path(source).is_dir() else Path(_snapshot(source, key))
         files = sorted(folder.glob("*.safetensors"))
         if not files:
@@ -183,6 +188,7 @@ class SafetensorsSource:
 
 
 def _snapshot(source: str, key: str) -> str:
+    # Lazy: only a hub id needs the hub.
     from huggingface_hub import snapshot_download
 
     try:
@@ -193,8 +199,6 @@ def _snapshot(source: str, key: str) -> str:
 
 def _sources(config: Config) -> dict[str, SafetensorsSource]:
     """Our name prefix -> the source whose tensors live under it (the part's own state_dict names)."""
-    from moevlm.models.hf_config import LM_KEY, VISION_KEY
-
     model = config.model
     sources = {"lm.": SafetensorsSource(model.decoder.pretrained, LM_KEY)}
     if model.vision.pretrained is not None:
@@ -214,7 +218,7 @@ def materialize(model: nn.Module, start: MetaStart, device: torch.device) -> Non
     for module, name, buffer in buffers:  # to_empty left them empty; the constructors' values stand
         module._buffers[name] = buffer.to(device)
     _reset_meta_attributes(model, device)
-    params = {name: param for name, param in model.named_parameters(remove_duplicate=True)}
+    params = {plain_name(name): param for name, param in model.named_parameters(remove_duplicate=True)}
     filled: set[str] = set()
     sources = _sources(config)
     with torch.no_grad():
@@ -257,6 +261,7 @@ def _fill_fresh(model: nn.Module, config: Config, params: dict[str, nn.Parameter
     _fill_module(build_projector(cfg.projector, cfg.vision.width, cfg.decoder.width), "projector.", params, filled)
     router_std = getattr(model.lm.config, "initializer_range", 0.02)
     for name, module in model.named_modules():
+        name = plain_name(name)
         if isinstance(module, MoEMLP):
             # Only the router is drawn; the experts are copies. A dense MLP one unit wide draws
             # the same numbers (expert weights are created empty, never drawn).
