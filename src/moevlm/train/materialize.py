@@ -156,7 +156,11 @@ def fill_rows(param: torch.Tensor, whole: torch.Tensor) -> None:
 
 class SafetensorsSource:
     """The safetensors files of a pretrained source (a local folder, or a hub id: its snapshot in
-    the hub cache, downloaded as from_pretrained would), read one slice at a time."""
+    the hub cache, downloaded as from_pretrained would), read one slice at a time.
+
+    Each read opens its file anew: safetensors maps the whole file, and the pages a read touches
+    stay in the process's resident set until the mapping goes; so a rank's memory holds its
+    shards and one slice being read, not every row it has read as well."""
 
     def __init__(self, source: str, key: str):
         folder = Path(source) if Path(source).is_dir() else Path(_snapshot(source, key))
@@ -165,26 +169,37 @@ class SafetensorsSource:
             raise MoevlmError(f"{key} {source!r}: no .safetensors files in {folder} (meta-device start-up reads "
                               f"safetensors only; set dist.meta_init=false)")
         self.source, self.key = source, key
-        self._files = {path: safe_open(str(path), framework="pt") for path in files}
-        self._where = {name: handle for handle in self._files.values() for name in handle.keys()}
+        self._where: dict[str, str] = {}
+        self._shapes: dict[str, list[int]] = {}
+        for path in files:
+            with safe_open(str(path), framework="pt") as handle:
+                for name in handle.keys():
+                    self._where[name] = str(path)
+                    self._shapes[name] = list(handle.get_slice(name).get_shape())
 
     def has(self, name: str) -> bool:
         return name in self._where
 
+    def shape(self, name: str) -> list[int]:
+        self._check(name)
+        return self._shapes[name]
+
     def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
-        part = self._slice(name)
-        return part[start:stop] if part.get_shape() else part[:]
+        """Rows [start, stop) of tensor ``name`` (a scalar: itself), in the file's dtype."""
+        return self._read(name, slice(start, stop))
 
     def whole(self, name: str) -> torch.Tensor:
-        return self._slice(name)[:]
+        return self._read(name, slice(None))
 
-    def shape(self, name: str) -> list[int]:
-        return list(self._slice(name).get_shape())
+    def _read(self, name: str, rows: slice) -> torch.Tensor:
+        self._check(name)
+        with safe_open(self._where[name], framework="pt") as handle:
+            part = handle.get_slice(name)
+            return (part[rows] if self._shapes[name] else part[:]).clone()
 
-    def _slice(self, name: str):
+    def _check(self, name: str) -> None:
         if name not in self._where:
             raise MoevlmError(f"{self.key} {self.source!r}: its safetensors files hold no tensor {name!r}")
-        return self._where[name].get_slice(name)
 
 
 def _snapshot(source: str, key: str) -> str:
