@@ -53,6 +53,7 @@ def sources(root: Path) -> tuple[Path, Path, dict]:
         print(f"built and saved the LM in {time.perf_counter() - began:.0f} s: {lm}", flush=True)
     if not (vision / "config.json").is_file():
         tiny_siglip_vision(vision, **SIGLIP_BASE_224)
+    (root / "data").mkdir(exist_ok=True)
     return lm, vision, write_llava_data(root / "data", rows=8)
 
 

@@ -17,8 +17,9 @@ shards it. Here, for a fresh run under ``dist.strategy=fsdp`` (``dist.meta_init`
      ``train.seed`` in the order the one-process build draws them, then sliced, so every rank
      starts from exactly the weights one process starts from (and trains to the same losses).
 
-A scratch decoder (no pretrained LM), LoRA adapters and expert parallelism keep today's start-up
-(``meta_start_applies``). The models know nothing of this: the distributed parts are all here.
+A scratch decoder (no pretrained LM), LoRA adapters, expert parallelism and a LLaVA checkpoint as
+a source keep today's start-up (``meta_start_applies``), as do DDP, ``--from`` and ``--resume``.
+The models know nothing of this: the distributed parts are all here.
 """
 
 from __future__ import annotations
