@@ -103,6 +103,8 @@ def _fsync_file(path: Path) -> None:
 def _storage_key(name: str, tensor: torch.Tensor) -> tuple:
     if not tensor.numel():  # empty tensors may all report the same address; none is tied to another
         return (name,)
+    if tensor.is_meta:  # no storage (a model built on meta): a tied parameter is the same object
+        return (id(tensor),)
     return tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape)
 
 

@@ -95,9 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "--from may be given again: they must give the config the run was started with, except "
                             "train.max_steps, log_every, eval_every, checkpoint_every, keep_checkpoints, "
                             "max_bad_steps, patience, val_generate, activation_checkpointing, data.num_workers and "
-                            "dist.strategy, expert_parallel, backend, timeout_s, mixed_precision, which take the new "
-                            "value; under torchrun it may "
-                            "continue on another number of ranks")
+                            "dist.strategy, expert_parallel, backend, timeout_s, mixed_precision, meta_init, "
+                            "which take the new value; under torchrun it may continue on another number of ranks")
     train.add_argument("--stage", choices=STAGES, help="what learns: pretrain (projector), instruct (projector + "
                                                        "LM), moe (MoE layers; upcycles a dense LM), full (all; "
                                                        "default); shorthand for --set train.stage=NAME")

@@ -388,6 +388,9 @@ class DistConfig:
                                           "gradients reduced in fp32, fp32 weights in the optimizer), fp32, or auto "
                                           "(bf16 on a CUDA GPU that has it, else fp32); bf16 needs dist.strategy "
                                           "fsdp and no expert parallelism")
+    meta_init: bool = option(True, "FSDP with a pretrained LM: build the model on the meta device and have each rank "
+                                   "read only its shards of the pretrained weights (no rank holds the whole model); "
+                                   "false: every rank builds and loads the whole model, then shards it")
 
     def __post_init__(self):
         _check(self.strategy in STRATEGIES, f"dist.strategy must be {', '.join(STRATEGIES)}, not {self.strategy!r}")

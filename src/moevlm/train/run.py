@@ -20,7 +20,8 @@ from moevlm.errors import ConfigError, MoevlmError
 from moevlm.models.factory import build_model
 from moevlm.models.hf_config import resolve_pretrained
 from moevlm.models.lora import apply_lora
-from moevlm.train.distributed import World, close_world, configure_world, join_world, rank_device
+from moevlm.train.distributed import World, close_world, configure_world, join_world, rank_device, strategy_for
+from moevlm.train.materialize import MetaStart, build_on_meta, meta_start_applies
 from moevlm.train.snapshots import RunCheckpoints
 from moevlm.train.stages import continue_from, moe_layers_to_train, pretrained_names
 from moevlm.train.tracking import Tracker
@@ -37,7 +38,8 @@ log = logging.getLogger(__name__)
 RESUME_MAY_DIFFER = ("train.max_steps", "train.log_every", "train.eval_every", "train.checkpoint_every",
                      "train.keep_checkpoints", "train.max_bad_steps", "train.patience", "train.val_generate",
                      "train.activation_checkpointing", "data.num_workers", "dist.strategy", "dist.expert_parallel",
-                     "dist.backend", "dist.timeout_s", "dist.mixed_precision")
+                     "dist.backend", "dist.timeout_s", "dist.mixed_precision",
+                     "dist.meta_init")
 
 
 def config_from_command_line(preset: str | None, config_file: Path | None, overrides: list[str],
@@ -73,18 +75,32 @@ def prepare_config(config: Config) -> Config:
     return dataclasses.replace(config, model=resolve_pretrained(config.model))
 
 
-def fresh_model(config: Config, tokenizer: TextTokenizer | None = None) -> PreparedModel:
-    """A new model for ``config``: pretrained parts from their sources, the rest initialised from
-    train.seed. ``tokenizer`` None: a new one (the LM's own, or char/BPE trained on nothing)."""
+def _fresh_config(config: Config, tokenizer: TextTokenizer | None) -> tuple[Config, TextTokenizer]:
     config = prepare_config(config)
     tokenizer = tokenizer or new_tokenizer(config, [])
     if config.model.tokenizer.kind != "hf":
         config = config.updated({"model.decoder.vocab_size": tokenizer.vocab_size})
+    return config, tokenizer
+
+
+def fresh_model(config: Config, tokenizer: TextTokenizer | None = None) -> PreparedModel:
+    """A new model for ``config``: pretrained parts from their sources, the rest initialised from
+    train.seed. ``tokenizer`` None: a new one (the LM's own, or char/BPE trained on nothing)."""
+    config, tokenizer = _fresh_config(config, tokenizer)
     torch.manual_seed(config.train.seed)  # initial weights, then router noise and dropout
     model = build_model(config.model, load_weights=True)
     if config.model.decoder.lora_rank:
         apply_lora(model.lm, config.model.decoder)
     return PreparedModel(model, tokenizer, config, pretrained_names(model))
+
+
+def fresh_model_on_meta(config: Config, tokenizer: TextTokenizer | None = None) -> tuple[PreparedModel, MetaStart]:
+    """``fresh_model`` with its parameters on the meta device, and what fills each rank's shards of
+    them once sharded with the weights ``fresh_model`` would give (train/materialize.py)."""
+    config, tokenizer = _fresh_config(config, tokenizer)
+    torch.manual_seed(config.train.seed)  # router noise and dropout start where fresh_model leaves them
+    model, start = build_on_meta(config)
+    return PreparedModel(model, tokenizer, config, pretrained_names(model)), start
 
 
 def _check_resume_config(asked: dict, state: dict, out: Path) -> None:
@@ -172,8 +188,14 @@ def _run(config: Config, data: Path, out: Path, world: World, device: torch.devi
                                        folder=out if resume else from_dir)
     if world.is_main:
         print(training_data.summary.line(), flush=True)  # beside the run's other notes (step N: val loss ...)
+    meta_start = None
     if prepared is None:
-        prepared = fresh_model(config, training_data.tokenizer)
+        if meta_start_applies(config, world.active):
+            prepared, meta_start = fresh_model_on_meta(config, training_data.tokenizer)
+            if strategy_for(prepared.config, prepared.model, device) != "fsdp":  # DDP: every rank the whole model
+                prepared = meta_start = None
+        if prepared is None:
+            prepared = fresh_model(config, training_data.tokenizer)
         config = prepared.config
     train_set, val_set = training_data.train_set, training_data.val_set
 
@@ -188,7 +210,7 @@ def _run(config: Config, data: Path, out: Path, world: World, device: torch.devi
         tracker.log_params(params)
     trainer = Trainer(config, prepared.model, prepared.tokenizer, train_set, val_set, out, tracker, state,
                       optimizer_state, progress=progress, from_source=prepared.from_source,
-                      command_config=command_config, world=world, device=device)
+                      command_config=command_config, world=world, device=device, meta_start=meta_start)
     try:
         result = trainer.fit()
     except KeyboardInterrupt:

@@ -104,7 +104,7 @@ def pretrained_names(model: nn.Module) -> set[str]:
 def still_from_source(from_source: set[str], model: nn.Module) -> set[str]:
     """What stays from_source through a stage: present in the model and not trained. A tied LM head
     learns with the embedding, though ``named_parameters`` lists their one tensor under the embedding's name only."""
-    state = model.state_dict()
+    state = model.state_dict(keep_vars=True)  # the parameters themselves: ties show on a meta model too
     learning = with_tied({name for name, param in model.named_parameters() if param.requires_grad}, state)
     return {name for name in from_source if name in state and name not in learning}
 

@@ -48,6 +48,7 @@ from moevlm.train.checkpointing import apply_activation_checkpointing
 from moevlm.train.distributed import RankBatches, World, clip_gradients, parallelize
 from moevlm.train.ema import WeightAverage
 from moevlm.train.expert_parallel import sync_expert_grads
+from moevlm.train.materialize import MetaStart, materialize, source_fingerprint
 from moevlm.train.selection import Selection
 from moevlm.train.snapshots import RunCheckpoints
 from moevlm.train.stages import freeze_for_stage, group_lr, still_from_source
@@ -105,11 +106,14 @@ class Trainer:
                  train_set: ImageTextDataset, val_set: ImageTextDataset | None, out_dir: Path, tracker: Tracker,
                  state: dict | None = None, optimizer_state: dict | None = None, progress: bool = True,
                  from_source: set[str] = frozenset(), command_config: dict | None = None,
-                 world: World | None = None, device: torch.device | None = None):
+                 world: World | None = None, device: torch.device | None = None,
+                 meta_start: MetaStart | None = None):
         """``from_source`` names the pretrained tensors no stage has trained so far (kept out of
         checkpoints, see moevlm/checkpoint.py); ``command_config``:
         the config as the command line gave it, kept in the trainer state for ``--resume`` to check.
-        ``world``: this rank among several (moevlm/train/distributed.py; None: one process), on ``device``."""
+        ``world``: this rank among several (moevlm/train/distributed.py; None: one process), on ``device``.
+        ``meta_start``: ``model`` is on the meta device; each rank fills its shards once sharded
+        (moevlm/train/materialize.py)."""
         self.config, self.tokenizer = config, tokenizer
         self.train_set, self.val_set = train_set, val_set
         self.out_dir, self.tracker, self.progress = Path(out_dir), tracker, progress
@@ -118,7 +122,8 @@ class Trainer:
         tc = config.train
         self.device = device or resolve_device(tc.device)
         self.amp_dtype = autocast_dtype(tc.precision, self.device)
-        self.model = model.to(self.device)
+        self.meta_start = meta_start
+        self.model = model if meta_start is not None else model.to(self.device)
         trainable = freeze_for_stage(self.model, tc)
         self.from_source = still_from_source(set(from_source), self.model)
         state = state or {}
@@ -209,12 +214,16 @@ class Trainer:
             full_state = dist_checkpoint.full_optimizer_state(self.model, plain)
             optimizer_state = None
         # Taken before sharding: the pretrained tensors' bytes are whole here, on every rank.
-        self.pretrained_fingerprint = fingerprint(self.model, self.from_source)
-        self.skip_in_checkpoint = tied_copies(self.model.state_dict())
+        self.pretrained_fingerprint = None if self.meta_start else fingerprint(self.model, self.from_source)
+        self.skip_in_checkpoint = tied_copies(self.model.state_dict(keep_vars=True))
         if not self.config.train.save_frozen:
             self.skip_in_checkpoint |= self.from_source
         text_only = not all(self.train_set.has_image(i) for i in range(len(self.train_set)))
         self.parallel = parallelize(self.model, self.world, self.config, self.device, unused_parameters=text_only)
+        if self.meta_start is not None:  # rank 0 writes the checkpoints: it fingerprints the sources
+            materialize(self.model, self.meta_start, self.device)
+            if self.world.is_main:
+                self.pretrained_fingerprint = source_fingerprint(self.model, self.meta_start, self.from_source)
         params = dict(self.model.named_parameters())
         self.optimizer = build_optimizer({group: [params[name] for name in group_names]
                                           for group, group_names in trainable_names.items()}, tc)
