@@ -58,7 +58,7 @@ def sources(root: Path) -> tuple[Path, Path, dict]:
 
 
 def measure(name: str, ranks: int, meta_init: str | None, root: Path, lm: Path, vision: Path, data: dict,
-            steps: int) -> dict:
+            steps: int, extra: list[str]) -> dict:
     out = root / "runs" / name
     if out.exists():
         import shutil
@@ -67,7 +67,7 @@ def measure(name: str, ranks: int, meta_init: str | None, root: Path, lm: Path, 
     launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}"] if ranks > 1 else []
     sets = [f"model.vision=hf:{vision}", f"model.lm=hf:{lm}", "train.batch_size=2", "train.checkpoint_every=1000",
             "train.eval_every=1000", "train.val_generate=0", "train.log_every=1", "data.val_fraction=0.25",
-            "data.num_workers=0", "dist.strategy=fsdp", *([f"dist.meta_init={meta_init}"] if meta_init else [])]
+            "data.num_workers=0", "dist.strategy=fsdp", *([f"dist.meta_init={meta_init}"] if meta_init else []), *extra]
     command = [sys.executable, *launcher, "-m", "moevlm", "train", "--preset", "llava", "--stage", "pretrain",
                "--data", str(data["captions"]), "--out", str(out), "--no-tracking", "--max-steps", str(steps),
                *[arg for setting in sets for arg in ("--set", setting)]]
@@ -90,6 +90,8 @@ def main() -> None:
                         help="one (a single process), today (FSDP ranks, dist.meta_init=false), meta "
                              "(FSDP ranks, dist.meta_init=true); comma-separated, run one after the other")
     parser.add_argument("--ranks", type=int, default=2, help="FSDP ranks of today and meta (default 2)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a config setting for every run, e.g. train.activation_checkpointing=full")
     args = parser.parse_args()
     lm, vision, data = sources(args.root)
     results = []
@@ -97,7 +99,7 @@ def main() -> None:
         if name not in CONFIGS:
             sys.exit(f"--configs: unknown configuration {name!r} (one, today, meta)")
         ranks, meta_init = CONFIGS[name]
-        result = measure(name, ranks or args.ranks, meta_init, args.root, lm, vision, data, args.steps)
+        result = measure(name, ranks or args.ranks, meta_init, args.root, lm, vision, data, args.steps, args.set)
         print(json.dumps(result), flush=True)
         results.append(result)
     print("| start-up | processes | peak memory per process | wall time | losses |\n|---|---|---|---|---|")
