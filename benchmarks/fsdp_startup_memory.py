@@ -26,13 +26,10 @@ from pathlib import Path
 
 # The model builders and the data writer are the tests' own.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from pretrained_fixtures import SIGLIP_BASE_224, TINYLLAMA_1_1B  # noqa: E402
+
 os.environ["HF_HUB_OFFLINE"] = "1"
 
-TINYLLAMA_1_1B = dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
-                      num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=2048,
-                      tie_word_embeddings=False)
-SIGLIP_BASE_224 = dict(image_size=224, patch_size=16, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                       num_attention_heads=12)
 CONFIGS = {"one": (1, None), "today": (None, "false"), "meta": (None, "true")}
 
 # Runs the command given in argv and prints the largest resident set of any process in its tree

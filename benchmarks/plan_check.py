@@ -28,12 +28,8 @@ import tempfile
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-SMOLLM2_360M = dict(vocab_size=49152, hidden_size=960, intermediate_size=2560, num_hidden_layers=32,
-                    num_attention_heads=15, num_key_value_heads=5, max_position_embeddings=8192, rope_theta=100000.0,
-                    tie_word_embeddings=True, hidden_act="silu")
-SIGLIP_BASE_224 = dict(image_size=224, patch_size=16, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                       num_attention_heads=12)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the real shapes
+from pretrained_fixtures import SIGLIP_BASE_224, SMOLLM2_360M  # noqa: E402
 
 
 def write_sources(folder: Path) -> tuple[str, str]:

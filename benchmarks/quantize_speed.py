@@ -35,13 +35,7 @@ from moevlm.generate import generate_stream  # noqa: E402
 from moevlm.models.factory import build_model  # noqa: E402
 from moevlm.models.hf_config import resolve_pretrained  # noqa: E402
 from moevlm.models.quantized import Int8Linear, Int8MoE, quantize_model  # noqa: E402
-from pretrained_fixtures import tiny_llama, tiny_siglip_vision  # noqa: E402
-
-SIGLIP_BASE_224 = dict(image_size=224, patch_size=16, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                       num_attention_heads=12)
-SMOLLM2_135M = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-                    num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=2048, rope_theta=100000.0,
-                    tie_word_embeddings=True)
+from pretrained_fixtures import SIGLIP_BASE_224, SMOLLM2_135M, tiny_llama, tiny_siglip_vision  # noqa: E402
 
 
 def build(root: Path, moe: bool):

@@ -37,13 +37,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 os.environ["HF_HUB_OFFLINE"] = "1"
 
-from pretrained_fixtures import tiny_llama, tiny_siglip_vision  # noqa: E402
+from pretrained_fixtures import SIGLIP_BASE_224, SMOLLM2_135M, tiny_llama, tiny_siglip_vision  # noqa: E402
 from shapes import write_llava_data  # noqa: E402
-
-SIGLIP_BASE_224 = dict(image_size=224, patch_size=16, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                       num_attention_heads=12)
-SMOLLM2_135M = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-                    num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=2048, rope_theta=100000.0)
 
 
 def run(label: str, args: list[str], ranks: int = 1) -> None:
@@ -75,7 +70,7 @@ def main() -> None:
     tied = args.tied == "true"
     began = time.perf_counter()
     vision = tiny_siglip_vision(root / "siglip", **SIGLIP_BASE_224)
-    lm = tiny_llama(root / "lm", **SMOLLM2_135M, tie_word_embeddings=tied)
+    lm = tiny_llama(root / "lm", **{**SMOLLM2_135M, "tie_word_embeddings": tied})
     data = write_llava_data(root, rows=16)
     print(f"built and saved the random sources in {time.perf_counter() - began:.1f} s: {root}")
     common = ["--preset", "llava", "--no-tracking", "--max-steps", str(args.steps),

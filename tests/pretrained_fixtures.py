@@ -102,6 +102,21 @@ def clip_vision_config(**overrides) -> CLIPVisionConfig:
     return CLIPVisionConfig(**(values | overrides))
 
 
+# Real shapes for benchmarks (random weights built from these configs): the SigLIP-base-patch16-224
+# tower and LMs shaped like SmolLM2-135M/360M and TinyLlama-1.1B.
+SIGLIP_BASE_224 = dict(image_size=224, patch_size=16, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                       num_attention_heads=12)
+SMOLLM2_135M = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                    num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=2048, rope_theta=100000.0,
+                    tie_word_embeddings=True)
+SMOLLM2_360M = dict(vocab_size=49152, hidden_size=960, intermediate_size=2560, num_hidden_layers=32,
+                    num_attention_heads=15, num_key_value_heads=5, max_position_embeddings=8192, rope_theta=100000.0,
+                    tie_word_embeddings=True)
+TINYLLAMA_1_1B = dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
+                      num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=2048,
+                      tie_word_embeddings=False)
+
+
 def llama_config(vocab_size: int, **overrides) -> LlamaConfig:
     values = dict(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,

@@ -69,3 +69,23 @@ def train_ranks(args: list[str], size: int = 2, timeout: float = 180, check: boo
         for number, rank in enumerate(ranks):
             assert rank.code == 0, f"rank {number} exited {rank.code}:\n{rank.output[-3000:]}"
     return ranks
+
+
+def torchrun_worker(worker: Path, args: list[str], timeout_s: float, what: str, **env: str) -> str:
+    """Runs the script ``worker`` with ``args`` as 2 ranks under torchrun, bounded by ``timeout_s``
+    (then every rank is killed and the test fails naming ``what``); its output, once both exited 0."""
+    import pytest
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **env,
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(SRC), os.environ.get("PYTHONPATH")]))}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(worker), *args]
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               start_new_session=True)
+    try:
+        log, _ = process.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.communicate()
+        pytest.fail(f"{what} did not finish in {timeout_s} s")
+    assert process.returncode == 0, log[-4000:]
+    return log

@@ -10,15 +10,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from ranks import finish, start
+from ranks import finish, start, torchrun_worker
 
 from moevlm.checkpoint import fingerprint, load_model
 from moevlm.config import load_config
@@ -27,7 +23,6 @@ from moevlm.train.stages import freeze_for_stage, still_from_source
 
 pytestmark = pytest.mark.usefixtures("offline")
 WORKER = Path(__file__).with_name("meta_init_worker.py")
-SRC = Path(__file__).resolve().parents[2] / "src"
 TIMEOUT_S = 180
 
 
@@ -44,19 +39,8 @@ def cases(parts: dict) -> dict[str, list[str]]:
 def started(pretrained_parts, tmp_path_factory) -> dict[str, list[dict]]:
     out = tmp_path_factory.mktemp("meta_init")
     (out / "cases.json").write_text(json.dumps(cases(pretrained_parts)))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(SRC), os.environ.get("PYTHONPATH")]))}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(WORKER),
-               str(out), str(out / "cases.json")]
-    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                               start_new_session=True)
-    try:
-        log, _ = process.communicate(timeout=TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.communicate()
-        pytest.fail(f"the 2-process start-up did not finish in {TIMEOUT_S} s")
-    assert process.returncode == 0, log[-4000:]
+    torchrun_worker(WORKER, [str(out), str(out / "cases.json")], TIMEOUT_S, "the 2-process start-up",
+                    HF_HUB_OFFLINE="1")
     return {case: [torch.load(out / f"{case}-rank{rank}.pt", weights_only=False) for rank in range(2)]
             for case in cases(pretrained_parts)}
 

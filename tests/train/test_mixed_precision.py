@@ -3,39 +3,23 @@ while the shards, their gradients and AdamW's state stay fp32, on 2 gloo ranks
 (tests/train/mixed_precision_worker.py); where bf16 does not apply it is refused in one line."""
 
 import json
-import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from ranks import torchrun_worker
 
 from moevlm.config import load_config
 from moevlm.errors import ConfigError
 from moevlm.train.distributed import mixed_precision_dtype
 
 WORKER = Path(__file__).with_name("mixed_precision_worker.py")
-SRC = Path(__file__).resolve().parents[2] / "src"
 TIMEOUT_S = 180
 
 
 def launch(mode: str, out: Path) -> list[dict]:
     out.mkdir()
-    env = {**os.environ, "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(SRC), os.environ.get("PYTHONPATH")]))}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(WORKER),
-               mode, str(out)]
-    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                               start_new_session=True)
-    try:
-        log, _ = process.communicate(timeout=TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.communicate()
-        pytest.fail(f"the 2-process run did not finish in {TIMEOUT_S} s")
-    assert process.returncode == 0, log[-4000:]
+    torchrun_worker(WORKER, [mode, str(out)], TIMEOUT_S, "the 2-process run")
     return [json.loads((out / f"rank{rank}.json").read_text()) for rank in range(2)]
 
 
