@@ -74,6 +74,15 @@ def test_serve_without_its_extra_says_which_to_install(trained, monkeypatch, cap
     assert err == "moevlm: error: moevlm serve needs the serve extra: pip install 'moevlm[serve]'\n"
 
 
+def test_parquet_data_without_the_hf_extra_says_which_to_install(monkeypatch, tmp_path, capsys):
+    without(monkeypatch, "pyarrow", "datasets")
+    (tmp_path / "rows.parquet").write_bytes(b"PAR1")
+    assert main(["train", "--data", str(tmp_path / "rows.parquet"), "--preset", "tiny", "--no-tracking",
+                 "--out", str(tmp_path / "run")]) == 2
+    assert capsys.readouterr().err == (f"moevlm: error: Hugging Face data ({tmp_path / 'rows.parquet'}) needs the hf "
+                                       "extra: pip install 'moevlm[hf]'\n")
+
+
 def test_require_names_the_feature_and_the_extra(monkeypatch):
     without(monkeypatch, "transformers")
     with pytest.raises(MissingExtraError) as err:
