@@ -1,5 +1,7 @@
 # The whole set-up is `make demo` (the main job) or `make test` (the test suite); each creates
-# the virtual environment it needs on first use.
+# the virtual environment it needs on first use, with every extra (`pip install moevlm` alone is the
+# lean core: see the README's install section). `make wheel-check` builds the wheel and sdist and
+# tries the wheel, core only, in a clean virtual environment.
 PYTHON ?= python3
 VENV ?= .venv
 # Installed first and on its own, so pip never resolves a bare "torch" to a multi-GB CUDA
@@ -7,13 +9,13 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test
+.PHONY: demo test wheel-check
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install --quiet --upgrade pip
 	$(VENV)/bin/python -m pip install --quiet $(TORCH_SPEC)
-	$(VENV)/bin/python -m pip install --quiet -e ".[test]"
+	$(VENV)/bin/python -m pip install --quiet -e ".[all,test]"
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -22,3 +24,6 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks
 	$(VENV)/bin/python -m pytest
+
+wheel-check: $(STAMP)
+	PYTHON=$(VENV)/bin/python BASE_PYTHON=$(PYTHON) TORCH_SPEC="$(TORCH_SPEC)" .ci/wheel_check

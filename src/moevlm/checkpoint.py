@@ -34,6 +34,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from moevlm import __version__
 from moevlm.config import Config
 from moevlm.data.images import image_preparer
 from moevlm.data.tokenizer_factory import TextTokenizer, load_tokenizer
@@ -51,6 +52,8 @@ CONFIG, WEIGHTS, TOKENIZER, STATE, OPTIMIZER, CHECKSUMS, PRETRAINED = (
 SHARDED = "sharded"
 SHARDED_METADATA = f"{SHARDED}/.metadata"
 MODEL_FILES = (CONFIG, WEIGHTS, TOKENIZER)
+# config.json's key for the moevlm release that wrote the checkpoint (not a config field).
+VERSION_KEY = "moevlm_version"
 TRAINING_FILES = MODEL_FILES + (STATE, OPTIMIZER)
 # A run folder keeps complete checkpoints of some steps in checkpoints/step-00000500/ (train/snapshots.py).
 SNAPSHOTS = "checkpoints"
@@ -177,7 +180,8 @@ def write_checkpoint(folder: Path, prepared: PreparedModel, state: dict | None =
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     from_source = set() if config.train.save_frozen else set(prepared.from_source)
-    (folder / CONFIG).write_text(config.to_json())
+    # Which release wrote the checkpoint, beside the config (as transformers' "transformers_version").
+    (folder / CONFIG).write_text(json.dumps({**config.to_dict(), VERSION_KEY: __version__}, indent=2))
     names = [CONFIG, *tokenizer.save(folder)]  # an LM's tokenizer brings several files
     if shards is None:
         assert with_tied(from_source, model.state_dict()) == from_source, "a tied tensor is from its source once"
@@ -273,7 +277,10 @@ def _read_sharded_weights(model_dir: Path, model) -> dict[str, torch.Tensor]:
 def read_config(model_dir: Path) -> Config:
     path = Path(model_dir) / CONFIG
     try:
-        return Config.from_dict(json.loads(path.read_text()))
+        values = json.loads(path.read_text())
+        if isinstance(values, dict):
+            values.pop(VERSION_KEY, None)
+        return Config.from_dict(values)
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as err:
         raise CheckpointError(f"{path}: not valid JSON ({err})") from None
     except ConfigError as err:

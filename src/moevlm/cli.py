@@ -13,6 +13,7 @@ import sys
 import warnings
 from pathlib import Path
 
+from moevlm import __version__
 from moevlm.config import PRESETS, STAGES, describe_fields
 
 EXIT_USER_ERROR = 2
@@ -70,6 +71,7 @@ class _HelpConfig(argparse.Action):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moevlm", description="Mixture-of-Experts vision-language models.")
+    parser.add_argument("--version", action="version", version=f"moevlm {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     train = sub.add_parser("train", help="train a model on image-text data",
@@ -367,6 +369,7 @@ COMMANDS = {"train": _cmd_train, "caption": _cmd_caption, "eval": _cmd_eval, "de
 
 def main(argv: list[str] | None = None) -> int:
     from moevlm.errors import MoevlmError
+    from moevlm.extras import MissingExtraError, missing_module
 
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="moevlm: %(message)s")
@@ -385,6 +388,12 @@ def main(argv: list[str] | None = None) -> int:
         return COMMANDS[args.command](args)
     except MoevlmError as err:
         print(f"moevlm: error: {err}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except ModuleNotFoundError as err:
+        if missing_module(err) is None:
+            raise
+        # An optional library that no feature checked for itself: name the extra that brings it.
+        print(f"moevlm: error: {MissingExtraError(f'moevlm {args.command}', missing_module(err))}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("moevlm: interrupted", file=sys.stderr)

@@ -34,6 +34,7 @@ from moevlm.data.records import (
     sharegpt_messages,
 )
 from moevlm.errors import DataError
+from moevlm.extras import require
 
 log = logging.getLogger(__name__)
 
@@ -124,6 +125,7 @@ def read_hf(spec: str | Path, data, max_rows: int | None = None) -> tuple[list[S
     """A Hugging Face data set (``hf:NAME[:split]``, a ``save_to_disk`` folder, ``.arrow`` or
     ``.parquet``) -> samples; ``data``: the ``DataConfig`` (columns, image_root, on_bad_row)."""
     source = str(spec)
+    require("pyarrow", f"Hugging Face data ({source})")
     parts, folder = _parts(source, data.split)
     schema = _schema(parts[0])
     image_column, text_column = _choose_columns(source, schema, data)

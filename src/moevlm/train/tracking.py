@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from moevlm.errors import MoevlmError
+from moevlm.extras import available, require
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +72,13 @@ class Tracker:
         self._logged_params: dict[str, str] = {}
         if not enabled:
             return
+        if tracking_uri is None and not available("mlflow"):
+            # Tracking into the run folder is a default, not something asked for: the run goes on without it.
+            log.warning("MLflow is not installed, so this run is not tracked "
+                        "(pip install 'moevlm[track]', or --no-tracking to hide this)")
+            self.enabled = False
+            return
+        require("mlflow", "--tracking-uri (MLflow tracking)")
 
         # Lazy: only tracking needs mlflow, which takes seconds to import.
         from mlflow import MlflowClient
