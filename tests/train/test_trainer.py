@@ -110,7 +110,7 @@ def test_resume_holds_the_command_line_to_the_config_the_run_started_with(shapes
         "False (now) (on resume only train.max_steps, train.log_every, train.eval_every, train.checkpoint_every, "
         "train.keep_checkpoints, train.max_bad_steps, train.patience, train.val_generate, "
         "train.activation_checkpointing, data.num_workers, dist.strategy, dist.expert_parallel, dist.backend, "
-        "dist.timeout_s, dist.mixed_precision may change)")
+        "dist.timeout_s, dist.mixed_precision, dist.meta_init may change)")
     # Without compare_config (the command line gave no config) the checkpoint's own config is used.
     trainer, _ = train(tiny(**{"moe.router_noise": False}), shapes_csv, tmp_path / "run", resume=True, max_steps=4)
     assert trainer.step == 4 and trainer.config.model.decoder.moe.router_noise
