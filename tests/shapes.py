@@ -47,3 +47,15 @@ def write_llava_data(folder, rows=12):
     (folder / "captions.jsonl").write_text("".join(json.dumps(row) + "\n" for row in captions))
     (folder / "conversations.json").write_text(json.dumps(conversations))
     return {"captions": folder / "captions.jsonl", "conversations": folder / "conversations.json"}
+
+
+def train_tiny(root, *settings):
+    """A `tiny`-preset run trained on ``write_shapes_csv(root / "shapes.csv")`` with the
+    ``--set`` ``settings``, untracked: its folder, ``root / "run"``."""
+    from moevlm.cli import main
+
+    data = write_shapes_csv(root / "shapes.csv")
+    sets = [arg for setting in settings for arg in ("--set", setting)]
+    assert main(["train", "--data", str(data), "--preset", "tiny", "--out", str(root / "run"), "--no-tracking",
+                 *sets]) == 0
+    return root / "run"

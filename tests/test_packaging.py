@@ -27,13 +27,9 @@ def requirement_names(requirements):
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    from shapes import write_shapes_csv
+    from shapes import train_tiny
 
-    root = tmp_path_factory.mktemp("packaging")
-    data = write_shapes_csv(root / "shapes.csv")
-    assert main(["train", "--data", str(data), "--preset", "tiny", "--out", str(root / "run"), "--no-tracking",
-                 "--set", "train.max_steps=2", "--set", "train.checkpoint_every=1"]) == 0
-    return root / "run"
+    return train_tiny(tmp_path_factory.mktemp("packaging"), "train.max_steps=2", "train.checkpoint_every=1")
 
 
 def without(monkeypatch, *modules):

@@ -173,12 +173,10 @@ def test_nf4_needs_cuda_and_other_refusals_are_one_line():
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    from shapes import write_shapes_csv
+    from shapes import train_tiny
 
     root = tmp_path_factory.mktemp("quantize")
-    data = write_shapes_csv(root / "shapes.csv")
-    assert main(["train", "--data", str(data), "--preset", "tiny", "--out", str(root / "run"), "--no-tracking",
-                 "--set", "train.max_steps=40", "--set", "train.lr=3e-3"]) == 0
+    train_tiny(root, "train.max_steps=40", "train.lr=3e-3")
     return root
 
 
