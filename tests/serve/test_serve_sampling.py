@@ -83,7 +83,7 @@ def jobs_for(engine, model_name, requests) -> tuple[list[Job], list[list[tuple]]
                 ended.release()
 
         jobs.append(Job(prompt_ids=ids, pixels=engine.prepare_image(picture(number)), max_tokens=req.max_tokens,
-                        emit=emit, temperature=req.temperature, seed=req.seed))
+                        emit=emit, sampling=SamplingParams(temperature=req.temperature), seed=req.seed))
     return jobs, events, ended
 
 

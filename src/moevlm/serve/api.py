@@ -105,10 +105,8 @@ def create_app(engine: Engine, options: ServeOptions):
         pixels = [images.load(url, engine.prepare_image) for url in req.image_urls]
         return [Job(prompt_ids=ids, pixels=pixels[0] if pixels else None, more_pixels=pixels[1:],
                     max_tokens=min(req.max_tokens or room, room), emit=emit_for(index),
-                    temperature=req.temperature, top_p=req.top_p, seed=choice_seed(req.seed, index), stop=req.stop,
-                    routing=req.routing, submitted=arrived, presence_penalty=req.presence_penalty,
-                    frequency_penalty=req.frequency_penalty, logit_bias=req.logit_bias, min_tokens=req.min_tokens,
-                    ignore_eos=req.ignore_eos, logprobs=req.logprobs, top_logprobs=req.top_logprobs)
+                    sampling=req.sampling, seed=choice_seed(req.seed, index), stop=req.stop, routing=req.routing,
+                    submitted=arrived)
                 for index in range(req.n)]
 
     @app.post("/v1/chat/completions", openapi_extra=REQUEST_BODY, response_model=None,

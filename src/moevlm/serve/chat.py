@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 from moevlm.data.records import IMAGE_PLACEHOLDER
 from moevlm.serve.errors import ApiError
+from moevlm.serve.sampling import SamplingParams
 
 MAX_STOPS = 4
 MAX_N = 16
@@ -55,6 +56,11 @@ class ChatRequest:
     logit_bias: dict[int, float] = field(default_factory=dict)
     min_tokens: int = 0
     ignore_eos: bool = False
+
+    @property
+    def sampling(self) -> SamplingParams:
+        return SamplingParams(self.temperature, self.top_p, self.presence_penalty, self.frequency_penalty,
+                              self.logit_bias, self.min_tokens, self.ignore_eos, self.logprobs, self.top_logprobs)
 
 
 def invalid(message: str, param: str | None) -> ApiError:

@@ -49,8 +49,7 @@ class Job:
     pixels: torch.Tensor | None
     max_tokens: int
     emit: Callable[[tuple], None]
-    temperature: float = 1.0
-    top_p: float | None = None
+    sampling: SamplingParams = field(default_factory=SamplingParams)
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     routing: bool = False
@@ -65,19 +64,7 @@ class Job:
     next_experts: list[list[int]] = field(default_factory=list)  # per MoE layer, for the next token
     generator: torch.Generator | None = None
     more_pixels: list[torch.Tensor] = field(default_factory=list)
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    logit_bias: dict[int, float] = field(default_factory=dict)
-    min_tokens: int = 0
-    ignore_eos: bool = False
-    logprobs: bool = False
-    top_logprobs: int = 0
     next_logprobs: dict | None = None  # the next token's, once it is sampled
-
-    @property
-    def sampling(self) -> SamplingParams:
-        return SamplingParams(self.temperature, self.top_p, self.presence_penalty, self.frequency_penalty,
-                              self.logit_bias, self.min_tokens, self.ignore_eos, self.logprobs, self.top_logprobs)
 
     @property
     def images(self) -> list[torch.Tensor]:
@@ -251,7 +238,7 @@ class Engine:
         ids, mask = left_pad([job.prompt_ids for job in jobs], self.tokenizer.pad_id, self.device)
         width = ids.size(1)
         for job in jobs:
-            if job.seed is not None or job.temperature >= GREEDY_BELOW:
+            if job.seed is not None or job.sampling.temperature >= GREEDY_BELOW:
                 job.generator = torch.Generator(device=self.device)
                 job.generator.manual_seed(job.seed if job.seed is not None else secrets.randbits(32))
         images, has_image = self._images(jobs)
@@ -306,7 +293,7 @@ class Engine:
     def _logprobs(self, job: Job, logits: torch.Tensor, token: int) -> dict:
         """The chosen token's log-probability and the ``top_logprobs`` likeliest, each with its text
         as it would extend the answer so far."""
-        chosen, top = logprob_details(logits, token, job.top_logprobs)
+        chosen, top = logprob_details(logits, token, job.sampling.top_logprobs)
         return {"logprob": chosen, "top_logprobs": [(self._piece(job, other), value) for other, value in top]}
 
     def _piece(self, job: Job, token: int) -> str:
@@ -326,11 +313,11 @@ class Engine:
         else:
             job.generated.append(token)
             text = self.tokenizer.decode(job.generated)
-            if job.routing or job.logprobs:
+            if job.routing or job.sampling.logprobs:
                 detail = {"text": text[len(job.text):] if text.startswith(job.text) else ""}
                 if job.routing:
                     detail["experts"] = job.next_experts
-                if job.logprobs:
+                if job.sampling.logprobs:
                     detail.update(job.next_logprobs)
                 job.pending.append(detail)
             job.text = text
