@@ -33,7 +33,6 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from torch import nn
-from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import _CHECKPOINT_PREFIX
 from torch.distributed.tensor import DTensor, Shard
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
@@ -109,12 +108,6 @@ def build_on_meta(config: Config) -> tuple[nn.Module, MetaStart]:
             if isinstance(module, MoEMLP):
                 start.dense_mlps[name] = dense[name.removeprefix("lm.")]
     return model, start
-
-
-def plain_name(name: str) -> str:
-    """``name`` as the model's state_dict and the sources spell it: without the wrapper that
-    activation checkpointing puts around a block (its state_dict hooks drop it too)."""
-    return name.replace(_CHECKPOINT_PREFIX, "")
 
 
 def tied_names(model: nn.Module) -> set[str]:
@@ -234,7 +227,7 @@ def materialize(model: nn.Module, start: MetaStart, device: torch.device) -> Non
     for module, name, buffer in buffers:  # to_empty left them empty; the constructors' values stand
         module._buffers[name] = buffer.to(device)
     _reset_meta_attributes(model, device)
-    params = {plain_name(name): param for name, param in model.named_parameters(remove_duplicate=True)}
+    params = dict(model.named_parameters(remove_duplicate=True))
     filled: set[str] = set()
     sources = _sources(config)
     with torch.no_grad():
@@ -277,7 +270,6 @@ def _fill_fresh(model: nn.Module, config: Config, params: dict[str, nn.Parameter
     _fill_module(build_projector(cfg.projector, cfg.vision.width, cfg.decoder.width), "projector.", params, filled)
     router_std = getattr(model.lm.config, "initializer_range", 0.02)
     for name, module in model.named_modules():
-        name = plain_name(name)
         if isinstance(module, MoEMLP):
             # Only the router is drawn; the experts are copies. A dense MLP one unit wide draws
             # the same numbers (expert weights are created empty, never drawn).
