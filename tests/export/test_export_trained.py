@@ -1,5 +1,5 @@
 """A run trained through the command line, then exported: transformers captions as moevlm does (the
-README's own lines, without a warning), moevlm captions the export as the run, an export of the export
+site's own lines in docs/export.md, without a warning), moevlm captions the export as the run, an export of the export
 is byte-identical, and --register versions it in the run's own MLflow store."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from PIL import Image
 from moevlm.cli import main
 from shapes import write_shapes_csv
 
-README = Path(__file__).resolve().parents[2] / "README.md"
+EXPORT_PAGE = Path(__file__).resolve().parents[2] / "docs" / "export.md"
 
 
 def test_train_export_and_caption_with_transformers_and_with_moevlm(tmp_path, capsys):
@@ -42,9 +42,9 @@ def test_train_export_and_caption_with_transformers_and_with_moevlm(tmp_path, ca
     assert main(["caption", "--model", str(out), *map(str, images), "--json"]) == 0
     assert any(ours) and [json.loads(line)["text"] for line in capsys.readouterr().out.splitlines()] == ours
 
-    # The README's five lines, on this run's export and first image.
-    text = README.read_text()
-    section = text[text.index("### Export to transformers"):]
+    # The export page's five lines, on this run's export and first image.
+    text = EXPORT_PAGE.read_text()
+    section = text[text.index("## Export to transformers"):]
     script = section[section.index("```python\n") + len("```python\n"):]
     script = script[:script.index("```")]
     assert len(script.strip().splitlines()) == 5
@@ -54,7 +54,7 @@ def test_train_export_and_caption_with_transformers_and_with_moevlm(tmp_path, ca
     handler.emit = records.append
     logging.getLogger("transformers").addHandler(handler)
     try:
-        exec(compile(script, "README.md", "exec"), {})
+        exec(compile(script, "docs/export.md", "exec"), {})
     finally:
         logging.getLogger("transformers").removeHandler(handler)
     assert capsys.readouterr().out.strip() == ours[0]

@@ -1,0 +1,41 @@
+"""The documentation site builds in strict mode (a broken link, anchor or API reference fails it),
+and strict mode does catch a broken link and a broken anchor."""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def build(root: Path, site: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "DISABLE_MKDOCS_2_WARNING": "true", "NO_MKDOCS_2_WARNING": "1",
+           "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
+    return subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(site)],
+                          cwd=root, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_the_site_builds_in_strict_mode(tmp_path):
+    result = build(ROOT, tmp_path / "site")
+    assert result.returncode == 0, result.stderr
+    site = tmp_path / "site"
+    # The generated pages are there: the configuration table from the schema, the notebook, the API.
+    keys = (site / "configuration" / "keys" / "index.html").read_text()
+    assert "train.ema_decay" in keys and "dist.meta_init" in keys
+    assert "load_model" in (site / "api" / "index.html").read_text()
+    assert (site / "tutorial" / "index.html").is_file()
+
+
+def test_strict_mode_fails_on_a_broken_link_and_a_broken_anchor(tmp_path):
+    copy = tmp_path / "repo"
+    shutil.copytree(ROOT / "docs", copy / "docs")
+    shutil.copy(ROOT / "mkdocs.yml", copy / "mkdocs.yml")
+    (copy / "examples").mkdir()
+    shutil.copy(ROOT / "examples" / "tutorial.ipynb", copy / "examples" / "tutorial.ipynb")
+    page = copy / "docs" / "serving.md"
+    page.write_text(page.read_text() + "\n[gone](no-such-page.md) and [nowhere](export.md#no-such-heading)\n")
+    result = build(copy, tmp_path / "site")
+    assert result.returncode != 0
+    assert "no-such-page.md" in result.stderr and "no-such-heading" in result.stderr
