@@ -1,7 +1,7 @@
 # The whole set-up is `make demo` (the main job) or `make test` (the test suite); each creates
 # the virtual environment it needs on first use, with every extra (`pip install moevlm` alone is the
-# lean core: see the README's install section). `make wheel-check` builds the wheel and sdist and
-# tries the wheel, core only, in a clean virtual environment.
+# lean core: see docs/getting-started.md). `make docs` builds the documentation site into site/;
+# `make wheel-check` builds the wheel and sdist and tries the wheel, core only, in a clean virtual environment.
 PYTHON ?= python3
 VENV ?= .venv
 # Installed first and on its own, so pip never resolves a bare "torch" to a multi-GB CUDA

@@ -1,4 +1,5 @@
-"""Command line: ``moevlm train | caption | eval | demo | upcycle | export | bench | plan | serve`` (README, "Usage").
+"""Command line: ``moevlm train | caption | eval | demo | upcycle | export | bench | plan | serve``
+(docs/getting-started.md, "Usage").
 
 User mistakes end with one line on stderr and exit code 2; no traceback.
 """
@@ -76,8 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = sub.add_parser("train", help="train a model on image-text data",
                            description="Train a model. Data: CSV, JSONL, LLaVA or COCO JSON, Parquet/Arrow, "
-                                       "Hugging Face datasets, WebDataset shards, image folders (README, "
-                                       "\"Data formats\").")
+                                       "Hugging Face datasets, WebDataset shards, image folders (docs/data.md).")
     train.add_argument("--data", required=True, type=Path,
                        help="training data: .csv, .jsonl, LLaVA or COCO .json, .parquet, .arrow, a save_to_disk or "
                             "image folder, hf:NAME[:split], or WebDataset shards ('s/{00..09}.tar')")
@@ -183,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
                           description="Bytes per rank of weights, gradients, AdamW state, DDP/FSDP2 buffers and "
                                       "activations (with and without activation checkpointing) for a config, read "
                                       "from config files only (no weights), and the largest batch per rank that "
-                                      "fits (README, \"Memory plan\").")
+                                      "fits (docs/distributed.md, \"Memory plan\").")
     plan.add_argument("--preset", choices=sorted(PRESETS), help="starting config (default: default)")
     plan.add_argument("--config", type=Path, help="YAML file of config values over the preset")
     plan.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -203,7 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="serve a model: OpenAI-compatible chat API and a web page",
                            description="OpenAI-compatible /v1/chat/completions (images as base64 data: URLs, "
                                        "streaming, continuous batching), /v1/models, /health, /metrics and a "
-                                       "web page at / (README, \"Serving\").")
+                                       "web page at / (docs/serving.md).")
     serve.add_argument("--model", required=True, type=Path, help="checkpoint folder")
     _add_checkpoint_flag(serve)
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")

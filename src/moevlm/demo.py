@@ -43,7 +43,7 @@ DEMO_OVERRIDES = [
     "train.checkpoint_every=500",
     "train.val_generate=100",  # the progress lines; the final figure captions all 500
     "train.ema_decay=0.995",
-    # Warping an 8 px digit blurs it: with shifts, turns and zooms it learned far slower (README).
+    # Warping an 8 px digit blurs it: with shifts, turns and zooms it learned far slower (docs/training.md).
     # Grain leaves each digit where it is and still keeps the reader from fitting the scans' exact
     # pixels: validation loss 0.078 -> 0.053 on seed 0.
     "data.augment=true",

@@ -39,7 +39,7 @@ PRESETS: dict[str, dict] = {
     },
     # The staged recipe on pretrained parts (--stage pretrain|instruct|moe with model.vision=hf:ID
     # and model.lm=hf:ID): LLaVA-length conversations, no augmentation of the pretrained tower's
-    # input. Learning rates are per stage: see the README walk-through.
+    # input. Learning rates are per stage: see the staged recipe in docs/training.md.
     "llava": {
         "model": {"decoder": {"max_text_len": 1024}},
         "data": {"augment": False, "val_fraction": 0.01, "preload": False, "num_workers": 2},
@@ -59,7 +59,7 @@ PRESETS: dict[str, dict] = {
     },
     # Learns well on small datasets of small images (a few thousand, up to 32 px): every 4 px
     # patch is an image token; small shifts, turns and zooms of the images and a weight average,
-    # tuned on held-out digits (README, "Defaults that generalise"); ~13 minutes on 2 CPU cores;
+    # tuned on held-out digits (docs/training.md, "Defaults that generalise"); ~13 minutes on 2 CPU cores;
     # llama + siglip, so it exports to transformers.
     "default": {
         "model": {"vision": {"arch": "siglip"}, "decoder": {"arch": "llama"}},

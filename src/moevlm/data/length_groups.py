@@ -25,7 +25,7 @@ from moevlm.data.dataset import EpochBatchSampler
 
 # Batches per mega-batch: more groups lengths more tightly, fewer keeps batches more mixed from
 # step to step. 16 cuts the padded share of the LLaVA-like mix of benchmarks/padding_share.py
-# from 46 % to 4 % at 32 rows a batch (see the README).
+# from 46 % to 4 % at 32 rows a batch (docs/configuration/index.md).
 MEGABATCH = 16
 
 

@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 # Keys a resumed run may change: when to stop, log, validate and checkpoint, and how many workers
 # load the data. None of them changes the model, the batches or an update.
 # How many ranks and how they split the work may change too: the batches and updates are those
-# of the whole batch whatever the split (README, "Training on several processes"); so may FSDP's
+# of the whole batch whatever the split (docs/distributed.md); so may FSDP's
 # weight dtype (dist.mixed_precision, which ``auto`` ties to the strategy and the device), and
 # activation checkpointing, which trades memory for time and leaves the gradients as they are.
 RESUME_MAY_DIFFER = ("train.max_steps", "train.log_every", "train.eval_every", "train.checkpoint_every",
