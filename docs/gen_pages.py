@@ -5,6 +5,7 @@
 - ``tutorial.ipynb``: ``examples/tutorial.ipynb`` as it is, which mkdocs-jupyter renders without running it.
 """
 
+import html
 from pathlib import Path
 
 import mkdocs_gen_files
@@ -15,8 +16,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def cell(text: str) -> str:
-    """A Markdown table cell: pipes escaped, never empty."""
-    return text.replace("|", "\\|") or " "
+    """A Markdown table cell of plain text: ``<bos>`` and ``a * b`` shown as written, pipes escaped, never empty."""
+    return html.escape(text, quote=False).replace("*", "\\*").replace("|", "\\|") or " "
 
 
 def flatten(values: dict, prefix: str = "") -> dict[str, object]:
@@ -42,13 +43,13 @@ def keys_page() -> str:
         if here != section:
             section = here
             lines += ["", f"## `{section}`", "", "| key | default | meaning |", "|---|---|---|"]
-        lines.append(f"| `{key}` | `{cell(default)}` | {cell(text)} |")
+        lines.append(f"| `{key}` | `{default.replace('|', ' or ')}` | {cell(text)} |")
     lines += ["", "## What each preset sets", "",
               "A preset is a set of values over the defaults above (`src/moevlm/config/presets.py`).", "",
               "| preset | values |", "|---|---|"]
     for name, values in PRESETS.items():
         listed = ", ".join(f"`{key}={value}`" for key, value in flatten(values).items())
-        lines.append(f"| `{name}` | {cell(listed) if values else 'the defaults'} |")
+        lines.append(f"| `{name}` | {listed.replace('|', ' or ') if values else 'the defaults'} |")
     return "\n".join(lines) + "\n"
 
 
