@@ -37,13 +37,12 @@ def keys_page() -> str:
              "(table at the end) changes some of them. Set any key with `--set KEY=VALUE` or in a YAML "
              "`--config` file; `vision.`, `decoder.`, `moe.`, `projector.` and `tokenizer.` are short for "
              "`model.vision.` and so on.", ""]
-    section = None
+    sections: dict[str, list[str]] = {}
     for key, default, text in describe_fields():
-        here = key.rsplit(".", 1)[0]
-        if here != section:
-            section = here
-            lines += ["", f"## `{section}`", "", "| key | default | meaning |", "|---|---|---|"]
-        lines.append(f"| `{key}` | `{default.replace('|', ' or ')}` | {cell(text)} |")
+        rows = sections.setdefault(key.rsplit(".", 1)[0], [])
+        rows.append(f"| `{key}` | `{default.replace('|', ' or ')}` | {cell(text)} |")
+    for section, rows in sections.items():
+        lines += ["", f"## `{section}`", "", "| key | default | meaning |", "|---|---|---|", *rows]
     lines += ["", "## What each preset sets", "",
               "A preset is a set of values over the defaults above (`src/moevlm/config/presets.py`).", "",
               "| preset | values |", "|---|---|"]
