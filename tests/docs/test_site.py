@@ -2,6 +2,7 @@
 and strict mode does catch a broken link and a broken anchor."""
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -41,3 +42,13 @@ def test_strict_mode_fails_on_a_broken_link_and_a_broken_anchor(tmp_path):
     warnings = [line for line in result.stderr.splitlines() if line.startswith("WARNING")]
     assert any("no-such-page.md" in line for line in warnings), result.stderr
     assert any("no-such-heading" in line for line in warnings), result.stderr
+
+
+def test_the_test_extra_brings_the_docs_tools():
+    import tomllib
+
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    names = {re.split(r"[<>=\[ ]", req)[0] for req in extras["docs"]}
+    assert {"mkdocs", "mkdocs-material", "mkdocstrings", "mkdocstrings-python", "mkdocs-gen-files",
+            "mkdocs-jupyter"} <= names
+    assert "moevlm[docs]" in extras["test"] and not any("mkdocs" in req for req in extras["all"])
