@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -45,8 +47,7 @@ def test_strict_mode_fails_on_a_broken_link_and_a_broken_anchor(tmp_path):
 
 
 def test_the_test_extra_brings_the_docs_tools():
-    import tomllib
-
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11 on, as in tests/test_packaging.py
     extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
     names = {re.split(r"[<>=\[ ]", req)[0] for req in extras["docs"]}
     assert {"mkdocs", "mkdocs-material", "mkdocstrings", "mkdocstrings-python", "mkdocs-gen-files",
