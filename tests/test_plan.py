@@ -178,13 +178,14 @@ LONG_ROWS = ["decoder.max_text_len=256"]
 
 
 def test_the_plan_is_within_25_percent_of_a_real_steps_peak_and_its_verdicts_hold():
-    # Large enough that the tensors, not the runtime's own 94 MiB, make most of the peak.
-    budget = parse_bytes("400MiB")
+    # Large enough that the tensors make most of the peak, not the runtime's own memory: the plan counts
+    # 94 MiB for it, and a step has measured anywhere from 36 to 94 MiB of it on the same machine.
+    budget = parse_bytes("800MiB")
     plan = make_plan(load_config("tiny", overrides=LONG_ROWS + ["train.batch_size=8"]), 1, budget, device="cpu")
     row = plan.rows[0]
     assert (row.strategy, row.checkpointing) == ("one process", "none")
     fits = row.max_batch
-    assert 20 < fits < 80
+    assert 50 < fits < 200
     at_fits = measured_peak("tiny", LONG_ROWS + [f"train.batch_size={fits}"])
     planned = make_plan(load_config("tiny", overrides=LONG_ROWS + [f"train.batch_size={fits}"]), 1, budget,
                         device="cpu").rows[0]
