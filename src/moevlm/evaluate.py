@@ -69,13 +69,12 @@ def evaluate(model: VisionLanguageModel, dataset: ImageTextDataset, tokenizer: T
             continue
         mixed = {} if bool(batch["has_image"].all()) else {"has_image": batch["has_image"].to(device)}
         batch = {k: v.to(device) for k, v in batch.items()}
-        with autocast():
-            out = model(batch["images"], batch["input_ids"], batch["attention_mask"], **mixed)
         labels = batch["labels"]
-        loss_sum += torch.nn.functional.cross_entropy(
-            out.logits.float().reshape(-1, out.logits.size(-1)), labels.reshape(-1),
-            ignore_index=-100, reduction="sum").item()
-        token_count += int((labels != -100).sum())
+        with autocast():  # given labels, the logits are those of the labelled positions only
+            out = model(batch["images"], batch["input_ids"], batch["attention_mask"], labels, **mixed)
+        labelled = labels[labels != -100]
+        loss_sum += torch.nn.functional.cross_entropy(out.logits.float(), labelled, reduction="sum").item()
+        token_count += labelled.numel()
         batch_load = model.expert_load()
         load = batch_load if load is None else load + batch_load
         dropped = dropped + expert_dropped(model.moe_layers)

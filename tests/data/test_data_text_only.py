@@ -52,11 +52,11 @@ def test_collate_marks_text_only_rows_and_gives_them_a_blank(tmp_path, preload):
     assert torch.all(batch["images"][1] == -1) and not torch.all(batch["images"][0] == -1)  # blank: 0 -> -1
 
 
-def rows_alone_and_mixed(model, images, ids, labels, has_image):
+def rows_alone_and_mixed(model, images, ids, has_image):
     """Per-row (logits, loss) of each row run alone and of the rows run as one batch."""
     model.eval()
     with torch.no_grad():
-        mixed = model(images, ids, ids != 0, labels, has_image=has_image).logits
+        mixed = model(images, ids, ids != 0, has_image=has_image).logits  # all positions': no labels
         alone = [model(images[i:i + 1] if has_image[i] else None, ids[i:i + 1], ids[i:i + 1] != 0).logits
                  for i in range(len(ids))]
     return mixed, alone
@@ -74,7 +74,7 @@ def test_scratch_vlm_image_rows_are_the_same_alone_and_in_a_mixed_batch():
     ids = torch.tensor([[1, 5, 6, 7, 2], [1, 8, 9, 2, 0], [1, 4, 4, 0, 0]])
     labels = torch.where(ids > 2, ids, -100)
     has_image = torch.tensor([True, False, True])
-    mixed, alone = rows_alone_and_mixed(model, images, ids, labels, has_image)
+    mixed, alone = rows_alone_and_mixed(model, images, ids, has_image)
     for i, logits in enumerate(alone):
         n = int((ids[i] != 0).sum())  # padding's logits are no one's concern
         logits = logits[:, :n]
@@ -97,13 +97,12 @@ def test_pretrained_vlm_image_rows_are_the_same_alone_and_in_a_mixed_batch(pretr
     images = torch.rand(3, 3, cfg.vision.image_size, cfg.vision.image_size) * 2 - 1
     # right-padded with 0 (masked); the image id stands where the image goes
     ids = torch.tensor([[img, 10, 11, 12], [13, 14, 15, 0], [img, 16, 0, 0]])
-    labels = torch.where((ids > 0) & (ids != img), ids, -100)
     mask = ids != 0
     ids_in = ids.masked_fill(~mask, 0)
     has_image = torch.tensor([True, False, True])
     model.eval()
     with torch.no_grad():
-        mixed = model(images, ids_in, mask, labels, has_image=has_image).logits
+        mixed = model(images, ids_in, mask, has_image=has_image).logits
         for i in range(3):
             n = int(mask[i].sum())
             alone = model(images[i:i + 1] if has_image[i] else None, ids_in[i:i + 1, :n]).logits

@@ -21,8 +21,9 @@ def test_shapes(image_tokens, expected):
     model = VLM(tiny_config.model)
     images, ids = batch(tiny_config)
     assert model.encode_images(images).shape == (3, expected, tiny_config.model.decoder.width)
+    assert model(images, ids).logits.shape == (3, 7, 23)
     out = model(images, ids, labels=ids)
-    assert out.logits.shape == (3, 7, 23)
+    assert out.logits.shape == (3 * 7, 23)  # every position labelled
     assert out.loss.ndim == 0 and set(out.aux) == {"balance", "z"}
     assert model.expert_load().shape == (2, 2, 4)
 
@@ -64,7 +65,8 @@ def test_padding_never_contributes_to_the_loss(tiny_config, capacity_factor):
     padded = model(images, padded_ids, padded_mask, padded_labels)
     torch.testing.assert_close(plain.lm_loss, padded.lm_loss)
     torch.testing.assert_close(plain.aux["balance"], padded.aux["balance"])
-    torch.testing.assert_close(plain.logits, padded.logits[:, :5])
+    torch.testing.assert_close(plain.logits, padded.logits)  # the labelled positions'
+    torch.testing.assert_close(model(images, ids, mask).logits, model(images, padded_ids, padded_mask).logits[:, :5])
 
 
 @CAPACITY
@@ -142,7 +144,7 @@ def test_label_smoothing_spreads_each_answer_target_over_the_vocabulary(tiny_con
     labels = torch.full_like(ids, -100)
     labels[:, 1:4] = ids[:, 2:5]
     plain, smoothed = model(images, ids, labels=labels), model(images, ids, labels=labels, label_smoothing=0.2)
-    log_probs = plain.logits.float().log_softmax(-1)[labels != -100]
+    log_probs = plain.logits.float().log_softmax(-1)  # the labelled positions' only
     targets = labels[labels != -100]
     by_hand = (0.8 * -log_probs.gather(1, targets[:, None])[:, 0] - 0.2 * log_probs.mean(-1)).mean()
     torch.testing.assert_close(smoothed.lm_loss, by_hand)

@@ -148,7 +148,7 @@ def _record_steps(monkeypatch, config, data, out):
         return train_step(self, batches)
 
     def recording_forward(self, images, input_ids, attention_mask=None, labels=None, **options):
-        if labels is not None:
+        if labels is not None and self.training:  # evaluation passes labels too
             steps[-1]["batches"].append((images, input_ids, attention_mask, labels))
         return forward(self, images, input_ids, attention_mask, labels, **options)
 

@@ -19,7 +19,7 @@ from moevlm.models.moe import IMAGE, PAD, TEXT, MoE
 from moevlm.models.moe_install import MoEMLP, TokenKinds, install_moe_layers
 from moevlm.models.projector import build_projector
 from moevlm.models.vit import ViT
-from moevlm.models.vlm import VLMOutput, expert_load, vlm_output
+from moevlm.models.vlm import VLMOutput, expert_load, labelled_positions, vlm_output
 
 
 class PretrainedVLM(nn.Module):
@@ -96,8 +96,11 @@ class PretrainedVLM(nn.Module):
         return embeds, kind
 
     def _run_lm(self, embeds: torch.Tensor, key_mask: torch.Tensor, positions: torch.Tensor,
-                kind: torch.Tensor, cache=None, last_only: bool = False) -> torch.Tensor:
-        extra = {self._cache_arg: cache, **({"logits_to_keep": 1} if last_only else {})}
+                kind: torch.Tensor, cache=None, keep: int | torch.Tensor | None = None) -> torch.Tensor:
+        """The LM's logits at the positions ``keep`` says (transformers' ``logits_to_keep``: the last
+        n, or these indices, in every row; None: all). The LM's own head computes them, with
+        whatever it does after the matmul (Gemma's soft-capping, Cohere's scale)."""
+        extra = {self._cache_arg: cache, **({"logits_to_keep": keep} if keep is not None else {})}
         with self.token_kinds.given(kind):
             out = self.lm(inputs_embeds=embeds, attention_mask=key_mask.long(), position_ids=positions,
                           use_cache=cache is not None, **extra)
@@ -108,13 +111,21 @@ class PretrainedVLM(nn.Module):
                 attention_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None,
                 has_image: torch.Tensor | None = None, label_smoothing: float = 0.0) -> VLMOutput:
         """images (B, C, S, S) (None for text only); input_ids, attention_mask, labels (B, T),
-        labels being next-token targets aligned with input_ids (-100: no loss); has_image (B,)
+        labels being next-token targets aligned with input_ids (-100: no loss); given labels, logits
+        are computed at the labelled positions only (``VLMOutput.logits``: (N, V)). has_image (B,)
         False marks a text-only row in a mixed batch (None: every row has an image)."""
         mask = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
         embeds, kind = self._embed(images, input_ids, mask, has_image)
         positions = (mask.long().cumsum(1) - 1).clamp(min=0)  # real tokens only: left padding is invisible
-        logits = self._run_lm(embeds, mask, positions, kind)
-        return vlm_output(logits, labels, self.moe_layers, self.cfg.decoder.moe, label_smoothing)
+        if labels is None:
+            return vlm_output(self._run_lm(embeds, mask, positions, kind), None, self.moe_layers,
+                              self.cfg.decoder.moe)
+        # The LM's head runs at the columns labelled in any row, the loss takes each row's own.
+        labelled = labelled_positions(labels)
+        columns = labelled.any(0).nonzero().squeeze(1)
+        logits = self._run_lm(embeds, mask, positions, kind, keep=columns)
+        return vlm_output(logits[labelled[:, columns]], labels[labelled], self.moe_layers, self.cfg.decoder.moe,
+                          label_smoothing)
 
     # -- generation ------------------------------------------------------------------------
     def new_cache(self, batch: int, max_len: int):
@@ -131,7 +142,7 @@ class PretrainedVLM(nn.Module):
         mask = attention_mask.bool()
         embeds, kind = self._embed(images, input_ids, mask, has_image)
         positions = (mask.long().cumsum(1) - 1).clamp(min=0)
-        logits = self._run_lm(embeds, mask, positions, kind, cache, last_only=True)
+        logits = self._run_lm(embeds, mask, positions, kind, cache, keep=1)
         return logits[:, -1], mask
 
     def step(self, token_ids: torch.Tensor, key_mask: torch.Tensor, cache) -> torch.Tensor:
@@ -139,4 +150,4 @@ class PretrainedVLM(nn.Module):
         positions = key_mask.long().sum(1, keepdim=True) - 1  # (B, 1)
         embeds = self.lm.get_input_embeddings()(token_ids[:, None])
         kind = torch.full_like(positions, TEXT)
-        return self._run_lm(embeds, key_mask, positions, kind, cache, last_only=True)[:, -1]
+        return self._run_lm(embeds, key_mask, positions, kind, cache, keep=1)[:, -1]

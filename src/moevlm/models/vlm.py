@@ -29,10 +29,15 @@ from moevlm.models.moe import IMAGE, PAD, TEXT, MoE
 from moevlm.models.projector import build_projector
 from moevlm.models.vit import ViT
 
+# Labels' "no loss here" value: cross_entropy's default ignore_index, which moevlm.data writes.
+IGNORE_INDEX = -100
+
 
 @dataclass
 class VLMOutput:
-    logits: torch.Tensor  # (B, T, V) at the text positions
+    # Without labels: (B, T, V) at the text positions. With labels: (N, V) at the N labelled
+    # positions only (labels != -100, row by row), the only ones the loss reads.
+    logits: torch.Tensor
     loss: torch.Tensor | None = None  # lm_loss + weighted aux losses
     lm_loss: torch.Tensor | None = None
     aux: dict[str, torch.Tensor] = field(default_factory=dict)  # balance, z (means over MoE layers)
@@ -53,15 +58,22 @@ def attention_mask_for(key_mask: torch.Tensor, num_queries: int) -> torch.Tensor
     return mask.unsqueeze(1)
 
 
+def labelled_positions(labels: torch.Tensor) -> torch.Tensor:
+    """bool (B, T): the positions whose next token is learnt. Image, prompt and padding positions
+    need no logits in training: the LM head (a vocabulary-wide matmul, and the fp32 logits the loss
+    keeps for its backward) runs on these only."""
+    return labels != IGNORE_INDEX
+
+
 def vlm_output(logits: torch.Tensor, labels: torch.Tensor | None, moe_layers: list[MoE],
                moe: MoEConfig, label_smoothing: float = 0.0) -> VLMOutput:
-    """Logits (B, T, V) -> VLMOutput with the aux losses of the forward that just ran and,
-    given labels (next-token targets aligned with the logits), loss = CE + weighted aux
+    """Logits (..., V) -> VLMOutput with the aux losses of the forward that just ran and,
+    given labels (next-token targets aligned with the logits, (...)), loss = CE + weighted aux
     (CE against targets smoothed by ``label_smoothing``)."""
     out = VLMOutput(logits=logits, aux=moe_aux(moe_layers))
     if labels is not None:
         out.lm_loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), labels.reshape(-1),
-                                      ignore_index=-100, label_smoothing=label_smoothing)
+                                      ignore_index=IGNORE_INDEX, label_smoothing=label_smoothing)
         out.loss = out.lm_loss
         if out.aux:
             out.loss = out.loss + moe.aux_loss_coef * out.aux["balance"] + moe.z_loss_coef * out.aux["z"]
@@ -142,8 +154,9 @@ class VLM(nn.Module):
                 has_image: torch.Tensor | None = None, label_smoothing: float = 0.0) -> VLMOutput:
         """images (B, C, S, S) (None: text only); input_ids, attention_mask, labels (B, T). labels
         are next-token targets aligned with input_ids (-100 = no loss), as built by
-        ``moevlm.data.dataset``. has_image (B,) bool: False marks a text-only row, whose image
-        is ignored (None: every row has one)."""
+        ``moevlm.data.dataset``; given labels, logits are computed at the labelled positions
+        only (``VLMOutput.logits``: (N, V)). has_image (B,) bool: False marks a text-only row,
+        whose image is ignored (None: every row has one)."""
         embeds, key_mask, kind = self._embed(images, input_ids, attention_mask, has_image)
         # Training batches are right-padded: a causal mask alone already keeps every real
         # token from seeing padding, so the faster is_causal path gives identical results.
@@ -151,7 +164,11 @@ class VLM(nn.Module):
         attn_mask = None if right_padded else attention_mask_for(key_mask, key_mask.size(1))
         positions = (key_mask.cumsum(1) - 1).clamp(min=0)
         hidden = self.decoder(embeds, positions, attn_mask, kind)
-        logits = self.decoder.lm_head(hidden[:, self.num_image_tokens:])
+        hidden = hidden[:, self.num_image_tokens:]
+        if labels is not None:
+            labelled = labelled_positions(labels)
+            hidden, labels = hidden[labelled], labels[labelled]
+        logits = self.decoder.lm_head(hidden)
         return vlm_output(logits, labels, self.moe_layers, self.cfg.decoder.moe, label_smoothing)
 
     @property

@@ -15,10 +15,12 @@ shapes; h width, kv = key/value heads x head size, f feed-forward width, a heads
 - a frozen block that a gradient still passes through keeps no inputs of its matrix products:
   2h fewer in attention, h + f fewer in the feed-forward (k (h + f) in an MoE layer).
 - a block no gradient reaches (a frozen tower with nothing trainable before it) keeps nothing.
-- the head (``head_bytes``): the final norm 2h, RoPE's cos and sin, the attention mask and the fp32
-  log-softmax (4 bytes per vocabulary entry); beside them the logits (2 or 4 bytes an entry) and, in
-  the loss's backward, two fp32 gradients of their size (8 bytes an entry). At a vocabulary of 49,152
-  this is 16 bytes x 49,152 = 786 kB a token, more than a 960-wide block keeps.
+- the head (``head_bytes``): the final norm 2h, RoPE's cos and sin, the attention mask, and at the
+  labelled positions only (the models compute logits nowhere else; counted here as every text token,
+  the most a row can have) the fp32 log-softmax (4 bytes per vocabulary entry); beside them the logits
+  (2 or 4 bytes an entry) and, in the loss's backward, two fp32 gradients of their size (8 bytes an
+  entry). At a vocabulary of 49,152 this is 16 bytes x 49,152 = 786 kB a labelled token, more than a
+  960-wide block keeps.
 
 The backward of a block makes a gradient for each tensor it kept, for a moment: one block's set more
 (the largest) on top of what is kept.
@@ -111,12 +113,14 @@ def vision_elements(config: Config) -> tuple[float, float]:
 def head_bytes(config: Config, shape: Shape, act_bytes: int) -> tuple[float, float]:
     """(kept by autograd, alive beside it at the start of the backward) bytes of a row's head and of the
     inputs every layer shares: the final norm (2h), RoPE's cos and sin (2 x head size; Llama-style LMs), the attention
-    mask (s: one float per key), the fp32 log-softmax (4 bytes per vocabulary entry); beside them the
-    logits the loss came from and, in the loss's backward, two fp32 gradients of their size."""
+    mask (s: one float per key), and at the labelled positions (every text token at most) the fp32
+    log-softmax (4 bytes per vocabulary entry); beside them the logits the loss came from and, in the
+    loss's backward, two fp32 gradients of their size."""
     d = config.model.decoder
     rope = 2 * d.width // d.heads if (d.arch == "llama" if d.pretrained is None else _hf_gated(config)) else 0
-    per_token = (2 * d.width + rope + shape.decoder_tokens) * act_bytes + 4 * d.vocab_size
-    return shape.decoder_tokens * per_token, shape.decoder_tokens * (act_bytes + 8) * d.vocab_size
+    labelled = shape.decoder_tokens - shape.image_tokens
+    kept = shape.decoder_tokens * (2 * d.width + rope + shape.decoder_tokens) * act_bytes + labelled * 4 * d.vocab_size
+    return kept, labelled * (act_bytes + 8) * d.vocab_size
 
 
 def activation_bytes(config: Config, counts: Counts, shape: Shape, mode: str, act_bytes: int) -> float:

@@ -254,12 +254,30 @@ def parallelize(model: nn.Module, world: World, config: Config, device: torch.de
                                   reduce_dtype=torch.float32)
     params = dict(model.named_parameters())
     ignored = {params[name] for name in expert_names}
-    for block in repeated_blocks(model) + embedding_tables(model):
+    units = repeated_blocks(model) + embedding_tables(model)
+    for block in units:
         fully_shard(block, ignored_params={p for p in block.parameters() if p in ignored} or None, mp_policy=policy)
     fully_shard(model, ignored_params=ignored or None, mp_policy=policy)
     for method in ("prefill", "step"):  # generation (validation) calls these, not forward
         register_fsdp_forward_method(model, method)
+    if device.type == "cpu":
+        gather_one_unit_at_a_time(model, units)
     return Parallel(model, strategy, expert_names)
+
+
+def gather_one_unit_at_a_time(model: nn.Module, units: list[nn.Module]) -> None:
+    """On the CPU, each FSDP unit holds its gathered weights only while it computes. FSDP2's
+    defaults are made for CUDA streams, which overlap a unit's all-gather with the compute before
+    it: in forward it keeps each all-gather's buffer (the unit's whole weights once more) until the
+    next unit has gathered, and in backward it starts gathering the next unit while the current
+    one computes. The CPU has no streams to overlap, so these only add memory: at the step's peak,
+    the end of the forward (every activation alive, the LM head gathered), the last layer's kept
+    buffer; at the start of the backward, the last layer gathered beside the head. Here the buffer
+    goes as soon as the weights are copied out of it (FSDP2's unshard with ``async_op``) and each
+    unit's backward prefetches only itself (already gathered: nothing). The values are the same."""
+    model._set_unshard_async_op(True)  # FSDPModule's documented switch (underscored in torch 2.13)
+    for unit in [*units, model]:
+        unit.set_modules_to_backward_prefetch([unit])
 
 
 def clip_gradients(params: list[nn.Parameter], max_norm: float, world: World, expert_params: set) -> float:
