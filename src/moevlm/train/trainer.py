@@ -109,7 +109,7 @@ class Trainer:
                  world: World | None = None, device: torch.device | None = None,
                  meta_start: MetaStart | None = None):
         """``from_source`` names the pretrained tensors no stage has trained so far (kept out of
-        checkpoints, see moevlm/checkpoint.py); ``command_config``:
+        checkpoints, see moevlm/checkpoint/folder.py); ``command_config``:
         the config as the command line gave it, kept in the trainer state for ``--resume`` to check.
         ``world``: this rank among several (moevlm/train/distributed.py; None: one process), on ``device``.
         ``meta_start``: ``model`` is on the meta device; each rank fills its shards once sharded
