@@ -42,8 +42,8 @@ def one_step(mode: str, vision: str, lm: str, batch: int, tokens: int) -> dict:
     from moevlm.models.factory import build_model
     from moevlm.models.hf_config import resolve_pretrained
     from moevlm.train.checkpointing import apply_activation_checkpointing
+    from moevlm.train.optimizer import build_optimizer
     from moevlm.train.stages import freeze_for_stage
-    from moevlm.train.trainer import build_optimizer
 
     config = load_config("llava", overrides=[f"model.vision=hf:{vision}", f"model.lm=hf:{lm}",
                                              "train.stage=instruct", f"train.activation_checkpointing={mode}"])

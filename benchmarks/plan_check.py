@@ -85,8 +85,8 @@ def measure(preset: str, overrides: list[str], seq_len: int | None, checkpointin
     from moevlm.models.factory import build_model
     from moevlm.plan.activations import row_shape
     from moevlm.plan.memory import planned_config
+    from moevlm.train.optimizer import build_optimizer
     from moevlm.train.stages import freeze_for_stage
-    from moevlm.train.trainer import build_optimizer
 
     torch.set_num_threads(1)
     config = planned_config(load_config(preset, overrides=overrides + ["train.device=cpu"]))

@@ -1,5 +1,6 @@
 """The house rules of ARCHITECTURE.md, checked on the source: no import cycle, who may import whom,
-and imports inside functions only where they are lazy imports of heavy optional libraries."""
+imports inside functions only where they are lazy imports of heavy optional libraries, and no file
+over MAX_LINES lines (one job per file)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "moevlm"
 # sharded checkpoints only), and many runs never need it.
 LAZY_LIBRARIES = ("transformers", "huggingface_hub", "peft", "mlflow", "requests", "fastapi", "uvicorn", "starlette",
                   "datasets", "pyarrow", "torch.distributed.checkpoint", "bitsandbytes")
+# A file past this has grown more than one job: split it where the jobs part (ARCHITECTURE.md).
+MAX_LINES = 400
 # Files that wrap transformers models and so may import it at module level.
 HF_WRAPPERS = {"moevlm.models.hf_config", "moevlm.models.hf_vision", "moevlm.models.hf_lm", "moevlm.models.factory",
                "moevlm.models.moe_install", "moevlm.models.lora"}
@@ -26,8 +29,8 @@ def module_name(path: Path) -> str:
 
 
 MODULES = {module_name(path): path for path in sorted(PACKAGE.rglob("*.py"))}
-INFERENCE = ("moevlm.generate", "moevlm.evaluate", "moevlm.checkpoint", "moevlm.device", "moevlm.metrics",
-             *(name for name in MODULES if name.startswith(("moevlm.export", "moevlm.serve"))))
+INFERENCE = ("moevlm.generate", "moevlm.evaluate", "moevlm.device", "moevlm.metrics",
+             *(name for name in MODULES if name.startswith(("moevlm.checkpoint", "moevlm.export", "moevlm.serve"))))
 
 
 def imports(name: str) -> list[tuple[str, bool, int]]:
@@ -71,6 +74,28 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
         if start not in state and (cycle := visit(start)):
             return cycle
     return None
+
+
+def long_files(root: Path, limit: int = MAX_LINES) -> list[str]:
+    """``path: N lines`` of each file under ``root`` (sources, the server's page) longer than ``limit``."""
+    found = []
+    for path in sorted(root.rglob("*")):
+        if path.is_file() and "__pycache__" not in path.parts:
+            lines = len(path.read_bytes().splitlines())
+            if lines > limit:
+                found.append(f"{path.relative_to(root)}: {lines} lines")
+    return found
+
+
+def test_no_file_of_the_package_is_over_max_lines():
+    assert long_files(PACKAGE) == []
+
+
+def test_long_files_finds_a_long_file(tmp_path):
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "short.py").write_text("x = 1\n" * MAX_LINES)
+    (tmp_path / "pkg" / "long.py").write_text("x = 1\n" * (MAX_LINES + 1))
+    assert long_files(tmp_path) == [f"pkg/long.py: {MAX_LINES + 1} lines"]
 
 
 def test_the_package_has_no_import_cycle():

@@ -136,7 +136,7 @@ def test_caption_and_eval_run_on_the_device_asked_for(trained, tmp_path, capsys)
 def test_device_auto_loads_the_model_on_cuda_then_mps(trained, tmp_path, capsys, monkeypatch, command):
     import torch
 
-    from moevlm import checkpoint
+    from moevlm.errors import CheckpointError
 
     Image.new("RGB", (30, 20), (200, 10, 10)).save(tmp_path / "a.png")
     argv = {"caption": ["caption", "--model", trained / "run", tmp_path / "a.png"],
@@ -145,7 +145,7 @@ def test_device_auto_loads_the_model_on_cuda_then_mps(trained, tmp_path, capsys,
 
     def load_model(model_dir, device="cpu", quantize=None):
         loaded_on.append(torch.device(device))
-        raise checkpoint.CheckpointError("stop here")  # this machine may have neither device
+        raise CheckpointError("stop here")  # this machine may have neither device
 
     from moevlm import evaluate, generate
 

@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import re
+from importlib.metadata import version
 
 import numpy as np
 import pytest
@@ -16,7 +17,7 @@ import torch
 from export_helpers import pretrained_checkpoint, scratch_checkpoint
 from PIL import Image
 
-from moevlm.checkpoint import load_model
+from moevlm.checkpoint import VERSION_KEY, load_model
 from moevlm.cli import main
 from moevlm.data.images import image_preparer, normalize, open_image
 from moevlm.export.hf import export_hf
@@ -60,6 +61,18 @@ def test_the_written_keys_are_those_transformers_4_and_5_both_read(exported):
     assert not {"is_local", "local_files_only", "model_specific_special_tokens"} & set(tokenizer)
     generation = json.loads((out / "generation_config.json").read_text())
     assert "max_length" not in generation  # it warns beside every generate(max_new_tokens=...)
+
+
+def test_the_card_and_the_config_name_the_installed_moevlm(exported):
+    _, out = exported
+    installed = version("moevlm")
+    assert f"exported to transformers' `LlavaForConditionalGeneration` by moevlm {installed}." in \
+        (out / "README.md").read_text()
+    assert json.loads((out / "config.json").read_text())[VERSION_KEY] == installed
+    # Lazy: transformers takes seconds to import.
+    from transformers import AutoConfig
+
+    assert getattr(AutoConfig.from_pretrained(out), VERSION_KEY) == installed  # kept, not refused
 
 
 def test_export_import_export_is_byte_identical(exported, tmp_path):

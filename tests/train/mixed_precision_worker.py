@@ -18,7 +18,7 @@ import torch
 from moevlm.config import load_config
 from moevlm.models.factory import build_model
 from moevlm.train.distributed import close_world, configure_world, join_world, parallelize
-from moevlm.train.trainer import build_optimizer
+from moevlm.train.optimizer import build_optimizer
 
 
 def main(mode: str, out: Path) -> None:

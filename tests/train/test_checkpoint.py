@@ -162,17 +162,17 @@ def test_resume_stops_when_an_intact_optimizer_state_cannot_be_read(run, copy, m
 
 
 def test_resume_stops_when_a_file_cannot_be_opened(run, copy, monkeypatch):
-    from moevlm import checkpoint
+    from moevlm.checkpoint import folder
 
     _, data = run
-    digest = checkpoint.sha256
+    digest = folder.sha256
 
     def denied(path):
         if "step-00000004" in str(path):
             raise PermissionError(13, "Permission denied", str(path))
         return digest(path)
 
-    monkeypatch.setattr(checkpoint, "sha256", denied)
+    monkeypatch.setattr(folder, "sha256", denied)
     with pytest.raises(CheckpointError, match=r"step-00000004/config\.json: cannot read \(Permission denied\)$"):
         train(data, copy, resume=True)
     assert [step for step, _ in RunCheckpoints(copy).snapshots()] == [4, 3]

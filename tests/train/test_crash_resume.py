@@ -56,15 +56,15 @@ KILLERS = {
     """,
     # Writing snapshot 12: its weights file is half on disk.
     "writing the snapshot": """
-        from moevlm import checkpoint
-        save_file = checkpoint.save_file
+        from moevlm.checkpoint import folder
+        save_file = folder.save_file
         def half_save_file(tensors, path, metadata):
             save_file(tensors, path, metadata=metadata)
             if metadata["step"] == "12":
                 with open(path, "r+b") as handle:
                     handle.truncate(os.path.getsize(path) // 2)
                 die()
-        checkpoint.save_file = half_save_file
+        folder.save_file = half_save_file
     """,
     # Writing snapshot 12: its weights are whole, its optimizer state is half on disk.
     "writing the optimizer state": """

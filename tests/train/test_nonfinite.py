@@ -79,7 +79,7 @@ def test_a_non_finite_step_is_skipped_and_training_goes_on(shapes_csv, tmp_path,
         return result
 
     monkeypatch.setattr(trainer_module.Trainer, "train_step", recording_train_step)
-    with caplog.at_level(logging.WARNING, logger="moevlm.train.trainer"):
+    with caplog.at_level(logging.WARNING, logger="moevlm.train.step"):
         trainer, _ = train(tiny(), shapes_csv, tmp_path / "run")
     assert trainer.step == 6 and trainer.skipped_steps == [3] and trainer.bad_in_a_row == 0
     assert [m for m in caplog.messages if "skipped" in m] == [
@@ -143,7 +143,7 @@ def test_the_weight_average_counts_only_the_updates_made(shapes_csv, tmp_path, p
 def test_max_bad_steps_in_a_row_are_skipped_and_a_finite_step_starts_the_count_again(shapes_csv, tmp_path, poison,
                                                                                      caplog):
     poison({2, 3, 5, 6})
-    with caplog.at_level(logging.WARNING, logger="moevlm.train.trainer"):
+    with caplog.at_level(logging.WARNING, logger="moevlm.train.step"):
         trainer, _ = train(tiny(**{"train.max_steps": 7, "train.max_bad_steps": 2}), shapes_csv, tmp_path / "run")
     assert trainer.step == 7 and trainer.skipped_steps == [2, 3, 5, 6]
     assert [m.split("(")[1] for m in caplog.messages if "skipped" in m] == ["1 in a row, train.max_bad_steps=2)",

@@ -11,8 +11,8 @@ from moevlm.device import autocast_dtype, resolve_device
 from moevlm.errors import ConfigError, MoevlmError
 from moevlm.models.vlm import VLM
 from moevlm.train import trainer as trainer_module
+from moevlm.train.optimizer import lr_factor
 from moevlm.train.run import run_training
-from moevlm.train.trainer import lr_factor
 
 
 def tiny(**overrides):

@@ -1,6 +1,6 @@
-"""Configuration: the schema (``schema.py``), presets (``presets.py``) and loading from presets,
-YAML files and ``--set`` overrides (``loading.py``); ``values.py`` turns dicts into the schema's
-dataclasses."""
+"""Configuration: the schema (``schema.py``, the root ``Config``, with its sections in ``model.py`` and
+``training.py``), presets (``presets.py``) and loading from presets, YAML files and ``--set`` overrides
+(``loading.py``); ``values.py`` turns dicts into the schema's dataclasses."""
 
 from moevlm.config.loading import ALIASES, describe_fields, load_config, parse_override
 from moevlm.config.presets import PRESETS

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import torch
 
+from moevlm import __version__
+
 # The card's part that comes from the training run (figures, MLflow run, expert load): an export of an
 # export has no run, so it carries this part of its source's card over unchanged.
 RUN_BEGIN, RUN_END = "<!-- moevlm run -->", "<!-- /moevlm run -->"
@@ -81,7 +83,7 @@ def model_card(text_config: dict, vision_config: dict, counts: tuple[int, int], 
     title = f"LLaVA with a {text_config['architectures'][0].removesuffix('ForCausalLM')} text model"
     lines = [*header, "", f"# {title}", "",
              "A vision-language model trained with [moevlm](https://pypi.org/project/moevlm/) and exported "
-             "to transformers' `LlavaForConditionalGeneration`.", "",
+             f"to transformers' `LlavaForConditionalGeneration` by moevlm {__version__}.", "",
              "| part | |", "|---|---|",
              f"| vision | {vision_config['model_type']}: {vision_config['num_hidden_layers']} layers, width "
              f"{vision_config['hidden_size']}, {vision_config['image_size']} px, patch {vision_config['patch_size']} |",

@@ -11,7 +11,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from moevlm.checkpoint import STATE, is_transformers_llava, load_checkpoint
+from moevlm import __version__
+from moevlm.checkpoint import STATE, VERSION_KEY, is_transformers_llava, load_checkpoint
 from moevlm.data.chat import MOEVLM_LAYOUT_MARKER
 from moevlm.errors import ExportError
 from moevlm.export.blockers import check_exportable
@@ -138,7 +139,9 @@ def _write(folder: Path, model_dir: Path, mc, vision: VisionPart, text: TextPart
                         vision_feature_select_strategy=vision.select_strategy,
                         vision_feature_layer=vision.feature_layer, multimodal_projector_bias=True,
                         tie_word_embeddings=text.config["tie_word_embeddings"],
-                        architectures=["LlavaForConditionalGeneration"])
+                        architectures=["LlavaForConditionalGeneration"],
+                        # Which release wrote the folder, beside transformers' own "transformers_version".
+                        **{VERSION_KEY: __version__})
     llava.text_config.architectures = text.config["architectures"]  # vLLM picks the LM class by it
     llava.save_pretrained(str(folder))
     portable_config(folder)

@@ -2,7 +2,7 @@
 
 The record lives in the trainer state (trainer_state.json) as ``best = {"step", "metric", "value"}``
 and ``validations_since_best``, so a resumed run goes on comparing with the same best and counting
-from the same point. Inference finds the best snapshot through that record (moevlm/checkpoint.py,
+from the same point. Inference finds the best snapshot through that record (moevlm/checkpoint/run_folder.py,
 ``resolve_checkpoint``).
 """
 

@@ -10,23 +10,17 @@ validations in a row without a new best end the run as ``max_steps`` would.
 With ``train.ema_decay`` the weight average (train/ema.py) is what validation scores, what
 checkpoints hold as weights and what the trainer leaves in the model when ``fit`` returns.
 
-A step whose loss or gradient norm is not finite changes nothing but the counters: no update,
-no metrics, a warning. Up to ``train.max_bad_steps`` of them in a row are skipped so; the next
-one in a row ends the run with a ``TrainingError`` (0: the first one does), and the weights then
-on disk are the last checkpoint written before it.
+One step (micro-batches, clipping, the update, the non-finite rule) is train/step.py; the optimizer and
+its schedule train/optimizer.py; the random streams a checkpoint keeps train/rng.py.
 """
 
 from __future__ import annotations
 
-import base64
 import contextlib
-import logging
-import math
 import time
 from functools import partial
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
@@ -34,74 +28,30 @@ from tqdm.auto import tqdm
 
 from moevlm.checkpoint import PreparedModel, ShardedOptimizerState, fingerprint, tied_copies
 from moevlm.config import Config
-from moevlm.data.dataset import IGNORE_INDEX, EpochBatchSampler, ImageTextDataset, collate, usable_batch
+from moevlm.data.dataset import EpochBatchSampler, ImageTextDataset, collate, usable_batch
 from moevlm.data.length_groups import LengthGroupedBatchSampler
 from moevlm.data.tokenizer_factory import TextTokenizer
 from moevlm.device import autocast_dtype, resolve_device
-from moevlm.errors import CheckpointError, ConfigError, MoevlmError, TrainingError
+from moevlm.errors import CheckpointError, ConfigError, TrainingError
 from moevlm.evaluate import evaluate
 from moevlm.metrics import expert_balance
 from moevlm.models.protocol import VisionLanguageModel
 from moevlm.models.vlm import expert_dropped
 from moevlm.train import dist_checkpoint, plots
 from moevlm.train.checkpointing import apply_activation_checkpointing
-from moevlm.train.distributed import RankBatches, World, clip_gradients, parallelize
+from moevlm.train.distributed import RankBatches, World, parallelize
 from moevlm.train.ema import WeightAverage
-from moevlm.train.expert_parallel import sync_expert_grads
 from moevlm.train.materialize import MetaStart, materialize, source_fingerprint
+from moevlm.train.optimizer import build_optimizer
+from moevlm.train.rng import rank_seed, rng_state, set_rng_state
 from moevlm.train.selection import Selection
 from moevlm.train.snapshots import RunCheckpoints
-from moevlm.train.stages import freeze_for_stage, group_lr, still_from_source
+from moevlm.train.stages import freeze_for_stage, still_from_source
+from moevlm.train.step import TrainStep
 from moevlm.train.tracking import Tracker
 
-log = logging.getLogger(__name__)
 
-
-def lr_factor(step: int, warmup_steps: int, max_steps: int, min_ratio: float) -> float:
-    """Linear warmup to 1, then cosine decay to ``min_ratio`` at ``max_steps``."""
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
-    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-def build_optimizer(trainable: dict[str, list[torch.nn.Parameter]], cfg) -> torch.optim.AdamW:
-    """One pair of parameter groups per trainable group (vision, projector, lm, moe), each with its
-    own learning rate (``base_lr``, scaled by the schedule)."""
-    groups = []
-    for name, params in trainable.items():
-        lr = group_lr(cfg, name)
-        # Weight decay on matrices (and stacked expert weights) only, not on biases and norms.
-        for decay, chosen in ((cfg.weight_decay, [p for p in params if p.dim() >= 2]),
-                              (0.0, [p for p in params if p.dim() < 2])):
-            # FSDP's sharded parameters and plain ones (expert slices beside them) cannot share a fused step.
-            for kind in dict.fromkeys(type(p.data) for p in chosen):
-                groups.append({"params": [p for p in chosen if type(p.data) is kind], "weight_decay": decay, "lr": lr,
-                               "base_lr": lr, "group": name})
-    # The fused kernel updates every tensor in one pass: about half the optimizer time on CPU.
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=True)
-
-
-def _rng_state(device: torch.device) -> dict:
-    state = {"torch": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode()}
-    if device.type == "cuda":
-        state["cuda"] = base64.b64encode(torch.cuda.get_rng_state(device).numpy().tobytes()).decode()
-    return state
-
-
-def _rank_seed(seed: int, rank: int, step: int) -> int:
-    """Router noise and dropout of rank > 0 (rank 0 goes on from the weights' initialisation, as one process)."""
-    return int(np.random.SeedSequence([seed, rank, step]).generate_state(1)[0])
-
-
-def _set_rng_state(state: dict, device: torch.device) -> None:
-    torch.set_rng_state(torch.frombuffer(bytearray(base64.b64decode(state["torch"])), dtype=torch.uint8))
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(torch.frombuffer(bytearray(base64.b64decode(state["cuda"])), dtype=torch.uint8),
-                                 device)
-
-
-class Trainer:
+class Trainer(TrainStep):
     def __init__(self, config: Config, model: VisionLanguageModel, tokenizer: TextTokenizer,
                  train_set: ImageTextDataset, val_set: ImageTextDataset | None, out_dir: Path, tracker: Tracker,
                  state: dict | None = None, optimizer_state: dict | None = None, progress: bool = True,
@@ -109,7 +59,7 @@ class Trainer:
                  world: World | None = None, device: torch.device | None = None,
                  meta_start: MetaStart | None = None):
         """``from_source`` names the pretrained tensors no stage has trained so far (kept out of
-        checkpoints, see moevlm/checkpoint.py); ``command_config``:
+        checkpoints, see moevlm/checkpoint/folder.py); ``command_config``:
         the config as the command line gave it, kept in the trainer state for ``--resume`` to check.
         ``world``: this rank among several (moevlm/train/distributed.py; None: one process), on ``device``.
         ``meta_start``: ``model`` is on the meta device; each rank fills its shards once sharded
@@ -164,13 +114,13 @@ class Trainer:
         self.checkpoints.best = self.selection.best_step
         self.command_config = command_config
         if self.world.rank == 0 and "rng" in state:
-            _set_rng_state(state["rng"], self.device)
+            set_rng_state(state["rng"], self.device)
         elif self.world.rank > 0:
             ranks = state.get("rank_rng", [])
             if len(ranks) == self.world.size - 1:  # resumed on as many ranks: each goes on with its own stream
-                _set_rng_state(ranks[self.world.rank - 1], self.device)
+                set_rng_state(ranks[self.world.rank - 1], self.device)
             else:
-                torch.manual_seed(_rank_seed(tc.seed, self.world.rank, self.step))
+                torch.manual_seed(rank_seed(tc.seed, self.world.rank, self.step))
 
     def _batch_sampler(self, model: VisionLanguageModel, train_set: ImageTextDataset) -> EpochBatchSampler:
         """The whole batches over all ranks: random, or grouped by length (``data.group_by_length``)."""
@@ -258,7 +208,7 @@ class Trainer:
 
     def _state(self) -> dict:
         state = {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
-                 "rng": _rng_state(self.device), "history": self.history,
+                 "rng": rng_state(self.device), "history": self.history,
                  "bad_in_a_row": self.bad_in_a_row, "skipped_steps": self.skipped_steps,
                  "mlflow_run_id": self.tracker.run_id, "command_config": self.command_config,
                  **self.selection.state()}
@@ -288,95 +238,6 @@ class Trainer:
             self.checkpoints.save(prepared, self._state(), self.optimizer, self.train_set.prepare_image)
         self.saved_step = self.step
 
-    def _next_batch(self, batches) -> tuple[dict, int, int]:
-        """The next batch and its answer tokens, here and in the whole batch over all ranks; a bad
-        row on any rank stops every rank (``World.together``)."""
-        try:
-            batch, error = next(batches), None
-        except MoevlmError as err:
-            batch, error = None, err
-        labels = 0 if batch is None else int((batch["labels"] != IGNORE_INDEX).sum())
-        return batch, labels, self.world.together(error, labels)
-
-    def train_step(self, batches) -> dict[str, float] | None:
-        """One optimizer step over ``grad_accum`` micro-batches; None when it was skipped as non-finite."""
-        tc = self.config.train
-        self.model.train()
-        totals = {"loss": 0.0, "lm_loss": 0.0, "balance_loss": 0.0, "z_loss": 0.0}
-        tokens = 0
-        for micro in range(tc.grad_accum):
-            batch, labels, all_labels = self._next_batch(batches)
-            mixed = {} if bool(batch["has_image"].all()) else {"has_image": batch["has_image"]}
-            batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
-            with self.parallel.no_sync(last=micro == tc.grad_accum - 1):
-                with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
-                                    enabled=self.amp_dtype is not None):
-                    out = self.forward(batch["images"], batch["input_ids"], batch["attention_mask"], batch["labels"],
-                                       label_smoothing=tc.label_smoothing,
-                                       **{k: v.to(self.device) for k, v in mixed.items()})
-                lm_loss, loss = out.lm_loss, out.loss
-                if self.world.active:
-                    lm_loss, loss = self._share_of_batch(out, labels, all_labels)
-                    # DDP and FSDP average the ranks' gradients: times the world size, they add up.
-                    (loss * self.world.size / tc.grad_accum).backward()
-                else:
-                    (loss / tc.grad_accum).backward()
-            totals["loss"] += loss.item() / tc.grad_accum
-            totals["lm_loss"] += lm_loss.item() / tc.grad_accum
-            for name, value in out.aux.items():
-                totals[f"{name}_loss"] += value.item() / tc.grad_accum
-            tokens += int(batch["attention_mask"].sum())
-            if not self.model.images_in_text:  # prepended image tokens are not in the mask
-                tokens += int(batch["has_image"].sum()) * self.model.num_image_tokens
-        params = [p for group in self.optimizer.param_groups for p in group["params"]]
-        if self.world.active:
-            if self.parallel.expert_names:
-                sync_expert_grads(self.model, self.parallel.expert_names, self.world.replica_group, self.world.size)
-            summed = self.world.sum(torch.tensor([*totals.values(), tokens], dtype=torch.float64))
-            totals, tokens = dict(zip(totals, summed[:-1].tolist())), int(summed[-1])
-            grad_norm = clip_gradients(params, tc.grad_clip, self.world, self.expert_params)
-        else:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, tc.grad_clip))
-        if not (math.isfinite(totals["loss"]) and math.isfinite(grad_norm)):
-            self.optimizer.zero_grad(set_to_none=True)
-            self.step += 1  # the batches are used up, so resuming goes on after them
-            self._skip(f"loss is {totals['loss']}" if not math.isfinite(totals["loss"])
-                       else f"gradient norm is {grad_norm}")
-            return None
-        self.bad_in_a_row = 0
-        lr = tc.lr * lr_factor(self.step, tc.warmup_steps, tc.max_steps, tc.min_lr_ratio)
-        for group in self.optimizer.param_groups:
-            group["lr"] = group["base_lr"] * lr / tc.lr
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.step += 1
-        if self.average is not None:  # a skipped step is no update: the decay's warm-up counts the updates made
-            self.average.update(self.step - len(self.skipped_steps))
-        totals.update(lr=lr, grad_norm=grad_norm, tokens=tokens)
-        return totals
-
-    @staticmethod
-    def _share_of_batch(out, labels: int, all_labels: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """This rank's share of the whole batch's losses: its answer tokens' cross-entropy summed over
-        the answer tokens of all ranks (the aux losses are shares already, MoE.batch_sum); the
-        shares add up to the loss one process computes on the whole batch."""
-        if labels == 0:  # no answer token here: a mean over none is NaN, the share is 0
-            lm_share = out.logits.float().sum() * 0.0
-        else:
-            lm_share = out.lm_loss * (labels / all_labels)
-        return lm_share, out.loss - out.lm_loss + lm_share
-
-    def _skip(self, problem: str) -> None:
-        limit = self.config.train.max_bad_steps
-        self.bad_in_a_row += 1
-        self.skipped_steps.append(self.step)
-        if self.bad_in_a_row > limit:
-            kept = (f"the checkpoint of step {self.saved_step} in {self.out_dir} is kept"
-                    if self.saved_step is not None else "no checkpoint was written")
-            raise TrainingError(f"step {self.step}: {problem}, {self.bad_in_a_row} non-finite steps in a row "
-                                f"(train.max_bad_steps={limit}): training stopped; {kept}")
-        log.warning("step %d: %s; update skipped (%d in a row, train.max_bad_steps=%d)",
-                    self.step, problem, self.bad_in_a_row, limit)
 
     def validate(self) -> dict | None:
         if self.val_set is None or len(self.val_set) == 0:
