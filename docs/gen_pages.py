@@ -32,10 +32,10 @@ def flatten(values: dict, prefix: str = "") -> dict[str, object]:
 
 def keys_page() -> str:
     lines = ["# Every configuration key", "",
-             "Generated from the schema's field help (`src/moevlm/config/model.py` and `training.py`) when the site is built: "
-             "the same text `moevlm train --help-config` prints. Defaults are the schema's; a preset "
-             "(table at the end) changes some of them. Set any key with `--set KEY=VALUE` or in a YAML "
-             "`--config` file; `vision.`, `decoder.`, `moe.`, `projector.` and `tokenizer.` are short for "
+             "Generated from the schema's field help (`src/moevlm/config/model.py` and `training.py`) when "
+             "the site is built: the same text `moevlm train --help-config` prints. Defaults are the "
+             "schema's; a preset (table at the end) changes some of them. Set any key with `--set KEY=VALUE` "
+             "or in a YAML `--config` file; `vision.`, `decoder.`, `moe.`, `projector.` and `tokenizer.` are short for "
              "`model.vision.` and so on.", ""]
     sections: dict[str, list[str]] = {}
     for key, default, text in describe_fields():
