@@ -26,7 +26,8 @@ def module_name(path: Path) -> str:
 
 
 MODULES = {module_name(path): path for path in sorted(PACKAGE.rglob("*.py"))}
-INFERENCE = ("moevlm.generate", "moevlm.evaluate", "moevlm.checkpoint", "moevlm.device", "moevlm.metrics",
+INFERENCE = ("moevlm.generate", "moevlm.compiled", "moevlm.evaluate", "moevlm.checkpoint", "moevlm.device",
+             "moevlm.metrics",
              *(name for name in MODULES if name.startswith(("moevlm.export", "moevlm.serve"))))
 
 

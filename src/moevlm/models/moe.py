@@ -81,14 +81,19 @@ class MoE(nn.Module):
         Eval still counts the assignments that training would drop (``last_dropped``)."""
         B, T, D = x.shape
         x_ND = x.reshape(-1, D)
-        kind_N = (torch.full((B * T,), TEXT, device=x.device) if token_kind is None
-                  else token_kind.reshape(-1))
         logits_NE, experts_NK, weights_NK = self.route(x_ND)
-        real_N = kind_N != PAD
-        within_NK = None if self.cfg.capacity_factor is None else self.within_capacity(experts_NK, real_N)
-        kept_NK = within_NK if self.training else None
-        self._record_stats(logits_NE, experts_NK, kind_N, real_N, within_NK, kept_NK)
-        y_ND = self.compute_experts(x_ND, experts_NK, weights_NK, kept_NK)
+        if torch.compiler.is_compiling() and not self.training:
+            # A compiled decoding step (moevlm.compiled) takes static shapes only: no load statistics
+            # (bincount's size depends on the data), and each token's experts gathered.
+            y_ND = self.experts_gathered(x_ND, experts_NK, weights_NK)
+        else:
+            kind_N = (torch.full((B * T,), TEXT, device=x.device) if token_kind is None
+                      else token_kind.reshape(-1))
+            real_N = kind_N != PAD
+            within_NK = None if self.cfg.capacity_factor is None else self.within_capacity(experts_NK, real_N)
+            kept_NK = within_NK if self.training else None
+            self._record_stats(logits_NE, experts_NK, kind_N, real_N, within_NK, kept_NK)
+            y_ND = self.compute_experts(x_ND, experts_NK, weights_NK, kept_NK)
         if self.shared is not None:
             y_ND = y_ND + self.shared(x_ND)
         return self.dropout(y_ND.view(B, T, D))
@@ -162,6 +167,25 @@ class MoE(nn.Module):
                     outs.append(torch.addmm(b2[e], act, w2[e]))
             rows.append(weights @ torch.cat(outs))
         return torch.stack(rows)
+
+    def experts_gathered(self, x_ND: torch.Tensor, experts_NK: torch.Tensor, weights_NK: torch.Tensor) -> torch.Tensor:
+        """Each token through its k experts with static shapes (no sort, no host sync): the chosen
+        experts' weights are gathered per token, (N, K, D, F), which is cheap for the few tokens of
+        a decoding step and wasteful for a prefill (``experts_sorted`` serves that)."""
+        pre_NKF = torch.einsum("nd,nkdf->nkf", x_ND, self.w1_EDF[experts_NK])
+        if self.b1_EF is not None:
+            pre_NKF = pre_NKF + self.b1_EF[experts_NK]
+        out_NKD = torch.einsum("nkh,nkhd->nkd", self.activate(pre_NKF), self.w2_EHD[experts_NK])
+        if self.b2_ED is not None:
+            out_NKD = out_NKD + self.b2_ED[experts_NK]
+        return torch.einsum("nkd,nk->nd", out_NKD, weights_NK.to(out_NKD.dtype))
+
+    def activate(self, pre: torch.Tensor) -> torch.Tensor:
+        """The experts' activation on w1's output (..., F)."""
+        if self.cfg.activation in GELU_APPROXIMATE:
+            return F.gelu(pre, approximate=GELU_APPROXIMATE[self.cfg.activation])
+        gate, up = pre.chunk(2, dim=-1)
+        return F.silu(gate) * up
 
     def _expert_reference(self, e: int, x_D: torch.Tensor) -> torch.Tensor:
         """Expert e on a row vector (D,) or rows (M, D)."""

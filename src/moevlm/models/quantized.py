@@ -169,6 +169,22 @@ class Int8MoE(MoE):
         weight_A = weights_NK.reshape(-1)[order_A].to(out_AD.dtype)
         return x_ND.new_zeros(x_ND.shape, dtype=out_AD.dtype).index_add_(0, token_A, out_AD * weight_A.unsqueeze(1))
 
+    def experts_gathered(self, x_ND: torch.Tensor, experts_NK: torch.Tensor, weights_NK: torch.Tensor) -> torch.Tensor:
+        """MoE.experts_gathered on the int8 rows: each token's experts gathered as int8, cast to the
+        activations' dtype inside the product (inductor fuses the cast into the gather, so only int8
+        bytes are read), scaled after. In fp32 throughout, where the eager path's CPU kernel rounds
+        its input and output to bf16: tokens may differ from eager int8 decoding where two are close."""
+        dtype = x_ND.dtype
+        pre_NKF = torch.einsum("nd,nkfd->nkf", x_ND, self.w1_q_EFD[experts_NK].to(dtype))
+        pre_NKF = pre_NKF * self.w1_scale_EF[experts_NK].to(dtype)
+        if self.b1_EF is not None:
+            pre_NKF = pre_NKF + self.b1_EF[experts_NK]
+        out_NKD = torch.einsum("nkh,nkdh->nkd", self.activate(pre_NKF), self.w2_q_EDH[experts_NK].to(dtype))
+        out_NKD = out_NKD * self.w2_scale_ED[experts_NK].to(dtype)
+        if self.b2_ED is not None:
+            out_NKD = out_NKD + self.b2_ED[experts_NK]
+        return torch.einsum("nkd,nk->nd", out_NKD, weights_NK.to(dtype))
+
     def _expert_reference(self, e: int, x_D: torch.Tensor) -> torch.Tensor:
         # MoE.experts_reference's per-token loop, each expert slice dequantized.
         return self.expert(e, x_D.unsqueeze(0) if x_D.dim() == 1 else x_D, int8_matmul_reference).view_as(x_D)
