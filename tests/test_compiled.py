@@ -140,3 +140,22 @@ def test_without_a_compiler_it_says_so_in_one_line_and_decodes_eagerly(where, mo
     assert capsys.readouterr().err == f"moevlm: compiled decoding unavailable ({reason}); decoding eagerly\n"
     assert compiled_and_eager(model, [2, 2])[0] == compiled_and_eager(model, [2, 2])[1]
     assert capsys.readouterr().err == ""  # said once per model
+
+
+def test_caption_and_eval_pass_compile_on(tmp_path, monkeypatch):
+    from moevlm import checkpoint
+    from moevlm import evaluate as evaluate_module
+    from moevlm import generate as generate_module
+    from moevlm.cli import main
+
+    seen = []
+    monkeypatch.setattr(checkpoint, "resolve_checkpoint", lambda model, which: (model, None))
+    monkeypatch.setattr(generate_module, "caption_files",
+                        lambda *args, **kwargs: seen.append(("caption", kwargs)) or [])
+    monkeypatch.setattr(evaluate_module, "evaluate_file",
+                        lambda *args, **kwargs: seen.append(("eval", kwargs)) or {"num_samples": 0})
+    for flags in ([], ["--compile"]):
+        assert main(["caption", "--model", str(tmp_path), str(tmp_path / "a.png"), *flags]) == 0
+        assert main(["eval", "--model", str(tmp_path), "--data", str(tmp_path / "a.csv"), "--json", *flags]) == 0
+    assert [(command, kwargs["compile"]) for command, kwargs in seen] == [
+        ("caption", False), ("eval", False), ("caption", True), ("eval", True)]
