@@ -186,7 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
                                        "GPU also bf16 figures for the ~100M-parameter base preset.")
     bench.add_argument("--json", action="store_true", help="print one JSON object")
     bench.add_argument("--quick", action="store_true", help="tiny sizes, seconds: checks that it runs, "
-                                                             "figures mean nothing")
+                                                             "figures mean nothing; no compiled decoding")
     plan = sub.add_parser("plan", help="per-rank memory of a training run (DDP / FSDP, checkpointing): what fits",
                           description="Bytes per rank of weights, gradients, AdamW state, DDP/FSDP2 buffers and "
                                       "activations (with and without activation checkpointing) for a config, read "
