@@ -120,15 +120,16 @@ def test_buckets_are_powers_of_two_at_or_above_the_floor():
 
 
 @pytest.mark.parametrize("activation", ["swiglu", "gelu"])
-def test_gathered_experts_equal_the_per_token_reference(activation):
+@pytest.mark.parametrize("tokens", [1, 5])  # 2 assignments < 4 experts: picked one by one; 10: all experts
+def test_static_experts_equal_the_per_token_reference(activation, tokens):
     moe = MoE(8, 16, MoEConfig(num_experts=4, top_k=2, activation=activation)).eval()
     for param in moe.parameters():
         torch.nn.init.normal_(param, std=0.3)
-    x = torch.randn(5, 8)
+    x = torch.randn(tokens, 8)
     _, experts, weights = moe.route(x)
-    torch.testing.assert_close(moe.experts_gathered(x, experts, weights), moe.experts_reference(x, experts, weights))
+    torch.testing.assert_close(moe.experts_static(x, experts, weights), moe.experts_reference(x, experts, weights))
     int8 = Int8MoE.convert(moe)
-    torch.testing.assert_close(int8.experts_gathered(x, experts, weights), int8.experts_reference(x, experts, weights))
+    torch.testing.assert_close(int8.experts_static(x, experts, weights), int8.experts_reference(x, experts, weights))
 
 
 def failing_compile(step, device):

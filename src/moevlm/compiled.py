@@ -3,7 +3,7 @@ step over a static, preallocated KV cache.
 
 The step is the model's ``decode_step`` (models/vlm.py, models/hf_lm.py): every shape fixed, the
 cache written in place at a slot held in a tensor, positions taken from the key mask, the MoE
-experts gathered per token (``MoE.experts_gathered``), so it compiles as one graph
+experts on static shapes (``MoE.experts_static``), so it compiles as one graph
 (``fullgraph=True, dynamic=False``). Batches are padded to a power of two (1, 2, 4, 8, ...) and
 cache lengths to a power of two (at least ``MIN_LENGTH``), each such shape one graph, so a new batch
 size or prompt length within a bucket reuses it. The prefill stays eager, writing into the same
@@ -55,9 +55,8 @@ class StaticBuffers:
         self.key_mask = torch.zeros(batch, length, dtype=torch.bool, device=device)
         self.tokens = torch.zeros(batch, dtype=torch.long, device=device)
         if device.type == "cuda":  # CUDA graphs replay on fixed addresses
-            for tensor in (self.key_mask, self.tokens, *vars(self.cache).values()):
-                if isinstance(tensor, torch.Tensor):
-                    torch._dynamo.mark_static_address(tensor)
+            for tensor in (self.key_mask, self.tokens, *self.cache.tensors()):
+                torch._dynamo.mark_static_address(tensor)
 
 
 class CompiledDecoder:

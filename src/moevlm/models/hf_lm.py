@@ -36,6 +36,10 @@ class StaticLMCache:
         self.slot = torch.zeros(1, dtype=torch.long, device=device)
         self.max_len = max_len
 
+    def tensors(self) -> list[torch.Tensor]:
+        """What a CUDA graph must find at fixed addresses (transformers marks its own layers)."""
+        return [self.slot]
+
 
 class PretrainedVLM(nn.Module):
     """A vision encoder, a projector and a transformers causal LM (``vision``, ``projector``,

@@ -51,7 +51,8 @@ class VisionLanguageModel(Protocol):
         """One cached decoding step: token_ids (B,) -> next-token logits (B, V)."""
 
     def new_static_cache(self, batch: int, max_len: int) -> Any:
-        """A preallocated cache for ``decode_step``, which ``prefill`` also fills (from slot 0)."""
+        """A preallocated cache for ``decode_step``, which ``prefill`` also fills (from slot 0); its
+        ``tensors()`` are what a CUDA graph must find at fixed addresses."""
 
     def decode_step(self, token_ids: torch.Tensor, key_mask: torch.Tensor, cache: Any) -> torch.Tensor:
         """``step`` with static shapes for a compiled decoding step (moevlm.compiled): key_mask
