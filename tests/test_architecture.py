@@ -29,7 +29,7 @@ def module_name(path: Path) -> str:
 
 
 MODULES = {module_name(path): path for path in sorted(PACKAGE.rglob("*.py"))}
-INFERENCE = ("moevlm.generate", "moevlm.evaluate", "moevlm.device", "moevlm.metrics",
+INFERENCE = ("moevlm.generate", "moevlm.compiled", "moevlm.evaluate", "moevlm.device", "moevlm.metrics",
              *(name for name in MODULES if name.startswith(("moevlm.checkpoint", "moevlm.export", "moevlm.serve"))))
 
 

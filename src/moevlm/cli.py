@@ -55,7 +55,7 @@ def _cmd_caption(args) -> int:
     captions = caption_files(_checkpoint_folder(args), args.images, prompt=args.prompt, device=args.device,
                              batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
                              temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-                             quantize=args.quantize)
+                             quantize=args.quantize, compile=args.compile)
     for path, text in captions:
         print(json.dumps({"image": str(path), "text": text}) if args.json else f"{path}: {text}", flush=True)
     return 0
@@ -69,7 +69,8 @@ def _cmd_eval(args) -> int:
     from moevlm.evaluate import evaluate_file
 
     result = evaluate_file(_checkpoint_folder(args), args.data, device=args.device, max_new_tokens=args.max_new_tokens,
-                           generate=not args.no_generate, image_root=args.image_root, quantize=args.quantize)
+                           generate=not args.no_generate, image_root=args.image_root, quantize=args.quantize,
+                           compile=args.compile)
     if args.json:
         print(json.dumps(_public_result(result)))
         return 0

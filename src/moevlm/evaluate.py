@@ -40,7 +40,7 @@ def generation_limit(tokenizer: TextTokenizer, references: list[str]) -> int:
 @torch.no_grad()
 def evaluate(model: VisionLanguageModel, dataset: ImageTextDataset, tokenizer: TextTokenizer, *, batch_size: int = 64,
              max_generate: int | None = None, max_new_tokens: int | None = None,
-             amp_dtype: torch.dtype | None = None) -> dict:
+             amp_dtype: torch.dtype | None = None, compile: bool = False) -> dict:
     """Returns exact_match, bleu4, cider_d, loss, perplexity, num_samples, expert_load (per layer),
     expert_balance, with moe.capacity_factor dropped (per layer: the share of real assignments
     training would drop; inference drops none), plus expert_load_counts (tensor) and
@@ -53,7 +53,8 @@ def evaluate(model: VisionLanguageModel, dataset: ImageTextDataset, tokenizer: T
     all their first turns' answers, as COCO evaluation does; ``predictions`` pairs each with its
     first reference. Text-only rows count in the loss only. Generation stops at ``max_new_tokens``
     (None: twice the longest reference of the batch, in tokens, plus a few, see
-    ``generation_limit``) or at ``decoder.max_text_len``, whichever comes first.
+    ``generation_limit``) or at ``decoder.max_text_len``, whichever comes first. ``compile``: generate
+    with the compiled decoding step (moevlm.compiled).
     """
     model.eval()
     device = next(model.parameters()).device
@@ -93,7 +94,7 @@ def evaluate(model: VisionLanguageModel, dataset: ImageTextDataset, tokenizer: T
         limit = (generation_limit(tokenizer, [a for refs in answers for a in refs]) if max_new_tokens is None
                  else max_new_tokens)
         with autocast():
-            predictions += generate_texts(model, tokenizer, images, prompts, max_new_tokens=limit)
+            predictions += generate_texts(model, tokenizer, images, prompts, max_new_tokens=limit, compile=compile)
         references += answers
 
     loss = loss_sum / max(1, token_count)
@@ -129,11 +130,12 @@ def reference_groups(dataset: ImageTextDataset) -> list[list[int]]:
 
 
 def evaluate_file(model_dir: str | Path, data: str | Path, *, device: str = "auto", max_new_tokens: int | None = None,
-                  generate: bool = True, image_root: str | None = None, quantize: str | None = None) -> dict:
+                  generate: bool = True, image_root: str | None = None, quantize: str | None = None,
+                  compile: bool = False) -> dict:
     """``moevlm eval``: ``evaluate`` of the checkpoint in ``model_dir`` on a data file, on ``device``.
     ``generate`` False: loss and perplexity only (no exact match, BLEU or CIDEr-D in the result). ``image_root``:
     ``data.image_root`` for this file (the training run's would point at its own images). ``quantize``:
-    ``--quantize`` (int8, nf4; models/quantized.py)."""
+    ``--quantize`` (int8, nf4; models/quantized.py). ``compile``: ``--compile`` (moevlm.compiled)."""
     if max_new_tokens is not None and max_new_tokens < 1:
         raise ConfigError(f"--max-new-tokens must be at least 1, not {max_new_tokens}")
     where = resolve_device(device, key="--device")
@@ -146,7 +148,7 @@ def evaluate_file(model_dir: str | Path, data: str | Path, *, device: str = "aut
         log.warning("data.on_bad_row=skip: skipped %s", skipped)
     result = evaluate(model, dataset, tokenizer, batch_size=config.train.batch_size,
                       amp_dtype=autocast_dtype("auto", where), max_generate=None if generate else 0,
-                      max_new_tokens=max_new_tokens)
+                      max_new_tokens=max_new_tokens, compile=compile)
     if not generate:  # nothing was captioned: no scores to report
         del result["exact_match"], result["bleu4"], result["cider_d"]
     return result

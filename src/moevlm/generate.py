@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from moevlm.checkpoint import load_model
+from moevlm.compiled import compiled_decoder
 from moevlm.data.images import image_preparer, normalize, open_image
 from moevlm.data.tokenizer_factory import TextTokenizer
 from moevlm.device import autocast_dtype, resolve_device
@@ -71,12 +72,13 @@ def generate_stream(model: VisionLanguageModel, images: torch.Tensor, prompts: l
                     pad_id: int,
                     max_new_tokens: int = 32, temperature: float = 0.0, top_k: int | None = None,
                     top_p: float | None = None, seed: int | None = None,
-                    use_cache: bool = True) -> Iterator[torch.Tensor]:
+                    use_cache: bool = True, compile: bool = False) -> Iterator[torch.Tensor]:
     """Yields the next token of every sequence (B,) each step until all reached <eos>.
 
     images: normalized (B, C, S, S); prompts: token ids per image (``tokenizer.prompt_ids``;
     a model with ``images_in_text`` finds its image ids among them). A finished sequence keeps
-    yielding ``pad_id``.
+    yielding ``pad_id``. ``compile``: decode with the compiled step over a static cache
+    (moevlm.compiled; greedy tokens equal the eager path's); ``use_cache=False`` overrides it.
     """
     model.eval()
     device = images.device
@@ -89,9 +91,26 @@ def generate_stream(model: VisionLanguageModel, images: torch.Tensor, prompts: l
         generator = torch.Generator(device=device).manual_seed(seed)
     ids, text_mask = left_pad(prompts, pad_id, device)
     prepended = 0 if in_text else model.num_image_tokens
-    cache = model.new_cache(len(prompts), prepended + ids.size(1) + max_new_tokens) if use_cache else None
     done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
-    logits, key_mask = model.prefill(images, ids, text_mask, cache)
+    if not use_cache:
+        logits, _ = model.prefill(images, ids, text_mask)
+
+        def advance(token: torch.Tensor) -> torch.Tensor:  # the whole sequence again: the reference
+            nonlocal ids, text_mask
+            ids = torch.cat([ids, token[:, None]], dim=1)
+            text_mask = torch.cat([text_mask, torch.ones_like(text_mask[:, :1])], dim=1)
+            return model.prefill(images, ids, text_mask)[0]
+    elif compile:
+        logits, advance = compiled_decoder(model).start(images, ids, text_mask,
+                                                        prepended + ids.size(1) + max_new_tokens)
+    else:
+        cache = model.new_cache(len(prompts), prepended + ids.size(1) + max_new_tokens)
+        logits, key_mask = model.prefill(images, ids, text_mask, cache)
+
+        def advance(token: torch.Tensor) -> torch.Tensor:
+            nonlocal key_mask
+            key_mask = torch.cat([key_mask, torch.ones_like(key_mask[:, :1])], dim=1)
+            return model.step(token, key_mask, cache)
     for _ in range(max_new_tokens):
         token = sample_next(logits, temperature, top_k, top_p, generator)
         token = torch.where(done, torch.full_like(token, pad_id), token)
@@ -99,21 +118,17 @@ def generate_stream(model: VisionLanguageModel, images: torch.Tensor, prompts: l
         done |= token == eos_id
         if bool(done.all()):
             return
-        ids = torch.cat([ids, token[:, None]], dim=1)
-        text_mask = torch.cat([text_mask, torch.ones_like(text_mask[:, :1])], dim=1)
-        if cache is not None:
-            key_mask = torch.cat([key_mask, torch.ones_like(key_mask[:, :1])], dim=1)
-            logits = model.step(token, key_mask, cache)
-        else:
-            logits, key_mask = model.prefill(images, ids, text_mask)
+        logits = advance(token)
 
 
 def generate(model: VisionLanguageModel, images: torch.Tensor, prompts: list[list[int]], *, eos_id: int, pad_id: int,
-             **options) -> list[list[int]]:
-    """The generated token ids of each sequence, without the prompt and without <eos>."""
+             compile: bool = False, **options) -> list[list[int]]:
+    """The generated token ids of each sequence, without the prompt and without <eos>. ``compile``:
+    the compiled decoding step (moevlm.compiled), as in ``generate_stream``."""
     out: list[list[int]] = [[] for _ in prompts]
     finished = [False] * len(prompts)
-    for token in generate_stream(model, images, prompts, eos_id=eos_id, pad_id=pad_id, **options):
+    for token in generate_stream(model, images, prompts, eos_id=eos_id, pad_id=pad_id, compile=compile,
+                                 **options):
         for row, value in enumerate(token.tolist()):
             if finished[row]:
                 continue
@@ -125,16 +140,16 @@ def generate(model: VisionLanguageModel, images: torch.Tensor, prompts: list[lis
 
 
 def generate_texts(model: VisionLanguageModel, tokenizer: TextTokenizer, images_uint8: torch.Tensor, prompts: list[str],
-                   **options) -> list[str]:
+                   compile: bool = False, **options) -> list[str]:
     """Decoded text for a batch of uint8 (B, C, S, S) images, one prompt per image."""
     device = next(model.parameters()).device
     outputs = generate(model, normalize(images_uint8).to(device), [tokenizer.prompt_ids(p) for p in prompts],
-                       eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, **options)
+                       eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, compile=compile, **options)
     return [tokenizer.decode(ids) for ids in outputs]
 
 
 def caption(model: VisionLanguageModel, tokenizer: TextTokenizer, images: list, prompt: str = "", batch_size: int = 32,
-            prepare_image=None, **options) -> list[str]:
+            prepare_image=None, compile: bool = False, **options) -> list[str]:
     """Captions PIL images (any size or mode), prepared like the training data.
 
     ``prepare_image``: PIL -> uint8 (C, S, S), as ``images.image_preparer`` gives for the
@@ -146,15 +161,17 @@ def caption(model: VisionLanguageModel, tokenizer: TextTokenizer, images: list, 
     for start in range(0, len(images), batch_size):
         chunk = images[start:start + batch_size]
         pixels = torch.stack([prepare_image(img) for img in chunk])
-        texts += generate_texts(model, tokenizer, pixels, [prompt] * len(chunk), **options)
+        texts += generate_texts(model, tokenizer, pixels, [prompt] * len(chunk), compile=compile, **options)
     return texts
 
 
 def caption_files(model_dir: str | Path, paths: list[Path], *, prompt: str = "", device: str = "auto",
-                  batch_size: int = 32, quantize: str | None = None, **options) -> Iterator[tuple[Path, str]]:
+                  batch_size: int = 32, quantize: str | None = None, compile: bool = False,
+                  **options) -> Iterator[tuple[Path, str]]:
     """``moevlm caption``: (path, caption) of each image file with the checkpoint in ``model_dir``, on
     ``device`` (``--device``: auto, cpu, cuda, mps; bf16 where it has it), ``batch_size`` at a time,
-    decoder weights quantized to ``quantize`` (``--quantize``) if given.
+    decoder weights quantized to ``quantize`` (``--quantize``) if given, decoding with the
+    compiled step if ``compile`` (``--compile``).
     Every path is checked before the first caption, so a typo does not end a long job halfway."""
     if batch_size < 1:
         raise ConfigError(f"--batch-size must be >= 1, not {batch_size}")
@@ -177,5 +194,5 @@ def caption_files(model_dir: str | Path, paths: list[Path], *, prompt: str = "",
                 raise DataError(path, None, f"cannot read image file: {err.strerror or err}") from None
         with torch.autocast(where.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
             texts = caption(model, tokenizer, images, prompt=prompt, batch_size=batch_size,
-                            prepare_image=prepare_image, **options)
+                            prepare_image=prepare_image, compile=compile, **options)
         yield from zip(chunk, texts)

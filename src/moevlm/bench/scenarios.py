@@ -151,26 +151,40 @@ def train_step(config: Config, device: torch.device, steps: int = 10, warmup: in
             "train_params_m": sum(p.numel() for p in model.parameters()) / 1e6}
 
 
-def generation(device: torch.device, preset: str = "seed", new_tokens: int = GEN_NEW_TOKENS) -> dict:
+def generation(device: torch.device, preset: str = "seed", new_tokens: int = GEN_NEW_TOKENS,
+               compiled: bool = True) -> dict:
     """Greedy decoding of ``new_tokens`` after <bos> (the preset's text length raised to fit),
-    with the KV cache and without it; the two must give the same tokens."""
+    with the KV cache and without it, and (``compiled``) with the compiled step (moevlm.compiled),
+    whose first call per batch size, compiling included, is timed on its own; all must give the
+    same tokens."""
     config = load_config(preset, None, [f"decoder.max_text_len={new_tokens + 2}", "decoder.vocab_size=64"])
     torch.manual_seed(0)
     model = VLM(config.model).to(device).eval()
     vision = config.model.vision
-    rates, outputs = {}, {}
+    modes = {"cached": dict(use_cache=True), "uncached": dict(use_cache=False)}
+    if compiled:
+        modes["compiled"] = dict(compile=True)
+    rates, outputs, first_call = {}, {}, {}
     for batch in (1, 8):
         images = torch.randn(batch, vision.channels, vision.image_size, vision.image_size, device=device)
         prompts = [[Tokenizer.bos_id]] * batch
-        for use_cache in (True, False):
+        for mode, options in modes.items():
             def run():
-                outputs[batch, use_cache] = generate(model, images, prompts, eos_id=-1, pad_id=Tokenizer.pad_id,
-                                                     max_new_tokens=new_tokens, use_cache=use_cache)
-            rates[batch, use_cache] = batch * new_tokens / statistics.median(
-                seconds(run, device, repeat=3 if use_cache else 1, warmup=1))
-    return {"gen_tokens_per_s": {"batch1": rates[1, True], "batch8": rates[8, True]},
-            "gen_cache_speedup": rates[1, True] / rates[1, False],
-            "gen_cached_equals_uncached": all(outputs[b, True] == outputs[b, False] for b in (1, 8))}
+                outputs[batch, mode] = generate(model, images, prompts, eos_id=-1, pad_id=Tokenizer.pad_id,
+                                                max_new_tokens=new_tokens, **options)
+            if mode == "compiled":
+                first_call[batch] = seconds(run, device, repeat=1, warmup=0)[0]
+            rates[batch, mode] = batch * new_tokens / statistics.median(
+                seconds(run, device, repeat=1 if mode == "uncached" else 3, warmup=1))
+    result = {"gen_tokens_per_s": {"batch1": rates[1, "cached"], "batch8": rates[8, "cached"]},
+              "gen_cache_speedup": rates[1, "cached"] / rates[1, "uncached"],
+              "gen_cached_equals_uncached": all(outputs[b, "cached"] == outputs[b, "uncached"] for b in (1, 8))}
+    if compiled:
+        result |= {"gen_compiled_tokens_per_s": {f"batch{b}": rates[b, "compiled"] for b in (1, 8)},
+                   "gen_compiled_speedup": {f"batch{b}": rates[b, "compiled"] / rates[b, "cached"] for b in (1, 8)},
+                   "gen_compile_first_call_s": {f"batch{b}": first_call[b] for b in (1, 8)},
+                   "gen_compiled_equals_eager": all(outputs[b, "compiled"] == outputs[b, "cached"] for b in (1, 8))}
+    return result
 
 
 def _grouped_mm_flop(a_shape, b_shape, *args, **kwargs) -> int:
@@ -197,7 +211,9 @@ def run_bench(quick: bool = False) -> dict:
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
     result["moe_vs_dense"] = moe_vs_dense(device, shapes, rounds)
     result["moe_vs_mixtral"], result["moe_mixtral_max_abs_diff"] = moe_vs_mixtral(device, shapes, rounds)
-    result |= generation(device, "tiny" if quick else "seed", QUICK_NEW_TOKENS if quick else GEN_NEW_TOKENS)
+    # Compiling takes tens of seconds per batch size: not in a --quick run.
+    result |= generation(device, "tiny" if quick else "seed", QUICK_NEW_TOKENS if quick else GEN_NEW_TOKENS,
+                         compiled=not quick)
     if torch.cuda.is_available() and not quick:
         result["gpu"] = run_gpu_bench(torch.device("cuda"))
     return result

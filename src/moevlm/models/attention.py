@@ -40,6 +40,49 @@ class KVCache:
     def advance(self, num_positions: int) -> None:
         self.length += num_positions
 
+    @classmethod
+    def over(cls, keys: list[torch.Tensor], values: list[torch.Tensor]) -> KVCache:
+        """A cache writing into the given buffers, one (batch, heads, max_len, head_dim) per layer,
+        from slot 0: the prefill of a ``StaticKVCache``."""
+        cache = cls.__new__(cls)
+        cache.keys, cache.values, cache.max_len, cache.length = keys, values, keys[0].size(2), 0
+        return cache
+
+
+class StaticKVCache:
+    """Keys and values of a compiled decoding step (moevlm.compiled): preallocated for a fixed batch
+    and length and written in place, one position per step, at ``slot`` ((1,) long, a tensor so a
+    compiled step never sees a new Python value and never recompiles). Every step reads all
+    ``max_len`` slots; the caller's key mask hides those not written yet. One tensor per layer: the
+    compiled step writes each in place, where writes into views of one stacked tensor made inductor
+    copy the whole of it per layer and step (batch 8 ran slower than eager).
+
+    Same interface as ``KVCache`` for the decoder (``update``, ``advance``); ``prefill_view`` is a
+    ``KVCache`` over the same buffers for the eager prefill, after which ``slot`` is set to its length."""
+
+    def __init__(self, num_layers: int, batch: int, heads: int, max_len: int, head_dim: int,
+                 device=None, dtype=torch.float32):
+        shape = (batch, heads, max_len, head_dim)
+        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(num_layers)]
+        self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(num_layers)]
+        self.slot = torch.zeros(1, dtype=torch.long, device=device)
+        self.max_len = max_len
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [*self.keys, *self.values, self.slot]
+
+    def prefill_view(self) -> KVCache:
+        return KVCache.over(self.keys, self.values)
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        keys, values = self.keys[layer], self.values[layer]
+        keys.index_copy_(2, self.slot, k.to(keys.dtype))  # autocast may hand over bf16 keys
+        values.index_copy_(2, self.slot, v.to(values.dtype))
+        return keys, values
+
+    def advance(self, num_positions: int) -> None:
+        self.slot.add_(num_positions)
+
 
 class SelfAttention(nn.Module):
     """``kv_heads`` < ``heads``: grouped-query attention (Ainslie et al. 2023), each key/value head

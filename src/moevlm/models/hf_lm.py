@@ -10,6 +10,7 @@ from __future__ import annotations
 import inspect
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from moevlm.config import ModelConfig
@@ -19,7 +20,25 @@ from moevlm.models.moe import IMAGE, PAD, TEXT, MoE
 from moevlm.models.moe_install import MoEMLP, TokenKinds, install_moe_layers
 from moevlm.models.projector import build_projector
 from moevlm.models.vit import ViT
-from moevlm.models.vlm import VLMOutput, expert_load, labelled_positions, vlm_output
+from moevlm.models.vlm import VLMOutput, attention_mask_for, expert_load, labelled_positions, vlm_output
+
+
+class StaticLMCache:
+    """transformers' ``StaticCache`` for a compiled decoding step (moevlm.compiled), with the slot it
+    writes next as a tensor (the column of the caller's key mask). Reused from one generation to the
+    next: ``prefill`` resets it."""
+
+    def __init__(self, lm_config, max_len: int, device):
+        # Lazy: transformers takes seconds to import.
+        from transformers import StaticCache
+
+        self.cache = StaticCache(config=lm_config, max_cache_len=max_len)
+        self.slot = torch.zeros(1, dtype=torch.long, device=device)
+        self.max_len = max_len
+
+    def tensors(self) -> list[torch.Tensor]:
+        """What a CUDA graph must find at fixed addresses (transformers marks its own layers)."""
+        return [self.slot]
 
 
 class PretrainedVLM(nn.Module):
@@ -96,15 +115,27 @@ class PretrainedVLM(nn.Module):
         return embeds, kind
 
     def _run_lm(self, embeds: torch.Tensor, key_mask: torch.Tensor, positions: torch.Tensor,
-                kind: torch.Tensor, cache=None, keep: int | torch.Tensor | None = None) -> torch.Tensor:
+                kind: torch.Tensor | None, cache=None, keep: int | torch.Tensor | None = None) -> torch.Tensor:
         """The LM's logits at the positions ``keep`` says (transformers' ``logits_to_keep``: the last
         n, or these indices, in every row; None: all). The LM's own head computes them, with
-        whatever it does after the matmul (Gemma's soft-capping, Cohere's scale)."""
+        whatever it does after the matmul (Gemma's soft-capping, Cohere's scale). key_mask: (B, S)
+        True on real tokens, or a full bool mask (B, 1, T, S) that the LM takes as it is."""
         extra = {self._cache_arg: cache, **({"logits_to_keep": keep} if keep is not None else {})}
+        mask = key_mask.long() if key_mask.dim() == 2 else self._full_mask(key_mask)
+        if kind is None:  # a compiled step: every token is text, and no context manager to trace
+            return self.lm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
+                           use_cache=cache is not None, **extra).logits
         with self.token_kinds.given(kind):
-            out = self.lm(inputs_embeds=embeds, attention_mask=key_mask.long(), position_ids=positions,
+            out = self.lm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
                           use_cache=cache is not None, **extra)
         return out.logits
+
+    def _full_mask(self, allowed: torch.Tensor) -> torch.Tensor:
+        # SDPA takes a bool mask; transformers' eager attention adds the mask to the scores.
+        if self.lm.config._attn_implementation == "sdpa":
+            return allowed
+        return torch.zeros(allowed.shape, dtype=self.lm.dtype, device=allowed.device).masked_fill(
+            ~allowed, torch.finfo(self.lm.dtype).min)
 
     # -- training / evaluation -------------------------------------------------------------
     def forward(self, images: torch.Tensor | None, input_ids: torch.Tensor,
@@ -142,7 +173,15 @@ class PretrainedVLM(nn.Module):
         mask = attention_mask.bool()
         embeds, kind = self._embed(images, input_ids, mask, has_image)
         positions = (mask.long().cumsum(1) - 1).clamp(min=0)
-        logits = self._run_lm(embeds, mask, positions, kind, cache, keep=1)
+        if isinstance(cache, StaticLMCache):
+            # The static layers hand back all max_len slots: a full mask over them, empty ones hidden.
+            T = mask.size(1)
+            cache.cache.reset()
+            full = F.pad(attention_mask_for(mask, T), (0, cache.max_len - T))
+            logits = self._run_lm(embeds, full, positions, kind, cache.cache, keep=1)
+            cache.slot.fill_(T)
+        else:
+            logits = self._run_lm(embeds, mask, positions, kind, cache, keep=1)
         return logits[:, -1], mask
 
     def step(self, token_ids: torch.Tensor, key_mask: torch.Tensor, cache) -> torch.Tensor:
@@ -151,3 +190,17 @@ class PretrainedVLM(nn.Module):
         embeds = self.lm.get_input_embeddings()(token_ids[:, None])
         kind = torch.full_like(positions, TEXT)
         return self._run_lm(embeds, key_mask, positions, kind, cache, keep=1)[:, -1]
+
+    def new_static_cache(self, batch: int, max_len: int) -> StaticLMCache:
+        """A ``StaticLMCache``; its batch is that of the first prefill (``batch`` is not used)."""
+        return StaticLMCache(self.lm.config, max_len, next(self.lm.parameters()).device)
+
+    def decode_step(self, token_ids: torch.Tensor, key_mask: torch.Tensor, cache: StaticLMCache) -> torch.Tensor:
+        """``step`` with static shapes, for ``torch.compile`` (moevlm.compiled): token_ids (B,) go to
+        ``cache.slot``; key_mask (B, cache.max_len) is updated in place to show that slot."""
+        key_mask.index_fill_(1, cache.slot, True)
+        positions = key_mask.long().sum(1, keepdim=True) - 1
+        embeds = self.lm.get_input_embeddings()(token_ids[:, None])
+        logits = self._run_lm(embeds, key_mask[:, None, None, :], positions, None, cache.cache, keep=1)
+        cache.slot.add_(1)
+        return logits[:, -1]

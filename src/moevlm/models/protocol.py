@@ -50,6 +50,14 @@ class VisionLanguageModel(Protocol):
     def step(self, token_ids: torch.Tensor, key_mask: torch.Tensor, cache: Any) -> torch.Tensor:
         """One cached decoding step: token_ids (B,) -> next-token logits (B, V)."""
 
+    def new_static_cache(self, batch: int, max_len: int) -> Any:
+        """A preallocated cache for ``decode_step``, which ``prefill`` also fills (from slot 0); its
+        ``tensors()`` are what a CUDA graph must find at fixed addresses."""
+
+    def decode_step(self, token_ids: torch.Tensor, key_mask: torch.Tensor, cache: Any) -> torch.Tensor:
+        """``step`` with static shapes for a compiled decoding step (moevlm.compiled): key_mask
+        (B, max_len) is updated in place to show the slot the tokens are written to."""
+
     def parameters(self, recurse: bool = True) -> Any: ...
 
     def eval(self) -> Any: ...

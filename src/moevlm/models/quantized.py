@@ -169,6 +169,30 @@ class Int8MoE(MoE):
         weight_A = weights_NK.reshape(-1)[order_A].to(out_AD.dtype)
         return x_ND.new_zeros(x_ND.shape, dtype=out_AD.dtype).index_add_(0, token_A, out_AD * weight_A.unsqueeze(1))
 
+    # MoE.experts_static's two paths on the int8 rows: cast to the activations' dtype inside the
+    # compiled step and scaled after the product. In the activations' dtype throughout, where the eager
+    # CPU kernel rounds its input and output to bf16: tokens may differ from eager int8 decoding where
+    # two are close.
+    def expert_picked(self, e_1: torch.Tensor, x_MD: torch.Tensor) -> torch.Tensor:
+        dtype = x_MD.dtype
+        pre = F.linear(x_MD, self.w1_q_EFD.index_select(0, e_1)[0].to(dtype))
+        pre = pre * self.w1_scale_EF.index_select(0, e_1).to(dtype)
+        if self.b1_EF is not None:
+            pre = pre + self.b1_EF.index_select(0, e_1)
+        out = F.linear(self.activate(pre), self.w2_q_EDH.index_select(0, e_1)[0].to(dtype))
+        out = out * self.w2_scale_ED.index_select(0, e_1).to(dtype)
+        return out if self.b2_ED is None else out + self.b2_ED.index_select(0, e_1)
+
+    def experts_all(self, x_ND: torch.Tensor) -> torch.Tensor:
+        dtype = x_ND.dtype
+        x_END = x_ND.unsqueeze(0).expand(self.cfg.num_experts, -1, -1)
+        pre_ENF = torch.bmm(x_END, self.w1_q_EFD.to(dtype).transpose(1, 2)) * self.w1_scale_EF.to(dtype).unsqueeze(1)
+        if self.b1_EF is not None:
+            pre_ENF = pre_ENF + self.b1_EF.unsqueeze(1)
+        out_END = torch.bmm(self.activate(pre_ENF), self.w2_q_EDH.to(dtype).transpose(1, 2))
+        out_END = out_END * self.w2_scale_ED.to(dtype).unsqueeze(1)
+        return out_END if self.b2_ED is None else out_END + self.b2_ED.unsqueeze(1)
+
     def _expert_reference(self, e: int, x_D: torch.Tensor) -> torch.Tensor:
         # MoE.experts_reference's per-token loop, each expert slice dequantized.
         return self.expert(e, x_D.unsqueeze(0) if x_D.dim() == 1 else x_D, int8_matmul_reference).view_as(x_D)

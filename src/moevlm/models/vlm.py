@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moevlm.config import ModelConfig, MoEConfig
-from moevlm.models.attention import KVCache
+from moevlm.models.attention import KVCache, StaticKVCache
 from moevlm.models.decoder import Decoder
 from moevlm.models.hf_vision import HFVisionTower
 from moevlm.models.moe import IMAGE, PAD, TEXT, MoE
@@ -184,14 +184,24 @@ class VLM(nn.Module):
         p = self.decoder.tok_emb.weight
         return KVCache(d.depth, batch, d.kv_heads, max_len, d.width // d.heads, device=p.device, dtype=p.dtype)
 
+    def new_static_cache(self, batch: int, max_len: int) -> StaticKVCache:
+        d = self.cfg.decoder
+        p = self.decoder.tok_emb.weight
+        return StaticKVCache(d.depth, batch, d.kv_heads, max_len, d.width // d.heads, device=p.device, dtype=p.dtype)
+
     def prefill(self, images: torch.Tensor | None, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                cache: KVCache | None = None,
+                cache: KVCache | StaticKVCache | None = None,
                 has_image: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Runs image + prompt tokens; returns next-token logits (B, V) and the key mask (B, S).
         A text-only row (has_image False, or images None) keeps its image slots as padding, as training does."""
         embeds, key_mask, kind = self._embed(images, input_ids, attention_mask, has_image)
         positions = (key_mask.cumsum(1) - 1).clamp(min=0)
+        static = cache if isinstance(cache, StaticKVCache) else None
+        if static is not None:
+            cache = static.prefill_view()
         hidden = self.decoder(embeds, positions, attention_mask_for(key_mask, key_mask.size(1)), kind, cache)
+        if static is not None:
+            static.slot.fill_(key_mask.size(1))
         return self.decoder.lm_head(hidden[:, -1]), key_mask
 
     def step(self, token_ids: torch.Tensor, key_mask: torch.Tensor, cache: KVCache) -> torch.Tensor:
@@ -200,4 +210,14 @@ class VLM(nn.Module):
         kind = torch.full_like(positions, TEXT)
         embeds = self.decoder.tok_emb(token_ids[:, None])
         hidden = self.decoder(embeds, positions, attention_mask_for(key_mask, 1), kind, cache)
+        return self.decoder.lm_head(hidden[:, -1])
+
+    def decode_step(self, token_ids: torch.Tensor, key_mask: torch.Tensor, cache: StaticKVCache) -> torch.Tensor:
+        """``step`` with static shapes, for ``torch.compile`` (moevlm.compiled): token_ids (B,) go to
+        ``cache.slot``; key_mask (B, cache.max_len) is updated in place to show that slot."""
+        key_mask.index_fill_(1, cache.slot, True)
+        positions = key_mask.sum(1, keepdim=True) - 1  # real tokens only, as in step
+        kind = torch.full_like(positions, TEXT)
+        embeds = self.decoder.tok_emb(token_ids[:, None])
+        hidden = self.decoder(embeds, positions, key_mask[:, None, None, :], kind, cache)
         return self.decoder.lm_head(hidden[:, -1])

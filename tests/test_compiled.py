@@ -1,0 +1,174 @@
+"""Compiled decoding (moevlm.compiled): the compiled step gives the eager path's greedy tokens for
+both model families, MoE and dense, batched with left-padded prompts and a batch padded up to its
+bucket; later calls reuse the compiled graphs; where compiling fails, one line and eager decoding.
+
+Each compiled graph takes 10-30 s to build on a small CPU, so every model is compiled once per
+module (module-scoped fixtures) at one batch bucket (4) and one length bucket (32)."""
+
+import pytest
+import torch
+
+from moevlm import compiled
+from moevlm.compiled import bucket, compiled_decoder
+from moevlm.config import MoEConfig, load_config
+from moevlm.generate import generate
+from moevlm.models.factory import build_model
+from moevlm.models.hf_config import resolve_pretrained
+from moevlm.models.moe import MoE
+from moevlm.models.quantized import Int8MoE
+
+NEVER = 10_000  # an eos id no model here generates: every row decodes all its tokens
+NEW = 12
+
+
+def scrambled(model):
+    """Random weights far from the init, so greedy tokens vary from step to step and row to row
+    (the tiny init repeats its last input token), and a wrong cache slot or mask shows."""
+    torch.manual_seed(3)
+    for param in model.parameters():
+        if param.dim() > 1:
+            torch.nn.init.normal_(param, std=0.5)
+    return model.eval()
+
+
+def scratch(*overrides):
+    return scrambled(build_model(load_config("tiny", overrides=["decoder.vocab_size=40", *overrides]).model))
+
+
+def images_for(model, rows):
+    size = model.cfg.vision.image_size
+    return torch.randn(rows, 3, size, size, generator=torch.Generator().manual_seed(rows))
+
+
+def prompts_for(model, lengths):
+    """Prompts of the given text lengths (bucket padding and left padding), image ids first for a
+    model that takes them in the text."""
+    image = [model.image_token_id] * model.num_image_tokens if model.images_in_text else []
+    return [image + [1] + [(5 + 7 * row + i) % 30 + 4 for i in range(n)] for row, n in enumerate(lengths)]
+
+
+def compiled_and_eager(model, lengths):
+    images, prompts = images_for(model, len(lengths)), prompts_for(model, lengths)
+    options = dict(eos_id=NEVER, pad_id=0, max_new_tokens=NEW)
+    return generate(model, images, prompts, compile=True, **options), generate(model, images, prompts, **options)
+
+
+@pytest.fixture(scope="module")
+def moe_model():
+    model = scratch()  # llama arch, MoE layers 0 and 1, swiglu experts
+    return model, compiled_and_eager(model, [5, 1, 3])
+
+
+@pytest.fixture(scope="module")
+def hf_model(tmp_path_factory):
+    from pretrained_fixtures import tiny_llama
+
+    folder = tiny_llama(tmp_path_factory.mktemp("compiled") / "llama")
+    config = load_config("tiny", overrides=[f"model.lm=hf:{folder}", "moe.layers=all"])
+    model = scrambled(build_model(resolve_pretrained(config.model)))
+    return model, compiled_and_eager(model, [2, 6, 4])
+
+
+def test_scratch_moe_compiled_tokens_equal_eager_with_left_padding_and_a_padded_bucket(moe_model):
+    model, (fast, eager) = moe_model
+    assert fast == eager
+    assert all(len(row) == NEW for row in fast) and len({tuple(row) for row in fast}) == 3
+    assert len(set(fast[0])) > 3  # the tokens change from step to step
+    assert set(compiled_decoder(model).compile_seconds) == {(4, 32)}  # 3 rows padded to the bucket of 4
+    assert compiled_decoder(model).eager_reason is None
+
+
+def test_later_calls_in_the_same_buckets_reuse_the_compiled_graph(moe_model):
+    model, _ = moe_model
+    decoder = compiled_decoder(model)
+    before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    fast, eager = compiled_and_eager(model, [2, 7, 1, 4])  # 4 rows, other lengths: the same buckets
+    assert fast == eager
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == before
+    assert compiled_decoder(model) is decoder and set(decoder.compile_seconds) == {(4, 32)}
+
+
+def test_a_dense_gpt_decoder_compiled_tokens_equal_eager():
+    model = scratch("decoder.arch=gpt", "moe.layers=none")  # LayerNorm, learned positions, GELU MLPs
+    fast, eager = compiled_and_eager(model, [4, 2, 6])
+    assert fast == eager and len({tuple(row) for row in fast}) == 3
+    assert compiled_decoder(model).eager_reason is None
+
+
+def test_a_transformers_lm_with_moe_layers_compiled_tokens_equal_eager(hf_model):
+    model, (fast, eager) = hf_model
+    assert model.moe_layers and fast == eager
+    assert len({tuple(row) for row in fast}) == 3 and len(set(fast[0])) > 3
+    assert compiled_decoder(model).eager_reason is None
+    fast, eager = compiled_and_eager(model, [1, 3, 5, 2])  # the same graph, its cache reused
+    assert fast == eager and set(compiled_decoder(model).compile_seconds) == {(4, 32)}
+
+
+def test_int8_weights_compiled_mostly_equal_eager_int8():
+    from moevlm.models.quantized import quantize_model
+
+    model = quantize_model(scratch("moe.layers=[1]"), "int8", torch.device("cpu"))
+    fast, eager = compiled_and_eager(model, [3, 1])
+    # The eager CPU kernel rounds activations to bf16, the compiled gather does not: near-ties may part.
+    same = sum(a == b for fast_row, eager_row in zip(fast, eager) for a, b in zip(fast_row, eager_row))
+    assert same >= 0.9 * 2 * NEW and compiled_decoder(model).eager_reason is None
+
+
+def test_buckets_are_powers_of_two_at_or_above_the_floor():
+    assert [bucket(n) for n in (1, 2, 3, 4, 5, 8, 9)] == [1, 2, 4, 4, 8, 8, 16]
+    assert bucket(5, 32) == 32 and bucket(33, 32) == 64
+
+
+@pytest.mark.parametrize("activation", ["swiglu", "gelu"])
+@pytest.mark.parametrize("tokens", [1, 5])  # 2 assignments < 4 experts: picked one by one; 10: all experts
+def test_static_experts_equal_the_per_token_reference(activation, tokens):
+    moe = MoE(8, 16, MoEConfig(num_experts=4, top_k=2, activation=activation)).eval()
+    for param in moe.parameters():
+        torch.nn.init.normal_(param, std=0.3)
+    x = torch.randn(tokens, 8)
+    _, experts, weights = moe.route(x)
+    torch.testing.assert_close(moe.experts_static(x, experts, weights), moe.experts_reference(x, experts, weights))
+    int8 = Int8MoE.convert(moe)
+    torch.testing.assert_close(int8.experts_static(x, experts, weights), int8.experts_reference(x, experts, weights))
+
+
+def failing_compile(step, device):
+    def compiled_step(*args):
+        raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found in torch._inductor.config.cpp.cxx\n"
+                           "(more detail on the next lines)")
+    return compiled_step
+
+
+@pytest.mark.parametrize("where", ["first call", "torch.compile"])
+def test_without_a_compiler_it_says_so_in_one_line_and_decodes_eagerly(where, monkeypatch, capsys):
+    def refused(step, device):
+        raise RuntimeError("torch.compile is not supported on this platform")
+
+    monkeypatch.setattr(compiled, "_compile", failing_compile if where == "first call" else refused)
+    model = scratch("moe.layers=[1]")
+    fast, eager = compiled_and_eager(model, [3, 1, 2])
+    assert fast == eager
+    reason = ("RuntimeError: InvalidCxxCompiler: No working C++ compiler found in torch._inductor.config.cpp.cxx"
+              if where == "first call" else "RuntimeError: torch.compile is not supported on this platform")
+    assert capsys.readouterr().err == f"moevlm: compiled decoding unavailable ({reason}); decoding eagerly\n"
+    assert compiled_and_eager(model, [2, 2])[0] == compiled_and_eager(model, [2, 2])[1]
+    assert capsys.readouterr().err == ""  # said once per model
+
+
+def test_caption_and_eval_pass_compile_on(tmp_path, monkeypatch):
+    from moevlm import checkpoint
+    from moevlm import evaluate as evaluate_module
+    from moevlm import generate as generate_module
+    from moevlm.cli import main
+
+    seen = []
+    monkeypatch.setattr(checkpoint, "resolve_checkpoint", lambda model, which: (model, None))
+    monkeypatch.setattr(generate_module, "caption_files",
+                        lambda *args, **kwargs: seen.append(("caption", kwargs)) or [])
+    monkeypatch.setattr(evaluate_module, "evaluate_file",
+                        lambda *args, **kwargs: seen.append(("eval", kwargs)) or {"num_samples": 0})
+    for flags in ([], ["--compile"]):
+        assert main(["caption", "--model", str(tmp_path), str(tmp_path / "a.png"), *flags]) == 0
+        assert main(["eval", "--model", str(tmp_path), "--data", str(tmp_path / "a.csv"), "--json", *flags]) == 0
+    assert [(command, kwargs["compile"]) for command, kwargs in seen] == [
+        ("caption", False), ("eval", False), ("caption", True), ("eval", True)]
