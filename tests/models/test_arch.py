@@ -160,8 +160,10 @@ def test_forward_backward_reaches_every_parameter():
     config = modern_config("decoder.moe.layers=[1]", "decoder.moe.shared_expert=true")
     model = VLM(config.model).train()
     images, ids = batch(config, B=3, T=7)
-    out = model(images, ids, labels=ids.roll(-1, 1))
-    assert out.logits.shape == (3, 7, 23) and set(out.aux) == {"balance", "z"}
+    labels = ids.roll(-1, 1)
+    out = model(images, ids, labels=labels)
+    # Given labels, the logits are those of the labelled positions only, row by row.
+    assert out.logits.shape == (int((labels != -100).sum()), 23) and set(out.aux) == {"balance", "z"}
     out.loss.backward()
     no_grad = [name for name, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
     assert no_grad == []
