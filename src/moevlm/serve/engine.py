@@ -1,7 +1,9 @@
 """The engine: one thread that owns the model and decodes every request in one running batch.
 
 Requests wait in a bounded queue; between two decoding steps the waiting ones are prefilled
-together and join the batch, and finished or cancelled ones leave it (serve/batch.py). Each keeps
+together and join the batch, and finished or cancelled ones leave it (serve/batch.py). While a batch
+is decoding, requests that arrive one by one wait to join together (``_time_to_join``): a prefill
+costs about as much for a few rows as for one, and every running row waits for it. Each keeps
 its own sampling parameters, random generator, length limit and stop strings. What a request
 produces goes to its ``emit`` callback (called on the engine thread) as events:
 ``("delta", text, tokens)`` and finally ``("done", finish_reason, usage)`` or ``("error", message[, status])``;
@@ -55,6 +57,7 @@ class Job:
     routing: bool = False
     cancelled: bool = False  # set by the server when the client goes away
     submitted: float = field(default_factory=time.perf_counter)
+    queued: float = 0.0  # when it entered the engine's queue (perf_counter)
     # decoding state, the engine's alone
     sampled: int = 0
     generated: list[int] = field(default_factory=list)
@@ -100,6 +103,7 @@ class Engine:
         self._wake = threading.Condition()
         self._stopping = False
         self._gate_logits: list[torch.Tensor | None] = []
+        self._prefill_seconds = 0.0  # recent prefills' duration (a moving average)
         self._thread = threading.Thread(target=self._run, name="moevlm-engine", daemon=True)
 
     # -- the server's side ---------------------------------------------------------------------
@@ -153,6 +157,9 @@ class Engine:
         with self._wake:
             if len(self._waiting) + len(jobs) > self.max_queue:
                 raise QueueFull(f"{len(self._waiting)} requests are waiting already")
+            now = time.perf_counter()
+            for job in jobs:
+                job.queued = now
             self._waiting.extend(jobs)
             self.metrics.queue_length = len(self._waiting)
             self._wake.notify()
@@ -223,12 +230,24 @@ class Engine:
                 self._waiting.clear()
                 return None
             taken = []
+            if not idle and not self._time_to_join(free):
+                return taken
             while self._waiting and len(taken) < free:
                 job = self._waiting.popleft()
                 if not job.cancelled:
                     taken.append(job)
             self.metrics.queue_length = len(self._waiting)
             return taken
+
+    def _time_to_join(self, free: int) -> bool:
+        """Whether the waiting jobs join the running batch now: once they fill its free rows, or once
+        the first has waited as long as a prefill takes. Joining one by one would stall the running rows
+        for a prefill per request; waiting longer than one prefill would cost the joiners more than
+        joining alone does. An idle engine takes a request at once."""
+        if not self._waiting or free <= 0:
+            return False
+        waited = time.perf_counter() - self._waiting[0].queued
+        return len(self._waiting) >= free or waited >= self._prefill_seconds
 
     def _headroom(self, jobs: list[Job]) -> int:
         return max((job.max_tokens - job.sampled for job in jobs), default=0) + 1
@@ -247,6 +266,8 @@ class Engine:
         started = time.perf_counter()
         logits, key_mask = self.model.prefill(images, ids, mask, cache, has_image=has_image)
         self._after_forward(jobs, prepended + width, started)
+        took = time.perf_counter() - started
+        self._prefill_seconds = 0.8 * self._prefill_seconds + 0.2 * took if self._prefill_seconds else took
         return DecodeBatch(self.model, cache, key_mask), logits
 
     def _images(self, jobs: list[Job]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
