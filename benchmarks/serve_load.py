@@ -11,7 +11,8 @@ least 80 % of the engine, and at least 4x the first client count through HTTP).
 
 Every request asks for a greedy caption of the same picture, so each client count does the same work
 per request. Each client keeps one HTTP connection open (keep-alive), as the OpenAI clients do. One
-request warms each side up before its runs. With --runs R the two sides alternate R times.
+request warms each side up first. Each client count runs on both sides back to back (engine, then HTTP),
+so both see the same machine; --runs R repeats the whole series R times (one server, one engine).
 """
 
 from __future__ import annotations
@@ -184,39 +185,54 @@ def peak_memory_mib(pid: int) -> float | None:
     return None
 
 
-def http_side(url: str, name: str, body: dict, counts: list[int], requests: int) -> dict:
-    HttpClient(url, body).ask()  # warm-up: first calls are slower
-    runs = [load(lambda: HttpClient(url, body), n, requests) for n in counts]
-    with urllib.request.urlopen(f"{url}/metrics", timeout=10) as response:
-        peak = [line for line in response.read().decode().splitlines() if line.startswith("moevlm_batch_size_peak")]
-    return {"runs": runs, "peak_batch": int(float(peak[0].split()[-1])) if peak else None}
+class HttpSide:
+    """Load through HTTP on a running server at ``url``."""
+
+    def __init__(self, url: str, body: dict):
+        self.url, self.body = url, body
+        HttpClient(url, body).ask()  # warm-up: first calls are slower
+
+    def measure(self, clients: int, requests: int) -> dict:
+        return load(lambda: HttpClient(self.url, self.body), clients, requests)
+
+    def peak_batch(self) -> int | None:
+        with urllib.request.urlopen(f"{self.url}/metrics", timeout=10) as response:
+            peak = [line for line in response.read().decode().splitlines() if line.startswith("moevlm_batch_size_peak")]
+        return int(float(peak[0].split()[-1])) if peak else None
 
 
-def engine_side(model_dir: Path, name: str, body: dict, counts: list[int], requests: int, max_batch: int) -> dict:
-    """The same requests as jobs of an engine in this process: its prompt ids and prepared pixels as the
-    server makes them (once: the engine side measures decoding, not image decoding)."""
-    from moevlm.data.images import open_image_bytes
-    from moevlm.serve.chat import parse_request, request_prompt
-    from moevlm.serve.engine import Engine
-    from moevlm.serve.images import data_url_bytes
+class EngineSide:
+    """The same requests as jobs of an engine in this process: their prompt ids and prepared pixels as
+    the server makes them (once: this side measures the engine, not image decoding). ``close`` stops it."""
 
-    engine = Engine(model_dir, device="auto", max_batch=max_batch, max_queue=max(64, max(counts)))
-    engine.start()
-    engine.ready.wait()
-    if engine.failed is not None:
-        raise SystemExit(f"the engine failed to load: {engine.failed}")
-    try:
+    def __init__(self, model_dir: Path, name: str, body: dict, max_batch: int, max_queue: int = 64):
+        from moevlm.data.images import open_image_bytes
+        from moevlm.serve.chat import parse_request, request_prompt
+        from moevlm.serve.engine import Engine
+        from moevlm.serve.images import data_url_bytes
+
+        self.engine = Engine(model_dir, device="auto", max_batch=max_batch, max_queue=max_queue)
+        self.engine.start()
+        self.engine.ready.wait()
+        if self.engine.failed is not None:
+            raise SystemExit(f"the engine failed to load: {self.engine.failed}")
         req = parse_request(body, name)
-        ids = request_prompt(req, engine.tokenizer, engine.config.model.decoder.max_text_len, engine.max_images)
-        room = engine.token_limit(ids)
-        pixels = engine.prepare_image(open_image_bytes(data_url_bytes(req.image_urls[0])))
-        job_args = {"prompt_ids": ids, "pixels": pixels, "max_tokens": min(req.max_tokens or room, room),
-                    "sampling": req.sampling}
-        EngineClient(engine, job_args).ask()
-        runs = [load(lambda: EngineClient(engine, job_args), n, requests) for n in counts]
-        return {"runs": runs, "peak_batch": engine.metrics.peak_batch_size}
-    finally:
-        engine.stop(60)
+        ids = request_prompt(req, self.engine.tokenizer, self.engine.config.model.decoder.max_text_len,
+                             self.engine.max_images)
+        room = self.engine.token_limit(ids)
+        pixels = self.engine.prepare_image(open_image_bytes(data_url_bytes(req.image_urls[0])))
+        self.job_args = {"prompt_ids": ids, "pixels": pixels, "max_tokens": min(req.max_tokens or room, room),
+                         "sampling": req.sampling}
+        EngineClient(self.engine, self.job_args).ask()  # warm-up
+
+    def measure(self, clients: int, requests: int) -> dict:
+        return load(lambda: EngineClient(self.engine, self.job_args), clients, requests)
+
+    def peak_batch(self) -> int:
+        return self.engine.metrics.peak_batch_size
+
+    def close(self) -> None:
+        self.engine.stop(60)
 
 
 def add_gains(side: dict) -> None:
@@ -271,36 +287,45 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error("--url needs --model-name")
     counts = [int(n) for n in args.clients.split(",")]
     body = request_body(name, picture_url(args.image), args.max_tokens)
-    load_average = os.getloadavg()
-    result = {"load_average_before": [round(x, 2) for x in load_average], "runs": []}
-    for number in range(args.runs):
-        run = {}
+    result = {"load_average_before": [round(x, 2) for x in os.getloadavg()], "runs": []}
+    engine = process = None
+    try:
         if args.model is not None:
-            run["engine"] = engine_side(args.model, name, body, counts, args.requests, args.max_batch)
+            engine = EngineSide(args.model, name, body, args.max_batch, max(64, max(counts)))
             process, url = start_server(args.model, args.max_batch, args.server_arg)
         else:
-            process, url = None, args.url.rstrip("/")
-        try:
-            run["http"] = http_side(url, name, body, counts, args.requests)
+            url = args.url.rstrip("/")
+        served = HttpSide(url, body)
+        for number in range(args.runs):
+            # each client count on both sides back to back, so both see the same machine
+            run = {"http": {"runs": []}, **({"engine": {"runs": []}} if engine else {})}
+            for clients in counts:
+                if engine is not None:
+                    run["engine"]["runs"].append(engine.measure(clients, args.requests))
+                run["http"]["runs"].append(served.measure(clients, args.requests))
+            run["http"]["peak_batch"] = served.peak_batch()
             run["http"]["peak_memory_mib"] = peak_memory_mib(process.pid) if process else None
-        finally:
-            if process is not None:
-                process.terminate()
-                process.wait(60)
-        for side in run.values():
-            add_gains(side)
-        if "engine" in run:
-            run["goal"] = verdict(run["http"], run["engine"])
-        result["runs"].append(run)
-        if not args.json:
-            report(number, args.runs, run)
+            for side in run.values():
+                add_gains(side)
+            if engine is not None:
+                run["engine"]["peak_batch"] = engine.peak_batch()
+                run["goal"] = verdict(run["http"], run["engine"])
+            result["runs"].append(run)
+            if not args.json:
+                report(number, args.runs, run)
+    finally:
+        if engine is not None:
+            engine.close()
+        if process is not None:
+            process.terminate()
+            process.wait(60)
     result["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
     if args.json:
         print(json.dumps(result))
     else:
         print(f"load average before {result['load_average_before']}, after {result['load_average_after']} "
               f"({os.cpu_count()} CPUs)")
-        if args.model is not None:
+        if engine is not None:
             met = sum(run["goal"]["met"] for run in result["runs"])
             print(f"goal met in {met} of {args.runs} run{'s' if args.runs > 1 else ''}")
     return result

@@ -147,11 +147,15 @@ def test_the_load_benchmark_runs_against_a_live_server(checkpoint, server, capsy
 def test_the_load_benchmark_sends_the_same_requests_to_the_engine_in_process(checkpoint, server):
     serve_load = load_benchmark()
     body = serve_load.request_body(checkpoint.name, serve_load.picture_url(), 8)
-    engine = serve_load.engine_side(checkpoint, checkpoint.name, body, [1, 3], 2, max_batch=16)
-    served = serve_load.http_side(server[0], checkpoint.name, body, [1, 3], 2)
-    assert [(r["clients"], r["requests"], r["errors"]) for r in engine["runs"]] == [(1, 2, 0), (3, 6, 0)]
-    # the same greedy answers: as many tokens per request on both sides
-    assert [r["tokens"] for r in engine["runs"]] == [r["tokens"] for r in served["runs"]]
+    engine = serve_load.EngineSide(checkpoint, checkpoint.name, body, max_batch=16)
+    try:
+        alone = [engine.measure(clients, 2) for clients in (1, 3)]
+    finally:
+        engine.close()
+    served = [serve_load.HttpSide(server[0], body).measure(clients, 2) for clients in (1, 3)]
+    assert [(r["clients"], r["requests"], r["errors"]) for r in alone] == [(1, 2, 0), (3, 6, 0)]
+    # the same greedy answers: as many tokens on both sides
+    assert [r["tokens"] for r in alone] == [r["tokens"] for r in served]
 
 
 def test_the_serving_goal_is_80_percent_of_the_engine_and_4x_one_client():
