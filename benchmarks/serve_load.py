@@ -121,8 +121,20 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-def load(make_client, clients: int, requests: int) -> dict:
-    """``clients`` threads, each sending ``requests`` requests one after another on its own client."""
+def process_cpu_seconds(pid: int | None = None) -> float | None:
+    """CPU time (user + system) a process has used so far: this one, or (Linux) process ``pid``."""
+    if pid is None:
+        return time.process_time()
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def load(make_client, clients: int, requests: int, cpu_seconds=lambda: None) -> dict:
+    """``clients`` threads, each sending ``requests`` requests one after another on its own client.
+    ``cpu_seconds``: the serving process's CPU time so far (None where unknown), for its CPU per request."""
     results, errors = [], []
     connections = [make_client() for _ in range(clients)]
 
@@ -135,19 +147,22 @@ def load(make_client, clients: int, requests: int) -> dict:
         connection.close()
 
     threads = [threading.Thread(target=client, args=(connection,)) for connection in connections]
-    started = time.perf_counter()
+    cpu_before, started = cpu_seconds(), time.perf_counter()
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
-    wall = time.perf_counter() - started
+    wall, cpu_after = time.perf_counter() - started, cpu_seconds()
+    cpu = None if cpu_before is None or cpu_after is None or not results else (cpu_after - cpu_before) / len(results)
     first, latency, tokens = zip(*results) if results else ((0.0,), (0.0,), (0,))
     return {"clients": clients, "requests": len(results), "errors": len(errors), "tokens": sum(tokens),
             "seconds": round(wall, 3),
             "requests_per_s": round(len(results) / wall, 3), "tokens_per_s": round(sum(tokens) / wall, 2),
             "ttft_p50_s": round(statistics.median(first), 4), "ttft_p95_s": round(percentile(first, 0.95), 4),
             "latency_p50_s": round(statistics.median(latency), 4),
-            "latency_p95_s": round(percentile(latency, 0.95), 4), "first_error": errors[0] if errors else None}
+            "latency_p95_s": round(percentile(latency, 0.95), 4),
+            "cpu_ms_per_request": None if cpu is None else round(cpu * 1000, 3),
+            "first_error": errors[0] if errors else None}
 
 
 def free_port() -> int:
@@ -186,14 +201,15 @@ def peak_memory_mib(pid: int) -> float | None:
 
 
 class HttpSide:
-    """Load through HTTP on a running server at ``url``."""
+    """Load through HTTP on a running server at ``url`` (its process ``pid``, if this script started it)."""
 
-    def __init__(self, url: str, body: dict):
-        self.url, self.body = url, body
+    def __init__(self, url: str, body: dict, pid: int | None = None):
+        self.url, self.body, self.pid = url, body, pid
         HttpClient(url, body).ask()  # warm-up: first calls are slower
 
     def measure(self, clients: int, requests: int) -> dict:
-        return load(lambda: HttpClient(self.url, self.body), clients, requests)
+        cpu = (lambda: process_cpu_seconds(self.pid)) if self.pid is not None else (lambda: None)
+        return load(lambda: HttpClient(self.url, self.body), clients, requests, cpu)
 
     def peak_batch(self) -> int | None:
         with urllib.request.urlopen(f"{self.url}/metrics", timeout=10) as response:
@@ -211,7 +227,7 @@ class EngineSide:
         from moevlm.serve.engine import Engine
         from moevlm.serve.images import data_url_bytes
 
-        self.engine = Engine(model_dir, device="auto", max_batch=max_batch, max_queue=max_queue)
+        self.engine = Engine(model_dir, device="cpu", max_batch=max_batch, max_queue=max_queue)
         self.engine.start()
         self.engine.ready.wait()
         if self.engine.failed is not None:
@@ -226,7 +242,7 @@ class EngineSide:
         EngineClient(self.engine, self.job_args).ask()  # warm-up
 
     def measure(self, clients: int, requests: int) -> dict:
-        return load(lambda: EngineClient(self.engine, self.job_args), clients, requests)
+        return load(lambda: EngineClient(self.engine, self.job_args), clients, requests, process_cpu_seconds)
 
     def peak_batch(self) -> int:
         return self.engine.metrics.peak_batch_size
@@ -244,12 +260,14 @@ def add_gains(side: dict) -> None:
 def print_table(title: str, side: dict, engine: dict | None) -> None:
     print(title)
     print(f"{'clients':>7} {'requests':>8} {'errors':>6} {'req/s':>7} {'tok/s':>8} {'gain':>5} "
-          f"{'ttft p50':>9} {'ttft p95':>9} {'lat p50':>8} {'lat p95':>8}" + (f" {'of engine':>9}" if engine else ""))
+          f"{'ttft p50':>9} {'ttft p95':>9} {'lat p50':>8} {'lat p95':>8} {'cpu ms/req':>10}"
+          + (f" {'of engine':>9}" if engine else ""))
     for index, r in enumerate(side["runs"]):
         share = f" {r['tokens_per_s'] / (engine['runs'][index]['tokens_per_s'] or 1):>9.0%}" if engine else ""
         print(f"{r['clients']:>7} {r['requests']:>8} {r['errors']:>6} {r['requests_per_s']:>7.2f} "
               f"{r['tokens_per_s']:>8.1f} {r['gain']:>5.2f} {r['ttft_p50_s']:>9.3f} {r['ttft_p95_s']:>9.3f} "
-              f"{r['latency_p50_s']:>8.3f} {r['latency_p95_s']:>8.3f}{share}")
+              f"{r['latency_p50_s']:>8.3f} {r['latency_p95_s']:>8.3f} "
+              f"{'-' if r['cpu_ms_per_request'] is None else format(r['cpu_ms_per_request'], '.2f'):>10}{share}")
         if r["first_error"]:
             print(f"        first error: {r['first_error']}")
 
@@ -295,7 +313,7 @@ def main(argv: list[str] | None = None) -> dict:
             process, url = start_server(args.model, args.max_batch, args.server_arg)
         else:
             url = args.url.rstrip("/")
-        served = HttpSide(url, body)
+        served = HttpSide(url, body, process.pid if process else None)
         for number in range(args.runs):
             # each client count on both sides back to back, so both see the same machine
             run = {"http": {"runs": []}, **({"engine": {"runs": []}} if engine else {})}

@@ -3,9 +3,11 @@ in order), a handler's wait (all arrived events at once; timeout, shutdown and a
 the engine's admission of joining requests (together, not one prefill each)."""
 
 import asyncio
+import math
 import threading
 import time
 
+import pytest
 from serve_helpers import data_url, picture
 
 from moevlm.serve.engine import Engine, Job
@@ -76,7 +78,7 @@ def test_a_wait_ends_at_the_deadline_on_closing_and_when_the_client_leaves_after
 
 def waiting_engine(prefill_seconds: float, waiting: int, waited: float) -> Engine:
     """An engine (not started) with ``waiting`` jobs queued ``waited`` seconds ago."""
-    engine = Engine("unused", max_batch=4)
+    engine = Engine("unused", max_batch=8)
     engine._prefill_seconds = prefill_seconds
     engine.submit_all([Job(prompt_ids=[1], pixels=None, max_tokens=1, emit=print) for _ in range(waiting)])
     for job in engine._waiting:
@@ -84,12 +86,25 @@ def waiting_engine(prefill_seconds: float, waiting: int, waited: float) -> Engin
     return engine
 
 
-def test_joining_requests_wait_to_fill_the_free_rows_or_for_one_prefill_time():
-    assert waiting_engine(10.0, 2, 0.0)._take(free=3, idle=False) == []  # fewer than the free rows, not long
-    assert len(waiting_engine(10.0, 3, 0.0)._take(free=3, idle=False)) == 3  # they fill the free rows
-    assert len(waiting_engine(10.0, 2, 11.0)._take(free=3, idle=False)) == 2  # waited longer than a prefill
-    assert len(waiting_engine(10.0, 1, 0.0)._take(free=3, idle=True)) == 1  # an idle engine takes one at once
-    assert waiting_engine(10.0, 2, 11.0)._take(free=0, idle=False) == []
+def test_joining_requests_wait_until_they_are_as_many_as_the_running_ones_or_for_three_prefills():
+    assert waiting_engine(10.0, 2, 0.0)._take(running=3) == []  # fewer than the running rows, not long
+    assert len(waiting_engine(10.0, 3, 0.0)._take(running=3)) == 3  # as many as the running rows
+    assert waiting_engine(10.0, 2, 29.0)._take(running=3) == []
+    assert len(waiting_engine(10.0, 2, 31.0)._take(running=3)) == 2  # waited three prefills' time
+    assert waiting_engine(10.0, 5, 31.0)._take(running=8) == []  # no free row (max_batch 8)
+    assert len(waiting_engine(10.0, 6, 0.0)._take(running=5)) == 3  # as many as there are free rows
+
+
+def test_an_idle_engine_takes_a_request_at_once_unless_a_larger_batch_just_ended():
+    assert len(waiting_engine(10.0, 1, 0.0)._take(running=0)) == 1
+    engine = waiting_engine(10.0, 2, 1.0)
+    engine._emptied = (time.perf_counter() - 5.0, 4)  # four rows ended 5 s ago: their clients may come back
+    assert engine._join_delay(running=0, free=8) == pytest.approx(29.0, abs=0.5)
+    engine._emptied = (time.perf_counter() - 5.0, 2)
+    assert engine._join_delay(running=0, free=8) == 0  # as many as that batch had
+    engine._emptied = (time.perf_counter() - 31.0, 4)
+    assert engine._join_delay(running=0, free=8) == 0  # too long ago
+    assert waiting_engine(10.0, 0, 0.0)._join_delay(running=0, free=8) == math.inf
 
 
 def test_a_request_with_only_data_urls_is_prepared_in_one_trip_to_a_decoding_thread():

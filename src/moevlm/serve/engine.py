@@ -2,7 +2,7 @@
 
 Requests wait in a bounded queue; between two decoding steps the waiting ones are prefilled
 together and join the batch, and finished or cancelled ones leave it (serve/batch.py). While a batch
-is decoding, requests that arrive one by one wait to join together (``_time_to_join``): a prefill
+is decoding, requests that arrive one by one wait to join together (``_join_delay``): a prefill
 costs about as much for a few rows as for one, and every running row waits for it. Each keeps
 its own sampling parameters, random generator, length limit and stop strings. What a request
 produces goes to its ``emit`` callback (called on the engine thread) as events:
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import math
 import secrets
 import threading
 import time
@@ -35,6 +36,7 @@ from moevlm.serve.sampling import SamplingParams, logprob_details, pick
 
 log = logging.getLogger("moevlm.serve")
 MAX_IMAGES = 8  # per conversation, for a model that takes several
+JOIN_WAIT = 3.0  # prefills' time a request waits at most to join a running batch with others
 
 
 class QueueFull(Exception):
@@ -104,6 +106,7 @@ class Engine:
         self._stopping = False
         self._gate_logits: list[torch.Tensor | None] = []
         self._prefill_seconds = 0.0  # recent prefills' duration (a moving average)
+        self._emptied = (-math.inf, 0)  # when the running batch last ended, and its rows then
         self._thread = threading.Thread(target=self._run, name="moevlm-engine", daemon=True)
 
     # -- the server's side ---------------------------------------------------------------------
@@ -184,7 +187,7 @@ class Engine:
         state = (None, None)  # the batch and its next-token logits
         with torch.inference_mode(), torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
                                                      enabled=self.amp_dtype is not None):
-            while (joining := self._take(free=self.max_batch - len(jobs), idle=not jobs)) is not None:
+            while (joining := self._take(running=len(jobs))) is not None:
                 try:
                     jobs, state = self._iterate(jobs, joining, *state)
                 except Exception:  # a bug: fail the requests in flight, keep serving the next ones
@@ -214,40 +217,53 @@ class Engine:
             joined, joined_logits = self._prefill(joining)
             parts.append((joined, list(range(len(joining)))))
             logits = torch.cat([logits, joined_logits]) if keep else joined_logits
+        if not keep and not joining:
+            self._emptied = (time.perf_counter(), len(jobs))
         if len(keep) < len(jobs) or joining:
             jobs = [jobs[row] for row in keep] + joining
             batch = repack(self.model, parts, self._headroom(jobs))
         return jobs, ((batch, logits) if jobs else (None, None))
 
-    def _take(self, free: int, idle: bool) -> list[Job] | None:
-        """Waiting jobs to admit now (cancelled ones dropped); None: stop the engine."""
+    def _take(self, running: int) -> list[Job] | None:
+        """Waiting jobs to admit now beside ``running`` ones (cancelled ones dropped); None: stop the engine.
+        An idle engine waits here, for a job or until the waiting ones should join (``_join_delay``)."""
+        free = self.max_batch - running
         with self._wake:
-            while idle and not self._waiting and not self._stopping:
-                self._wake.wait()
+            while not self._stopping:
+                delay = self._join_delay(running, free)
+                if delay == 0 or running:  # with rows running, a step goes on meanwhile
+                    break
+                self._wake.wait(None if delay == math.inf else delay)
             if self._stopping:
                 for job in self._waiting:
                     job.emit(("error", "the server is shutting down"))
                 self._waiting.clear()
                 return None
             taken = []
-            if not idle and not self._time_to_join(free):
-                return taken
-            while self._waiting and len(taken) < free:
+            while delay == 0 and self._waiting and len(taken) < free:
                 job = self._waiting.popleft()
                 if not job.cancelled:
                     taken.append(job)
             self.metrics.queue_length = len(self._waiting)
             return taken
 
-    def _time_to_join(self, free: int) -> bool:
-        """Whether the waiting jobs join the running batch now: once they fill its free rows, or once
-        the first has waited as long as a prefill takes. Joining one by one would stall the running rows
-        for a prefill per request; waiting longer than one prefill would cost the joiners more than
-        joining alone does. An idle engine takes a request at once."""
+    def _join_delay(self, running: int, free: int) -> float:
+        """Seconds the waiting jobs still wait before they join (0: now; inf: none waits or no row is
+        free). They join once they are as many as the rows running (or, on an idle engine, as the rows
+        of a batch that ended in the last JOIN_WAIT prefills' time: their clients are the likeliest to
+        come back), and at the latest once the first has waited JOIN_WAIT prefills' time.
+
+        A prefill costs nearly as much for a few rows as for many, and every running row stalls for
+        it: requests that join one by one under load pay a prefill each, and groups that join apart
+        finish apart and come back apart. The wait bounds what that costs a joiner."""
         if not self._waiting or free <= 0:
-            return False
-        waited = time.perf_counter() - self._waiting[0].queued
-        return len(self._waiting) >= free or waited >= self._prefill_seconds
+            return math.inf
+        now, longest = time.perf_counter(), JOIN_WAIT * self._prefill_seconds
+        ended, rows = self._emptied
+        expected = running or (rows if now - ended < longest else 0)
+        if len(self._waiting) >= expected:
+            return 0.0
+        return max(self._waiting[0].queued + longest - now, 0.0)
 
     def _headroom(self, jobs: list[Job]) -> int:
         return max((job.max_tokens - job.sampled for job in jobs), default=0) + 1
