@@ -69,7 +69,10 @@ def test_a_wait_ends_at_the_deadline_on_closing_and_when_the_client_leaves_after
         cancelled.watch(left)
         left.cancel()  # the handler cancelling its watcher is not the client leaving
         await asyncio.sleep(0)
-        assert not asyncio.ensure_future(cancelled.next()).done()
+        reader = asyncio.ensure_future(cancelled.next())
+        await asyncio.sleep(0.01)
+        assert not reader.done()
+        reader.cancel()
         for inbox in (late, watched, waiting, cancelled):
             inbox.close()
 
