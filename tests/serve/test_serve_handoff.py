@@ -98,15 +98,17 @@ def test_joining_requests_wait_until_they_are_as_many_as_the_running_ones_or_for
     assert len(waiting_engine(10.0, 6, 0.0)._take(running=5)) == 3  # as many as there are free rows
 
 
-def test_an_idle_engine_takes_a_request_at_once_unless_a_larger_batch_just_ended():
-    assert len(waiting_engine(10.0, 1, 0.0)._take(running=0)) == 1
+def test_joiners_also_wait_for_the_rows_that_just_ended_whose_clients_may_come_back():
+    assert len(waiting_engine(10.0, 1, 0.0)._take(running=0)) == 1  # nothing ended lately: at once
     engine = waiting_engine(10.0, 2, 1.0)
-    engine._emptied = (time.perf_counter() - 5.0, 4)  # four rows ended 5 s ago: their clients may come back
+    engine._ended.append((time.perf_counter() - 5.0, 4))  # four rows ended 5 s ago
     assert engine._join_delay(running=0, free=8) == pytest.approx(29.0, abs=0.5)
-    engine._emptied = (time.perf_counter() - 5.0, 2)
-    assert engine._join_delay(running=0, free=8) == 0  # as many as that batch had
-    engine._emptied = (time.perf_counter() - 31.0, 4)
-    assert engine._join_delay(running=0, free=8) == 0  # too long ago
+    engine._ended[0] = (time.perf_counter() - 5.0, 2)
+    assert engine._join_delay(running=0, free=8) == 0  # as many as ended
+    assert engine._join_delay(running=1, free=7) == pytest.approx(29.0, abs=0.5)  # fewer than both
+    engine._ended[0] = (time.perf_counter() - 31.0, 4)
+    assert engine._join_delay(running=0, free=8) == 0  # too long ago, and forgotten
+    assert not engine._ended
     assert waiting_engine(10.0, 0, 0.0)._join_delay(running=0, free=8) == math.inf
 
 

@@ -106,7 +106,7 @@ class Engine:
         self._stopping = False
         self._gate_logits: list[torch.Tensor | None] = []
         self._prefill_seconds = 0.0  # recent prefills' duration (a moving average)
-        self._emptied = (-math.inf, 0)  # when the running batch last ended, and its rows then
+        self._ended: collections.deque[tuple[float, int]] = collections.deque()  # (when, rows) that left the batch
         self._thread = threading.Thread(target=self._run, name="moevlm-engine", daemon=True)
 
     # -- the server's side ---------------------------------------------------------------------
@@ -217,8 +217,8 @@ class Engine:
             joined, joined_logits = self._prefill(joining)
             parts.append((joined, list(range(len(joining)))))
             logits = torch.cat([logits, joined_logits]) if keep else joined_logits
-        if not keep and not joining:
-            self._emptied = (time.perf_counter(), len(jobs))
+        if len(keep) < len(jobs):
+            self._ended.append((time.perf_counter(), len(jobs) - len(keep)))
         if len(keep) < len(jobs) or joining:
             jobs = [jobs[row] for row in keep] + joining
             batch = repack(self.model, parts, self._headroom(jobs))
@@ -249,18 +249,20 @@ class Engine:
 
     def _join_delay(self, running: int, free: int) -> float:
         """Seconds the waiting jobs still wait before they join (0: now; inf: none waits or no row is
-        free). They join once they are as many as the rows running (or, on an idle engine, as the rows
-        of a batch that ended in the last JOIN_WAIT prefills' time: their clients are the likeliest to
-        come back), and at the latest once the first has waited JOIN_WAIT prefills' time.
+        free). They join once they are as many as the rows running plus those that ended in the last
+        JOIN_WAIT prefills' time (their clients are the likeliest to come back), and at the latest
+        once the first has waited JOIN_WAIT prefills' time.
 
         A prefill costs nearly as much for a few rows as for many, and every running row stalls for
         it: requests that join one by one under load pay a prefill each, and groups that join apart
-        finish apart and come back apart. The wait bounds what that costs a joiner."""
+        finish apart and come back apart. The wait bounds what that costs a joiner; one client alone
+        never waits (the row that ended is its own)."""
         if not self._waiting or free <= 0:
             return math.inf
         now, longest = time.perf_counter(), JOIN_WAIT * self._prefill_seconds
-        ended, rows = self._emptied
-        expected = running or (rows if now - ended < longest else 0)
+        while self._ended and self._ended[0][0] < now - longest:
+            self._ended.popleft()
+        expected = min(running + sum(rows for _, rows in self._ended), self.max_batch)
         if len(self._waiting) >= expected:
             return 0.0
         return max(self._waiting[0].queued + longest - now, 0.0)
