@@ -3,12 +3,14 @@ in order), a handler's wait (all arrived events at once; timeout, shutdown and a
 the engine's admission of joining requests (together, not one prefill each)."""
 
 import asyncio
+import json
 import math
+import socket
 import threading
 import time
 
 import pytest
-from serve_helpers import data_url, picture
+from serve_helpers import data_url, live_server, picture, user_message
 
 from moevlm.serve.engine import Engine, Job
 from moevlm.serve.images import ImageLimits, ImageLoader
@@ -121,3 +123,38 @@ def test_a_request_with_only_data_urls_is_prepared_in_one_trip_to_a_decoding_thr
     assert loader.load(url).size == (24, 24)  # from elsewhere, through the decoding thread
     assert not loader.needs_fetching([url, "DATA:image/png;base64,AAAA"]) and not loader.needs_fetching([])
     assert loader.needs_fetching([url, "file:///tmp/x.png"]) and loader.needs_fetching([None])
+
+
+def chunked_frames(port: int, body: dict) -> list[bytes]:
+    """The HTTP/1.1 chunks of one streamed response, as the server framed them."""
+    payload = json.dumps(body).encode()
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(payload), payload))
+        raw = b""
+        while chunk := sock.recv(65536):
+            raw += chunk
+    head, rest = raw.split(b"\r\n\r\n", 1)
+    assert b"chunked" in head.lower()
+    frames = []
+    while True:
+        size, rest = rest.split(b"\r\n", 1)
+        if int(size, 16) == 0:
+            return frames
+        frames.append(rest[:int(size, 16)])
+        rest = rest[int(size, 16) + 2:]
+
+
+def test_a_stream_sends_the_role_with_the_first_token_and_the_end_in_one_piece(checkpoint):
+    with live_server(checkpoint) as (url, _engine):
+        body = {"model": checkpoint.name, "messages": user_message(data_url(picture(1))), "temperature": 0,
+                "max_tokens": 6, "stream": True, "stream_options": {"include_usage": True}, "ignore_eos": True}
+        frames = chunked_frames(int(url.rsplit(":", 1)[1]), body)
+    events = [[json.loads(line[6:]) if line != b"data: [DONE]" else "[DONE]"
+               for line in frame.split(b"\n\n") if line] for frame in frames]
+    assert [chunk["choices"][0]["delta"].get("role") for chunk in events[0]] == ["assistant", None]
+    assert events[0][1]["choices"][0]["delta"]["content"]  # the first token rides with the role
+    *_, finish, usage, done = events[-1]
+    assert finish["choices"][0]["finish_reason"] == "length" and usage["usage"]["completion_tokens"] == 6
+    assert done == "[DONE]"
+    assert sum(len(frame) for frame in events) == 1 + 6 + 2 + 1  # role, tokens, finish, usage, [DONE]
