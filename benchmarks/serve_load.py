@@ -342,7 +342,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(json.dumps(result))
     else:
         print(f"load average before {result['load_average_before']}, after {result['load_average_after']} "
-              f"({os.cpu_count()} CPUs)")
+              f"({os.cpu_count()} CPUs; OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')})")
         if engine is not None:
             met = sum(run["goal"]["met"] for run in result["runs"])
             print(f"goal met in {met} of {args.runs} run{'s' if args.runs > 1 else ''}")
