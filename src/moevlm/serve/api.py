@@ -130,10 +130,10 @@ def create_app(engine: Engine, options: ServeOptions):
         inbox = Inbox(deadline_of(arrived), app.state.closing)
         try:
             make = (make_jobs, req, lambda index: handoff.emitter(inbox, index), arrived)
-            if images.needs_fetching(req.image_urls):
+            if req.image_urls and not images.needs_fetching(req.image_urls):
+                jobs = await asyncio.wrap_future(images.submit(*make))  # decoded there, no second trip
+            else:  # nothing to decode, or URLs to fetch first: a worker thread, no decoding thread held
                 jobs = await run_in_threadpool(*make)
-            else:
-                jobs = await asyncio.wrap_future(images.submit(*make))
             engine.submit_all(jobs)
         except QueueFull as err:
             inbox.close()
