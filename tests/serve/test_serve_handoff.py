@@ -114,6 +114,20 @@ def test_joiners_also_wait_for_the_rows_that_just_ended_whose_clients_may_come_b
     assert waiting_engine(10.0, 0, 0.0)._join_delay(running=0, free=8) == math.inf
 
 
+def test_one_client_after_another_never_waits_for_its_own_earlier_rows():
+    engine = waiting_engine(10.0, 0, 0.0)
+    for _ in range(3):  # each request ends, and its client's next one comes back at once
+        engine._ended.append((time.perf_counter(), 1))
+        engine.submit(Job(prompt_ids=[1], pixels=None, max_tokens=1, emit=print))
+        assert len(engine._take(running=0)) == 1 and not engine._ended
+    engine._ended.append((time.perf_counter(), 3))
+    engine.submit_all([Job(prompt_ids=[1], pixels=None, max_tokens=1, emit=print) for _ in range(3)])
+    assert len(engine._take(running=0)) == 3 and not engine._ended  # as many as ended: all came back
+    engine._ended.append((time.perf_counter(), 4))
+    engine._came_back(1)
+    assert [rows for _, rows in engine._ended] == [3]
+
+
 def test_a_request_with_only_data_urls_is_prepared_in_one_trip_to_a_decoding_thread():
     loader = ImageLoader(ImageLimits(max_decodes=1))
     url = data_url(picture(0))

@@ -244,14 +244,24 @@ class Engine:
                 job = self._waiting.popleft()
                 if not job.cancelled:
                     taken.append(job)
+            self._came_back(len(taken))
             self.metrics.queue_length = len(self._waiting)
             return taken
+
+    def _came_back(self, rows: int) -> None:
+        """Joining rows count as the return of rows that ended (oldest first): a client that comes
+        back is no longer waited for."""
+        while rows and self._ended:
+            ended, count = self._ended.popleft()
+            if count > rows:
+                self._ended.appendleft((ended, count - rows))
+            rows = max(rows - count, 0)
 
     def _join_delay(self, running: int, free: int) -> float:
         """Seconds the waiting jobs still wait before they join (0: now; inf: none waits or no row is
         free). They join once they are as many as the rows running plus those that ended in the last
-        JOIN_WAIT prefills' time (their clients are the likeliest to come back), and at the latest
-        once the first has waited JOIN_WAIT prefills' time.
+        JOIN_WAIT prefills' time and have not come back yet (their clients are the likeliest to come
+        back), and at the latest once the first has waited JOIN_WAIT prefills' time.
 
         A prefill costs nearly as much for a few rows as for many, and every running row stalls for
         it: requests that join one by one under load pay a prefill each, and groups that join apart
