@@ -128,12 +128,45 @@ def test_models_health_and_metrics(checkpoint, client, server):
     assert counted > 0
 
 
-def test_the_load_benchmark_runs_against_a_live_server(checkpoint, server, capsys):
+def load_benchmark():
     spec = importlib.util.spec_from_file_location("serve_load", BENCHMARKS / "serve_load.py")
     serve_load = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(serve_load)
-    result = serve_load.main(["--url", server[0], "--model-name", checkpoint.name, "--clients", "1,3",
-                              "--requests", "2", "--max-tokens", "8"])
-    assert [(run["clients"], run["requests"], run["errors"]) for run in result["runs"]] == [(1, 2, 0), (3, 6, 0)]
-    assert all(run["tokens_per_s"] > 0 and run["ttft_p50_s"] <= run["latency_p95_s"] for run in result["runs"])
-    assert "ttft p50" in capsys.readouterr().out
+    return serve_load
+
+
+def test_the_load_benchmark_runs_against_a_live_server(checkpoint, server, capsys):
+    result = load_benchmark().main(["--url", server[0], "--model-name", checkpoint.name, "--clients", "1,3",
+                                    "--requests", "2", "--max-tokens", "8"])
+    [run] = result["runs"]
+    assert [(r["clients"], r["requests"], r["errors"]) for r in run["http"]["runs"]] == [(1, 2, 0), (3, 6, 0)]
+    assert all(r["tokens_per_s"] > 0 and r["ttft_p50_s"] <= r["latency_p95_s"] for r in run["http"]["runs"])
+    assert "engine" not in run and "ttft p50" in capsys.readouterr().out
+
+
+def test_the_load_benchmark_sends_the_same_requests_to_the_engine_in_process(checkpoint, server):
+    serve_load = load_benchmark()
+    body = serve_load.request_body(checkpoint.name, serve_load.picture_url(), 8)
+    engine = serve_load.EngineSide(checkpoint, checkpoint.name, body, max_batch=16)
+    try:
+        alone = [engine.measure(clients, 2) for clients in (1, 3)]
+    finally:
+        engine.close()
+    served = [serve_load.HttpSide(server[0], body).measure(clients, 2) for clients in (1, 3)]
+    assert [(r["clients"], r["requests"], r["errors"]) for r in alone] == [(1, 2, 0), (3, 6, 0)]
+    # the same greedy answers: as many tokens on both sides
+    assert [r["tokens"] for r in alone] == [r["tokens"] for r in served]
+
+
+def test_the_serving_goal_is_80_percent_of_the_engine_and_4x_one_client():
+    verdict = load_benchmark().verdict
+
+    def side(tokens_per_s, gain=1.0, errors=0):
+        return {"runs": [{"clients": 1, "tokens_per_s": 1.0, "gain": 1.0, "errors": 0},
+                         {"clients": 16, "tokens_per_s": tokens_per_s, "gain": gain, "errors": errors}]}
+
+    assert verdict(side(800, gain=4.0), side(1000)) == {"clients": 16, "share": 0.8, "gain": 4.0, "errors": 0,
+                                                        "met": True}
+    assert not verdict(side(799, gain=4.0), side(1000))["met"]
+    assert not verdict(side(900, gain=3.99), side(1000))["met"]
+    assert not verdict(side(900, gain=5.0, errors=1), side(1000))["met"]

@@ -116,6 +116,8 @@ def test_twelve_greedy_requests_and_one_at_temperature_1e_40_all_answer_in_one_b
     assert together[:12] == alone
     assert together[12] == alone[0]  # greedy, as its temperature is below the floor
     assert engine.metrics.peak_batch_size >= 13
+    assert engine._prefill_seconds > 0  # measured: it bounds how long joiners wait for each other
+    assert engine._ended  # the rows that left lately, whose clients joiners wait for
 
 
 def test_a_request_whose_sampling_fails_ends_alone_and_the_batch_goes_on(engine, checkpoint, monkeypatch):

@@ -7,18 +7,17 @@ an OpenAI-shaped 4xx and the server goes on; the engine only ever sees valid job
 import asyncio
 import json
 import time
-import uuid
 from dataclasses import dataclass
 from importlib import resources
 
 from moevlm.serve.chat import ChatRequest, check_for_model, choice_seed, parse_request, request_prompt
 from moevlm.serve.engine import Engine, Job, QueueFull
 from moevlm.serve.errors import ApiError
-from moevlm.serve.http import check_key, install, read_json
+from moevlm.serve.http import check_key, install, new_id, read_json
 from moevlm.serve.images import ImageLimits, ImageLoader
 from moevlm.serve.responses import Reply
 from moevlm.serve.schema import REQUEST_BODY, ChatCompletion, ModelCard, ModelList, add_request_schema, errors
-from moevlm.serve.waiting import CLOSING, GONE, TIMEOUT, client_gone, next_event
+from moevlm.serve.waiting import CLOSING, GONE, TIMEOUT, Closing, Handoff, Inbox, client_gone
 
 
 def cancel(jobs: list[Job]) -> None:
@@ -45,8 +44,19 @@ def create_app(engine: Engine, options: ServeOptions):
     from fastapi.concurrency import run_in_threadpool
     from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
 
+    class EventStream(StreamingResponse):
+        """A stream whose body yields (text, more): the last piece goes out with the response's end in
+        one write. The stream watches for the client leaving itself (``_stream``), so this skips the task
+        group Starlette starts per streamed response to listen for it."""
+
+        async def __call__(self, scope, receive, send):
+            await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+            async for text, more in self.body_iterator:
+                await send({"type": "http.response.body", "body": text.encode(), "more_body": more})
+
     app = FastAPI(title="moevlm", docs_url=None, redoc_url=None)
-    app.state.closing = asyncio.Event()  # set by the server when --grace has run out (serve/server.py)
+    app.state.closing = Closing()  # set by the server when --grace has run out (serve/server.py)
+    handoff = Handoff()
     page = resources.files("moevlm.serve").joinpath("page.html").read_text(encoding="utf-8")
     install(app, engine.metrics, list(options.allowed_origins))
     add_request_schema(app, options.served_name)
@@ -97,7 +107,7 @@ def create_app(engine: Engine, options: ServeOptions):
         return model_card()
 
     def make_jobs(req: ChatRequest, emit_for, arrived: float) -> list[Job]:
-        """Runs on a worker thread: image decoding and preparation take a while. One job per choice."""
+        """Runs on a worker or decoding thread: image decoding and preparation take a while. One job per choice."""
         most = engine.config.model.decoder.max_text_len
         ids = request_prompt(req, engine.tokenizer, most, engine.max_images)
         room = engine.token_limit(ids)
@@ -117,25 +127,29 @@ def create_app(engine: Engine, options: ServeOptions):
         check_key(request, options.api_key)
         check_ready()
         req = parse_request(await read_json(request, options.max_body_bytes), options.served_name)
-        loop, events = asyncio.get_running_loop(), asyncio.Queue()
-
-        def emit_for(index: int):
-            return lambda event: loop.call_soon_threadsafe(events.put_nowait, (index, event))
-
-        jobs = await run_in_threadpool(make_jobs, req, emit_for, arrived)
+        inbox = Inbox(deadline_of(arrived), app.state.closing)
         try:
+            make = (make_jobs, req, lambda index: handoff.emitter(inbox, index), arrived)
+            if req.image_urls and not images.needs_fetching(req.image_urls):
+                jobs = await asyncio.wrap_future(images.submit(*make))  # decoded there, no second trip
+            else:  # nothing to decode, or URLs to fetch first: a worker thread, no decoding thread held
+                jobs = await run_in_threadpool(*make)
             engine.submit_all(jobs)
         except QueueFull as err:
+            inbox.close()
             raise ApiError(429, f"the server is busy ({err}); retry later", code="queue_full",
                            headers={"Retry-After": str(options.retry_after)}) from None
+        except BaseException:
+            inbox.close()
+            raise
         engine.metrics.add_request("ok", engine.prompt_tokens(jobs[0].prompt_ids, len(req.image_urls)))
-        reply = Reply(req, {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()),
+        reply = Reply(req, {"id": f"chatcmpl-{new_id()}", "created": int(time.time()),
                             "model": options.served_name},
                       {"num_experts": engine.config.model.decoder.moe.num_experts})
         if req.stream:
-            return StreamingResponse(_stream(jobs, events, reply), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache"})
-        return await _complete(request, jobs, events, reply)
+            return EventStream(_stream(request, jobs, inbox, reply), media_type="text/event-stream",
+                               headers={"Cache-Control": "no-cache"})
+        return await _complete(request, jobs, inbox, reply)
 
     def deadline_of(arrived: float) -> float:
         return arrived + options.request_timeout
@@ -148,38 +162,50 @@ def create_app(engine: Engine, options: ServeOptions):
         return ApiError(503, "the server is shutting down", code="server_shutting_down",
                         headers={"Retry-After": str(options.retry_after)})
 
-    async def _complete(request, jobs: list[Job], events: asyncio.Queue, reply: Reply):
+    async def _complete(request, jobs: list[Job], inbox: Inbox, reply: Reply):
         gone = asyncio.ensure_future(client_gone(request))
+        inbox.watch(gone)
         try:
             while not reply.finished:
-                event = await next_event(events, deadline_of(jobs[0].submitted), app.state.closing, gone)
-                if event is GONE:
+                events = await inbox.next()
+                if events is GONE:
                     return JSONResponse({}, status_code=499)
-                if event in (TIMEOUT, CLOSING):
-                    raise cut_short(event)
-                reply.add(*event)
+                if events in (TIMEOUT, CLOSING):
+                    raise cut_short(events)
+                for event in events:
+                    reply.add(*event)
             if reply.error is not None:
                 return JSONResponse(reply.error_body(), status_code=reply.error[1])
             return reply.body()
         finally:
             gone.cancel()
+            inbox.close()
             cancel(jobs)  # a no-op once they finished; frees the slots otherwise
 
-    async def _stream(jobs: list[Job], events: asyncio.Queue, reply: Reply):
+    async def _stream(request, jobs: list[Job], inbox: Inbox, reply: Reply):
+        """(text, more) pieces of an EventStream. Everything that has arrived goes out in one write (the
+        opening with the first delta; the last delta with the end, the usage, [DONE] and the response's
+        end): each write is a system call and a turn of the GIL."""
+        gone = asyncio.ensure_future(client_gone(request))
+        inbox.watch(gone)
+        lines = reply.opening()
         try:
-            for line in reply.opening():
-                yield line
             while not reply.finished:
-                event = await next_event(events, deadline_of(jobs[0].submitted), app.state.closing)
-                if event in (TIMEOUT, CLOSING):
-                    yield f"data: {json.dumps(cut_short(event).body())}\n\n"
-                    for line in reply.cut_short():
-                        yield line
+                events = await inbox.next()
+                if events is GONE:
+                    return
+                if events in (TIMEOUT, CLOSING):
+                    lines += [f"data: {json.dumps(cut_short(events).body())}\n\n", *reply.cut_short()]
                     break
-                for line in reply.chunks(*event):
-                    yield line
-            yield "data: [DONE]\n\n"
+                for event in events:
+                    lines += reply.chunks(*event)
+                if not reply.finished:
+                    yield "".join(lines), True
+                    lines = []
+            yield "".join(lines) + "data: [DONE]\n\n", False
         finally:
+            gone.cancel()
+            inbox.close()
             cancel(jobs)  # a no-op once they finished; frees the slots when the client left early
 
     return app

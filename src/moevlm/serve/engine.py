@@ -1,7 +1,9 @@
 """The engine: one thread that owns the model and decodes every request in one running batch.
 
 Requests wait in a bounded queue; between two decoding steps the waiting ones are prefilled
-together and join the batch, and finished or cancelled ones leave it (serve/batch.py). Each keeps
+together and join the batch, and finished or cancelled ones leave it (serve/batch.py). While a batch
+is decoding, requests that arrive one by one wait to join together (``_join_delay``): a prefill
+costs about as much for a few rows as for one, and every running row waits for it. Each keeps
 its own sampling parameters, random generator, length limit and stop strings. What a request
 produces goes to its ``emit`` callback (called on the engine thread) as events:
 ``("delta", text, tokens)`` and finally ``("done", finish_reason, usage)`` or ``("error", message[, status])``;
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import math
 import secrets
 import threading
 import time
@@ -33,6 +36,7 @@ from moevlm.serve.sampling import SamplingParams, logprob_details, pick
 
 log = logging.getLogger("moevlm.serve")
 MAX_IMAGES = 8  # per conversation, for a model that takes several
+JOIN_WAIT = 3.0  # prefills' time a request waits at most to join a running batch with others
 
 
 class QueueFull(Exception):
@@ -55,6 +59,7 @@ class Job:
     routing: bool = False
     cancelled: bool = False  # set by the server when the client goes away
     submitted: float = field(default_factory=time.perf_counter)
+    queued: float = 0.0  # when it entered the engine's queue (perf_counter)
     # decoding state, the engine's alone
     sampled: int = 0
     generated: list[int] = field(default_factory=list)
@@ -100,6 +105,8 @@ class Engine:
         self._wake = threading.Condition()
         self._stopping = False
         self._gate_logits: list[torch.Tensor | None] = []
+        self._prefill_seconds = 0.0  # recent prefills' duration (a moving average)
+        self._ended: collections.deque[tuple[float, int]] = collections.deque()  # (when, rows) that left the batch
         self._thread = threading.Thread(target=self._run, name="moevlm-engine", daemon=True)
 
     # -- the server's side ---------------------------------------------------------------------
@@ -153,6 +160,9 @@ class Engine:
         with self._wake:
             if len(self._waiting) + len(jobs) > self.max_queue:
                 raise QueueFull(f"{len(self._waiting)} requests are waiting already")
+            now = time.perf_counter()
+            for job in jobs:
+                job.queued = now
             self._waiting.extend(jobs)
             self.metrics.queue_length = len(self._waiting)
             self._wake.notify()
@@ -177,7 +187,7 @@ class Engine:
         state = (None, None)  # the batch and its next-token logits
         with torch.inference_mode(), torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
                                                      enabled=self.amp_dtype is not None):
-            while (joining := self._take(free=self.max_batch - len(jobs), idle=not jobs)) is not None:
+            while (joining := self._take(running=len(jobs))) is not None:
                 try:
                     jobs, state = self._iterate(jobs, joining, *state)
                 except Exception:  # a bug: fail the requests in flight, keep serving the next ones
@@ -207,28 +217,65 @@ class Engine:
             joined, joined_logits = self._prefill(joining)
             parts.append((joined, list(range(len(joining)))))
             logits = torch.cat([logits, joined_logits]) if keep else joined_logits
+        if len(keep) < len(jobs):
+            self._ended.append((time.perf_counter(), len(jobs) - len(keep)))
         if len(keep) < len(jobs) or joining:
             jobs = [jobs[row] for row in keep] + joining
             batch = repack(self.model, parts, self._headroom(jobs))
         return jobs, ((batch, logits) if jobs else (None, None))
 
-    def _take(self, free: int, idle: bool) -> list[Job] | None:
-        """Waiting jobs to admit now (cancelled ones dropped); None: stop the engine."""
+    def _take(self, running: int) -> list[Job] | None:
+        """Waiting jobs to admit now beside ``running`` ones (cancelled ones dropped); None: stop the engine.
+        An idle engine waits here, for a job or until the waiting ones should join (``_join_delay``)."""
+        free = self.max_batch - running
         with self._wake:
-            while idle and not self._waiting and not self._stopping:
-                self._wake.wait()
+            while not self._stopping:
+                delay = self._join_delay(running, free)
+                if delay == 0 or running:  # with rows running, a step goes on meanwhile
+                    break
+                self._wake.wait(None if delay == math.inf else delay)
             if self._stopping:
                 for job in self._waiting:
                     job.emit(("error", "the server is shutting down"))
                 self._waiting.clear()
                 return None
             taken = []
-            while self._waiting and len(taken) < free:
+            while delay == 0 and self._waiting and len(taken) < free:
                 job = self._waiting.popleft()
                 if not job.cancelled:
                     taken.append(job)
+            self._came_back(len(taken))
             self.metrics.queue_length = len(self._waiting)
             return taken
+
+    def _came_back(self, rows: int) -> None:
+        """Joining rows count as the return of rows that ended (oldest first): a client that comes
+        back is no longer waited for."""
+        while rows and self._ended:
+            ended, count = self._ended.popleft()
+            if count > rows:
+                self._ended.appendleft((ended, count - rows))
+            rows = max(rows - count, 0)
+
+    def _join_delay(self, running: int, free: int) -> float:
+        """Seconds the waiting jobs still wait before they join (0: now; inf: none waits or no row is
+        free). They join once they are as many as the rows running plus those that ended in the last
+        JOIN_WAIT prefills' time and have not come back yet (their clients are the likeliest to come
+        back), and at the latest once the first has waited JOIN_WAIT prefills' time.
+
+        A prefill costs nearly as much for a few rows as for many, and every running row stalls for
+        it: requests that join one by one under load pay a prefill each, and groups that join apart
+        finish apart and come back apart. The wait bounds what that costs a joiner; one client alone
+        never waits (the row that ended is its own)."""
+        if not self._waiting or free <= 0:
+            return math.inf
+        now, longest = time.perf_counter(), JOIN_WAIT * self._prefill_seconds
+        while self._ended and self._ended[0][0] < now - longest:
+            self._ended.popleft()
+        expected = min(running + sum(rows for _, rows in self._ended), self.max_batch)
+        if len(self._waiting) >= expected:
+            return 0.0
+        return max(self._waiting[0].queued + longest - now, 0.0)
 
     def _headroom(self, jobs: list[Job]) -> int:
         return max((job.max_tokens - job.sampled for job in jobs), default=0) + 1
@@ -247,6 +294,8 @@ class Engine:
         started = time.perf_counter()
         logits, key_mask = self.model.prefill(images, ids, mask, cache, has_image=has_image)
         self._after_forward(jobs, prepended + width, started)
+        took = time.perf_counter() - started
+        self._prefill_seconds = 0.8 * self._prefill_seconds + 0.2 * took if self._prefill_seconds else took
         return DecodeBatch(self.model, cache, key_mask), logits
 
     def _images(self, jobs: list[Job]) -> tuple[torch.Tensor | None, torch.Tensor | None]:

@@ -10,8 +10,9 @@ import base64
 import binascii
 import io
 import re
+import threading
 import urllib.parse
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, TypeVar
 
@@ -46,6 +47,7 @@ class ImageLoader:
         # image keeps its own malloc arena of freed memory, so decoding on 40 request threads two at a
         # time would still hold 40 arenas' worth.
         self._decoders = ThreadPoolExecutor(max_workers=limits.max_decodes, thread_name_prefix="moevlm-decode")
+        self._here = threading.local()  # .decoding: this thread is one of the decoding threads
 
     def load(self, url: str, prepare: Callable[[Image.Image], T] | None = None) -> Image.Image | T:
         """``prepare`` (e.g. the model's resize) runs on the decoding thread too, so that a large decoded
@@ -55,7 +57,27 @@ class ImageLoader:
         if width * height > self.limits.max_pixels:
             raise ApiError(413, f"image_url: the image has {width}x{height} pixels, over the limit of "
                                 f"{self.limits.max_pixels}", "messages", "image_too_large")
+        if getattr(self._here, "decoding", False):
+            return _decode(data, prepare)
         return self._decoders.submit(_decode, data, prepare).result()
+
+    @staticmethod
+    def needs_fetching(urls: list) -> bool:
+        """Whether some of ``urls`` is not a data: URL (so reading it may wait on a file or the network)."""
+        return not all(isinstance(url, str) and url[:5].lower() == "data:" for url in urls)
+
+    def submit(self, work: Callable[..., T], *args) -> Future:
+        """Runs ``work(*args)`` on a decoding thread, where ``load`` decodes without another trip. For a
+        request with nothing to fetch, one trip off the event loop instead of two (each is a turn of the
+        GIL); one that fetches must not hold a decoding thread while it waits."""
+        return self._decoders.submit(self._decoding, work, *args)
+
+    def _decoding(self, work: Callable[..., T], *args) -> T:
+        self._here.decoding = True
+        try:
+            return work(*args)
+        finally:
+            self._here.decoding = False
 
     def image_bytes(self, url: str) -> bytes:
         if not isinstance(url, str):
