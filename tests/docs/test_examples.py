@@ -25,6 +25,7 @@ NOT_RUN = {
     ("docs/distributed.md", "#!/bin/bash"),
     ("docs/distributed.md", "from pyspark"),
     ("docs/inference.md", "OMP_NUM_THREADS=1 python benchmarks/quantize_speed.py"),
+    ("docs/inference.md", "OMP_NUM_THREADS=1 python benchmarks/compiled_decode.py"),
 }
 # A page whose examples use what another page's examples make (the staged recipe's runs/moe).
 NEEDS = {"docs/api.md": ["docs/training.md"]}
