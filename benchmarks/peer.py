@@ -161,21 +161,21 @@ def run_way(pair: Pair, way: str, batch: int, tokens: int) -> tuple[float, torch
     return time.perf_counter() - began, out
 
 
-def ways() -> list[str]:
-    return [way for way in WAYS if HAS_COMPILE or way != "moevlm compile"]
+def ways(compiled: bool = True) -> list[str]:
+    return [way for way in WAYS if (HAS_COMPILE or way != "moevlm compile") and (compiled or "compile" not in way)]
 
 
 def spread(values: list[float], fmt: str = "{:,.0f}") -> str:
     return f"{fmt.format(statistics.median(values))} ({fmt.format(min(values))}-{fmt.format(max(values))})"
 
 
-def bench_generation(pair: Pair, batches: list[int], tokens: int, repeats: int) -> None:
+def bench_generation(pair: Pair, batches: list[int], tokens: int, repeats: int, compiled: bool = True) -> None:
     header = " | ".join(WAYS)
     print(f"| batch | {header} | moevlm / transformers, eager | moevlm compile / transformers compile |")
     print("|---" * (len(WAYS) + 3) + "|")
     notes = []
     for batch in batches:
-        rates: dict[str, list[float]] = {way: [] for way in ways()}
+        rates: dict[str, list[float]] = {way: [] for way in ways(compiled)}
         outputs, warm = {}, {}
         for way in rates:
             warm[way], outputs[way] = run_way(pair, way, batch, tokens)
@@ -186,7 +186,7 @@ def bench_generation(pair: Pair, batches: list[int], tokens: int, repeats: int) 
         cells = [spread(rates[way]) if way in rates else "n/a" for way in WAYS]
         median = {way: statistics.median(values) for way, values in rates.items()}
         eager = median["moevlm eager"] / median["transformers eager"]
-        both = "n/a" if "moevlm compile" not in median else \
+        both = "n/a" if not {"moevlm compile", "transformers static+compile"} <= median.keys() else \
             f"{median['moevlm compile'] / median['transformers static+compile']:.2f}x"
         print(f"| {batch} | {' | '.join(cells)} | {eager:.2f}x | {both} |", flush=True)
         reference = outputs["moevlm eager"]
@@ -239,7 +239,8 @@ def bench_training(pair: Pair, batch: int, repeats: int) -> None:
     ratio = statistics.median(times["transformers"]) / statistics.median(times["moevlm"])
     print(f"training forward+backward, batch {batch}: moevlm {spread(times['moevlm'])} ms, transformers "
           f"{spread(times['transformers'])} ms (moevlm {ratio:.2f}x as fast); next-token loss moevlm "
-          f"{losses['moevlm']:.4f} (its MoE auxiliary losses also backpropagate), "
+          f"{losses['moevlm']:.4f} (train mode: its routers add noise; its auxiliary losses "
+          f"also backpropagate), "
           f"transformers {losses['transformers']:.4f}", flush=True)
 
 
@@ -249,6 +250,7 @@ def main() -> None:
     parser.add_argument("--batches", default="1,8,32", help="generation batch sizes (default 1,8,32)")
     parser.add_argument("--tokens", type=int, default=64, help="new tokens per row (default 64)")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--no-compile", action="store_true", help="the eager ways only (no minutes of compiling)")
     parser.add_argument("--train-batch", type=int, default=8, help="rows of the training step (default 8)")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -272,7 +274,8 @@ def main() -> None:
             params = sum(p.numel() for p in pair.ours.parameters())
             print(f"\n## {size}: {params / 1e6:.1f} M parameters; built and exported in "
                   f"{time.perf_counter() - began:.0f} s\n", flush=True)
-            bench_generation(pair, [int(b) for b in args.batches.split(",")], args.tokens, args.repeats)
+            bench_generation(pair, [int(b) for b in args.batches.split(",")], args.tokens, args.repeats,
+                             not args.no_compile)
             bench_training(pair, args.train_batch, args.repeats)
     print(f"load average after: {os.getloadavg()[0]:.2f}")
 
