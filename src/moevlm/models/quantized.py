@@ -12,8 +12,10 @@ Activations stay in their dtype. ``int8_matmul_reference`` is the plain version:
 matmul. On the CPU a few rows at a time (decoding) go through ``torch._weight_int8pack_mm``, which
 reads the int8 weights directly; it takes bf16 activations and scales, so there the input is
 rounded to bf16 and the product comes back in bf16 (each scale is rounded up to a bf16 value when
-quantizing, so the kernel and the reference use the same one). With more rows the dequantized
-matmul is faster (FAST_ROWS) and the reference path runs.
+quantizing, so the kernel and the reference use the same one). The kernel needs an input width that
+is a multiple of 16: an ``Int8Linear`` of another width pads its weight (once) and its input (per call)
+with zeros; the experts' stacks take the reference path then. With more rows the dequantized matmul
+is faster (FAST_ROWS) and the reference path runs.
 
 ``nf4``: bitsandbytes' 4-bit NormalFloat ``Linear4bit`` on the decoder's linear layers, CUDA only
 (the weights are quantized when the model moves to the card).
