@@ -24,7 +24,10 @@ whether the greedy tokens of every way are equal.
 Training: one forward + backward (no optimizer step) of a batch of ``--train-batch`` rows (image,
 prompt and 32 answer tokens), moevlm's ``model(...).loss`` against transformers' with ``labels``.
 
-    OMP_NUM_THREADS=1 python benchmarks/peer.py [--sizes demo,real] [--batches 1,8,32] [--repeats 3]
+    OMP_NUM_THREADS=1 python benchmarks/peer.py [--sizes demo,real] [--batches 1,8,32] [--repeats 3] [--no-compile]
+
+The demo size takes a few minutes on 2 CPU cores (most of it compiling transformers' step); the real
+size takes minutes per batch size (a 32-row batch and the compiled ways the longest).
 """
 
 from __future__ import annotations
