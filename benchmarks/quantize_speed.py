@@ -11,7 +11,11 @@ work on the machine do not count). The two models alternate, ``--repeats`` times
 and the range over repeats are printed. Loss: the mean next-token loss of both models on one fixed batch
 of 4 rows (random weights: the loss is ~ln(vocabulary); its change is what counts).
 
-    OMP_NUM_THREADS=1 python benchmarks/quantize_speed.py [--moe] [--repeats 3]
+``--compiled`` also times both LMs (text only: a 16-token prompt, ``--tokens`` new tokens, no early
+stop) in transformers' own ``generate``, eager and with a static cache + ``torch.compile`` (about a
+minute of compiling each), so int8 / fp32 is also measured with the step compiled.
+
+    OMP_NUM_THREADS=1 python benchmarks/quantize_speed.py [--moe] [--repeats 3] [--compiled]
 """
 
 from __future__ import annotations
@@ -69,10 +73,33 @@ def fixed_batch_loss(model, cfg, generator: torch.Generator) -> float:
     return float(model(images, ids, labels=labels).loss)
 
 
+def lm_rates(models: dict, tokens: int, repeats: int, compiled: bool) -> dict[str, list[float]]:
+    """tokens/s of each model's LM in transformers' generate (compiled: static cache + torch.compile)."""
+    from transformers import CompileConfig
+
+    ids = torch.randint(10, 1000, (1, 16), generator=torch.Generator().manual_seed(0))
+    options = {}
+    if compiled:
+        config = CompileConfig()
+        config._compile_all_devices = True  # transformers compiles on accelerators only otherwise
+        options = {"cache_implementation": "static", "compile_config": config}
+    rates = {name: [] for name in models}
+    for repeat in range(repeats + 1):  # the first compiles, untimed
+        for name, model in models.items():
+            model.lm.generation_config.eos_token_id = None
+            began = time.perf_counter()
+            model.lm.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=tokens, do_sample=False,
+                              **options)
+            if repeat:
+                rates[name].append(tokens / (time.perf_counter() - began))
+    return rates
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--moe", action="store_true", help="every other MLP as 4 experts, top-2")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--compiled", action="store_true", help="also transformers' generate, eager and compiled")
     parser.add_argument("--tokens", type=int, default=33, help="tokens generated per repeat (default 33)")
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -102,6 +129,14 @@ def main() -> None:
     ratios = [i / f for f, i in zip(rates["fp32"], rates["int8"])]
     print(f"int8 / fp32: {statistics.median(ratios):.2f}x (per repeat: {', '.join(f'{r:.2f}' for r in ratios)}); "
           f"loss change {losses['int8'] - losses['fp32']:+.5f}")
+    if args.compiled:
+        with torch.inference_mode():
+            for compiled in (False, True):
+                lm = lm_rates({"fp32": fp32, "int8": int8}, args.tokens, args.repeats, compiled)
+                f, i = (statistics.median(lm[name]) for name in ("fp32", "int8"))
+                print(f"transformers generate, {'static cache + torch.compile' if compiled else 'eager'}: "
+                      f"fp32 {f:.1f} tokens/s ({min(lm['fp32']):.1f}-{max(lm['fp32']):.1f}), int8 {i:.1f} "
+                      f"({min(lm['int8']):.1f}-{max(lm['int8']):.1f}): {i / f:.2f}x", flush=True)
 
 
 if __name__ == "__main__":

@@ -81,10 +81,29 @@ def test_the_cpu_fast_path_equals_the_reference_on_bf16_input(rows):
 
 def test_many_rows_and_widths_the_kernel_gets_wrong_take_the_reference_path():
     assert fast_path_applies(torch.randn(FAST_ROWS, 16))
-    for x, layer in ((torch.randn(FAST_ROWS + 1, 16), Int8Linear.from_weight(torch.randn(20, 16))),
-                     (torch.randn(1, 45), Int8Linear.from_weight(torch.randn(70, 45)))):
-        assert not fast_path_applies(x)
-        torch.testing.assert_close(layer(x), layer.reference(x), rtol=0, atol=0)
+    assert not fast_path_applies(torch.randn(1, 45))  # the function path: no padded weight at hand
+    layer = Int8Linear.from_weight(torch.randn(20, 16))
+    x = torch.randn(FAST_ROWS + 1, 16)
+    assert not fast_path_applies(x)
+    torch.testing.assert_close(layer(x), layer.reference(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("width", [5, 45, 64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bias", [True, False])
+def test_an_int8_linear_takes_the_kernel_at_any_width_within_the_bound(width, dtype, bias, monkeypatch):
+    """A width that is not a multiple of 16 goes through the kernel on zero-padded weight and input."""
+    calls = []
+    kernel = torch._weight_int8pack_mm
+    monkeypatch.setattr(torch, "_weight_int8pack_mm", lambda *args: calls.append(args[0].shape) or kernel(*args))
+    layer = Int8Linear.from_weight(torch.randn(33, width), torch.randn(33) if bias else None)
+    x = torch.randn(2, 3, width).to(dtype)[:1]  # (1, 3, width), a view
+    out = layer(x)
+    assert calls == [(3, width + (-width % 16))]
+    reference = layer.reference(x.float().bfloat16().float())
+    assert out.dtype == dtype and out.shape == (1, 3, 33)
+    bound = 2 ** -8 * float(reference.abs().max()) * (2 if dtype == torch.bfloat16 else 1) + 1e-5
+    assert float((out.float() - reference).abs().max()) <= bound
 
 
 def make_moe(activation: str) -> MoE:

@@ -12,8 +12,10 @@ Activations stay in their dtype. ``int8_matmul_reference`` is the plain version:
 matmul. On the CPU a few rows at a time (decoding) go through ``torch._weight_int8pack_mm``, which
 reads the int8 weights directly; it takes bf16 activations and scales, so there the input is
 rounded to bf16 and the product comes back in bf16 (each scale is rounded up to a bf16 value when
-quantizing, so the kernel and the reference use the same one). With more rows the dequantized
-matmul is faster (FAST_ROWS) and the reference path runs.
+quantizing, so the kernel and the reference use the same one). The kernel needs an input width that
+is a multiple of 16: an ``Int8Linear`` of another width pads its weight (once) and its input (per call)
+with zeros; the experts' stacks take the reference path then. With more rows the dequantized matmul
+is faster (FAST_ROWS) and the reference path runs.
 
 ``nf4``: bitsandbytes' 4-bit NormalFloat ``Linear4bit`` on the decoder's linear layers, CUDA only
 (the weights are quantized when the model moves to the card).
@@ -107,13 +109,38 @@ class Int8Linear(nn.Module):
         self.register_buffer("weight_q", weight_q.contiguous())
         self.register_buffer("scale", scale)
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
+        # The CPU kernel needs an input width that is a multiple of 16 (fast_path_applies): a layer of
+        # another width keeps a copy of its weight with zero columns up to one, and pads its input.
+        self.pad = -self.in_features % 16
+        self.fast_numel = FAST_ROWS * self.in_features if HAS_KERNEL else -1
+        self.register_buffer("weight_q_padded", F.pad(self.weight_q, (0, self.pad)) if self.pad else None,
+                             persistent=False)
 
     @classmethod
     def from_weight(cls, weight_NK: torch.Tensor, bias: torch.Tensor | None = None) -> Int8Linear:
         return cls(*quantize_rows(weight_NK), bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return int8_matmul(x, self.weight_q, self.scale, self.bias)
+        # The kernel's conditions (fast_path_applies) with the per-layer ones worked out once: at one
+        # row the kernel takes ~25-100 us, so every us of Python and dispatch here shows.
+        if x.numel() <= self.fast_numel and x.is_cpu and x.dtype in FAST_DTYPES:
+            return self.kernel(x)
+        return self.reference(x)
+
+    def kernel(self, x: torch.Tensor) -> torch.Tensor:
+        """``int8_matmul_fast`` with fewer steps: the input padded to the kernel's width, a bias added
+        by type promotion (the add also converts the bf16 product back to the input's dtype)."""
+        if self.pad:
+            x = F.pad(x, (0, self.pad))
+        scale = self.scale if self.scale.dtype == torch.bfloat16 else self.scale.bfloat16()
+        rows = x.reshape(-1, x.size(-1))
+        y = torch._weight_int8pack_mm(rows if rows.dtype == torch.bfloat16 else rows.to(torch.bfloat16),
+                                      self.weight_q_padded if self.pad else self.weight_q, scale)
+        if self.bias is not None:
+            y = self.bias + y
+        if y.dtype != x.dtype:
+            y = y.to(x.dtype)
+        return y.view(*x.shape[:-1], self.out_features)
 
     def reference(self, x: torch.Tensor) -> torch.Tensor:
         return int8_matmul_reference(x, self.weight_q, self.scale, self.bias)
