@@ -26,6 +26,7 @@ NOT_RUN = {
     ("docs/distributed.md", "from pyspark"),
     ("docs/inference.md", "OMP_NUM_THREADS=1 python benchmarks/quantize_speed.py"),
     ("docs/inference.md", "OMP_NUM_THREADS=1 python benchmarks/compiled_decode.py"),
+    ("docs/benchmarks.md", "OMP_NUM_THREADS=1 python benchmarks/peer.py"),
 }
 # A page whose examples use what another page's examples make (the staged recipe's runs/moe).
 NEEDS = {"docs/api.md": ["docs/training.md"]}
