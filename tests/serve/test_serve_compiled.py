@@ -4,9 +4,10 @@ leave mid-batch, routing traces from the eager lane, `--no-compile`, and the one
 import threading
 
 import pytest
-from serve_helpers import picture
+from serve_helpers import picture, user_message
 
 from moevlm import compiled
+from moevlm.serve.chat import parse_request, request_prompt
 from moevlm.serve.engine import Engine, Job
 from moevlm.serve.sampling import SamplingParams
 
@@ -26,7 +27,7 @@ def engines(checkpoint):
         engine.stop(30)
 
 
-def run(engine, waves, **job_options) -> list[tuple]:
+def run(engine, waves, text=None, **job_options) -> list[tuple]:
     """Each wave's jobs submitted together once the previous wave's first job has finished (the rest
     still decoding): (text, finish, per-token details) of every job, in order."""
     results, finished = [], []
@@ -42,7 +43,10 @@ def run(engine, waves, **job_options) -> list[tuple]:
                     done.set()
 
             options = {"sampling": SamplingParams(temperature=0), **job_options}
-            jobs.append(Job(prompt_ids=engine.tokenizer.encode(""), max_tokens=max_tokens, emit=emit,
+            body = {"model": "m", "messages": user_message("unused", text)}
+            prompt = request_prompt(parse_request(body, "m"), engine.tokenizer,
+                                    engine.config.model.decoder.max_text_len, 1)
+            jobs.append(Job(prompt_ids=prompt, max_tokens=max_tokens, emit=emit,
                             pixels=engine.prepare_image(picture(number)), **options))
         engine.submit_all(jobs)
         finished.extend(done)
@@ -106,3 +110,23 @@ def test_without_a_compiler_it_says_so_in_one_line_and_serves_eagerly(checkpoint
         assert run(engine, waves) == run(engines[1], waves)
     finally:
         engine.stop(30)
+
+
+def test_a_pretrained_lm_answers_as_its_eager_engine(pretrained_parts, tmp_path):
+    """transformers' static cache: its layers' write position follows the table's packing."""
+    from moevlm.cli import main
+    from shapes import write_shapes_csv
+
+    data = write_shapes_csv(tmp_path / "shapes.csv")
+    assert main(["train", "--data", str(data), "--preset", "tiny", "--out", str(tmp_path / "run"), "--no-tracking",
+                 "--set", f"model.vision=hf:{pretrained_parts['clip']}",
+                 "--set", f"model.lm=hf:{pretrained_parts['llama']}", "--set", "moe.layers=all",
+                 "--set", "train.max_steps=1", "--set", "train.batch_size=4", "--set", "decoder.max_text_len=48"]) == 0
+    pair = start(tmp_path / "run", compile=True), start(tmp_path / "run")
+    try:
+        got, expected = (run(engine, WAVES, text="what is it") for engine in pair)
+        assert got == expected and len({text for text, _, _ in got}) > 1
+        assert pair[0].lanes[1].slots.decoder.eager_reason is None
+    finally:
+        for engine in pair:
+            engine.stop(30)
