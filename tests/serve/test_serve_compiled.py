@@ -1,6 +1,7 @@
 """The compiled server (serve/slots.py): the same answers as the eager engine while requests join and
 leave mid-batch, routing traces from the eager lane, `--no-compile`, and the one-line fallback."""
 
+import math
 import threading
 
 import pytest
@@ -28,30 +29,34 @@ def engines(checkpoint):
 
 
 def run(engine, waves, text=None, **job_options) -> list[tuple]:
-    """Each wave's jobs submitted together once the previous wave's first job has finished (the rest
-    still decoding): (text, finish, per-token details) of every job, in order."""
-    results, finished = [], []
+    """Each wave's jobs submitted together, on the engine's thread, as the previous wave's first job
+    finishes (the rest still decoding), and admitted at once: (text, finish, per-token details) of
+    every job, in order."""
+    results, done, batches = [], [], []
     for wave in waves:
-        done, jobs = [threading.Event() for _ in wave], []
-        for index, (number, max_tokens) in enumerate(wave):
+        jobs = []
+        for number, max_tokens in wave:
             events: list[tuple] = []
             results.append(events)
+            done.append(threading.Event())
 
-            def emit(event, events=events, done=done[index]):
+            def emit(event, events=events, done=done[-1], first=not jobs, wave=len(batches)):
                 events.append(event)
                 if event[0] != "delta":
                     done.set()
+                    if first and wave + 1 < len(batches):
+                        engine.submit_all(batches[wave + 1])
 
-            options = {"sampling": SamplingParams(temperature=0), **job_options}
             body = {"model": "m", "messages": user_message("unused", text)}
             prompt = request_prompt(parse_request(body, "m"), engine.tokenizer,
                                     engine.config.model.decoder.max_text_len, 1)
+            options = {"sampling": SamplingParams(temperature=0), **job_options}
             jobs.append(Job(prompt_ids=prompt, max_tokens=max_tokens, emit=emit,
                             pixels=engine.prepare_image(picture(number)), **options))
-        engine.submit_all(jobs)
-        finished.extend(done)
-        assert done[0].wait(120)
-    assert all(event.wait(120) for event in finished)
+        batches.append(jobs)
+    engine._join_delay = lambda running, free: 0.0 if engine._waiting else math.inf
+    engine.submit_all(batches[0])
+    assert all(event.wait(120) for event in done)
     return [("".join(e[1] for e in got if e[0] == "delta"), got[-1][1],
              [detail for e in got if e[0] == "delta" for detail in e[2]]) for got in results]
 
@@ -72,7 +77,7 @@ def test_greedy_answers_equal_the_eager_engines_as_rows_join_and_leave(engines):
 
 def test_routing_traces_and_logprobs_come_from_the_eager_lane_and_the_step(engines):
     compiled_engine, eager_engine = engines
-    waves = [[(1, 6), (2, 9)], [(3, 4)]]
+    waves = [[(1, 6), (2, 9), (3, 7)], [(4, 4)]]
     routed = run(compiled_engine, waves, routing=True)
     assert routed == run(eager_engine, waves, routing=True)
     assert all(detail["experts"] for _, _, details in routed for detail in details)
