@@ -1,11 +1,13 @@
 """The compiled server (serve/slots.py): the same answers as the eager engine while requests join and
 leave mid-batch, routing traces from the eager lane, `--no-compile`, and the one-line fallback."""
 
+import logging
 import math
 import threading
 
 import pytest
 from serve_helpers import picture, user_message
+from torch._dynamo.utils import counters
 
 from moevlm import compiled
 from moevlm.serve.chat import parse_request, request_prompt
@@ -67,7 +69,9 @@ WAVES = [[(1, 3), (2, 12), (3, 7)], [(4, 2), (5, 10)], [(6, 9)]]
 
 def test_greedy_answers_equal_the_eager_engines_as_rows_join_and_leave(engines):
     compiled_engine, eager_engine = engines
+    graphs = counters["stats"]["unique_graphs"]
     got, expected = run(compiled_engine, WAVES), run(eager_engine, WAVES)
+    assert counters["stats"]["unique_graphs"] == graphs  # every bucket was compiled at start
     assert [answer[:2] for answer in got] == [answer[:2] for answer in expected]
     assert len({text for text, _, _ in got}) > 3  # different answers: rows did not take each other's
     slots = compiled_engine.lanes[1].slots
@@ -102,15 +106,20 @@ def test_no_compile_serves_eagerly(monkeypatch, tmp_path):
     assert seen["compile"] is False
 
 
-def test_without_a_compiler_it_says_so_in_one_line_and_serves_eagerly(checkpoint, engines, monkeypatch, capsys):
+def test_without_a_compiler_it_says_so_in_one_line_and_serves_eagerly(checkpoint, engines, monkeypatch, capsys,
+                                                                       caplog):
     def refused(step, device):
         raise RuntimeError("no C++ compiler\nsecond line")
 
     monkeypatch.setattr(compiled, "_compile", refused)
-    engine = start(checkpoint, compile=True)
+    with caplog.at_level(logging.INFO, logger="moevlm.serve"):
+        engine = start(checkpoint, compile=True)
     try:
         assert capsys.readouterr().err == ("moevlm: compiled decoding unavailable (RuntimeError: no C++ compiler); "
                                            "decoding eagerly\n")
+        length = engine.lanes[1].slots.length
+        assert [r.getMessage().split(" in ")[0] for r in caplog.records if "decoding step" in r.getMessage()] == [
+            f"decoding step eagerly (not compiled) for batch sizes 1,2,4 at cache length {length}"]
         waves = [[(1, 5), (2, 8)], [(3, 6)]]
         assert run(engine, waves) == run(engines[1], waves)
     finally:
