@@ -15,8 +15,8 @@ from moevlm.serve.engine import Engine, Job
 from moevlm.serve.sampling import SamplingParams
 
 
-def start(checkpoint, **options) -> Engine:
-    engine = Engine(checkpoint, device="cpu", max_batch=4, max_queue=64, **options)
+def start(checkpoint, max_batch=4, **options) -> Engine:
+    engine = Engine(checkpoint, device="cpu", max_batch=max_batch, max_queue=64, **options)
     engine.start()
     assert engine.ready.wait(600) and engine.failed is None
     return engine
@@ -136,7 +136,7 @@ def test_a_pretrained_lm_answers_as_its_eager_engine(pretrained_parts, tmp_path)
                  "--set", f"model.vision=hf:{pretrained_parts['clip']}",
                  "--set", f"model.lm=hf:{pretrained_parts['llama']}", "--set", "moe.layers=all",
                  "--set", "train.max_steps=1", "--set", "train.batch_size=4", "--set", "decoder.max_text_len=48"]) == 0
-    pair = start(tmp_path / "run", compile=True), start(tmp_path / "run")
+    pair = start(tmp_path / "run", max_batch=2, compile=True), start(tmp_path / "run", max_batch=2)  # 2 graphs
     try:
         got, expected = (run(engine, WAVES, text="what is it") for engine in pair)
         assert got == expected and len({text for text, _, _ in got}) > 1
