@@ -221,13 +221,14 @@ class EngineSide:
     """The same requests as jobs of an engine in this process: their prompt ids and prepared pixels as
     the server makes them (once: this side measures the engine, not image decoding). ``close`` stops it."""
 
-    def __init__(self, model_dir: Path, name: str, body: dict, max_batch: int, max_queue: int = 64):
+    def __init__(self, model_dir: Path, name: str, body: dict, max_batch: int, max_queue: int = 64,
+                 compile: bool = False):
         from moevlm.data.images import open_image_bytes
         from moevlm.serve.chat import parse_request, request_prompt
         from moevlm.serve.engine import Engine
         from moevlm.serve.images import data_url_bytes
 
-        self.engine = Engine(model_dir, device="cpu", max_batch=max_batch, max_queue=max_queue)
+        self.engine = Engine(model_dir, device="cpu", max_batch=max_batch, max_queue=max_queue, compile=compile)
         self.engine.start()
         self.engine.ready.wait()
         if self.engine.failed is not None:
@@ -309,7 +310,9 @@ def main(argv: list[str] | None = None) -> dict:
     engine = process = None
     try:
         if args.model is not None:
-            engine = EngineSide(args.model, name, body, args.max_batch, max(64, max(counts)))
+            # The engine decodes as the server does: compiled unless a --server-arg says --no-compile.
+            engine = EngineSide(args.model, name, body, args.max_batch, max(64, max(counts)),
+                                compile="--no-compile" not in args.server_arg)
             process, url = start_server(args.model, args.max_batch, args.server_arg)
         else:
             url = args.url.rstrip("/")

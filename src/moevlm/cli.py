@@ -143,7 +143,8 @@ def _cmd_serve(args) -> int:
           max_image_pixels=args.max_image_pixels, max_image_decodes=args.max_image_decodes,
           max_image_fetches=args.max_image_fetches, image_fetch_timeout=args.image_fetch_timeout,
           allowed_local_media_path=args.allowed_local_media_path, max_body_bytes=args.max_body_bytes,
-          request_timeout=args.request_timeout, allowed_origins=args.allowed_origins, quantize=args.quantize)
+          request_timeout=args.request_timeout, allowed_origins=args.allowed_origins, quantize=args.quantize,
+          compile=not args.no_compile)
     return 0
 
 

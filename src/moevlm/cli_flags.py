@@ -202,6 +202,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--served-model-name", default=None, help="the model's name in the API "
                                                                   "(default: the folder's name)")
     serve.add_argument("--max-batch", type=int, default=16, help="most requests decoding together (default 16)")
+    serve.add_argument("--no-compile", action="store_true",
+                       help="decode eagerly: skip compiling the decoding step for every batch size at start "
+                            "(by default the server compiles it, and falls back to eager in one line where it cannot)")
     serve.add_argument("--max-queue", type=int, default=64,
                        help="most requests waiting for a batch slot; more get 429 (default 64)")
     serve.add_argument("--grace", type=float, default=10.0,

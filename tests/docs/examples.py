@@ -183,7 +183,7 @@ class Workspace:
         self.server = subprocess.Popen([sys.executable, "-m", "moevlm", *argv, "--port", str(port)], cwd=self.path,
                                        env={**os.environ, "PYTHONPATH": str(ROOT / "src")},
                                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 300  # the server compiles its decoding step first
         while time.monotonic() < deadline:
             assert self.server.poll() is None, f"{block.where}: the server exited: {self.server.stderr.read()}"
             try:

@@ -44,6 +44,7 @@ def free_port() -> int:
 @contextlib.contextmanager
 def live_server(model_dir, **options):
     """(base URL, engine) of a server running in this process until the block ends."""
+    options.setdefault("compile", False)  # compiling is tested on its own (test_serve_compiled.py)
     server, engine = build_server(model_dir, port=free_port(), device="cpu", **options)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

@@ -185,7 +185,8 @@ def slow_server(checkpoint, delay: float, grace: float):
     """(base URL, process) of a slowed `moevlm serve` in a subprocess, ready to answer."""
     port = free_port()
     process = subprocess.Popen([sys.executable, "-c", SLOW_SERVE.replace("DELAY", repr(delay)), "serve", "--model",
-                                str(checkpoint), "--port", str(port), "--device", "cpu", "--grace", str(grace)],
+                                str(checkpoint), "--port", str(port), "--device", "cpu", "--grace", str(grace),
+                                "--no-compile"],  # the slowed step is the eager one
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         url = f"http://127.0.0.1:{port}"

@@ -37,7 +37,7 @@ def test_health_says_loading_until_the_model_is_loaded(checkpoint, monkeypatch):
         real_load(self)
 
     monkeypatch.setattr(Engine, "load", slow_load)
-    server, engine = build_server(checkpoint, port=free_port(), device="cpu")
+    server, engine = build_server(checkpoint, port=free_port(), device="cpu", compile=False)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     try:

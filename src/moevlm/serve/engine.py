@@ -10,29 +10,36 @@ produces goes to its ``emit`` callback (called on the engine thread) as events:
 ``tokens`` has one dict per token when the job asked for routing or logprobs (``text``, and
 ``experts`` or ``logprob`` and ``top_logprobs``). A request whose own sampling fails (a bug, or
 logits the model made non-finite) gets its error and leaves; the rest of the batch goes on.
+
+With ``compile`` the running batch is a table of slots over the compiled decoding step's static
+buffers (serve/slots.py), every bucket compiled at start. Requests that ask for routing traces, and
+those whose prompt and ``max_tokens`` exceed the table's cache length, decode in a second, eager
+batch beside it: the compiled step records neither the experts each token took nor expert load.
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import math
 import secrets
 import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 
 from moevlm.checkpoint import load_model
+from moevlm.compiled import compiled_decoder
 from moevlm.data.images import image_preparer, normalize
 from moevlm.device import autocast_dtype, resolve_device
 from moevlm.generate import GREEDY_BELOW, left_pad
 from moevlm.serve.batch import DecodeBatch, repack
+from moevlm.serve.job import Job, Lane, _held_back
 from moevlm.serve.metrics import ServerMetrics
-from moevlm.serve.sampling import SamplingParams, logprob_details, pick
+from moevlm.serve.sampling import logprob_details, pick
+from moevlm.serve.slots import SlotTable
 
 log = logging.getLogger("moevlm.serve")
 MAX_IMAGES = 8  # per conversation, for a model that takes several
@@ -43,58 +50,14 @@ class QueueFull(Exception):
     """The waiting queue is at its bound: the client should retry later."""
 
 
-@dataclass
-class Job:
-    """One chat completion (one choice of it) as the engine sees it. ``pixels``: uint8 (C, S, S),
-    prepared for the model, the conversation's first image (None: text only); ``more_pixels``: the
-    others, for a model with ``images_in_text`` (its prompt holds image ids for each)."""
-
-    prompt_ids: list[int]
-    pixels: torch.Tensor | None
-    max_tokens: int
-    emit: Callable[[tuple], None]
-    sampling: SamplingParams = field(default_factory=SamplingParams)
-    seed: int | None = None
-    stop: list[str] = field(default_factory=list)
-    routing: bool = False
-    cancelled: bool = False  # set by the server when the client goes away
-    submitted: float = field(default_factory=time.perf_counter)
-    queued: float = 0.0  # when it entered the engine's queue (perf_counter)
-    # decoding state, the engine's alone
-    sampled: int = 0
-    generated: list[int] = field(default_factory=list)
-    text: str = ""  # decoded so far
-    sent: str = ""  # handed to emit so far
-    pending: list[dict] = field(default_factory=list)  # per-token details not sent yet
-    next_experts: list[list[int]] = field(default_factory=list)  # per MoE layer, for the next token
-    generator: torch.Generator | None = None
-    more_pixels: list[torch.Tensor] = field(default_factory=list)
-    next_logprobs: dict | None = None  # the next token's, once it is sampled
-
-    @property
-    def images(self) -> list[torch.Tensor]:
-        return ([] if self.pixels is None else [self.pixels]) + self.more_pixels
-
-
-def _held_back(text: str, stops: list[str]) -> int:
-    """How many characters at the end of ``text`` might still become a stop string (or are an
-    unfinished multi-byte character), and so must not be sent yet."""
-    hold = 0
-    for stop in stops:
-        for size in range(min(len(stop) - 1, len(text)), hold, -1):
-            if stop.startswith(text[-size:]):
-                hold = size
-                break
-    return max(hold, 1 if text.endswith("\ufffd") else 0)
-
-
 class Engine:
     """Loads the model from ``model_dir`` on its own thread (``ready`` is set once it is loaded),
-    then decodes. ``max_batch``: most requests decoding together; ``max_queue``: most waiting."""
+    then decodes. ``max_batch``: most requests decoding together; ``max_queue``: most waiting;
+    ``compile``: decode with the compiled step, warmed up for every batch bucket before ``ready``."""
 
     def __init__(self, model_dir: str | Path, device: str = "auto", max_batch: int = 16, max_queue: int = 64,
-                 quantize: str | None = None):
-        self.model_dir, self.device_name, self.quantize = Path(model_dir), device, quantize
+                 quantize: str | None = None, compile: bool = False):
+        self.model_dir, self.device_name, self.quantize, self.compile = Path(model_dir), device, quantize, compile
         self.max_batch, self.max_queue = max_batch, max_queue
         self.metrics = ServerMetrics()
         self.ready = threading.Event()
@@ -104,6 +67,7 @@ class Engine:
         self._waiting: collections.deque[Job] = collections.deque()
         self._wake = threading.Condition()
         self._stopping = False
+        self.lanes = [Lane()]  # the eager lane, and the compiled one once loaded (with compile)
         self._gate_logits: list[torch.Tensor | None] = []
         self._prefill_seconds = 0.0  # recent prefills' duration (a moving average)
         self._ended: collections.deque[tuple[float, int]] = collections.deque()  # (when, rows) that left the batch
@@ -125,6 +89,20 @@ class Engine:
             layer.gate.register_forward_hook(self._keeper(index))
         self.model, self.tokenizer, self.config = model, tokenizer, config
         self.metrics.set_experts(len(model.moe_layers), config.model.decoder.moe.num_experts)
+        if self.compile:  # the table's cache holds one image's tokens and the longest text
+            length = config.model.decoder.max_text_len + model.num_image_tokens
+            self.lanes.append(Lane(SlotTable(compiled_decoder(model), self.max_batch, length)))
+            with self._decoding():
+                self.lanes[1].slots.warm()
+
+    def _decoding(self) -> contextlib.ExitStack:
+        """Inference mode and autocast, as every forward of the engine (the compiled step's guards
+        check them)."""
+        stack = contextlib.ExitStack()
+        stack.enter_context(torch.inference_mode())
+        stack.enter_context(torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
+                                           enabled=self.amp_dtype is not None))
+        return stack
 
     def _keeper(self, index: int):
         def keep(module, inputs, output):
@@ -183,26 +161,40 @@ class Engine:
             self.ready.set()
             return
         self.ready.set()
-        jobs: list[Job] = []
-        state = (None, None)  # the batch and its next-token logits
-        with torch.inference_mode(), torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
-                                                     enabled=self.amp_dtype is not None):
-            while (joining := self._take(running=len(jobs))) is not None:
+        with self._decoding():
+            while (joining := self._take(running=self._running())) is not None:
                 try:
-                    jobs, state = self._iterate(jobs, joining, *state)
+                    joined = self._prefill(joining) if joining else (None, None)
+                    for lane in self.lanes:
+                        rows = [row for row, job in enumerate(joining) if self._lane(job) is lane]
+                        self._iterate(lane, [joining[row] for row in rows], rows, *joined)
                 except Exception:  # a bug: fail the requests in flight, keep serving the next ones
                     log.exception("decoding failed")
-                    for job in jobs + joining:
+                    for job in [job for lane in self.lanes for job in lane.jobs] + joining:
                         job.emit(("error", "internal error while decoding", 500))
-                    jobs, state = [], (None, None)
-                self.metrics.set_batch_size(len(jobs))
-        for job in jobs:
-            job.emit(("error", "the server is shutting down"))
+                    self.lanes = [Lane(lane.slots) for lane in self.lanes]
+                self.metrics.set_batch_size(self._running())
+        for lane in self.lanes:
+            for job in lane.jobs:
+                job.emit(("error", "the server is shutting down"))
 
-    def _iterate(self, jobs: list[Job], joining: list[Job], batch: DecodeBatch | None, logits: torch.Tensor | None):
-        """One decoding step: every job takes a token, all step, then one re-pack drops the finished
-        ones and adds the new ones (prefilled together). Stepping a row that just finished costs less
-        than the extra re-pack that dropping it first would."""
+    def _running(self) -> int:
+        return sum(len(lane.jobs) for lane in self.lanes)
+
+    def _lane(self, job: Job) -> Lane:
+        """The compiled lane where there is one and it can take the job, else the eager one."""
+        compiled = self.lanes[-1]
+        if compiled.slots is None or job.routing:
+            return self.lanes[0]
+        needs = self.prompt_tokens(job.prompt_ids, len(job.images)) + job.max_tokens
+        return compiled if needs <= compiled.slots.length else self.lanes[0]
+
+    def _iterate(self, lane: Lane, joining: list[Job], rows: list[int], joined: DecodeBatch | None,
+                 joined_logits: torch.Tensor | None) -> None:
+        """One decoding step of a lane: every job takes a token, all step, then one re-pack drops the
+        finished ones and adds ``rows`` of the joiners' prefilled batch. Stepping a row that just
+        finished costs less than the extra re-pack that dropping it first would."""
+        jobs, batch, logits = lane.jobs, lane.batch, lane.logits
         keep = []
         if jobs:
             tokens = logits.argmax(dim=-1)
@@ -210,19 +202,19 @@ class Engine:
             if keep:
                 started = time.perf_counter()
                 logits = batch.step(tokens)
-                self._after_forward(jobs, 1, started)
+                self._after_forward(jobs, 1, started, counted=lane.slots is None)
                 logits = logits if len(keep) == len(jobs) else logits[keep]
         parts = [(batch, keep)] if keep else []
         if joining:
-            joined, joined_logits = self._prefill(joining)
-            parts.append((joined, list(range(len(joining)))))
-            logits = torch.cat([logits, joined_logits]) if keep else joined_logits
+            parts.append((joined, rows))
+            logits = torch.cat([logits, joined_logits[rows]]) if keep else joined_logits[rows]
         if len(keep) < len(jobs):
             self._ended.append((time.perf_counter(), len(jobs) - len(keep)))
         if len(keep) < len(jobs) or joining:
-            jobs = [jobs[row] for row in keep] + joining
-            batch = repack(self.model, parts, self._headroom(jobs))
-        return jobs, ((batch, logits) if jobs else (None, None))
+            lane.jobs = jobs = [jobs[row] for row in keep] + joining
+            lane.batch = (repack(self.model, parts, self._headroom(jobs)) if lane.slots is None
+                          else lane.slots.pack(parts))
+        lane.logits = logits if jobs else None
 
     def _take(self, running: int) -> list[Job] | None:
         """Waiting jobs to admit now beside ``running`` ones (cancelled ones dropped); None: stop the engine.
@@ -312,9 +304,11 @@ class Engine:
         has_image = None if all(present) else torch.tensor(present, device=self.device)
         return images.to(self.device), has_image
 
-    def _after_forward(self, jobs: list[Job], positions: int, started: float) -> None:
-        """Routing of the position each job's next token comes from, and the expert-load metrics."""
-        self.metrics.add_forward(self.model.expert_load(), time.perf_counter() - started)
+    def _after_forward(self, jobs: list[Job], positions: int, started: float, counted: bool = True) -> None:
+        """Routing of the position each job's next token comes from, and the expert-load metrics
+        (not ``counted``: a compiled step, which records no expert load)."""
+        load = self.model.expert_load() if counted else torch.zeros(0)
+        self.metrics.add_forward(load, time.perf_counter() - started)
         if not any(job.routing for job in jobs):
             return
         top_k = self.config.model.decoder.moe.top_k

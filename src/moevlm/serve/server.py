@@ -35,8 +35,9 @@ def build_server(model_dir: str | Path, *, host: str = "127.0.0.1", port: int = 
                  max_image_decodes: int = 2, max_image_fetches: int = 8, image_fetch_timeout: float = 10.0,
                  allowed_local_media_path: str | Path | None = None, max_body_bytes: int = 20 * 2**20,
                  request_timeout: float = 600.0, allowed_origins: list[str] | tuple[str, ...] = (),
-                 quantize: str | None = None):
-    """(uvicorn server, engine), not started: ``server.run()`` serves until stopped."""
+                 quantize: str | None = None, compile: bool = True):
+    """(uvicorn server, engine), not started: ``server.run()`` serves until stopped. ``compile``:
+    decode with the compiled step (serve/slots.py), compiled for every batch bucket at start."""
     # Lazy: uvicorn is only needed by `moevlm serve`.
     import uvicorn
 
@@ -60,7 +61,8 @@ def build_server(model_dir: str | Path, *, host: str = "127.0.0.1", port: int = 
             raise ConfigError(f"--allowed-local-media-path {allowed_local_media_path}: not a folder")
     verify_checkpoint(Path(model_dir))  # a wrong folder fails now, not on the loading thread
     check_quantize(quantize)  # a wrong kind fails now, not on the loading thread
-    engine = Engine(model_dir, device=device, max_batch=max_batch, max_queue=max_queue, quantize=quantize)
+    engine = Engine(model_dir, device=device, max_batch=max_batch, max_queue=max_queue, quantize=quantize,
+                    compile=compile)
     fetch = FetchPolicy(allow_http=allow_http_images, local_media=media, timeout=image_fetch_timeout,
                         max_fetches=max_image_fetches)
     options = ServeOptions(served_name=served_name or Path(model_dir).resolve().name, api_key=api_key,
