@@ -51,6 +51,7 @@ class StaticBuffers:
     key mask (batch, length) and the token fed (batch,)."""
 
     def __init__(self, model: VisionLanguageModel, batch: int, length: int, device: torch.device):
+        self.key = (batch, length)
         self.cache = model.new_static_cache(batch, length)
         self.key_mask = torch.zeros(batch, length, dtype=torch.bool, device=device)
         self.tokens = torch.zeros(batch, dtype=torch.long, device=device)
@@ -80,8 +81,22 @@ class CompiledDecoder:
         self.eager_reason = reason[:300]
         print(f"moevlm: compiled decoding unavailable ({self.eager_reason}); decoding eagerly", file=sys.stderr)
 
+    def buffers_for(self, batch: int, length: int) -> StaticBuffers:
+        """The static buffers of one (batch bucket, length bucket), made at the first call."""
+        if (batch, length) not in self.buffers:
+            self.buffers[batch, length] = StaticBuffers(self.model, batch, length, self.device)
+        return self.buffers[batch, length]
+
     def run(self, buffers: StaticBuffers) -> torch.Tensor:
-        """One step over ``buffers`` (tokens already in place): next-token logits (batch, V)."""
+        """One step over ``buffers`` (tokens already in place): next-token logits (batch, V). The first
+        step of each bucket's buffers is timed into ``compile_seconds``."""
+        began = time.perf_counter()
+        logits = self._step(buffers)
+        self.compile_seconds.setdefault(buffers.key, time.perf_counter() - began)
+        # A CUDA graph's outputs are overwritten by its next replay.
+        return logits.clone() if self.device.type == "cuda" else logits
+
+    def _step(self, buffers: StaticBuffers) -> torch.Tensor:
         if self.eager_reason is None:
             try:
                 return self.step(buffers.tokens, buffers.key_mask, buffers.cache)
@@ -96,10 +111,7 @@ class CompiledDecoder:
         logits (B, V). Rows added to reach the batch bucket repeat the first row and are dropped."""
         rows = ids.size(0)
         size = bucket(rows)
-        key = (size, bucket(length, MIN_LENGTH))
-        if key not in self.buffers:
-            self.buffers[key] = StaticBuffers(self.model, *key, self.device)
-        buffers = self.buffers[key]
+        buffers = self.buffers_for(size, bucket(length, MIN_LENGTH))
         if size > rows:
             extra = size - rows
             ids = torch.cat([ids, ids[:1].expand(extra, -1)])
@@ -109,17 +121,10 @@ class CompiledDecoder:
         logits, key_mask = self.model.prefill(images, ids, text_mask, buffers.cache)
         buffers.key_mask.zero_()
         buffers.key_mask[:, :key_mask.size(1)] = key_mask
-        clone = self.device.type == "cuda"  # a CUDA graph's outputs are overwritten by its next replay
 
         def advance(tokens: torch.Tensor) -> torch.Tensor:
             buffers.tokens[:rows] = tokens
-            if key not in self.compile_seconds:
-                began = time.perf_counter()
-                logits = self.run(buffers)
-                self.compile_seconds[key] = time.perf_counter() - began
-            else:
-                logits = self.run(buffers)
-            return logits[:rows].clone() if clone else logits[:rows]
+            return self.run(buffers)[:rows]
 
         return logits[:rows], advance
 

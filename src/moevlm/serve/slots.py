@@ -45,7 +45,6 @@ class SlotTable:
         self.sizes = [1 << i for i in range(bucket(max_batch).bit_length())]
         self.buffers: StaticBuffers | None = None
         self.rows = self.slot = 0
-        self._clone = decoder.device.type == "cuda"  # a CUDA graph's outputs are overwritten by its next replay
 
     @property
     def cache(self):
@@ -55,25 +54,17 @@ class SlotTable:
     def key_mask(self) -> torch.Tensor:
         return self.buffers.key_mask
 
-    def _buffers(self, size: int) -> StaticBuffers:
-        key = (size, self.length)
-        if key not in self.decoder.buffers:
-            self.decoder.buffers[key] = StaticBuffers(self.decoder.model, size, self.length, self.decoder.device)
-        return self.decoder.buffers[key]
-
     def warm(self) -> None:
         """Compiles the step of every batch bucket now (a dummy prefill first: transformers' static
         cache takes its batch from it); logs one line with the time it took."""
         began = time.perf_counter()
         for size in self.sizes:
-            buffers = self._buffers(size)
+            buffers = self.decoder.buffers_for(size, self.length)
             ids = torch.zeros(size, 1, dtype=torch.long, device=self.decoder.device)
             self.decoder.model.prefill(None, ids, torch.ones_like(ids), buffers.cache)
             buffers.key_mask.zero_()
             buffers.key_mask[:, 0] = True
-            started = time.perf_counter()
             self.decoder.run(buffers)
-            self.decoder.compile_seconds[(size, self.length)] = time.perf_counter() - started
         how = "eagerly (not compiled)" if self.decoder.eager_reason else "compiled"
         log.info("decoding step %s for batch sizes %s at cache length %d in %.1f s", how,
                  ",".join(map(str, self.sizes)), self.length, time.perf_counter() - began)
@@ -95,7 +86,7 @@ class SlotTable:
             return None
         self.slot = max(row[0][0].size(1) for row in rows)
         assert self.slot < self.length, f"a row of {self.slot} columns left no room in {self.length}"
-        self.buffers = self._buffers(bucket(len(rows)))
+        self.buffers = self.decoder.buffers_for(bucket(len(rows)), self.length)
         key_mask = self.buffers.key_mask
         key_mask.zero_()
         for layer, (keys, values) in enumerate(layers_of(self.buffers.cache)):
@@ -119,4 +110,4 @@ class SlotTable:
         self.buffers.tokens[:self.rows] = tokens
         logits = self.decoder.run(self.buffers)[:self.rows]
         self.slot += 1
-        return logits.clone() if self._clone else logits
+        return logits
