@@ -92,6 +92,11 @@ def _bias_grad(g_AF: torch.Tensor, expert_A: torch.Tensor, counts_E: torch.Tenso
 GELU_APPROXIMATE = {"gelu": "none", "gelu_tanh": "tanh"}
 
 
+def activate(pre_AF: torch.Tensor, activation: str) -> torch.Tensor:
+    """The experts' activation on w1's output (..., F): GELU, or silu(gate) * up for swiglu."""
+    return _activate(pre_AF, activation)[0]
+
+
 def _activate(pre_AF: torch.Tensor, activation: str) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The activation, and for swiglu silu(gate), kept so the backward need not recompute it."""
     if activation in GELU_APPROXIMATE:

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moevlm.config import MoEConfig
-from moevlm.models.grouped import GELU_APPROXIMATE, expert_mlp
+from moevlm.models.grouped import GELU_APPROXIMATE, activate, expert_mlp
 from moevlm.models.mlp import FeedForward
 
 # token_kind values: which tokens the load statistics and aux losses count.
@@ -207,10 +207,7 @@ class MoE(nn.Module):
 
     def activate(self, pre: torch.Tensor) -> torch.Tensor:
         """The experts' activation on w1's output (..., F)."""
-        if self.cfg.activation in GELU_APPROXIMATE:
-            return F.gelu(pre, approximate=GELU_APPROXIMATE[self.cfg.activation])
-        gate, up = pre.chunk(2, dim=-1)
-        return F.silu(gate) * up
+        return activate(pre, self.cfg.activation)
 
     def _expert_reference(self, e: int, x_D: torch.Tensor) -> torch.Tensor:
         """Expert e on a row vector (D,) or rows (M, D)."""

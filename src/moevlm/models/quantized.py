@@ -28,7 +28,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from moevlm.errors import ConfigError
-from moevlm.models.grouped import GELU_APPROXIMATE
 from moevlm.models.hf_lm import PretrainedVLM
 from moevlm.models.lora import merge_lora
 from moevlm.models.moe import MoE
@@ -173,12 +172,7 @@ class Int8MoE(MoE):
         b1 = None if self.b1_EF is None else self.b1_EF[e]
         b2 = None if self.b2_ED is None else self.b2_ED[e]
         pre = matmul(x_MD, self.w1_q_EFD[e], self.w1_scale_EF[e], b1)
-        if self.cfg.activation in GELU_APPROXIMATE:
-            act = F.gelu(pre, approximate=GELU_APPROXIMATE[self.cfg.activation])
-        else:
-            gate, up = pre.chunk(2, dim=-1)
-            act = F.silu(gate) * up
-        return matmul(act, self.w2_q_EDH[e], self.w2_scale_ED[e], b2)
+        return matmul(self.activate(pre), self.w2_q_EDH[e], self.w2_scale_ED[e], b2)
 
     def compute_experts(self, x_ND: torch.Tensor, experts_NK: torch.Tensor, weights_NK: torch.Tensor,
                         kept_NK: torch.Tensor | None) -> torch.Tensor:

@@ -179,15 +179,14 @@ class VLM(nn.Module):
         """Routed token counts of the last forward: (MoE layers, 2 [image, text], experts)."""
         return expert_load(self.moe_layers)
 
-    def new_cache(self, batch: int, max_len: int) -> KVCache:
+    def new_cache(self, batch: int, max_len: int, kind: type[KVCache] | type[StaticKVCache] = KVCache):
+        """An empty cache of ``kind`` for ``batch`` rows of up to ``max_len`` positions."""
         d = self.cfg.decoder
         p = self.decoder.tok_emb.weight
-        return KVCache(d.depth, batch, d.kv_heads, max_len, d.width // d.heads, device=p.device, dtype=p.dtype)
+        return kind(d.depth, batch, d.kv_heads, max_len, d.width // d.heads, device=p.device, dtype=p.dtype)
 
     def new_static_cache(self, batch: int, max_len: int) -> StaticKVCache:
-        d = self.cfg.decoder
-        p = self.decoder.tok_emb.weight
-        return StaticKVCache(d.depth, batch, d.kv_heads, max_len, d.width // d.heads, device=p.device, dtype=p.dtype)
+        return self.new_cache(batch, max_len, StaticKVCache)
 
     def prefill(self, images: torch.Tensor | None, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 cache: KVCache | StaticKVCache | None = None,
