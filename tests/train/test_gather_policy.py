@@ -20,9 +20,11 @@ def test_on_the_cpu_each_unit_is_gathered_only_while_it_computes(pretrained_part
     ranks = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(2)]
     ours, default = [rank["cpu"] for rank in ranks], [rank["default"] for rank in ranks]
     for rank in ours:
-        assert {"lm.lm_head", "lm.model.embed_tokens", "lm.model.layers.0"} <= set(rank["units"])
+        # the untied head is split by vocabulary rows outside FSDP2 (tests/train/test_vocab_parallel.py)
+        assert {"lm.model.embed_tokens", "lm.model.layers.0"} <= set(rank["units"])
+        assert "lm.lm_head" not in rank["units"]
         backward = [name for when, name, _, _ in rank["events"] if when == "backward"]
-        assert backward[:3] == ["lm.lm_head", "lm.model.layers.1", "lm.model.layers.0"]  # the frozen LM's backward
+        assert backward[:2] == ["lm.model.layers.1", "lm.model.layers.0"]  # the frozen LM's backward
         for when, name, gathered, kept in rank["events"]:
             assert gathered == [name] and not kept, (when, name, gathered, kept)
     # FSDP2's defaults (made for CUDA streams) keep a buffer in forward and gather ahead in backward.

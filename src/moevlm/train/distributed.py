@@ -25,6 +25,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 from torch.utils.data import Sampler
 
@@ -32,6 +33,7 @@ from moevlm.config import Config
 from moevlm.data.dataset import EpochBatchSampler
 from moevlm.errors import ConfigError, MoevlmError
 from moevlm.train.expert_parallel import apply_expert_parallel, expert_parallel_groups
+from moevlm.train.vocab_parallel import shard_vocabulary
 
 
 class StoppedOnAnotherRank(MoevlmError):
@@ -252,12 +254,18 @@ def parallelize(model: nn.Module, world: World, config: Config, device: torch.de
     # block's FSDP unit gathers its weights once for the backward, recompute included.
     policy = MixedPrecisionPolicy(param_dtype=mixed_precision_dtype(config, device, strategy, world.expert_parallel),
                                   reduce_dtype=torch.float32)
+    mesh = init_device_mesh(world.device.type, (world.size,))
     params = dict(model.named_parameters())
     ignored = {params[name] for name in expert_names}
-    units = repeated_blocks(model) + embedding_tables(model)
+    # An untied LM head is split by vocabulary rows outside FSDP2 (train/vocab_parallel.py): never gathered whole.
+    head = shard_vocabulary(model, mesh)
+    if head is not None:
+        ignored.add(head)
+    units = repeated_blocks(model) + [table for table in embedding_tables(model) if table.weight is not head]
     for block in units:
-        fully_shard(block, ignored_params={p for p in block.parameters() if p in ignored} or None, mp_policy=policy)
-    fully_shard(model, ignored_params=ignored or None, mp_policy=policy)
+        fully_shard(block, mesh=mesh, ignored_params={p for p in block.parameters() if p in ignored} or None,
+                    mp_policy=policy)
+    fully_shard(model, mesh=mesh, ignored_params=ignored or None, mp_policy=policy)
     for method in ("prefill", "step"):  # generation (validation) calls these, not forward
         register_fsdp_forward_method(model, method)
     if device.type == "cpu":
