@@ -19,7 +19,8 @@ from moevlm.cli import main
 pytestmark = pytest.mark.usefixtures("offline")
 WORKER = Path(__file__).with_name("vocab_parallel_worker.py")
 TIMEOUT_S = 240
-CASES = ["scratch-frozen", "scratch-learning", "hf-frozen", "hf-learning", "hf-odd-vocabulary"]
+CASES = ["scratch-frozen", "scratch-learning", "hf-frozen", "hf-learning", "hf-odd-vocabulary",
+         "scratch-nothing-labelled-on-rank-1"]
 
 
 @pytest.fixture(scope="module")

@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
@@ -27,6 +28,7 @@ from moevlm.models.factory import build_model
 from moevlm.train.distributed import close_world, configure_world, join_world, parallelize
 from moevlm.train.run import fresh_model, prepare_config
 from moevlm.train.stages import freeze_for_stage
+from moevlm.train.step import TrainStep
 from moevlm.train.vocab_parallel import VocabParallelHead
 
 SMOOTHING = 0.1
@@ -40,7 +42,9 @@ def cases(siglip: str, llama: str, llama_odd: str) -> dict[str, list[str]]:
             "scratch-learning": [*scratch, "train.stage=instruct"],
             "hf-frozen": [f"model.vision=hf:{siglip}", f"model.lm=hf:{llama}", "train.stage=pretrain"],
             "hf-learning": [f"model.vision=hf:{siglip}", f"model.lm=hf:{llama}", "train.stage=instruct"],
-            "hf-odd-vocabulary": [f"model.vision=hf:{siglip}", f"model.lm=hf:{llama_odd}", "train.stage=instruct"]}
+            "hf-odd-vocabulary": [f"model.vision=hf:{siglip}", f"model.lm=hf:{llama_odd}", "train.stage=instruct"],
+            # rank 1's rows have no labelled position (its loss share is 0, its collectives run all the same)
+            "scratch-nothing-labelled-on-rank-1": [*scratch, "train.stage=instruct"]}
 
 
 def built(config):
@@ -53,8 +57,8 @@ def built(config):
     return build_model(config.model, load_weights=True), config
 
 
-def batch(model, config, vocab: int) -> tuple:
-    """4 rows: rows 0-1 (rank 0's) with 5 labelled positions each, rows 2-3 (rank 1's) with 2 and 1."""
+def batch(model, config, vocab: int, labelled_rows: tuple[int, ...]) -> tuple:
+    """4 rows: rows 0-1 are rank 0's, rows 2-3 rank 1's, with ``labelled_rows`` labelled positions each."""
     gen = torch.Generator().manual_seed(1)
     size = config.model.vision.image_size
     images = torch.rand(4, 3, size, size, generator=gen) * 2 - 1
@@ -65,19 +69,20 @@ def batch(model, config, vocab: int) -> tuple:
     else:
         ids = text
     labels = torch.full_like(ids, -100)
-    for row, labelled in enumerate((5, 5, 2, 1)):
-        labels[row, -labelled - 1:-1] = ids[row, -labelled:]
+    for row, labelled in enumerate(labelled_rows):
+        if labelled:
+            labels[row, -labelled - 1:-1] = ids[row, -labelled:]
     return images, ids, torch.ones_like(ids), labels
 
 
-def run(config, world) -> dict:
+def run(config, world, labelled_rows: tuple[int, ...]) -> dict:
     model, config = built(config)
     model.train()
     reference = copy.deepcopy(model)
     freeze_for_stage(model, config.train)
     freeze_for_stage(reference, config.train)
     vocab = config.model.decoder.vocab_size
-    images, ids, mask, labels = batch(model, config, vocab)
+    images, ids, mask, labels = batch(model, config, vocab, labelled_rows)
     whole = reference(images, ids, mask, labels, label_smoothing=SMOOTHING)
     whole.loss.backward()
 
@@ -88,9 +93,8 @@ def run(config, world) -> dict:
     head.forward = lambda hidden, forward=head.forward: gathered.append(1) or forward(hidden)
     mine = slice(2 * world.rank, 2 * world.rank + 2)
     out = model(images[mine], ids[mine], mask[mine], labels[mine], label_smoothing=SMOOTHING)
-    count = int((labels[mine] != -100).sum())
-    share = out.lm_loss * count / int((labels != -100).sum())  # TrainStep._share_of_batch
-    loss = out.loss - out.lm_loss + share
+    step = SimpleNamespace(model=model)
+    _, loss = TrainStep._share_of_batch(step, out, int((labels[mine] != -100).sum()), int((labels != -100).sum()))
     (loss * world.size).backward()
     assert not gathered, "the head was gathered whole in training"
     summed = loss.detach().clone()
@@ -130,7 +134,7 @@ def main(siglip: str, llama: str, llama_odd: str, out: Path) -> None:
         if world is None:
             world = join_world(config, device)
             configure_world(world, config, device)
-        result = run(config, world)
+        result = run(config, world, (5, 5, 0, 0) if case.startswith("scratch-nothing") else (5, 5, 2, 1))
         if world.is_main:
             torch.save(result, out / f"{case}.pt")
     close_world(world)

@@ -93,6 +93,11 @@ def vlm_output(logits: torch.Tensor, labels: torch.Tensor | None, moe_layers: li
     return out
 
 
+def weighted_aux(aux: dict[str, torch.Tensor], moe: MoEConfig) -> torch.Tensor | float:
+    """The aux losses' part of the loss (``vlm_output``'s ``loss - lm_loss``); 0 without them."""
+    return moe.aux_loss_coef * aux["balance"] + moe.z_loss_coef * aux["z"] if aux else 0.0
+
+
 def moe_aux(layers: list[MoE]) -> dict[str, torch.Tensor]:
     """Balance and z losses, each the mean over the MoE layers; empty outside training mode.
 
