@@ -198,6 +198,16 @@ def repeated_blocks(model: nn.Module) -> list[nn.Module]:
             for block in module if any(True for _ in block.parameters())]
 
 
+def large_matrices(block: nn.Module) -> list[nn.Module]:
+    """A block's linear layers holding a fifth of its weights or more (a Llama layer's three
+    feed-forward matrices, a ViT block's two): on the CPU, FSDP units of their own inside the block's,
+    so that a layer is gathered a matrix at a time. A unit's weights are held twice while they are
+    copied out of the all-gather buffer; at the backward's first layer, with every activation alive,
+    a whole TinyLlama-1.1B-shaped layer and its buffer (2 x 168 MiB) made a rank's peak."""
+    total = sum(p.numel() for p in block.parameters())
+    return [m for m in block.modules() if isinstance(m, nn.Linear) and m.weight.numel() * 5 >= total]
+
+
 def embedding_tables(model: nn.Module) -> list[nn.Module]:
     """A transformers LM's input embedding and LM head when untied: sharded as units of their own,
     so each is gathered only while it computes (in the root unit, which FSDP keeps gathered from
@@ -261,7 +271,11 @@ def parallelize(model: nn.Module, world: World, config: Config, device: torch.de
     head = shard_vocabulary(model, mesh)
     if head is not None:
         ignored.add(head)
-    units = repeated_blocks(model) + [table for table in embedding_tables(model) if table.weight is not head]
+    # On the CPU a block's large matrices are units inside its unit; CUDA keeps one unit a block
+    # (fewer, larger all-gathers, overlapped with compute).
+    units = [unit for block in repeated_blocks(model)
+             for unit in (large_matrices(block) if device.type == "cpu" else []) + [block]]
+    units += [table for table in embedding_tables(model) if table.weight is not head]
     for block in units:
         fully_shard(block, mesh=mesh, ignored_params={p for p in block.parameters() if p in ignored} or None,
                     mp_policy=policy)
