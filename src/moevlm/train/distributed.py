@@ -293,7 +293,7 @@ def gather_one_unit_at_a_time(model: nn.Module, units: list[nn.Module]) -> None:
     it: in forward it keeps each all-gather's buffer (the unit's whole weights once more) until the
     next unit has gathered, and in backward it starts gathering the next unit while the current
     one computes. The CPU has no streams to overlap, so these only add memory: at the step's peak,
-    the end of the forward (every activation alive, the LM head gathered), the last layer's kept
+    the end of the forward (every activation alive, a tied LM head gathered), the last layer's kept
     buffer; at the start of the backward, the last layer gathered beside the head. Here the buffer
     goes as soon as the weights are copied out of it (FSDP2's unshard with ``async_op``) and each
     unit's backward prefetches only itself (already gathered: nothing). The values are the same."""
