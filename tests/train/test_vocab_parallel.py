@@ -20,7 +20,7 @@ pytestmark = pytest.mark.usefixtures("offline")
 WORKER = Path(__file__).with_name("vocab_parallel_worker.py")
 TIMEOUT_S = 240
 CASES = ["scratch-frozen", "scratch-learning", "hf-frozen", "hf-learning", "hf-odd-vocabulary",
-         "scratch-nothing-labelled-on-rank-1"]
+         "scratch-nothing-labelled-on-rank-1", "hf-learning-bf16"]
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +37,8 @@ def ranks_ran(pretrained_parts, tmp_path_factory) -> Path:
 @pytest.mark.parametrize("case", CASES)
 def test_two_ranks_with_the_head_split_by_vocabulary_give_one_process_loss_and_gradients(ranks_ran, case):
     result = torch.load(ranks_ran / f"{case}.pt", weights_only=False)
-    assert result["loss"] == pytest.approx(result["ref_loss"], rel=1e-6)
+    bf16 = case.endswith("bf16")  # dist.mixed_precision=bf16 against one process in fp32: bf16 rounding
+    assert result["loss"] == pytest.approx(result["ref_loss"], rel=1e-3 if bf16 else 1e-6)
     head = next(name for name in result["grads"] if name.endswith("lm_head.weight"))
     vocab = result["vocab"]
     assert result["local_rows"] == (vocab + 1) // 2 < vocab  # rank 0's rows only
@@ -49,11 +50,15 @@ def test_two_ranks_with_the_head_split_by_vocabulary_give_one_process_loss_and_g
             assert got is None, name
             continue
         assert got is not None, name
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, msg=name)
+        if bf16:
+            assert float((got - want).abs().max()) <= 0.05 * float(want.abs().max()) + 1e-6, name
+        else:
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, msg=name)
     # eval mode (moevlm eval, validation) and generation: the whole logits, the head gathered there
-    torch.testing.assert_close(result["logits"], result["ref_logits"], rtol=1e-5, atol=1e-6)
+    close = {"rtol": 2e-2, "atol": 2e-2} if bf16 else {"rtol": 1e-5, "atol": 1e-6}
+    torch.testing.assert_close(result["logits"].float(), result["ref_logits"], **close)
     assert result["logits"].shape[-1] == vocab
-    torch.testing.assert_close(result["prefill"], result["ref_prefill"], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(result["prefill"].float(), result["ref_prefill"], **close)
 
 
 COMMON = ["--preset", "tiny", "--no-tracking", "--set", "moe.router_noise=false", "--set", "train.log_every=1",

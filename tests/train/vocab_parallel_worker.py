@@ -43,6 +43,9 @@ def cases(siglip: str, llama: str, llama_odd: str) -> dict[str, list[str]]:
             "hf-frozen": [f"model.vision=hf:{siglip}", f"model.lm=hf:{llama}", "train.stage=pretrain"],
             "hf-learning": [f"model.vision=hf:{siglip}", f"model.lm=hf:{llama}", "train.stage=instruct"],
             "hf-odd-vocabulary": [f"model.vision=hf:{siglip}", f"model.lm=hf:{llama_odd}", "train.stage=instruct"],
+            # FSDP2 gathers and computes in bf16: the head's slice too (compared within bf16 rounding)
+            "hf-learning-bf16": [f"model.vision=hf:{siglip}", f"model.lm=hf:{llama}", "train.stage=instruct",
+                                 "dist.mixed_precision=bf16"],
             # rank 1's rows have no labelled position (its loss share is 0, its collectives run all the same)
             "scratch-nothing-labelled-on-rank-1": [*scratch, "train.stage=instruct"]}
 
