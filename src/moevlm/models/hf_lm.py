@@ -20,7 +20,7 @@ from moevlm.models.moe import IMAGE, PAD, TEXT, MoE
 from moevlm.models.moe_install import MoEMLP, TokenKinds, install_moe_layers
 from moevlm.models.projector import build_projector
 from moevlm.models.vit import ViT
-from moevlm.models.vlm import VLMOutput, attention_mask_for, expert_load, labelled_positions, vlm_output
+from moevlm.models.vlm import HeadLoss, VLMOutput, attention_mask_for, expert_load, labelled_positions, vlm_output
 
 
 class StaticLMCache:
@@ -73,6 +73,7 @@ class PretrainedVLM(nn.Module):
         # transformers renamed past_key_values to cache during 5.x; speak whichever this LM takes.
         self._cache_arg = "cache" if "cache" in inspect.signature(type(lm).forward).parameters else "past_key_values"
         self.token_kinds = TokenKinds()  # shared with the MoE layers installed in the LM
+        self.head_loss: HeadLoss | None = None
         if cfg.decoder.moe_layer_indices:
             install_moe_layers(self.lm, cfg.decoder, self.token_kinds)
 
@@ -130,6 +131,13 @@ class PretrainedVLM(nn.Module):
                           use_cache=cache is not None, **extra)
         return out.logits
 
+    def _run_body(self, embeds: torch.Tensor, key_mask: torch.Tensor, positions: torch.Tensor,
+                  kind: torch.Tensor) -> torch.Tensor:
+        """The LM without its head: the final hidden states (B, T, D), for ``head_loss``."""
+        with self.token_kinds.given(kind):
+            return self.lm.base_model(inputs_embeds=embeds, attention_mask=key_mask.long(), position_ids=positions,
+                                      use_cache=False).last_hidden_state
+
     def _full_mask(self, allowed: torch.Tensor) -> torch.Tensor:
         # SDPA takes a bool mask; transformers' eager attention adds the mask to the scores.
         if self.lm.config._attn_implementation == "sdpa":
@@ -153,6 +161,10 @@ class PretrainedVLM(nn.Module):
                               self.cfg.decoder.moe)
         # The LM's head runs at the columns labelled in any row, the loss takes each row's own.
         labelled = labelled_positions(labels)
+        if self.head_loss is not None and self.training:
+            hidden = self._run_body(embeds, mask, positions, kind)[labelled]
+            logits, lm_loss = self.head_loss(hidden, labels[labelled], label_smoothing)
+            return vlm_output(logits, labels[labelled], self.moe_layers, self.cfg.decoder.moe, lm_loss=lm_loss)
         columns = labelled.any(0).nonzero().squeeze(1)
         logits = self._run_lm(embeds, mask, positions, kind, keep=columns)
         return vlm_output(logits[labelled[:, columns]], labels[labelled], self.moe_layers, self.cfg.decoder.moe,

@@ -14,7 +14,7 @@ import torch
 
 from moevlm.config import ModelConfig
 from moevlm.models.moe import MoE
-from moevlm.models.vlm import VLMOutput
+from moevlm.models.vlm import HeadLoss, VLMOutput
 
 
 class VisionLanguageModel(Protocol):
@@ -25,6 +25,8 @@ class VisionLanguageModel(Protocol):
     images_in_text: bool
     image_token_id: int | None
     training: bool
+    # None: the model's own head and cross-entropy; set by the trainer for a head split over ranks.
+    head_loss: HeadLoss | None
 
     def __call__(self, images: torch.Tensor | None, input_ids: torch.Tensor,
                  attention_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None,

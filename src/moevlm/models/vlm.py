@@ -16,6 +16,7 @@ shares this model's interface (forward, prefill, step, moe_layers, expert_load).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -43,6 +44,17 @@ class VLMOutput:
     aux: dict[str, torch.Tensor] = field(default_factory=dict)  # balance, z (means over MoE layers)
 
 
+class HeadLoss(Protocol):
+    """The LM head and its cross-entropy in one, at the labelled positions, for a head whose weight
+    is split over processes: the trainer fills a model's ``head_loss`` in (moevlm.train.vocab_parallel)
+    and the model calls it in training mode instead of its head and ``F.cross_entropy``."""
+
+    def __call__(self, hidden: torch.Tensor, labels: torch.Tensor,
+                 label_smoothing: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """hidden (N, D) and labels (N,) at the labelled positions -> (logits, lm_loss): this
+        process's part of the logits, and the mean cross-entropy over the N positions."""
+
+
 def attention_mask_for(key_mask: torch.Tensor, num_queries: int) -> torch.Tensor:
     """Causal mask over the last ``num_queries`` of S positions, hiding padded keys.
 
@@ -66,18 +78,24 @@ def labelled_positions(labels: torch.Tensor) -> torch.Tensor:
 
 
 def vlm_output(logits: torch.Tensor, labels: torch.Tensor | None, moe_layers: list[MoE],
-               moe: MoEConfig, label_smoothing: float = 0.0) -> VLMOutput:
+               moe: MoEConfig, label_smoothing: float = 0.0, lm_loss: torch.Tensor | None = None) -> VLMOutput:
     """Logits (..., V) -> VLMOutput with the aux losses of the forward that just ran and,
     given labels (next-token targets aligned with the logits, (...)), loss = CE + weighted aux
-    (CE against targets smoothed by ``label_smoothing``)."""
+    (CE against targets smoothed by ``label_smoothing``; ``lm_loss``: that CE, computed already)."""
     out = VLMOutput(logits=logits, aux=moe_aux(moe_layers))
     if labels is not None:
-        out.lm_loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), labels.reshape(-1),
-                                      ignore_index=IGNORE_INDEX, label_smoothing=label_smoothing)
+        out.lm_loss = lm_loss if lm_loss is not None else F.cross_entropy(
+            logits.float().reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=IGNORE_INDEX,
+            label_smoothing=label_smoothing)
         out.loss = out.lm_loss
         if out.aux:
             out.loss = out.loss + moe.aux_loss_coef * out.aux["balance"] + moe.z_loss_coef * out.aux["z"]
     return out
+
+
+def weighted_aux(aux: dict[str, torch.Tensor], moe: MoEConfig) -> torch.Tensor | float:
+    """The aux losses' part of the loss (``vlm_output``'s ``loss - lm_loss``); 0 without them."""
+    return moe.aux_loss_coef * aux["balance"] + moe.z_loss_coef * aux["z"] if aux else 0.0
 
 
 def moe_aux(layers: list[MoE]) -> dict[str, torch.Tensor]:
@@ -123,6 +141,7 @@ class VLM(nn.Module):
         self.vision = ViT(cfg.vision) if vision is None else vision
         self.projector = build_projector(cfg.projector, cfg.vision.width, cfg.decoder.width)
         self.decoder = Decoder(cfg.decoder, vocab_size, self.num_image_tokens + cfg.decoder.max_text_len)
+        self.head_loss: HeadLoss | None = None
 
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         """(B, C, S, S) in [-1, 1] -> image tokens in the decoder's space (B, n_img, D)."""
@@ -168,6 +187,9 @@ class VLM(nn.Module):
         if labels is not None:
             labelled = labelled_positions(labels)
             hidden, labels = hidden[labelled], labels[labelled]
+            if self.head_loss is not None and self.training:
+                logits, lm_loss = self.head_loss(hidden, labels, label_smoothing)
+                return vlm_output(logits, labels, self.moe_layers, self.cfg.decoder.moe, lm_loss=lm_loss)
         logits = self.decoder.lm_head(hidden)
         return vlm_output(logits, labels, self.moe_layers, self.cfg.decoder.moe, label_smoothing)
 

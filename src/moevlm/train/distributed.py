@@ -25,6 +25,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 from torch.utils.data import Sampler
 
@@ -32,6 +33,7 @@ from moevlm.config import Config
 from moevlm.data.dataset import EpochBatchSampler
 from moevlm.errors import ConfigError, MoevlmError
 from moevlm.train.expert_parallel import apply_expert_parallel, expert_parallel_groups
+from moevlm.train.vocab_parallel import shard_vocabulary
 
 
 class StoppedOnAnotherRank(MoevlmError):
@@ -196,6 +198,16 @@ def repeated_blocks(model: nn.Module) -> list[nn.Module]:
             for block in module if any(True for _ in block.parameters())]
 
 
+def large_matrices(block: nn.Module) -> list[nn.Module]:
+    """A block's linear layers holding a fifth of its weights or more (a Llama layer's three
+    feed-forward matrices, a ViT block's two): on the CPU, FSDP units of their own inside the block's,
+    so that a layer is gathered a matrix at a time. A unit's weights are held twice while they are
+    copied out of the all-gather buffer; at the backward's first layer, with every activation alive,
+    a whole TinyLlama-1.1B-shaped layer and its buffer (2 x 168 MiB) made a rank's peak."""
+    total = sum(p.numel() for p in block.parameters())
+    return [m for m in block.modules() if isinstance(m, nn.Linear) and m.weight.numel() * 5 >= total]
+
+
 def embedding_tables(model: nn.Module) -> list[nn.Module]:
     """A transformers LM's input embedding and LM head when untied: sharded as units of their own,
     so each is gathered only while it computes (in the root unit, which FSDP keeps gathered from
@@ -252,12 +264,22 @@ def parallelize(model: nn.Module, world: World, config: Config, device: torch.de
     # block's FSDP unit gathers its weights once for the backward, recompute included.
     policy = MixedPrecisionPolicy(param_dtype=mixed_precision_dtype(config, device, strategy, world.expert_parallel),
                                   reduce_dtype=torch.float32)
+    mesh = init_device_mesh(world.device.type, (world.size,))
     params = dict(model.named_parameters())
     ignored = {params[name] for name in expert_names}
-    units = repeated_blocks(model) + embedding_tables(model)
+    # An untied LM head is split by vocabulary rows outside FSDP2 (train/vocab_parallel.py): never gathered whole.
+    head = shard_vocabulary(model, mesh)
+    if head is not None:
+        ignored.add(head)
+    # On the CPU a block's large matrices are units inside its unit; CUDA keeps one unit a block
+    # (fewer, larger all-gathers, overlapped with compute).
+    units = [unit for block in repeated_blocks(model)
+             for unit in (large_matrices(block) if device.type == "cpu" else []) + [block]]
+    units += [table for table in embedding_tables(model) if table.weight is not head]
     for block in units:
-        fully_shard(block, ignored_params={p for p in block.parameters() if p in ignored} or None, mp_policy=policy)
-    fully_shard(model, ignored_params=ignored or None, mp_policy=policy)
+        fully_shard(block, mesh=mesh, ignored_params={p for p in block.parameters() if p in ignored} or None,
+                    mp_policy=policy)
+    fully_shard(model, mesh=mesh, ignored_params=ignored or None, mp_policy=policy)
     for method in ("prefill", "step"):  # generation (validation) calls these, not forward
         register_fsdp_forward_method(model, method)
     if device.type == "cpu":
@@ -271,7 +293,7 @@ def gather_one_unit_at_a_time(model: nn.Module, units: list[nn.Module]) -> None:
     it: in forward it keeps each all-gather's buffer (the unit's whole weights once more) until the
     next unit has gathered, and in backward it starts gathering the next unit while the current
     one computes. The CPU has no streams to overlap, so these only add memory: at the step's peak,
-    the end of the forward (every activation alive, the LM head gathered), the last layer's kept
+    the end of the forward (every activation alive, a tied LM head gathered), the last layer's kept
     buffer; at the start of the backward, the last layer gathered beside the head. Here the buffer
     goes as soon as the weights are copied out of it (FSDP2's unshard with ``async_op``) and each
     unit's backward prefetches only itself (already gathered: nothing). The values are the same."""

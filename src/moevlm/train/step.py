@@ -16,6 +16,7 @@ import torch
 
 from moevlm.data.dataset import IGNORE_INDEX
 from moevlm.errors import MoevlmError, TrainingError
+from moevlm.models.vlm import weighted_aux
 from moevlm.train.distributed import clip_gradients
 from moevlm.train.expert_parallel import sync_expert_grads
 from moevlm.train.optimizer import lr_factor
@@ -94,15 +95,17 @@ class TrainStep:
         totals.update(lr=lr, grad_norm=grad_norm, tokens=tokens)
         return totals
 
-    @staticmethod
-    def _share_of_batch(out, labels: int, all_labels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _share_of_batch(self, out, labels: int, all_labels: int) -> tuple[torch.Tensor, torch.Tensor]:
         """This rank's share of the whole batch's losses: its answer tokens' cross-entropy summed over
         the answer tokens of all ranks (the aux losses are shares already, MoE.batch_sum); the
         shares add up to the loss one process computes on the whole batch."""
-        if labels == 0:  # no answer token here: a mean over none is NaN, the share is 0
-            lm_share = out.logits.float().sum() * 0.0
-        else:
-            lm_share = out.lm_loss * (labels / all_labels)
+        if labels == 0:
+            # No answer token here: the mean over none is NaN, and so is the model's loss; the share
+            # is 0, the aux losses' shares stay. Taken through the loss, so that the backward of a
+            # vocabulary-parallel head's loss (its collectives) runs on this rank as on the others.
+            lm_share = out.lm_loss.nan_to_num(0.0) * 0.0
+            return lm_share, lm_share + weighted_aux(out.aux, self.model.cfg.decoder.moe)
+        lm_share = out.lm_loss * (labels / all_labels)
         return lm_share, out.loss - out.lm_loss + lm_share
 
     def _skip(self, problem: str) -> None:
