@@ -15,7 +15,9 @@ rounded to bf16 and the product comes back in bf16 (each scale is rounded up to 
 quantizing, so the kernel and the reference use the same one). The kernel needs an input width that
 is a multiple of 16: an ``Int8Linear`` of another width pads its weight (once) and its input (per call)
 with zeros; the experts' stacks take the reference path then. With more rows the dequantized matmul
-is faster (FAST_ROWS) and the reference path runs.
+is faster (FAST_ROWS) and the reference path runs. A compiled decoding step (moevlm.compiled) takes
+the same paths, ``Int8MoE``'s static ones included: inductor keeps the kernel as one call on the
+int8 weights, so compiled and eager int8 decoding compute the same products.
 
 ``nf4``: bitsandbytes' 4-bit NormalFloat ``Linear4bit`` on the decoder's linear layers, CUDA only
 (the weights are quantized when the model moves to the card).
