@@ -155,7 +155,11 @@ def test_static_experts_equal_the_per_token_reference(activation, tokens):
     _, experts, weights = moe.route(x)
     torch.testing.assert_close(moe.experts_static(x, experts, weights), moe.experts_reference(x, experts, weights))
     int8 = Int8MoE.convert(moe)
-    torch.testing.assert_close(int8.experts_static(x, experts, weights), int8.experts_reference(x, experts, weights))
+    static = int8.experts_static(x, experts, weights)
+    # Each matmul as eager int8 decoding takes it: swiglu's second one (width 16) through the bf16 CPU kernel.
+    torch.testing.assert_close(static, int8.compute_experts(x, experts, weights, None), rtol=0, atol=0)
+    reference = int8.experts_reference(x, experts, weights)
+    assert float((static - reference).abs().max()) <= 2 ** -7 * float(reference.abs().max())
 
 
 def failing_compile(step, device):

@@ -196,22 +196,15 @@ class Int8MoE(MoE):
         weight_A = weights_NK.reshape(-1)[order_A].to(out_AD.dtype)
         return x_ND.new_zeros(x_ND.shape, dtype=out_AD.dtype).index_add_(0, token_A, out_AD * weight_A.unsqueeze(1))
 
-    # MoE.experts_static's two paths on the int8 rows, in a compiled step as eagerly: through the CPU
-    # kernel where it applies (inductor keeps it as one call on the int8 weights), else dequantized.
+    # MoE.experts_static's two paths on the int8 rows, each matmul as in eager decoding (int8_matmul):
+    # through the CPU kernel where it applies (inductor keeps it as one call on the int8 weights), else
+    # dequantized.
     def expert_picked(self, e_1: torch.Tensor, x_MD: torch.Tensor) -> torch.Tensor:
         return self.expert(e_1, x_MD)
 
     def experts_all(self, x_ND: torch.Tensor) -> torch.Tensor:
-        if fast_path_applies(x_ND):  # each expert's int8 slab read once, as a view
-            return torch.stack([self.expert(e, x_ND) for e in range(self.cfg.num_experts)])
-        dtype = x_ND.dtype
-        x_END = x_ND.unsqueeze(0).expand(self.cfg.num_experts, -1, -1)
-        pre_ENF = torch.bmm(x_END, self.w1_q_EFD.to(dtype).transpose(1, 2)) * self.w1_scale_EF.to(dtype).unsqueeze(1)
-        if self.b1_EF is not None:
-            pre_ENF = pre_ENF + self.b1_EF.unsqueeze(1)
-        out_END = torch.bmm(self.activate(pre_ENF), self.w2_q_EDH.to(dtype).transpose(1, 2))
-        out_END = out_END * self.w2_scale_ED.to(dtype).unsqueeze(1)
-        return out_END if self.b2_ED is None else out_END + self.b2_ED.unsqueeze(1)
+        # One expert at a time on its (F, D) slab, a view: each int8 weight read once.
+        return torch.stack([self.expert(e, x_ND) for e in range(self.cfg.num_experts)])
 
     def _expert_reference(self, e: int, x_D: torch.Tensor) -> torch.Tensor:
         # MoE.experts_reference's per-token loop, each expert slice dequantized.
