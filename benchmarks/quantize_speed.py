@@ -7,15 +7,18 @@ upcycles every other MLP to 4 SwiGLU experts, top-2 (as the real-shapes chain's 
 
 Speed: one image and an 8-token prompt, greedy, no early stop; tokens/s of the decoding steps alone
 (one over the median step time of a repeat, so the prefill of 204 positions and bursts of other
-work on the machine do not count). The two models alternate, ``--repeats`` times each; the median
-and the range over repeats are printed. Loss: the mean next-token loss of both models on one fixed batch
-of 4 rows (random weights: the loss is ~ln(vocabulary); its change is what counts).
+work on the machine do not count), decoded as ``--compile`` does (moevlm's compiled step over a
+static cache: the headline) and eagerly. Both models are compiled first (minutes each at this shape
+with an empty inductor cache; the first call's time is printed). In each of ``--repeats`` repeats the
+two models decode side by side, alternating step by step, so a burst of other work on the machine
+slows both; the median and the range over repeats are printed, and whether int8's compiled greedy
+tokens equal its eager ones. Loss: the mean next-token loss of both models on one fixed batch of 4 rows
+(random weights: the loss is ~ln(vocabulary); its change is what counts).
 
-``--compiled`` also times both LMs (text only: a 16-token prompt, ``--tokens`` new tokens, no early
-stop) in transformers' own ``generate``, eager and with a static cache + ``torch.compile`` (about a
-minute of compiling each), so int8 / fp32 is also measured with the step compiled.
+``--transformers`` also times both LMs (text only: a 16-token prompt, ``--tokens`` new tokens, no
+early stop) in transformers' own ``generate``, eager and with a static cache + ``torch.compile``.
 
-    OMP_NUM_THREADS=1 python benchmarks/quantize_speed.py [--moe] [--repeats 3] [--compiled]
+    OMP_NUM_THREADS=1 python benchmarks/quantize_speed.py [--moe] [--repeats 3] [--transformers]
 """
 
 from __future__ import annotations
@@ -52,16 +55,20 @@ def build(root: Path, moe: bool):
     return build_model(cfg).eval(), cfg
 
 
-def step_seconds(model, image: torch.Tensor, prompt: list[int], tokens: int) -> list[float]:
-    """The wall time of each decoding step after the first token (which comes with the prefill)."""
-    times, last = [], time.perf_counter()
-    for index, _ in enumerate(generate_stream(model, image, [prompt], eos_id=-1, pad_id=0, max_new_tokens=tokens)):
-        now = time.perf_counter()
-        if index:
-            times.append(now - last)
-        last = now
-    assert len(times) == tokens - 1
-    return times
+def decode(models: dict, image: torch.Tensor, prompt: list[int], tokens: int,
+           compile: bool) -> dict[str, tuple[list[float], list[int]]]:
+    """Each model's wall time of each decoding step after the first token (which comes with the
+    prefill), and its tokens; the models take turns, one step each."""
+    streams = {name: generate_stream(model, image, [prompt], eos_id=-1, pad_id=0, max_new_tokens=tokens,
+                                     compile=compile) for name, model in models.items()}
+    out = {name: ([], [int(next(stream))]) for name, stream in streams.items()}  # the prefills
+    for _ in range(tokens - 1):
+        for name, stream in streams.items():
+            began = time.perf_counter()
+            token = next(stream)
+            out[name][0].append(time.perf_counter() - began)
+            out[name][1].append(int(token))
+    return out
 
 
 def fixed_batch_loss(model, cfg, generator: torch.Generator) -> float:
@@ -99,7 +106,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--moe", action="store_true", help="every other MLP as 4 experts, top-2")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--compiled", action="store_true", help="also transformers' generate, eager and compiled")
+    parser.add_argument("--transformers", action="store_true",
+                        help="also transformers' generate, eager and with a static cache + torch.compile")
     parser.add_argument("--tokens", type=int, default=33, help="tokens generated per repeat (default 33)")
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -114,22 +122,34 @@ def main() -> None:
     size = cfg.vision.image_size
     image = torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(1)) * 2 - 1
     prompt = [cfg.decoder.image_token_id] * cfg.vision.num_image_tokens + list(range(10, 18))
-    rates = {"fp32": [], "int8": []}
+    models = {"fp32": fp32, "int8": int8}
+    rates = {(path, name): [] for path in ("compiled", "eager") for name in models}
+    tokens = {}
     with torch.inference_mode():
-        for name, model in (("fp32", fp32), ("int8", int8)):  # warm-up
-            step_seconds(model, image, prompt, 3)
+        for name, model in models.items():  # compiles the step, and warms up the eager path
+            began = time.perf_counter()
+            decode({name: model}, image, prompt, 3, compile=True)
+            print(f"{name}: first compiled call {time.perf_counter() - began:.0f} s", flush=True)
+            decode({name: model}, image, prompt, 3, compile=False)
         for _ in range(args.repeats):
-            for name, model in (("fp32", fp32), ("int8", int8)):
-                rates[name].append(1 / statistics.median(step_seconds(model, image, prompt, args.tokens)))
+            for path in ("compiled", "eager"):
+                for name, (times, tokens[path, name]) in decode(models, image, prompt, args.tokens,
+                                                                compile=path == "compiled").items():
+                    rates[path, name].append(1 / statistics.median(times))
         losses = {name: fixed_batch_loss(model, cfg, torch.Generator().manual_seed(2))
-                  for name, model in (("fp32", fp32), ("int8", int8))}
-    for name, values in rates.items():
-        print(f"{name}: {statistics.median(values):.1f} tokens/s (range {min(values):.1f}-{max(values):.1f}), "
-              f"loss on the fixed batch {losses[name]:.5f}")
-    ratios = [i / f for f, i in zip(rates["fp32"], rates["int8"])]
-    print(f"int8 / fp32: {statistics.median(ratios):.2f}x (per repeat: {', '.join(f'{r:.2f}' for r in ratios)}); "
-          f"loss change {losses['int8'] - losses['fp32']:+.5f}")
-    if args.compiled:
+                  for name, model in models.items()}
+    for path in ("compiled", "eager"):
+        for name in models:
+            values = rates[path, name]
+            print(f"{path} {name}: {statistics.median(values):.1f} tokens/s "
+                  f"(range {min(values):.1f}-{max(values):.1f})")
+        ratios = [i / f for f, i in zip(rates[path, "fp32"], rates[path, "int8"])]
+        print(f"{path} int8 / fp32: {statistics.median(ratios):.2f}x "
+              f"(per repeat: {', '.join(f'{r:.2f}' for r in ratios)})", flush=True)
+    print(f"int8 greedy tokens compiled == eager: {tokens['compiled', 'int8'] == tokens['eager', 'int8']}; "
+          f"loss on the fixed batch fp32 {losses['fp32']:.5f}, int8 {losses['int8']:.5f} "
+          f"(change {losses['int8'] - losses['fp32']:+.5f})")
+    if args.transformers:
         with torch.inference_mode():
             for compiled in (False, True):
                 lm = lm_rates({"fp32": fp32, "int8": int8}, args.tokens, args.repeats, compiled)

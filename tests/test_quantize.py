@@ -106,9 +106,9 @@ def test_an_int8_linear_takes_the_kernel_at_any_width_within_the_bound(width, dt
     assert float((out.float() - reference).abs().max()) <= bound
 
 
-def make_moe(activation: str) -> MoE:
+def make_moe(activation: str, width: int = 24, hidden: int = 40) -> MoE:
     cfg = load_config("tiny", overrides=[f"moe.activation={activation}", "moe.num_experts=4", "moe.top_k=2"])
-    moe = MoE(24, 40, cfg.model.decoder.moe).eval()
+    moe = MoE(width, hidden, cfg.model.decoder.moe).eval()
     with torch.no_grad():
         for p in moe.parameters():
             p.normal_(std=0.3)
@@ -137,6 +137,26 @@ def test_int8_experts_compute_the_dequantized_experts(activation):
         # And the quantization moved the float layer's output by a little only.
         float_out = original.experts_reference(x, experts, weights)
         assert 0 < float((expected - float_out).abs().max()) <= 0.02 * float(float_out.abs().max())
+
+
+@pytest.mark.parametrize("activation", ["swiglu", "gelu"])
+@pytest.mark.parametrize("tokens", [1, 3])  # 2 assignments < 4 experts: picked one by one; 6: every expert
+def test_the_compiled_steps_int8_experts_take_the_kernel_and_equal_eager_int8(activation, tokens, monkeypatch):
+    """``experts_static`` (the compiled decoding step's path) runs each int8 expert through the CPU kernel
+    as eager decoding does, so both give the same numbers: greedy tokens need not part on bf16 rounding."""
+    calls = []
+    kernel = torch._weight_int8pack_mm
+    monkeypatch.setattr(torch, "_weight_int8pack_mm", lambda *args: calls.append(args[1].shape) or kernel(*args))
+    int8 = Int8MoE.convert(make_moe(activation, width=32, hidden=64))
+    x = torch.randn(tokens, 32)
+    with torch.no_grad():
+        _, experts, weights = int8.route(x)
+        static = int8.experts_static(x, experts, weights)
+        assert len(calls) == 2 * (2 * tokens if 2 * tokens < 4 else 4)  # two matmuls per expert run
+        eager = int8.compute_experts(x, experts, weights, None)
+        torch.testing.assert_close(static, eager, rtol=0, atol=0)
+        reference = int8.experts_reference(x, experts, weights)
+    assert float((static - reference).abs().max()) <= 2 ** -6 * float(reference.abs().max())
 
 
 def test_the_scratch_decoder_is_quantized_and_the_rest_stays_float():

@@ -15,7 +15,9 @@ rounded to bf16 and the product comes back in bf16 (each scale is rounded up to 
 quantizing, so the kernel and the reference use the same one). The kernel needs an input width that
 is a multiple of 16: an ``Int8Linear`` of another width pads its weight (once) and its input (per call)
 with zeros; the experts' stacks take the reference path then. With more rows the dequantized matmul
-is faster (FAST_ROWS) and the reference path runs.
+is faster (FAST_ROWS) and the reference path runs. A compiled decoding step (moevlm.compiled) takes
+the same paths, ``Int8MoE``'s static ones included: inductor keeps the kernel as one call on the
+int8 weights, so compiled and eager int8 decoding compute the same products.
 
 ``nf4``: bitsandbytes' 4-bit NormalFloat ``Linear4bit`` on the decoder's linear layers, CUDA only
 (the weights are quantized when the model moves to the card).
@@ -167,12 +169,16 @@ class Int8MoE(MoE):
         moe.register_buffer("w2_scale_ED", s2)
         return moe
 
-    def expert(self, e: int, x_MD: torch.Tensor, matmul=int8_matmul) -> torch.Tensor:
-        """Expert e on rows (M, D) through ``matmul`` (int8_matmul or int8_matmul_reference)."""
-        b1 = None if self.b1_EF is None else self.b1_EF[e]
-        b2 = None if self.b2_ED is None else self.b2_ED[e]
-        pre = matmul(x_MD, self.w1_q_EFD[e], self.w1_scale_EF[e], b1)
-        return matmul(self.activate(pre), self.w2_q_EDH[e], self.w2_scale_ED[e], b2)
+    def expert(self, e: int | torch.Tensor, x_MD: torch.Tensor, matmul=int8_matmul) -> torch.Tensor:
+        """Expert e (an int, or a (1,) long tensor: the compiled step's pick) on rows (M, D) through
+        ``matmul`` (int8_matmul or int8_matmul_reference)."""
+        def pick(t: torch.Tensor | None) -> torch.Tensor | None:
+            if t is None or isinstance(e, int):
+                return None if t is None else t[e]
+            return t.index_select(0, e)[0]
+
+        pre = matmul(x_MD, pick(self.w1_q_EFD), pick(self.w1_scale_EF), pick(self.b1_EF))
+        return matmul(self.activate(pre), pick(self.w2_q_EDH), pick(self.w2_scale_ED), pick(self.b2_ED))
 
     def compute_experts(self, x_ND: torch.Tensor, experts_NK: torch.Tensor, weights_NK: torch.Tensor,
                         kept_NK: torch.Tensor | None) -> torch.Tensor:
@@ -190,29 +196,15 @@ class Int8MoE(MoE):
         weight_A = weights_NK.reshape(-1)[order_A].to(out_AD.dtype)
         return x_ND.new_zeros(x_ND.shape, dtype=out_AD.dtype).index_add_(0, token_A, out_AD * weight_A.unsqueeze(1))
 
-    # MoE.experts_static's two paths on the int8 rows: cast to the activations' dtype inside the
-    # compiled step and scaled after the product. In the activations' dtype throughout, where the eager
-    # CPU kernel rounds its input and output to bf16: tokens may differ from eager int8 decoding where
-    # two are close.
+    # MoE.experts_static's two paths on the int8 rows, each matmul as in eager decoding (int8_matmul):
+    # through the CPU kernel where it applies (inductor keeps it as one call on the int8 weights), else
+    # dequantized.
     def expert_picked(self, e_1: torch.Tensor, x_MD: torch.Tensor) -> torch.Tensor:
-        dtype = x_MD.dtype
-        pre = F.linear(x_MD, self.w1_q_EFD.index_select(0, e_1)[0].to(dtype))
-        pre = pre * self.w1_scale_EF.index_select(0, e_1).to(dtype)
-        if self.b1_EF is not None:
-            pre = pre + self.b1_EF.index_select(0, e_1)
-        out = F.linear(self.activate(pre), self.w2_q_EDH.index_select(0, e_1)[0].to(dtype))
-        out = out * self.w2_scale_ED.index_select(0, e_1).to(dtype)
-        return out if self.b2_ED is None else out + self.b2_ED.index_select(0, e_1)
+        return self.expert(e_1, x_MD)
 
     def experts_all(self, x_ND: torch.Tensor) -> torch.Tensor:
-        dtype = x_ND.dtype
-        x_END = x_ND.unsqueeze(0).expand(self.cfg.num_experts, -1, -1)
-        pre_ENF = torch.bmm(x_END, self.w1_q_EFD.to(dtype).transpose(1, 2)) * self.w1_scale_EF.to(dtype).unsqueeze(1)
-        if self.b1_EF is not None:
-            pre_ENF = pre_ENF + self.b1_EF.unsqueeze(1)
-        out_END = torch.bmm(self.activate(pre_ENF), self.w2_q_EDH.to(dtype).transpose(1, 2))
-        out_END = out_END * self.w2_scale_ED.to(dtype).unsqueeze(1)
-        return out_END if self.b2_ED is None else out_END + self.b2_ED.unsqueeze(1)
+        # One expert at a time on its (F, D) slab, a view: each int8 weight read once.
+        return torch.stack([self.expert(e, x_ND) for e in range(self.cfg.num_experts)])
 
     def _expert_reference(self, e: int, x_D: torch.Tensor) -> torch.Tensor:
         # MoE.experts_reference's per-token loop, each expert slice dequantized.
