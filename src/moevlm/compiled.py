@@ -104,22 +104,23 @@ class CompiledDecoder:
             self.buffers[batch, length] = StaticBuffers(self.model, batch, length, self.device)
         return self.buffers[batch, length]
 
+    def _call(self, compiled: Callable | None, eager: Callable, *args):
+        """``compiled(*args)``; ``eager(*args)`` once compiling has failed (at the first call of a shape)."""
+        if self.eager_reason is None:
+            try:
+                return compiled(*args)
+            except Exception as err:
+                self._give_up(err)
+        return eager(*args)
+
     def run(self, buffers: StaticBuffers) -> torch.Tensor:
         """One step over ``buffers`` (tokens already in place): next-token logits (batch, V). The first
         step of each bucket's buffers is timed into ``compile_seconds``."""
         began = time.perf_counter()
-        logits = self._step(buffers)
+        logits = self._call(self.step, self.model.decode_step, buffers.tokens, buffers.key_mask, buffers.cache)
         self.compile_seconds.setdefault(buffers.key, time.perf_counter() - began)
         # A CUDA graph's outputs are overwritten by its next replay.
         return logits.clone() if self.device.type == "cuda" else logits
-
-    def _step(self, buffers: StaticBuffers) -> torch.Tensor:
-        if self.eager_reason is None:
-            try:
-                return self.step(buffers.tokens, buffers.key_mask, buffers.cache)
-            except Exception as err:  # compiling failed (it happens at the first call of a shape)
-                self._give_up(err)
-        return self.model.decode_step(buffers.tokens, buffers.key_mask, buffers.cache)
 
     def _greedy_steps(self, tokens: torch.Tensor, key_mask: torch.Tensor, cache) -> torch.Tensor:
         """``GREEDY_STEPS`` steps from ``tokens`` (batch,), each fed the last one's argmax, which is left
@@ -134,14 +135,7 @@ class CompiledDecoder:
         """``GREEDY_STEPS`` greedy steps over ``buffers`` (tokens already in place): (batch, GREEDY_STEPS)
         tokens, a copy. The first call on each buffers is timed into ``compile_seconds``."""
         began = time.perf_counter()
-        chosen = None
-        if self.eager_reason is None:
-            try:
-                chosen = self.greedy_steps(buffers.tokens, buffers.key_mask, buffers.cache)
-            except Exception as err:  # compiling failed (it happens at the first call of a shape)
-                self._give_up(err)
-        if chosen is None:
-            chosen = self._greedy_steps(buffers.tokens, buffers.key_mask, buffers.cache)
+        chosen = self._call(self.greedy_steps, self._greedy_steps, buffers.tokens, buffers.key_mask, buffers.cache)
         self.compile_seconds.setdefault(buffers.key, time.perf_counter() - began)
         return chosen.clone()  # a CUDA graph's outputs are overwritten by its next replay
 
