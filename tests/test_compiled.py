@@ -76,13 +76,14 @@ def test_scratch_moe_compiled_tokens_equal_eager_with_left_padding_and_a_padded_
     assert len(set(fast[0])) > 3  # the tokens change from step to step
     assert set(compiled_decoder(model).compile_seconds) == {(4, 32)}  # 3 rows padded to the bucket of 4
     assert compiled_decoder(model).eager_reason is None
+    assert compiled_decoder(model).prefill_graph is not None  # it compiled (a failure leaves it None)
 
 
 def test_later_calls_in_the_same_buckets_reuse_the_compiled_graph(moe_model):
     model, _ = moe_model
     decoder = compiled_decoder(model)
     before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
-    fast, eager = compiled_and_eager(model, [2, 7, 1, 4])  # 4 rows, other lengths: the same buckets
+    fast, eager = compiled_and_eager(model, [2, 7, 1, 4])  # 4 rows, prompts 8 wide not 6: the same buckets
     assert fast == eager
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == before
     assert compiled_decoder(model) is decoder and set(decoder.compile_seconds) == {(4, 32)}
@@ -132,6 +133,7 @@ def test_one_row_picks_its_experts_in_place_and_equals_eager():
 def test_a_transformers_lm_with_moe_layers_compiled_tokens_equal_eager(hf_model):
     model, (fast, eager) = hf_model
     assert model.moe_layers and fast == eager
+    assert compiled_decoder(model).prefill_graph is None  # transformers LMs prefill eagerly
     assert len({tuple(row) for row in fast}) == 3 and len(set(fast[0])) > 3
     assert compiled_decoder(model).eager_reason is None
     fast, eager = compiled_and_eager(model, [1, 3, 5, 2])  # the same graph, its cache reused

@@ -6,8 +6,11 @@ cache written in place at a slot held in a tensor, positions taken from the key 
 experts on static shapes (``MoE.experts_static``), so it compiles as one graph
 (``fullgraph=True, dynamic=False``). Batches are padded to a power of two (1, 2, 4, 8, ...) and
 cache lengths to a power of two (at least ``MIN_LENGTH``), each such shape one graph, so a new batch
-size or prompt length within a bucket reuses it. The prefill stays eager, writing into the same
-buffers. Inductor with its C++ wrapper on a CPU; CUDA graphs (``mode="reduce-overhead"``) on a GPU.
+size or prompt length within a bucket reuses it. The prefill writes into the same buffers: compiled
+too for a model that says it traces as one graph (``prefill_compiles``: moevlm's own ``VLM``), its
+prompts left-padded to a power-of-two width (at least ``MIN_PROMPT``), one graph per (batch, width);
+eager otherwise (a transformers LM's prefill scatters image features at data-dependent places).
+Inductor with its C++ wrapper on a CPU; CUDA graphs (``mode="reduce-overhead"``) on a GPU.
 
 Greedy decoding (``greedy``) runs ``GREEDY_STEPS`` steps per call of its own graph, each step's argmax
 fed to the next inside it: a call costs about 0.3 ms besides its kernels on a CPU (guards, and the
@@ -37,6 +40,8 @@ MIN_LENGTH = 32
 # cache holds one slot per new token, the last one's unused; new_token_room keeps that position in
 # a learned position table). More steps per call would need more of both.
 GREEDY_STEPS = 2
+# Prompt widths are padded to a power of two (at least this) where the prefill is compiled.
+MIN_PROMPT = 8
 # Buckets of several models (and of prompt lengths) in one process are graphs of the same code;
 # dynamo's default limit of 8 per code object would quietly fall back to eager past it.
 RECOMPILE_LIMIT = 64
@@ -84,10 +89,13 @@ class CompiledDecoder:
         self.device = next(model.parameters()).device
         self.step: Callable | None = None
         self.greedy_steps: Callable | None = None
+        self.prefill_graph: Callable | None = None  # None: the prefill runs eagerly
         self.eager_reason: str | None = None  # set when compiling failed: the steps then run eagerly
         try:
             self.step = _compile(model.decode_step, self.device)
             self.greedy_steps = _compile(self._greedy_steps, self.device)
+            if getattr(model, "prefill_compiles", False):
+                self.prefill_graph = _compile(model.prefill, self.device)
         except Exception as err:  # torch.compile itself refused (platform, Python version)
             self._give_up(err)
         self.buffers: dict[tuple[int, int], StaticBuffers] = {}
@@ -143,8 +151,12 @@ class CompiledDecoder:
                  length: int) -> tuple[torch.Tensor, StaticBuffers]:
         """Prefills left-padded prompts (B, T) into the buffers of their buckets: next-token logits
         (bucket, V) and the buffers. Rows added to reach the batch bucket repeat the first row."""
-        rows = ids.size(0)
-        size = bucket(rows)
+        rows, width = ids.shape
+        size, padded = bucket(rows), bucket(width, MIN_PROMPT)
+        if self.prefill_graph is not None and padded > width:  # more left padding: hidden, no position
+            ids = torch.cat([ids[:, :1].expand(-1, padded - width), ids], dim=1)
+            text_mask = torch.cat([text_mask.new_zeros(rows, padded - width), text_mask], dim=1)
+            length += padded - width
         buffers = self.buffers_for(size, bucket(length, MIN_LENGTH))
         if size > rows:
             extra = size - rows
@@ -152,10 +164,18 @@ class CompiledDecoder:
             text_mask = torch.cat([text_mask, text_mask[:1].expand(extra, -1)])
             if images is not None:
                 images = torch.cat([images, images[:1].expand(extra, *images.shape[1:])])
-        logits, key_mask = self.model.prefill(images, ids, text_mask, buffers.cache)
+        logits, key_mask = self._run_prefill(images, ids, text_mask, buffers.cache)
         buffers.key_mask.zero_()
         buffers.key_mask[:, :key_mask.size(1)] = key_mask
         return logits, buffers
+
+    def _run_prefill(self, *args) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.prefill_graph is not None and self.eager_reason is None:
+            try:
+                return self.prefill_graph(*args)
+            except Exception:  # a part that does not trace (a pretrained vision tower): this part only eager
+                self.prefill_graph = None
+        return self.model.prefill(*args)
 
     def start(self, images: torch.Tensor | None, ids: torch.Tensor, text_mask: torch.Tensor,
               length: int) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
