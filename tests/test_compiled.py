@@ -11,7 +11,7 @@ import torch
 from moevlm import compiled
 from moevlm.compiled import bucket, compiled_decoder
 from moevlm.config import MoEConfig, load_config
-from moevlm.generate import generate
+from moevlm.generate import generate, generate_stream
 from moevlm.models.factory import build_model
 from moevlm.models.hf_config import resolve_pretrained
 from moevlm.models.moe import MoE
@@ -103,6 +103,10 @@ def test_greedy_runs_several_steps_per_call_and_stops_rows_at_their_end_token(mo
     options = dict(eos_id=end, pad_id=0, max_new_tokens=NEW)
     fast, slow = generate(model, images, prompts, compile=True, **options), generate(model, images, prompts, **options)
     assert fast == slow and len(fast[1]) <= 4 and len({len(row) for row in fast}) > 1
+    # The streams themselves: pad_id after a row's end token, and no step once every row has ended.
+    fast = torch.stack(list(generate_stream(model, images, prompts, compile=True, **options)))
+    slow = torch.stack(list(generate_stream(model, images, prompts, **options)))
+    assert fast.equal(slow) and int((fast == 0).sum()) > 0
 
 
 def test_sampling_calls_the_one_step_graph_and_top_1_is_greedy(moe_model):
