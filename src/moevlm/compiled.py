@@ -54,13 +54,13 @@ def bucket(n: int, least: int = 1) -> int:
 
 def _compile(step: Callable, device: torch.device) -> Callable:
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
-    # A MoE layer's picked expert is a view at an index read with .item() on a CPU (MoE.expert_weights):
-    # captured into the graph, not a graph break. Set for the process: patching it around each call
-    # cost 0.27 ms, a third of a step.
-    torch._dynamo.config.capture_scalar_outputs = True
     if device.type == "cuda":
         return torch.compile(step, fullgraph=True, dynamic=False, mode="reduce-overhead")
     if device.type == "cpu":
+        # A MoE layer's picked expert is a view at an index read with .item() on a CPU
+        # (MoE.expert_weights): captured into the graph, not a graph break. Set for the process:
+        # patching it around each call cost 0.27 ms, a third of a step.
+        torch._dynamo.config.capture_scalar_outputs = True
         # The C++ wrapper calls the kernels without Python in between: +12 % at batch 1 here.
         return torch.compile(step, fullgraph=True, dynamic=False, options={"cpp_wrapper": True})
     return torch.compile(step, fullgraph=True, dynamic=False)
