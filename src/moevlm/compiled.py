@@ -13,9 +13,9 @@ eager otherwise (a transformers LM's prefill scatters image features at data-dep
 Inductor with its C++ wrapper on a CPU; CUDA graphs (``mode="reduce-overhead"``) on a GPU.
 
 Greedy decoding (``greedy``) runs ``GREEDY_STEPS`` steps per call of its own graph, each step's argmax
-fed to the next inside it: a call costs about 0.3 ms besides its kernels on a CPU (guards, and the
-wrapper handing over every weight), as much as half a step of the demo model. Sampling (and the
-server's slot table) call the one-step graph (``run``).
+fed to the next inside it: each call pays dynamo's guards and the wrapper's hand-over of every weight
+and cache tensor, which on a CPU is a large part of a small model's step. Sampling (and the server's
+slot table) call the one-step graph (``run``).
 
 The compiled step, its graphs and its caches are kept on the model object (``compiled_decoder``),
 so later calls do not compile again. Where compiling fails (no C++ compiler, a platform without
