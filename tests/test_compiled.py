@@ -11,7 +11,7 @@ import torch
 from moevlm import compiled
 from moevlm.compiled import bucket, compiled_decoder
 from moevlm.config import MoEConfig, load_config
-from moevlm.generate import generate
+from moevlm.generate import generate, generate_stream
 from moevlm.models.factory import build_model
 from moevlm.models.hf_config import resolve_pretrained
 from moevlm.models.moe import MoE
@@ -76,16 +76,45 @@ def test_scratch_moe_compiled_tokens_equal_eager_with_left_padding_and_a_padded_
     assert len(set(fast[0])) > 3  # the tokens change from step to step
     assert set(compiled_decoder(model).compile_seconds) == {(4, 32)}  # 3 rows padded to the bucket of 4
     assert compiled_decoder(model).eager_reason is None
+    assert compiled_decoder(model).prefill_graph is not None  # it compiled (a failure leaves it None)
 
 
 def test_later_calls_in_the_same_buckets_reuse_the_compiled_graph(moe_model):
     model, _ = moe_model
     decoder = compiled_decoder(model)
     before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
-    fast, eager = compiled_and_eager(model, [2, 7, 1, 4])  # 4 rows, other lengths: the same buckets
+    fast, eager = compiled_and_eager(model, [2, 7, 1, 4])  # 4 rows, prompts 8 wide not 6: the same buckets
     assert fast == eager
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == before
     assert compiled_decoder(model) is decoder and set(decoder.compile_seconds) == {(4, 32)}
+
+
+def test_greedy_runs_several_steps_per_call_and_stops_rows_at_their_end_token(moe_model, monkeypatch):
+    model, (_, eager) = moe_model
+    decoder = compiled_decoder(model)
+    calls = []
+    run_greedy = decoder.run_greedy
+    monkeypatch.setattr(decoder, "run_greedy", lambda buffers: calls.append(1) or run_greedy(buffers))
+    images, prompts = images_for(model, 3), prompts_for(model, [5, 1, 3])
+    fast = generate(model, images, prompts, eos_id=NEVER, pad_id=0, max_new_tokens=NEW, compile=True)
+    # The first token comes with the prefill, the other 11 two per call (the last call's second dropped).
+    assert fast == eager and len(calls) == -(-(NEW - 1) // compiled.GREEDY_STEPS) == 6
+    end = eager[1][4]  # a token that ends row 1 at its fifth token and the other rows where they have it
+    options = dict(eos_id=end, pad_id=0, max_new_tokens=NEW)
+    fast, slow = generate(model, images, prompts, compile=True, **options), generate(model, images, prompts, **options)
+    assert fast == slow and len(fast[1]) <= 4 and len({len(row) for row in fast}) > 1
+    # The streams themselves: pad_id after a row's end token, and no step once every row has ended.
+    fast = torch.stack(list(generate_stream(model, images, prompts, compile=True, **options)))
+    slow = torch.stack(list(generate_stream(model, images, prompts, **options)))
+    assert fast.equal(slow) and int((fast == 0).sum()) > 0
+
+
+def test_sampling_calls_the_one_step_graph_and_top_1_is_greedy(moe_model):
+    model, (_, eager) = moe_model
+    images, prompts = images_for(model, 3), prompts_for(model, [5, 1, 3])
+    sampled = generate(model, images, prompts, eos_id=NEVER, pad_id=0, max_new_tokens=NEW, compile=True,
+                       temperature=1.0, top_k=1, seed=0)
+    assert sampled == eager and compiled_decoder(model).eager_reason is None
 
 
 def test_a_dense_gpt_decoder_compiled_tokens_equal_eager():
@@ -95,9 +124,20 @@ def test_a_dense_gpt_decoder_compiled_tokens_equal_eager():
     assert compiled_decoder(model).eager_reason is None
 
 
+def test_one_row_picks_its_experts_in_place_and_equals_eager():
+    # One row: 2 assignments < 4 experts, so each picked expert's weights are read in place at an index
+    # the graph reads with .item() (MoE.expert_weights); gpt arch: GELU experts with biases.
+    model = scratch("decoder.arch=gpt")
+    fast, eager = compiled_and_eager(model, [5])
+    assert fast == eager and len(set(fast[0])) > 3
+    decoder = compiled_decoder(model)
+    assert decoder.eager_reason is None and set(decoder.compile_seconds) == {(1, 32)}
+
+
 def test_a_transformers_lm_with_moe_layers_compiled_tokens_equal_eager(hf_model):
     model, (fast, eager) = hf_model
     assert model.moe_layers and fast == eager
+    assert compiled_decoder(model).prefill_graph is None  # transformers LMs prefill eagerly
     assert len({tuple(row) for row in fast}) == 3 and len(set(fast[0])) > 3
     assert compiled_decoder(model).eager_reason is None
     fast, eager = compiled_and_eager(model, [1, 3, 5, 2])  # the same graph, its cache reused

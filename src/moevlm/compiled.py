@@ -6,8 +6,16 @@ cache written in place at a slot held in a tensor, positions taken from the key 
 experts on static shapes (``MoE.experts_static``), so it compiles as one graph
 (``fullgraph=True, dynamic=False``). Batches are padded to a power of two (1, 2, 4, 8, ...) and
 cache lengths to a power of two (at least ``MIN_LENGTH``), each such shape one graph, so a new batch
-size or prompt length within a bucket reuses it. The prefill stays eager, writing into the same
-buffers. Inductor with its C++ wrapper on a CPU; CUDA graphs (``mode="reduce-overhead"``) on a GPU.
+size or prompt length within a bucket reuses it. The prefill writes into the same buffers: compiled
+too for a model that says it traces as one graph (``prefill_compiles``: moevlm's own ``VLM``), its
+prompts left-padded to a power-of-two width (at least ``MIN_PROMPT``), one graph per (batch, width);
+eager otherwise (a transformers LM's prefill scatters image features at data-dependent places).
+Inductor with its C++ wrapper on a CPU; CUDA graphs (``mode="reduce-overhead"``) on a GPU.
+
+Greedy decoding (``greedy``) runs ``GREEDY_STEPS`` steps per call of its own graph, each step's argmax
+fed to the next inside it: each call pays dynamo's guards and the wrapper's hand-over of every weight
+and cache tensor, which on a CPU is a large part of a small model's step. Sampling (and the server's
+slot table) call the one-step graph (``run``).
 
 The compiled step, its graphs and its caches are kept on the model object (``compiled_decoder``),
 so later calls do not compile again. Where compiling fails (no C++ compiler, a platform without
@@ -19,13 +27,21 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 
 from moevlm.models.protocol import VisionLanguageModel
 
 MIN_LENGTH = 32
+# Steps per call of the greedy graph. Measured on the demo model (1 thread): 0.72 ms a token at 1,
+# 0.57 at 2, 0.56 at 4, while compiling takes about that many times as long. A last call may run one
+# step past the tokens asked for: its token is dropped, and its cache slot and position exist (the
+# cache holds one slot per new token, the last one's unused; new_token_room keeps that position in
+# a learned position table). More steps per call would need more of both.
+GREEDY_STEPS = 2
+# Prompt widths are padded to a power of two (at least this) where the prefill is compiled.
+MIN_PROMPT = 8
 # Buckets of several models (and of prompt lengths) in one process are graphs of the same code;
 # dynamo's default limit of 8 per code object would quietly fall back to eager past it.
 RECOMPILE_LIMIT = 64
@@ -41,6 +57,10 @@ def _compile(step: Callable, device: torch.device) -> Callable:
     if device.type == "cuda":
         return torch.compile(step, fullgraph=True, dynamic=False, mode="reduce-overhead")
     if device.type == "cpu":
+        # A MoE layer's picked expert is a view at an index read with .item() on a CPU
+        # (MoE.expert_weights): captured into the graph, not a graph break. Set for the process:
+        # patching it around each call cost 0.27 ms, a third of a step.
+        torch._dynamo.config.capture_scalar_outputs = True
         # The C++ wrapper calls the kernels without Python in between: +12 % at batch 1 here.
         return torch.compile(step, fullgraph=True, dynamic=False, options={"cpp_wrapper": True})
     return torch.compile(step, fullgraph=True, dynamic=False)
@@ -68,9 +88,14 @@ class CompiledDecoder:
         self.model = model
         self.device = next(model.parameters()).device
         self.step: Callable | None = None
-        self.eager_reason: str | None = None  # set when compiling failed: the step then runs eagerly
+        self.greedy_steps: Callable | None = None
+        self.prefill_graph: Callable | None = None  # None: the prefill runs eagerly
+        self.eager_reason: str | None = None  # set when compiling failed: the steps then run eagerly
         try:
             self.step = _compile(model.decode_step, self.device)
+            self.greedy_steps = _compile(self._greedy_steps, self.device)
+            if getattr(model, "prefill_compiles", False):
+                self.prefill_graph = _compile(model.prefill, self.device)
         except Exception as err:  # torch.compile itself refused (platform, Python version)
             self._give_up(err)
         self.buffers: dict[tuple[int, int], StaticBuffers] = {}
@@ -87,30 +112,51 @@ class CompiledDecoder:
             self.buffers[batch, length] = StaticBuffers(self.model, batch, length, self.device)
         return self.buffers[batch, length]
 
+    def _call(self, compiled: Callable | None, eager: Callable, *args):
+        """``compiled(*args)``; ``eager(*args)`` once compiling has failed (at the first call of a shape)."""
+        if self.eager_reason is None:
+            try:
+                return compiled(*args)
+            except Exception as err:
+                self._give_up(err)
+        return eager(*args)
+
     def run(self, buffers: StaticBuffers) -> torch.Tensor:
         """One step over ``buffers`` (tokens already in place): next-token logits (batch, V). The first
         step of each bucket's buffers is timed into ``compile_seconds``."""
         began = time.perf_counter()
-        logits = self._step(buffers)
+        logits = self._call(self.step, self.model.decode_step, buffers.tokens, buffers.key_mask, buffers.cache)
         self.compile_seconds.setdefault(buffers.key, time.perf_counter() - began)
         # A CUDA graph's outputs are overwritten by its next replay.
         return logits.clone() if self.device.type == "cuda" else logits
 
-    def _step(self, buffers: StaticBuffers) -> torch.Tensor:
-        if self.eager_reason is None:
-            try:
-                return self.step(buffers.tokens, buffers.key_mask, buffers.cache)
-            except Exception as err:  # compiling failed (it happens at the first call of a shape)
-                self._give_up(err)
-        return self.model.decode_step(buffers.tokens, buffers.key_mask, buffers.cache)
+    def _greedy_steps(self, tokens: torch.Tensor, key_mask: torch.Tensor, cache) -> torch.Tensor:
+        """``GREEDY_STEPS`` steps from ``tokens`` (batch,), each fed the last one's argmax, which is left
+        in ``tokens``: (batch, GREEDY_STEPS) tokens."""
+        chosen = []
+        for _ in range(GREEDY_STEPS):
+            chosen.append(self.model.decode_step(tokens, key_mask, cache).argmax(-1))
+            tokens.copy_(chosen[-1])
+        return torch.stack(chosen, dim=1)
 
-    def start(self, images: torch.Tensor | None, ids: torch.Tensor, text_mask: torch.Tensor,
-              length: int) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
-        """Prefills left-padded prompts (B, T) that need ``length`` cache slots in all (image tokens
-        included); returns their next-token logits (B, V) and ``advance``: tokens (B,) -> the next
-        logits (B, V). Rows added to reach the batch bucket repeat the first row and are dropped."""
-        rows = ids.size(0)
-        size = bucket(rows)
+    def run_greedy(self, buffers: StaticBuffers) -> torch.Tensor:
+        """``GREEDY_STEPS`` greedy steps over ``buffers`` (tokens already in place): (batch, GREEDY_STEPS)
+        tokens, a copy. The first call on each buffers is timed into ``compile_seconds``."""
+        began = time.perf_counter()
+        chosen = self._call(self.greedy_steps, self._greedy_steps, buffers.tokens, buffers.key_mask, buffers.cache)
+        self.compile_seconds.setdefault(buffers.key, time.perf_counter() - began)
+        return chosen.clone()  # a CUDA graph's outputs are overwritten by its next replay
+
+    def _prefill(self, images: torch.Tensor | None, ids: torch.Tensor, text_mask: torch.Tensor,
+                 length: int) -> tuple[torch.Tensor, StaticBuffers]:
+        """Prefills left-padded prompts (B, T) into the buffers of their buckets: next-token logits
+        (bucket, V) and the buffers. Rows added to reach the batch bucket repeat the first row."""
+        rows, width = ids.shape
+        size, padded = bucket(rows), bucket(width, MIN_PROMPT)
+        if self.prefill_graph is not None and padded > width:  # more left padding: hidden, no position
+            ids = torch.cat([ids[:, :1].expand(-1, padded - width), ids], dim=1)
+            text_mask = torch.cat([text_mask.new_zeros(rows, padded - width), text_mask], dim=1)
+            length += padded - width
         buffers = self.buffers_for(size, bucket(length, MIN_LENGTH))
         if size > rows:
             extra = size - rows
@@ -118,15 +164,48 @@ class CompiledDecoder:
             text_mask = torch.cat([text_mask, text_mask[:1].expand(extra, -1)])
             if images is not None:
                 images = torch.cat([images, images[:1].expand(extra, *images.shape[1:])])
-        logits, key_mask = self.model.prefill(images, ids, text_mask, buffers.cache)
+        logits, key_mask = self._run_prefill(images, ids, text_mask, buffers.cache)
         buffers.key_mask.zero_()
         buffers.key_mask[:, :key_mask.size(1)] = key_mask
+        return logits, buffers
+
+    def _run_prefill(self, *args) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.prefill_graph is not None and self.eager_reason is None:
+            try:
+                return self.prefill_graph(*args)
+            except Exception:  # a part that does not trace (a pretrained vision tower): this part only eager
+                self.prefill_graph = None
+        return self.model.prefill(*args)
+
+    def start(self, images: torch.Tensor | None, ids: torch.Tensor, text_mask: torch.Tensor,
+              length: int) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
+        """Prefills left-padded prompts (B, T) that need ``length`` cache slots in all (image tokens
+        included); returns their next-token logits (B, V) and ``advance``: tokens (B,) -> the next
+        logits (B, V). Rows added to reach the batch bucket repeat the first row and are dropped."""
+        rows = ids.size(0)
+        logits, buffers = self._prefill(images, ids, text_mask, length)
 
         def advance(tokens: torch.Tensor) -> torch.Tensor:
             buffers.tokens[:rows] = tokens
             return self.run(buffers)[:rows]
 
         return logits[:rows], advance
+
+    def greedy(self, images: torch.Tensor | None, ids: torch.Tensor, text_mask: torch.Tensor, length: int,
+               count: int) -> Iterator[torch.Tensor]:
+        """Greedy decoding of left-padded prompts (B, T) that need ``length`` cache slots (as ``start``):
+        yields ``count`` next tokens (B,), the first from the prefill, the others ``GREEDY_STEPS`` per
+        call of the greedy graph. A row is fed its own tokens even after its end token (the caller
+        drops them), which changes no other row: rows never mix."""
+        if count < 1:
+            return
+        rows = ids.size(0)
+        logits, buffers = self._prefill(images, ids, text_mask, length)
+        buffers.tokens.copy_(logits.argmax(-1))
+        yield buffers.tokens[:rows].clone()
+        for first in range(1, count, GREEDY_STEPS):
+            chosen = self.run_greedy(buffers)
+            yield from chosen[:rows, :count - first].unbind(1)
 
 
 def compiled_decoder(model: VisionLanguageModel) -> CompiledDecoder:

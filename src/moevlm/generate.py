@@ -78,7 +78,8 @@ def generate_stream(model: VisionLanguageModel, images: torch.Tensor, prompts: l
     images: normalized (B, C, S, S); prompts: token ids per image (``tokenizer.prompt_ids``;
     a model with ``images_in_text`` finds its image ids among them). A finished sequence keeps
     yielding ``pad_id``. ``compile``: decode with the compiled step over a static cache
-    (moevlm.compiled; greedy tokens equal the eager path's); ``use_cache=False`` overrides it.
+    (moevlm.compiled; greedy tokens equal the eager path's; greedy decoding runs several steps per
+    call of the compiled graph); ``use_cache=False`` overrides it.
     """
     model.eval()
     device = images.device
@@ -92,6 +93,15 @@ def generate_stream(model: VisionLanguageModel, images: torch.Tensor, prompts: l
     ids, text_mask = left_pad(prompts, pad_id, device)
     prepended = 0 if in_text else model.num_image_tokens
     done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
+    length = prepended + ids.size(1) + max_new_tokens
+    if use_cache and compile and temperature < GREEDY_BELOW:  # several steps per call, argmax in the graph
+        for token in compiled_decoder(model).greedy(images, ids, text_mask, length, max_new_tokens):
+            token = torch.where(done, torch.full_like(token, pad_id), token)
+            yield token
+            done |= token == eos_id
+            if bool(done.all()):
+                return
+        return
     if not use_cache:
         logits, _ = model.prefill(images, ids, text_mask)
 
@@ -101,10 +111,9 @@ def generate_stream(model: VisionLanguageModel, images: torch.Tensor, prompts: l
             text_mask = torch.cat([text_mask, torch.ones_like(text_mask[:, :1])], dim=1)
             return model.prefill(images, ids, text_mask)[0]
     elif compile:
-        logits, advance = compiled_decoder(model).start(images, ids, text_mask,
-                                                        prepended + ids.size(1) + max_new_tokens)
+        logits, advance = compiled_decoder(model).start(images, ids, text_mask, length)
     else:
-        cache = model.new_cache(len(prompts), prepended + ids.size(1) + max_new_tokens)
+        cache = model.new_cache(len(prompts), length)
         logits, key_mask = model.prefill(images, ids, text_mask, cache)
 
         def advance(token: torch.Tensor) -> torch.Tensor:

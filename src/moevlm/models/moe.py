@@ -191,11 +191,32 @@ class MoE(nn.Module):
 
     def expert_picked(self, e_1: torch.Tensor, x_MD: torch.Tensor) -> torch.Tensor:
         """Expert ``e_1`` ((1,) long tensor) on rows (M, D)."""
-        pre = x_MD @ self.w1_EDF.index_select(0, e_1)[0]
-        if self.b1_EF is not None:
-            pre = pre + self.b1_EF.index_select(0, e_1)
-        out = self.activate(pre) @ self.w2_EHD.index_select(0, e_1)[0]
-        return out if self.b2_ED is None else out + self.b2_ED.index_select(0, e_1)
+        w1_DF, b1_1F, w2_HD, b2_1D = self.expert_weights(e_1)
+        pre = x_MD @ w1_DF
+        if b1_1F is not None:
+            pre = pre + b1_1F
+        out = self.activate(pre) @ w2_HD
+        return out if b2_1D is None else out + b2_1D
+
+    def expert_weights(self, e_1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor,
+                                                          torch.Tensor | None]:
+        """Expert ``e_1``'s w1 (D, F), b1 (1, F), w2 (H, D), b2 (1, D); biases None where it has none.
+
+        On a CPU these are views of the stacked weights at ``e_1.item()`` (in a compiled step an
+        unbacked int: moevlm.compiled lets dynamo capture it), so the matmuls read the expert in
+        place; ``index_select`` copied every picked expert first, half of the demo model's compiled
+        step. On other devices ``index_select``: ``.item()`` would wait for the device and keep the
+        step out of a CUDA graph."""
+        if e_1.device.type != "cpu":
+            b1 = None if self.b1_EF is None else self.b1_EF.index_select(0, e_1)
+            b2 = None if self.b2_ED is None else self.b2_ED.index_select(0, e_1)
+            return self.w1_EDF.index_select(0, e_1)[0], b1, self.w2_EHD.index_select(0, e_1)[0], b2
+        e = e_1.item()
+        torch._check(e >= 0)
+        torch._check(e < self.cfg.num_experts)
+        b1 = None if self.b1_EF is None else self.b1_EF[e:e + 1]
+        b2 = None if self.b2_ED is None else self.b2_ED[e:e + 1]
+        return self.w1_EDF[e], b1, self.w2_EHD[e], b2
 
     def experts_all(self, x_ND: torch.Tensor) -> torch.Tensor:
         """Every expert on every row: (E, N, D)."""

@@ -126,6 +126,9 @@ class VLM(nn.Module):
     # Image tokens are prepended by the model, not marked in input_ids (see PretrainedVLM).
     images_in_text = False
     image_token_id = None
+    # ``prefill`` traces as one graph with a static cache (no host syncs when every row has an
+    # image), so moevlm.compiled compiles it too.
+    prefill_compiles = True
 
     def __init__(self, cfg: ModelConfig, vision: nn.Module | None = None):
         """``vision``: the image encoder, (B, C, S, S) in [-1, 1] -> (B, num_image_tokens,
