@@ -1,7 +1,7 @@
-"""The HTTP around the API: every error OpenAI-shaped (routing's 404/405, bodies nested too deeply),
-GET /v1/models/{id}, the key on /metrics with WWW-Authenticate, 415 for bodies that are not JSON,
-CORS, x-request-id, base64 as encoders write it, header sizes as the header says them, the request
-timeout, and a non-streaming client that leaves freeing its slot at once."""
+"""The HTTP around the API: every error OpenAI-shaped (routing's 404/405, bodies nested too deeply, a
+bug's 500), GET /v1/models/{id}, the key on /metrics with WWW-Authenticate, 415 for bodies that are not
+JSON, CORS (on the chat route too), x-request-id, base64 as encoders write it, header sizes as the
+header says them, the request timeout, and a non-streaming client that leaves freeing its slot at once."""
 
 import base64
 import io
@@ -111,6 +111,34 @@ def test_cors_answers_allowed_origins_only(keyed):
     assert headers["Access-Control-Allow-Origin"] is None
     _, headers, _ = http(f"{url}/v1/models", headers={**AUTH, "Origin": ORIGIN})
     assert headers["Access-Control-Allow-Origin"] == ORIGIN
+
+
+def test_a_chat_completion_from_an_allowed_origin_gets_cors_headers(keyed):
+    """The chat route answers past FastAPI's layers, but CORS still answers requests with an Origin."""
+    url, model, _ = keyed
+    body = json.dumps(request(model)).encode()
+    status, headers, _ = http(f"{url}/v1/chat/completions", body, {**AUTH, "Origin": ORIGIN})
+    assert status == 200 and headers["Access-Control-Allow-Origin"] == ORIGIN and headers["x-request-id"]
+    status, headers, _ = http(f"{url}/v1/chat/completions", body, {**AUTH, "Origin": "https://evil.example"})
+    assert status == 200 and headers["Access-Control-Allow-Origin"] is None
+
+
+def test_a_bug_in_the_chat_route_is_an_openai_500_counted_in_metrics(keyed, monkeypatch):
+    import moevlm.serve.completions as completions
+
+    def broken(*args):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(completions, "request_prompt", broken)
+    url, model, _ = keyed
+    before = outcome_count(url, "500")
+    for origin in ({}, {"Origin": ORIGIN}):  # past FastAPI, and through it
+        status, headers, reply = http(f"{url}/v1/chat/completions", json.dumps(request(model)).encode(),
+                                      {**AUTH, **origin, "x-request-id": "bug-1"})
+        assert (status, headers["x-request-id"]) == (500, "bug-1")
+        assert error_of(reply) == {"message": "internal server error", "type": "server_error", "param": None,
+                                   "code": "internal_error"}
+    assert outcome_count(url, "500") == before + 2
 
 
 def test_no_cors_by_default(checkpoint):

@@ -22,27 +22,37 @@ def new_id() -> str:
     return f"{_IDS.getrandbits(128):032x}"
 
 
-def check_key(request, api_key: str | None) -> None:
+class ClientLeft(Exception):
+    """The client disconnected before its request's body had arrived."""
+
+
+def check_key(headers, api_key: str | None) -> None:
+    """``headers``: the request's, by lower-case name."""
     if api_key is None:
         return
-    given = request.headers.get("authorization", "")
+    given = headers.get("authorization", "")
     if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
         raise ApiError(401, "missing or wrong API key (Authorization: Bearer KEY)", code="invalid_api_key",
                        headers={"WWW-Authenticate": "Bearer"})
 
 
-async def read_json(request, max_bytes: int):
-    """The request's JSON body, bounded in size; only ``Content-Type: application/json`` is read, so a
-    page elsewhere cannot post a form or text/plain "simple request" (no CORS preflight) to the server."""
-    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+async def read_json(headers, receive, max_bytes: int):
+    """The JSON body of a request (its ``headers`` by lower-case name, its ASGI ``receive``), bounded in
+    size; only ``Content-Type: application/json`` is read, so a page elsewhere cannot post a form or
+    text/plain "simple request" (no CORS preflight) to the server. Raises ClientLeft if the client goes."""
+    kind = headers.get("content-type", "").split(";")[0].strip().lower()
     if kind != "application/json":
         raise ApiError(415, f"the request body must be Content-Type: application/json, not {kind or 'none'!r}"[:200],
                        code="unsupported_media_type")
-    declared = request.headers.get("content-length")
+    declared = headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > max_bytes:
         raise ApiError(413, f"the request body is over {max_bytes} bytes", code="body_too_large")
-    chunks, size = [], 0
-    async for chunk in request.stream():
+    chunks, size, more = [], 0, True
+    while more:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientLeft
+        chunk, more = message.get("body", b""), message.get("more_body", False)
         size += len(chunk)
         if size > max_bytes:
             raise ApiError(413, f"the request body is over {max_bytes} bytes", code="body_too_large")

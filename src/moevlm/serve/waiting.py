@@ -18,10 +18,10 @@ import time
 GONE, TIMEOUT, CLOSING = ("gone",), ("timeout",), ("closing",)
 
 
-async def client_gone(request) -> None:
-    """Returns once the client has disconnected. Call after the body was read: from then on the ASGI
-    server's receive() only ever says ``http.disconnect``."""
-    while (await request.receive())["type"] != "http.disconnect":
+async def client_gone(receive) -> None:
+    """Returns once the client has disconnected (``receive``: the request's ASGI receive). Call after
+    the body was read: from then on the ASGI server's receive() only ever says ``http.disconnect``."""
+    while (await receive())["type"] != "http.disconnect":
         pass
 
 
