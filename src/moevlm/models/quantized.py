@@ -200,8 +200,7 @@ class Int8MoE(MoE):
     # through the CPU kernel where it applies (inductor keeps it as one call on the int8 weights), else
     # dequantized.
     def expert_picked(self, e_1: torch.Tensor, x_MD: torch.Tensor) -> torch.Tensor:
-        # On a CPU the int8 rows are read in place, as MoE.expert_weights reads float ones.
-        return self.expert(self.expert_index(e_1) if e_1.is_cpu else e_1, x_MD)
+        return self.expert(e_1, x_MD)
 
     def experts_all(self, x_ND: torch.Tensor) -> torch.Tensor:
         # One expert at a time on its (F, D) slab, a view: each int8 weight read once.
