@@ -121,12 +121,18 @@ class CompiledDecoder:
                 self._give_up(err)
         return eager(*args)
 
+    def _timed(self, compiled: Callable | None, eager: Callable, buffers: StaticBuffers):
+        """``_call`` on the buffers' tokens, key mask and cache; the first call on each buffers is timed
+        into ``compile_seconds``."""
+        began = time.perf_counter()
+        out = self._call(compiled, eager, buffers.tokens, buffers.key_mask, buffers.cache)
+        self.compile_seconds.setdefault(buffers.key, time.perf_counter() - began)
+        return out
+
     def run(self, buffers: StaticBuffers) -> torch.Tensor:
         """One step over ``buffers`` (tokens already in place): next-token logits (batch, V). The first
         step of each bucket's buffers is timed into ``compile_seconds``."""
-        began = time.perf_counter()
-        logits = self._call(self.step, self.model.decode_step, buffers.tokens, buffers.key_mask, buffers.cache)
-        self.compile_seconds.setdefault(buffers.key, time.perf_counter() - began)
+        logits = self._timed(self.step, self.model.decode_step, buffers)
         # A CUDA graph's outputs are overwritten by its next replay.
         return logits.clone() if self.device.type == "cuda" else logits
 
@@ -142,10 +148,8 @@ class CompiledDecoder:
     def run_greedy(self, buffers: StaticBuffers) -> torch.Tensor:
         """``GREEDY_STEPS`` greedy steps over ``buffers`` (tokens already in place): (batch, GREEDY_STEPS)
         tokens, a copy. The first call on each buffers is timed into ``compile_seconds``."""
-        began = time.perf_counter()
-        chosen = self._call(self.greedy_steps, self._greedy_steps, buffers.tokens, buffers.key_mask, buffers.cache)
-        self.compile_seconds.setdefault(buffers.key, time.perf_counter() - began)
-        return chosen.clone()  # a CUDA graph's outputs are overwritten by its next replay
+        # A copy: a CUDA graph's outputs are overwritten by its next replay.
+        return self._timed(self.greedy_steps, self._greedy_steps, buffers).clone()
 
     def _prefill(self, images: torch.Tensor | None, ids: torch.Tensor, text_mask: torch.Tensor,
                  length: int) -> tuple[torch.Tensor, StaticBuffers]:

@@ -173,9 +173,9 @@ class Int8MoE(MoE):
         """Expert e (an int, or a (1,) long tensor: the compiled step's pick) on rows (M, D) through
         ``matmul`` (int8_matmul or int8_matmul_reference)."""
         def pick(t: torch.Tensor | None) -> torch.Tensor | None:
-            if t is None or isinstance(e, int):
-                return None if t is None else t[e]
-            return t.index_select(0, e)[0]
+            if t is None:
+                return None
+            return t[e] if isinstance(e, int) else t.index_select(0, e)[0]
 
         pre = matmul(x_MD, pick(self.w1_q_EFD), pick(self.w1_scale_EF), pick(self.b1_EF))
         return matmul(self.activate(pre), pick(self.w2_q_EDH), pick(self.w2_scale_ED), pick(self.b2_ED))

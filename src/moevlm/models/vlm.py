@@ -89,7 +89,7 @@ def vlm_output(logits: torch.Tensor, labels: torch.Tensor | None, moe_layers: li
             label_smoothing=label_smoothing)
         out.loss = out.lm_loss
         if out.aux:
-            out.loss = out.loss + moe.aux_loss_coef * out.aux["balance"] + moe.z_loss_coef * out.aux["z"]
+            out.loss = out.loss + weighted_aux(out.aux, moe)
     return out
 
 
