@@ -21,7 +21,7 @@ from moevlm.serve.engine import Engine, Job, QueueFull
 from moevlm.serve.errors import ApiError
 from moevlm.serve.http import ClientLeft, check_key, new_id, read_json
 from moevlm.serve.images import ImageLoader
-from moevlm.serve.responses import Reply
+from moevlm.serve.responses import Reply, sse
 from moevlm.serve.waiting import CLOSING, GONE, TIMEOUT, Closing, Handoff, Inbox, client_gone
 
 log = logging.getLogger("moevlm.serve")
@@ -178,7 +178,7 @@ class Completions:
                 if events is GONE:
                     return
                 if events in (TIMEOUT, CLOSING):
-                    lines += [f"data: {json.dumps(self._cut_short(events).body())}\n\n", *reply.cut_short()]
+                    lines += [sse(self._cut_short(events).body()), *reply.cut_short()]
                     break
                 for event in events:
                     lines += reply.chunks(*event)
