@@ -3,7 +3,7 @@
 For each batch size: one prompt per image (the checkpoint's empty prompt, so <bos> only), 64 new tokens
 with no early stop (eos never matches). Decoding tokens/s is the batch over the mean time of one
 decoding step (the steps after the first token, which comes with the prefill; a mean, since compiled
-greedy decoding hands over two tokens per call of its graph), so neither the prefill nor compiling
+greedy decoding of a small model hands over four tokens per call of its graph), so neither the prefill nor compiling
 counts; end-to-end tokens/s is the batch x new tokens over the whole ``generate`` call (prefill
 included, compiling not: the compiled side is warmed up first). Eager and compiled alternate, ``--repeats``
 times each; the median and the range over the repeats are printed. The first compiled

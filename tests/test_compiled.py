@@ -93,12 +93,15 @@ def test_greedy_runs_several_steps_per_call_and_stops_rows_at_their_end_token(mo
     model, (_, eager) = moe_model
     decoder = compiled_decoder(model)
     calls = []
-    run_greedy = decoder.run_greedy
-    monkeypatch.setattr(decoder, "run_greedy", lambda buffers: calls.append(1) or run_greedy(buffers))
+    for name in ("run_greedy", "run_argmax"):
+        method = getattr(decoder, name)
+        monkeypatch.setattr(decoder, name,
+                            lambda buffers, name=name, method=method: calls.append(name) or method(buffers))
     images, prompts = images_for(model, 3), prompts_for(model, [5, 1, 3])
     fast = generate(model, images, prompts, eos_id=NEVER, pad_id=0, max_new_tokens=NEW, compile=True)
-    # The first token comes with the prefill, the other 11 two per call (the last call's second dropped).
-    assert fast == eager and len(calls) == -(-(NEW - 1) // compiled.GREEDY_STEPS) == 6
+    # The first token comes with the prefill, the next 8 four per call, the last 3 one per call.
+    assert decoder.steps_per_call == compiled.GREEDY_STEPS == 4
+    assert fast == eager and calls == ["run_greedy"] * 2 + ["run_argmax"] * 3
     end = eager[1][4]  # a token that ends row 1 at its fifth token and the other rows where they have it
     options = dict(eos_id=end, pad_id=0, max_new_tokens=NEW)
     fast, slow = generate(model, images, prompts, compile=True, **options), generate(model, images, prompts, **options)
@@ -117,11 +120,14 @@ def test_sampling_calls_the_one_step_graph_and_top_1_is_greedy(moe_model):
     assert sampled == eager and compiled_decoder(model).eager_reason is None
 
 
-def test_a_dense_gpt_decoder_compiled_tokens_equal_eager():
+def test_a_dense_gpt_decoder_compiled_tokens_equal_eager(monkeypatch):
+    # As a model of SMALL_MODEL parameters or more: greedy decoding calls the one-step graph, no other.
+    monkeypatch.setattr(compiled, "SMALL_MODEL", 1)
     model = scratch("decoder.arch=gpt", "moe.layers=none")  # LayerNorm, learned positions, GELU MLPs
     fast, eager = compiled_and_eager(model, [4, 2, 6])
     assert fast == eager and len({tuple(row) for row in fast}) == 3
-    assert compiled_decoder(model).eager_reason is None
+    decoder = compiled_decoder(model)
+    assert decoder.eager_reason is None and decoder.steps_per_call == 1 and decoder.greedy_steps is None
 
 
 def test_one_row_picks_its_experts_in_place_and_equals_eager():

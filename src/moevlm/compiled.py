@@ -12,10 +12,12 @@ prompts left-padded to a power-of-two width (at least ``MIN_PROMPT``), one graph
 eager otherwise (a transformers LM's prefill scatters image features at data-dependent places).
 Inductor with its C++ wrapper on a CPU; CUDA graphs (``mode="reduce-overhead"``) on a GPU.
 
-Greedy decoding (``greedy``) runs ``GREEDY_STEPS`` steps per call of its own graph, each step's argmax
-fed to the next inside it: each call pays dynamo's guards and the wrapper's hand-over of every weight
-and cache tensor, which on a CPU is a large part of a small model's step. Sampling (and the server's
-slot table) call the one-step graph (``run``).
+Greedy decoding (``greedy``) of a small model runs ``GREEDY_STEPS`` steps per call of its own graph, each
+step's argmax fed to the next inside it: each call pays dynamo's guards and the wrapper's hand-over of
+every weight and cache tensor, which on a CPU is a large part of a small model's step; the last few
+tokens, fewer than a call makes, come from the one-step graph. A model of ``SMALL_MODEL`` parameters or
+more decodes greedily one step per call: its step dwarfs that cost, and unrolling would multiply its
+compile time. Sampling (and the server's slot table) call the one-step graph (``run``).
 
 The compiled step, its graphs and its caches are kept on the model object (``compiled_decoder``),
 so later calls do not compile again. Where compiling fails (no C++ compiler, a platform without
@@ -34,12 +36,13 @@ import torch
 from moevlm.models.protocol import VisionLanguageModel
 
 MIN_LENGTH = 32
-# Steps per call of the greedy graph. Measured on the demo model (1 thread): 0.72 ms a token at 1,
-# 0.57 at 2, 0.56 at 4, while compiling takes about that many times as long. A last call may run one
-# step past the tokens asked for: its token is dropped, and its cache slot and position exist (the
-# cache holds one slot per new token, the last one's unused; new_token_room keeps that position in
-# a learned position table). More steps per call would need more of both.
-GREEDY_STEPS = 2
+# Steps per call of the greedy graph of a small model. Measured on the demo model (CPU time of a
+# call, 1 thread, other jobs running): 0.57 ms a token at 2, 0.50 at 4 (0.72 at 1 in wall time);
+# compiling takes about that many times as long as one step's graph.
+GREEDY_STEPS = 4
+# From this many parameters a CPU step takes milliseconds, next to which a call's ~0.15 ms of guards
+# and hand-over is small: greedy decoding calls the one-step graph.
+SMALL_MODEL = 50_000_000
 # Prompt widths are padded to a power of two (at least this) where the prefill is compiled.
 MIN_PROMPT = 8
 # Buckets of several models (and of prompt lengths) in one process are graphs of the same code;
@@ -87,13 +90,16 @@ class CompiledDecoder:
     def __init__(self, model: VisionLanguageModel):
         self.model = model
         self.device = next(model.parameters()).device
+        small = sum(param.numel() for param in model.parameters()) < SMALL_MODEL
+        self.steps_per_call = GREEDY_STEPS if small else 1  # of greedy decoding
         self.step: Callable | None = None
         self.greedy_steps: Callable | None = None
         self.prefill_graph: Callable | None = None  # None: the prefill runs eagerly
         self.eager_reason: str | None = None  # set when compiling failed: the steps then run eagerly
         try:
             self.step = _compile(model.decode_step, self.device)
-            self.greedy_steps = _compile(self._greedy_steps, self.device)
+            if self.steps_per_call > 1:
+                self.greedy_steps = _compile(self._greedy_steps, self.device)
             if getattr(model, "prefill_compiles", False):
                 self.prefill_graph = _compile(model.prefill, self.device)
         except Exception as err:  # torch.compile itself refused (platform, Python version)
@@ -137,19 +143,24 @@ class CompiledDecoder:
         return logits.clone() if self.device.type == "cuda" else logits
 
     def _greedy_steps(self, tokens: torch.Tensor, key_mask: torch.Tensor, cache) -> torch.Tensor:
-        """``GREEDY_STEPS`` steps from ``tokens`` (batch,), each fed the last one's argmax, which is left
-        in ``tokens``: (batch, GREEDY_STEPS) tokens."""
+        """``steps_per_call`` steps from ``tokens`` (batch,), each fed the last one's argmax, which is left
+        in ``tokens``: (batch, steps_per_call) tokens."""
         chosen = []
-        for _ in range(GREEDY_STEPS):
+        for _ in range(self.steps_per_call):
             chosen.append(self.model.decode_step(tokens, key_mask, cache).argmax(-1))
             tokens.copy_(chosen[-1])
         return torch.stack(chosen, dim=1)
 
     def run_greedy(self, buffers: StaticBuffers) -> torch.Tensor:
-        """``GREEDY_STEPS`` greedy steps over ``buffers`` (tokens already in place): (batch, GREEDY_STEPS)
+        """``steps_per_call`` greedy steps over ``buffers`` (tokens already in place): (batch, steps_per_call)
         tokens, a copy. The first call on each buffers is timed into ``compile_seconds``."""
         # A copy: a CUDA graph's outputs are overwritten by its next replay.
         return self._timed(self.greedy_steps, self._greedy_steps, buffers).clone()
+
+    def run_argmax(self, buffers: StaticBuffers) -> torch.Tensor:
+        """One greedy step over ``buffers`` through the one-step graph, its token left in place: (batch, 1)."""
+        buffers.tokens.copy_(self.run(buffers).argmax(-1))
+        return buffers.tokens.unsqueeze(1).clone()
 
     def _prefill(self, images: torch.Tensor | None, ids: torch.Tensor, text_mask: torch.Tensor,
                  length: int) -> tuple[torch.Tensor, StaticBuffers]:
@@ -198,18 +209,22 @@ class CompiledDecoder:
     def greedy(self, images: torch.Tensor | None, ids: torch.Tensor, text_mask: torch.Tensor, length: int,
                count: int) -> Iterator[torch.Tensor]:
         """Greedy decoding of left-padded prompts (B, T) that need ``length`` cache slots (as ``start``):
-        yields ``count`` next tokens (B,), the first from the prefill, the others ``GREEDY_STEPS`` per
-        call of the greedy graph. A row is fed its own tokens even after its end token (the caller
-        drops them), which changes no other row: rows never mix."""
+        yields ``count`` next tokens (B,), the first from the prefill, then ``steps_per_call`` per call of
+        the greedy graph while that many are still wanted, the rest one per call of the one-step graph.
+        A row is fed its own tokens even after its end token (the caller drops them), which changes no
+        other row: rows never mix."""
         if count < 1:
             return
         rows = ids.size(0)
         logits, buffers = self._prefill(images, ids, text_mask, length)
         buffers.tokens.copy_(logits.argmax(-1))
         yield buffers.tokens[:rows].clone()
-        for first in range(1, count, GREEDY_STEPS):
-            chosen = self.run_greedy(buffers)
-            yield from chosen[:rows, :count - first].unbind(1)
+        made = 1
+        while made < count:
+            several = self.steps_per_call > 1 and count - made >= self.steps_per_call
+            chosen = self.run_greedy(buffers) if several else self.run_argmax(buffers)
+            made += chosen.size(1)
+            yield from chosen[:rows].unbind(1)
 
 
 def compiled_decoder(model: VisionLanguageModel) -> CompiledDecoder:
