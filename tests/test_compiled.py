@@ -159,7 +159,7 @@ def test_int8_weights_compiled_tokens_equal_eager_int8():
 
 def test_int8_layers_stay_one_kernel_call_each_in_the_compiled_graph():
     """Inductor keeps ``_weight_int8pack_mm`` as a call on the int8 weights (not a dequantize + matmul),
-    for a padded Int8Linear and for Int8MoE's static paths (experts picked at 1 row, all at 3)."""
+    for a padded Int8Linear and for Int8MoE's static paths (experts picked in place at 1 row, all at 3)."""
     from torch._inductor.utils import run_and_get_code
 
     moe = MoE(32, 64, MoEConfig(num_experts=4, top_k=2)).eval()
@@ -178,6 +178,8 @@ def test_int8_layers_stay_one_kernel_call_each_in_the_compiled_graph():
         torch.testing.assert_close(out, step(x))
     assert code.count("extern_kernels._weight_int8pack_mm(") == 2 * 2 + 2 * 4 + 1
     assert "bmm(" not in code and code.count("extern_kernels.mm(") == 2  # the two float router calls
+    # The row's two picked experts read in place, at an index the graph reads (no copy of their int8 rows).
+    assert code.count(".item()") == 2
 
 
 def test_graphs_of_many_layers_build_the_cpp_wrapper_apart(monkeypatch):
