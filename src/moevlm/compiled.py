@@ -49,8 +49,9 @@ RECOMPILE_LIMIT = 64
 # the C++ wrapper apart from the kernels, at -O1 (inductor's cpp_wrapper_build_separate; the kernels stay
 # at -O3). The wrapper is one function calling every kernel of the graph in turn, and gcc's -O3 time on it
 # grows faster than its length: the greedy graph of the SmolLM2-135M shape with 15 MoE layers (a 0.9 MB
-# file) took over 12 minutes of one core at -O3 and 22 s at -O1. Smaller graphs keep the -O3 wrapper:
-# its calls matter at the demo model's 0.5 ms steps, not at a real model's tens of milliseconds.
+# file) took over 12 minutes of one core at -O3 and 22 s at -O1. Smaller graphs keep the -O3 wrapper, built
+# with the kernels: its calls are a larger part of a short step (the demo model's batch-1 token, 0.57 ms, was
+# about 2.5 % slower with the -O1 wrapper in an A/B on a busy machine; a 30-layer step takes tens of ms).
 SEPARATE_WRAPPER_LAYERS = 16
 
 
