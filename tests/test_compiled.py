@@ -165,7 +165,7 @@ def test_int8_weights_compiled_tokens_equal_eager_int8():
 
 def test_int8_layers_stay_one_kernel_call_each_in_the_compiled_graph():
     """Inductor keeps ``_weight_int8pack_mm`` as a call on the int8 weights (not a dequantize + matmul),
-    for a padded Int8Linear and for Int8MoE's static paths (experts picked at 1 row, all at 3)."""
+    for a padded Int8Linear and for Int8MoE's static paths (experts picked in place at 1 row, all at 3)."""
     from torch._inductor.utils import run_and_get_code
 
     moe = MoE(32, 64, MoEConfig(num_experts=4, top_k=2)).eval()
@@ -184,6 +184,28 @@ def test_int8_layers_stay_one_kernel_call_each_in_the_compiled_graph():
         torch.testing.assert_close(out, step(x))
     assert code.count("extern_kernels._weight_int8pack_mm(") == 2 * 2 + 2 * 4 + 1
     assert "bmm(" not in code and code.count("extern_kernels.mm(") == 2  # the two float router calls
+    # The row's two picked experts read in place, at an index the graph reads (no copy of their int8 rows).
+    assert code.count(".item()") == 2
+
+
+def test_graphs_of_many_layers_build_the_cpp_wrapper_apart(monkeypatch):
+    """More than SEPARATE_WRAPPER_LAYERS layers in a graph (a greedy graph counts each layer once per step):
+    the C++ wrapper is built apart at -O1, as gcc's -O3 on a long wrapper takes minutes."""
+    seen = []
+    monkeypatch.setattr(torch, "compile", lambda step, **kw: seen.append(
+        (step.__name__, kw["options"]["cpp_wrapper_build_separate"])) or step)
+    most = compiled.SEPARATE_WRAPPER_LAYERS // compiled.GREEDY_STEPS
+    for depth in (most, most + 1):
+        compiled.CompiledDecoder(scratch("decoder.arch=gpt", "moe.layers=none", f"decoder.depth={depth}"))
+    assert seen == [("decode_step", False), ("_greedy_steps", False), ("prefill", False),
+                    ("decode_step", False), ("_greedy_steps", True), ("prefill", False)]
+
+
+def test_a_wrapper_built_apart_gives_the_same_tokens(monkeypatch):
+    monkeypatch.setattr(compiled, "SEPARATE_WRAPPER_LAYERS", 0)  # every graph of this small model
+    model = scratch("moe.layers=[1]")
+    fast, eager = compiled_and_eager(model, [5])  # one row: its experts picked in place
+    assert fast == eager and len(set(fast[0])) > 3 and compiled_decoder(model).eager_reason is None
 
 
 def test_buckets_are_powers_of_two_at_or_above_the_floor():
@@ -208,7 +230,7 @@ def test_static_experts_equal_the_per_token_reference(activation, tokens):
     assert float((static - reference).abs().max()) <= 2 ** -7 * float(reference.abs().max())
 
 
-def failing_compile(step, device):
+def failing_compile(step, device, layers):
     def compiled_step(*args):
         raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found in torch._inductor.config.cpp.cxx\n"
                            "(more detail on the next lines)")
@@ -217,7 +239,7 @@ def failing_compile(step, device):
 
 @pytest.mark.parametrize("where", ["first call", "torch.compile"])
 def test_without_a_compiler_it_says_so_in_one_line_and_decodes_eagerly(where, monkeypatch, capsys):
-    def refused(step, device):
+    def refused(step, device, layers):
         raise RuntimeError("torch.compile is not supported on this platform")
 
     monkeypatch.setattr(compiled, "_compile", failing_compile if where == "first call" else refused)

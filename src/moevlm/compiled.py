@@ -48,6 +48,14 @@ MIN_PROMPT = 8
 # Buckets of several models (and of prompt lengths) in one process are graphs of the same code;
 # dynamo's default limit of 8 per code object would quietly fall back to eager past it.
 RECOMPILE_LIMIT = 64
+# On a CPU, graphs of more decoder layers than this (a greedy graph counts each layer once per step) build
+# the C++ wrapper apart from the kernels, at -O1 (inductor's cpp_wrapper_build_separate; the kernels stay
+# at -O3). The wrapper is one function calling every kernel of the graph in turn, and gcc's -O3 time on it
+# grows faster than its length: the greedy graph of the SmolLM2-135M shape with 15 MoE layers (a 0.9 MB
+# file) took over 12 minutes of one core at -O3 and 22 s at -O1. Smaller graphs keep the -O3 wrapper, built
+# with the kernels: its calls are a larger part of a short step (the demo model's batch-1 token, 0.57 ms, was
+# about 2.5 % slower with the -O1 wrapper in an A/B on a busy machine; a 30-layer step takes tens of ms).
+SEPARATE_WRAPPER_LAYERS = 16
 
 
 def bucket(n: int, least: int = 1) -> int:
@@ -55,7 +63,8 @@ def bucket(n: int, least: int = 1) -> int:
     return max(least, 1 << max(0, n - 1).bit_length())
 
 
-def _compile(step: Callable, device: torch.device) -> Callable:
+def _compile(step: Callable, device: torch.device, layers: int) -> Callable:
+    """``step`` compiled for ``device``; ``layers``: decoder layers the graph runs through."""
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
     if device.type == "cuda":
         return torch.compile(step, fullgraph=True, dynamic=False, mode="reduce-overhead")
@@ -65,7 +74,8 @@ def _compile(step: Callable, device: torch.device) -> Callable:
         # patching it around each call cost 0.27 ms, a third of a step.
         torch._dynamo.config.capture_scalar_outputs = True
         # The C++ wrapper calls the kernels without Python in between: +12 % at batch 1 here.
-        return torch.compile(step, fullgraph=True, dynamic=False, options={"cpp_wrapper": True})
+        options = {"cpp_wrapper": True, "cpp_wrapper_build_separate": layers > SEPARATE_WRAPPER_LAYERS}
+        return torch.compile(step, fullgraph=True, dynamic=False, options=options)
     return torch.compile(step, fullgraph=True, dynamic=False)
 
 
@@ -96,12 +106,13 @@ class CompiledDecoder:
         self.greedy_steps: Callable | None = None
         self.prefill_graph: Callable | None = None  # None: the prefill runs eagerly
         self.eager_reason: str | None = None  # set when compiling failed: the steps then run eagerly
+        depth = model.cfg.decoder.depth
         try:
-            self.step = _compile(model.decode_step, self.device)
+            self.step = _compile(model.decode_step, self.device, depth)
             if self.steps_per_call > 1:
-                self.greedy_steps = _compile(self._greedy_steps, self.device)
+                self.greedy_steps = _compile(self._greedy_steps, self.device, depth * self.steps_per_call)
             if getattr(model, "prefill_compiles", False):
-                self.prefill_graph = _compile(model.prefill, self.device)
+                self.prefill_graph = _compile(model.prefill, self.device, depth)
         except Exception as err:  # torch.compile itself refused (platform, Python version)
             self._give_up(err)
         self.buffers: dict[tuple[int, int], StaticBuffers] = {}

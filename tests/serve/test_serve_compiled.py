@@ -108,7 +108,7 @@ def test_no_compile_serves_eagerly(monkeypatch, tmp_path):
 
 def test_without_a_compiler_it_says_so_in_one_line_and_serves_eagerly(checkpoint, engines, monkeypatch, capsys,
                                                                        caplog):
-    def refused(step, device):
+    def refused(step, device, layers):
         raise RuntimeError("no C++ compiler\nsecond line")
 
     monkeypatch.setattr(compiled, "_compile", refused)

@@ -211,12 +211,17 @@ class MoE(nn.Module):
             b1 = None if self.b1_EF is None else self.b1_EF.index_select(0, e_1)
             b2 = None if self.b2_ED is None else self.b2_ED.index_select(0, e_1)
             return self.w1_EDF.index_select(0, e_1)[0], b1, self.w2_EHD.index_select(0, e_1)[0], b2
-        e = e_1.item()
-        torch._check(e >= 0)
-        torch._check(e < self.cfg.num_experts)
+        e = self.expert_index(e_1)
         b1 = None if self.b1_EF is None else self.b1_EF[e:e + 1]
         b2 = None if self.b2_ED is None else self.b2_ED[e:e + 1]
         return self.w1_EDF[e], b1, self.w2_EHD[e], b2
+
+    def expert_index(self, e_1: torch.Tensor) -> int:
+        """``e_1.item()`` (a (1,) CPU tensor), with the bounds a compiled step needs to index by it."""
+        e = e_1.item()
+        torch._check(e >= 0)
+        torch._check(e < self.cfg.num_experts)
+        return e
 
     def experts_all(self, x_ND: torch.Tensor) -> torch.Tensor:
         """Every expert on every row: (E, N, D)."""

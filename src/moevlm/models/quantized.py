@@ -170,12 +170,12 @@ class Int8MoE(MoE):
         return moe
 
     def expert(self, e: int | torch.Tensor, x_MD: torch.Tensor, matmul=int8_matmul) -> torch.Tensor:
-        """Expert e (an int, or a (1,) long tensor: the compiled step's pick) on rows (M, D) through
-        ``matmul`` (int8_matmul or int8_matmul_reference)."""
+        """Expert e (an int, or a (1,) long tensor: the compiled step's pick off a CPU) on rows (M, D)
+        through ``matmul`` (int8_matmul or int8_matmul_reference)."""
         def pick(t: torch.Tensor | None) -> torch.Tensor | None:
             if t is None:
                 return None
-            return t[e] if isinstance(e, int) else t.index_select(0, e)[0]
+            return t.index_select(0, e)[0] if isinstance(e, torch.Tensor) else t[e]
 
         pre = matmul(x_MD, pick(self.w1_q_EFD), pick(self.w1_scale_EF), pick(self.b1_EF))
         return matmul(self.activate(pre), pick(self.w2_q_EDH), pick(self.w2_scale_ED), pick(self.b2_ED))
@@ -200,7 +200,8 @@ class Int8MoE(MoE):
     # through the CPU kernel where it applies (inductor keeps it as one call on the int8 weights), else
     # dequantized.
     def expert_picked(self, e_1: torch.Tensor, x_MD: torch.Tensor) -> torch.Tensor:
-        return self.expert(e_1, x_MD)
+        # On a CPU the int8 rows are read in place, as MoE.expert_weights reads float ones.
+        return self.expert(self.expert_index(e_1) if e_1.is_cpu else e_1, x_MD)
 
     def experts_all(self, x_ND: torch.Tensor) -> torch.Tensor:
         # One expert at a time on its (F, D) slab, a view: each int8 weight read once.
