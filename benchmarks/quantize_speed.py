@@ -6,8 +6,9 @@ shaped like SigLIP-base-patch16-224 (196 image tokens) and an LM shaped like Smo
 upcycles every other MLP to 4 SwiGLU experts, top-2 (as the real-shapes chain's moe stage).
 
 Speed: one image and an 8-token prompt, greedy, no early stop; tokens/s of the decoding steps alone
-(one over the median step time of a repeat, so the prefill of 204 positions and bursts of other
-work on the machine do not count), decoded as ``--compile`` does (moevlm's compiled step over a
+(steps over their total time in a repeat, so the prefill of 204 positions does not count; a mean, not a
+median, since a greedy call that makes several tokens shows as one long wait and several instant ones),
+decoded as ``--compile`` does (moevlm's compiled step over a
 static cache: the headline) and eagerly. Both models are compiled first (minutes each at this shape
 with an empty inductor cache; the first call's time is printed). In each of ``--repeats`` repeats the
 two models decode side by side, alternating step by step, so a burst of other work on the machine
@@ -135,7 +136,7 @@ def main() -> None:
             for path in ("compiled", "eager"):
                 for name, (times, tokens[path, name]) in decode(models, image, prompt, args.tokens,
                                                                 compile=path == "compiled").items():
-                    rates[path, name].append(1 / statistics.median(times))
+                    rates[path, name].append(len(times) / sum(times))
         losses = {name: fixed_batch_loss(model, cfg, torch.Generator().manual_seed(2))
                   for name, model in models.items()}
     for path in ("compiled", "eager"):

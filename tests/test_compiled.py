@@ -121,13 +121,13 @@ def test_sampling_calls_the_one_step_graph_and_top_1_is_greedy(moe_model):
 
 
 def test_a_dense_gpt_decoder_compiled_tokens_equal_eager(monkeypatch):
-    # As a model of SMALL_MODEL parameters or more: greedy decoding runs two steps per call.
+    # As a model of SMALL_MODEL parameters or more: greedy decoding calls the one-step graph, no other.
     monkeypatch.setattr(compiled, "SMALL_MODEL", 1)
     model = scratch("decoder.arch=gpt", "moe.layers=none")  # LayerNorm, learned positions, GELU MLPs
     fast, eager = compiled_and_eager(model, [4, 2, 6])
     assert fast == eager and len({tuple(row) for row in fast}) == 3
     decoder = compiled_decoder(model)
-    assert decoder.eager_reason is None and decoder.steps_per_call == 2
+    assert decoder.eager_reason is None and decoder.steps_per_call == 1 and decoder.greedy_steps is None
 
 
 def test_one_row_picks_its_experts_in_place_and_equals_eager():

@@ -12,11 +12,12 @@ prompts left-padded to a power-of-two width (at least ``MIN_PROMPT``), one graph
 eager otherwise (a transformers LM's prefill scatters image features at data-dependent places).
 Inductor with its C++ wrapper on a CPU; CUDA graphs (``mode="reduce-overhead"``) on a GPU.
 
-Greedy decoding (``greedy``) runs several steps per call of its own graph (``GREEDY_STEPS`` for a small
-model, two from ``SMALL_MODEL`` parameters), each step's argmax fed to the next inside it: each call pays
-dynamo's guards and the wrapper's hand-over of every weight and cache tensor; the last few tokens, fewer
-than a call makes, come from the one-step graph. Sampling (and the server's slot table) call the
-one-step graph (``run``).
+Greedy decoding (``greedy``) of a small model runs ``GREEDY_STEPS`` steps per call of its own graph, each
+step's argmax fed to the next inside it: each call pays dynamo's guards and the wrapper's hand-over of
+every weight and cache tensor, which on a CPU is a large part of a small model's step; the last few
+tokens, fewer than a call makes, come from the one-step graph. A model of ``SMALL_MODEL`` parameters or
+more decodes greedily one step per call: its step dwarfs that cost, and unrolling would multiply its
+compile time. Sampling (and the server's slot table) call the one-step graph (``run``).
 
 The compiled step, its graphs and its caches are kept on the model object (``compiled_decoder``),
 so later calls do not compile again. Where compiling fails (no C++ compiler, a platform without
@@ -39,9 +40,8 @@ MIN_LENGTH = 32
 # call, 1 thread, other jobs running): 0.57 ms a token at 2, 0.50 at 4 (0.72 at 1 in wall time);
 # compiling takes about that many times as long as one step's graph.
 GREEDY_STEPS = 4
-# From this many parameters greedy decoding runs two steps per call: an unrolled graph's compile time grows
-# with its steps, minutes at real shapes. Two still pay there: at the SmolLM2-135M shape with 15 MoE layers
-# (1 thread, quiet) two steps per call decoded 18.5 / 29.7 tokens/s in fp32 / int8, one step 15.6 / 23.2.
+# From this many parameters greedy decoding calls the one-step graph: at the SmolLM2-135M shape with 15 MoE
+# layers a call's guards took ~1 ms of a 59 ms step, and two steps per call decoded no faster (59 ms a token).
 SMALL_MODEL = 50_000_000
 # Prompt widths are padded to a power of two (at least this) where the prefill is compiled.
 MIN_PROMPT = 8
@@ -101,7 +101,7 @@ class CompiledDecoder:
         self.model = model
         self.device = next(model.parameters()).device
         small = sum(param.numel() for param in model.parameters()) < SMALL_MODEL
-        self.steps_per_call = GREEDY_STEPS if small else 2  # of greedy decoding
+        self.steps_per_call = GREEDY_STEPS if small else 1  # of greedy decoding
         self.step: Callable | None = None
         self.greedy_steps: Callable | None = None
         self.prefill_graph: Callable | None = None  # None: the prefill runs eagerly
@@ -109,7 +109,8 @@ class CompiledDecoder:
         depth = model.cfg.decoder.depth
         try:
             self.step = _compile(model.decode_step, self.device, depth)
-            self.greedy_steps = _compile(self._greedy_steps, self.device, depth * self.steps_per_call)
+            if self.steps_per_call > 1:
+                self.greedy_steps = _compile(self._greedy_steps, self.device, depth * self.steps_per_call)
             if getattr(model, "prefill_compiles", False):
                 self.prefill_graph = _compile(model.prefill, self.device, depth)
         except Exception as err:  # torch.compile itself refused (platform, Python version)
@@ -231,7 +232,7 @@ class CompiledDecoder:
         yield buffers.tokens[:rows].clone()
         made = 1
         while made < count:
-            several = count - made >= self.steps_per_call
+            several = self.steps_per_call > 1 and count - made >= self.steps_per_call
             chosen = self.run_greedy(buffers) if several else self.run_argmax(buffers)
             made += chosen.size(1)
             yield from chosen[:rows].unbind(1)
