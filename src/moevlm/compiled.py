@@ -51,10 +51,11 @@ RECOMPILE_LIMIT = 64
 # On a CPU, graphs of more decoder layers than this (a greedy graph counts each layer once per step) build
 # the C++ wrapper apart from the kernels, at -O1 (inductor's cpp_wrapper_build_separate; the kernels stay
 # at -O3). The wrapper is one function calling every kernel of the graph in turn, and gcc's -O3 time on it
-# grows faster than its length: the greedy graph of the SmolLM2-135M shape with 15 MoE layers (a 0.9 MB
-# file) took over 12 minutes of one core at -O3 and 22 s at -O1. Smaller graphs keep the -O3 wrapper, built
-# with the kernels: its calls are a larger part of a short step (the demo model's batch-1 token, 0.57 ms, was
-# about 2.5 % slower with the -O1 wrapper in an A/B on a busy machine; a 30-layer step takes tens of ms).
+# grows faster than its length: the two-step greedy graph the SmolLM2-135M shape with 15 MoE layers compiled
+# before it went to one step per call (a 0.9 MB file) took over 12 minutes of one core at -O3 and 22 s at
+# -O1. Smaller graphs keep the -O3 wrapper, built with the kernels: its calls are a larger part of a short
+# step (the demo model's batch-1 token, 0.57 ms, was about 2.5 % slower with the -O1 wrapper in an A/B on a
+# busy machine; a 30-layer step takes tens of ms).
 SEPARATE_WRAPPER_LAYERS = 16
 
 
